@@ -1,0 +1,384 @@
+"""The inference engine: one backbone in device memory serving any mix of domains in one call.
+
+Per-domain folded tables (see `model.folding`) are stacked in `tf.Variable`s with a fixed number of
+slots. A call gathers each sample's rows by slot index, so a batch of 32 requests for 32 domains is
+one forward pass: the shared 3x3 convolutions run once for the whole batch, the adapters as a
+per-sample batched matmul, the head with a per-sample class mask (`-inf` logits past a domain's
+class count). A batch that is all one domain takes a cheaper path that folds the domain into the
+3x3 kernels wherever that costs fewer FLOPs than applying it to the activations.
+
+Adding, replacing and removing domains writes table rows only: the compiled functions never
+retrace unless the slots or the class width must grow (then once). A replaced domain's old slot is
+retired, not overwritten, until every call that resolved it has finished.
+
+This module is TensorFlow-specific (tf.function, tf.Variable); the service runs on TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from model.backbone import Backbone
+from model.bundle import AdapterBundle, check_compatible
+from model.config import ConvUnit, conv_units
+from model.folding import FoldedDomain, fold_domain
+from model.safetensors_io import InvalidFileError
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+GOLDEN_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 1e-2}  # relative to max |logit|
+NOMINAL_BATCH = 8  # the single-domain path folds into the kernel when that is cheaper at this batch
+
+
+class UnknownDomainError(KeyError):
+    """A domain that is not registered in the engine."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class _UnitPlan:
+    unit: ConvUnit
+    out_size: int  # output side in pixels
+    fold_single: bool  # single-domain path: fold the per-domain matrix into the 3x3 kernel
+
+
+@dataclasses.dataclass
+class _Slot:
+    domain: str
+    num_classes: int
+    bundle: AdapterBundle
+    refs: int = 0
+    retired: bool = False
+
+
+class _Tables:
+    """The stacked per-domain tables and the two compiled forward functions that read them."""
+
+    def __init__(self, engine: "InferenceEngine", capacity: int, class_capacity: int):
+        self.capacity, self.class_capacity = capacity, class_capacity
+        dt, mode = engine.compute_dtype, engine.adapter
+        c = engine.backbone.config.feature_width
+
+        def table(shape, fill=0.0):
+            return tf.Variable(tf.fill((capacity, *shape), tf.constant(fill, dt)), trainable=False)
+
+        self.bias = {p.unit.name: table((p.unit.out_channels,)) for p in engine.plan}
+        if mode == "series":
+            self.matrix = {p.unit.name: table((p.unit.out_channels, p.unit.out_channels)) for p in engine.plan}
+        else:
+            self.scale = {p.unit.name: table((p.unit.out_channels,)) for p in engine.plan}
+        if mode == "parallel":
+            self.side = {p.unit.name: table((p.unit.in_channels, p.unit.out_channels)) for p in engine.plan}
+        self.head_scale, self.head_bias = table((c,)), table((c,))
+        self.kernel = table((c, class_capacity))
+        self.logit_bias = table((class_capacity,), -np.inf)
+        image = tf.TensorSpec((None, engine.input_size, engine.input_size, 3), tf.float32)
+        self.mixed = tf.function(lambda x, slots: engine._forward(self, x, slots, single=False),
+                                 input_signature=[image, tf.TensorSpec((None,), tf.int32)],
+                                 jit_compile=engine.jit_compile, reduce_retracing=True)
+        self.single = tf.function(lambda x, slot: engine._forward(self, x, slot, single=True),
+                                  input_signature=[image, tf.TensorSpec((), tf.int32)],
+                                  jit_compile=engine.jit_compile, reduce_retracing=True)
+
+    def write(self, slot: int, folded: FoldedDomain, dtype: tf.DType) -> None:
+        def put(var: tf.Variable, value: np.ndarray) -> None:
+            var.scatter_nd_update([[slot]], tf.constant(value[None], dtype))
+
+        for name, unit in folded.units.items():
+            put(self.bias[name], unit.bias)
+            if unit.matrix is not None:
+                put(self.matrix[name], unit.matrix)
+            if unit.scale is not None:
+                put(self.scale[name], unit.scale)
+            if unit.side is not None:
+                put(self.side[name], unit.side)
+        put(self.head_scale, folded.head_scale)
+        put(self.head_bias, folded.head_bias)
+        k = folded.kernel.shape[1]
+        kernel = np.zeros((folded.kernel.shape[0], self.class_capacity), np.float32)
+        kernel[:, :k] = folded.kernel
+        logit_bias = np.full((self.class_capacity,), -np.inf, np.float32)
+        logit_bias[:k] = folded.logit_bias
+        put(self.kernel, kernel)
+        put(self.logit_bias, logit_bias)
+
+    def tracing_count(self) -> int:
+        return self.mixed.experimental_get_tracing_count() + self.single.experimental_get_tracing_count()
+
+
+class InferenceEngine:
+    """Serve many domains on one backbone.
+
+    Args:
+        backbone: the shared weights; every bundle must carry its fingerprint.
+        capacity: initial number of domain slots (grows by doubling, retracing once).
+        class_capacity: initial head width; a domain with more classes grows it (retracing once).
+        compute_dtype: "float32" (default, and the only sensible choice on CPU), or "bfloat16" /
+            "float16" on a GPU.
+        jit_compile: compile with XLA (only if it measures faster on the target machine).
+
+    Example:
+        >>> engine = InferenceEngine(backbone, capacity=64)
+        >>> engine.add(bundle)
+        >>> logits = engine.predict(images, ["flowers", "cars", "flowers"])
+    """
+
+    def __init__(self, backbone: Backbone, capacity: int = 16, class_capacity: int = 16,
+                 compute_dtype: str = "float32", jit_compile: bool = False):
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}. Received: compute_dtype={compute_dtype!r}")
+        if capacity < 1 or class_capacity < 1:
+            raise ValueError(f"capacity and class_capacity must be >= 1. Received: {capacity}, {class_capacity}")
+        self.backbone = backbone
+        self.adapter = backbone.config.adapter
+        self.input_size = backbone.config.input_size
+        self.compute_dtype = tf.as_dtype(compute_dtype)
+        self.jit_compile = jit_compile
+        self.plan = self._make_plan()
+        self._kernels = {p.unit.name: tf.Variable(tf.constant(backbone.weights[f"{p.unit.name}_conv3x3.kernel"],
+                                                              self.compute_dtype), trainable=False)
+                         for p in self.plan}
+        self._lock = threading.Lock()  # guards the slot bookkeeping below (never held while computing)
+        self._write_lock = threading.Lock()  # serialises table writes and growth
+        self._slots: dict[int, _Slot] = {}
+        self._by_domain: dict[str, int] = {}
+        self._free: list[int] = list(range(capacity - 1, -1, -1))
+        self._retired_traces = 0
+        self._tables = _Tables(self, capacity, class_capacity)
+
+    # ----- the computation -------------------------------------------------------------------
+
+    def _make_plan(self) -> list[_UnitPlan]:
+        plan, size = [], self.input_size
+        for unit in conv_units(self.backbone.config):
+            size //= unit.stride
+            fold = 9 * unit.in_channels < NOMINAL_BATCH * size * size
+            plan.append(_UnitPlan(unit, size, fold))
+        return plan
+
+    def _conv(self, x: tf.Tensor, kernel: tf.Tensor, stride: int) -> tf.Tensor:
+        if stride == 1:
+            return tf.nn.conv2d(x, kernel, 1, "SAME")
+        return tf.nn.conv2d(x, kernel, stride, [[0, 0], [1, 1], [1, 1], [0, 0]])
+
+    def _unit(self, t: _Tables, p: _UnitPlan, x: tf.Tensor, slots: tf.Tensor, single: bool) -> tf.Tensor:
+        """One conv unit; `slots` is a scalar slot (single) or one slot per sample (mixed)."""
+        name, u = p.unit.name, p.unit
+        kernel = self._kernels[name]
+        bias = tf.gather(t.bias[name], slots)
+        if single:
+            if self.adapter == "series":
+                matrix = tf.gather(t.matrix[name], slots)
+                if p.fold_single:
+                    kernel = tf.reshape(tf.reshape(kernel, (-1, u.out_channels)) @ matrix, kernel.shape)
+                    return self._conv(x, kernel, u.stride) + bias
+                z = self._conv(x, kernel, u.stride)
+                return tf.reshape(tf.reshape(z, (-1, u.out_channels)) @ matrix + bias, tf.shape(z))
+            kernel = kernel * tf.gather(t.scale[name], slots)
+            if self.adapter == "parallel":  # the strided 1x1 reads the 3x3's centre tap: fold it there
+                side = tf.gather(t.side[name], slots)
+                kernel = kernel + tf.pad(side[None, None], [[1, 1], [1, 1], [0, 0], [0, 0]])
+            return self._conv(x, kernel, u.stride) + bias
+
+        n, hw = tf.shape(x)[0], p.out_size * p.out_size
+        z = self._conv(x, kernel, u.stride)
+        if self.adapter == "series":
+            z = tf.reshape(z, (n, hw, u.out_channels)) @ tf.gather(t.matrix[name], slots)
+            return tf.reshape(z + bias[:, None, :], (n, p.out_size, p.out_size, u.out_channels))
+        z = z * tf.gather(t.scale[name], slots)[:, None, None, :] + bias[:, None, None, :]
+        if self.adapter == "parallel":
+            xs = x[:, :: u.stride, :: u.stride, :]
+            side = tf.reshape(xs, (n, hw, u.in_channels)) @ tf.gather(t.side[name], slots)
+            z = z + tf.reshape(side, (n, p.out_size, p.out_size, u.out_channels))
+        return z
+
+    def _forward(self, t: _Tables, x: tf.Tensor, slots: tf.Tensor, single: bool) -> tf.Tensor:
+        x = tf.cast(x, self.compute_dtype)
+        x = self._unit(t, self.plan[0], x, slots, single)  # the stem: no ReLU after it
+        for conv1, conv2 in zip(self.plan[1::2], self.plan[2::2]):
+            y = tf.nn.relu(self._unit(t, conv1, x, slots, single))
+            y = self._unit(t, conv2, y, slots, single)
+            if conv1.unit.stride != 1 or conv1.unit.in_channels != conv1.unit.out_channels:
+                x = tf.nn.avg_pool2d(x, 2, 2, "VALID")
+                x = tf.pad(x, [[0, 0], [0, 0], [0, 0], [0, conv1.unit.out_channels - conv1.unit.in_channels]])
+            x = tf.nn.relu(y + x)
+        scale, shift = tf.gather(t.head_scale, slots), tf.gather(t.head_bias, slots)
+        kernel, logit_bias = tf.gather(t.kernel, slots), tf.gather(t.logit_bias, slots)
+        if not single:
+            scale, shift = scale[:, None, None, :], shift[:, None, None, :]
+        pooled = tf.reduce_mean(tf.nn.relu(x * scale + shift), axis=(1, 2))
+        logits = pooled @ kernel if single else tf.einsum("bc,bck->bk", pooled, kernel)
+        return tf.cast(logits + logit_bias, tf.float32)
+
+    # ----- registry --------------------------------------------------------------------------
+
+    @property
+    def domains(self) -> list[str]:
+        with self._lock:
+            return sorted(self._by_domain)
+
+    def bundle(self, domain: str) -> AdapterBundle:
+        with self._lock:
+            return self._slots[self._slot_of(domain)].bundle
+
+    def __contains__(self, domain: str) -> bool:
+        with self._lock:
+            return domain in self._by_domain
+
+    @property
+    def capacity(self) -> int:
+        return self._tables.capacity
+
+    def tracing_count(self) -> int:
+        """How many times the forward functions were traced (to prove that registration never retraces)."""
+        return self._retired_traces + self._tables.tracing_count()
+
+    def add(self, bundle: AdapterBundle, verify_golden: bool = True) -> float:
+        """Register `bundle` (or replace the domain of the same name); return the seconds it took.
+
+        The new version is written to a free slot, self-tested on its golden inputs, and only then
+        published; calls already running keep the old version. On failure nothing changes.
+        """
+        start = time.perf_counter()
+        check_compatible(bundle, self.backbone)
+        folded = fold_domain(bundle.config, bundle.weights)
+        with self._write_lock:
+            self._ensure_room(bundle.num_classes)
+            with self._lock:
+                slot = self._free.pop()
+                self._slots[slot] = _Slot(bundle.domain, bundle.num_classes, bundle, refs=1)
+            try:
+                self._tables.write(slot, folded, self.compute_dtype)
+                if verify_golden and bundle.golden_inputs is not None:
+                    self._verify_golden(bundle, slot)
+            except BaseException:
+                with self._lock:
+                    self._retire(slot)
+                self._unref([slot])
+                raise
+        with self._lock:
+            old = self._by_domain.get(bundle.domain)
+            self._by_domain[bundle.domain] = slot
+            if old is not None:
+                self._retire(old)
+        self._unref([slot])
+        return time.perf_counter() - start
+
+    def remove(self, domain: str) -> None:
+        """Unregister `domain`; running calls that resolved it finish normally."""
+        with self._lock:
+            slot = self._slot_of(domain)
+            del self._by_domain[domain]
+            self._retire(slot)
+
+    def _slot_of(self, domain: str) -> int:
+        try:
+            return self._by_domain[domain]
+        except KeyError:
+            raise UnknownDomainError(f"Unknown domain {domain!r}; registered: {sorted(self._by_domain)[:20]}") from None
+
+    def _retire(self, slot: int) -> None:
+        """Mark a slot unused by new calls; free it once no running call holds it. Hold `_lock`."""
+        record = self._slots[slot]
+        record.retired = True
+        if record.refs == 0:
+            del self._slots[slot]
+            self._free.append(slot)
+
+    def _unref(self, slots: Sequence[int]) -> None:
+        """Drop one reference per entry of `slots`; free retired slots that nobody holds any more."""
+        with self._lock:
+            for slot in slots:
+                record = self._slots[slot]
+                record.refs -= 1
+                if record.retired and record.refs == 0:
+                    del self._slots[slot]
+                    self._free.append(slot)
+
+    def _ensure_room(self, num_classes: int) -> None:
+        """Grow the tables (doubling) when no slot is free or the head is too narrow; retraces once."""
+        old = self._tables
+        with self._lock:
+            full = not self._free
+        if not full and num_classes <= old.class_capacity:
+            return
+        capacity = old.capacity * 2 if full else old.capacity
+        class_capacity = max(old.class_capacity, num_classes)
+        new = _Tables(self, capacity, class_capacity)
+        for src, dst in zip(self._variables(old), self._variables(new)):
+            if src is old.kernel:
+                dst[: old.capacity, :, : old.class_capacity].assign(src)
+            elif src is old.logit_bias:
+                dst[: old.capacity, : old.class_capacity].assign(src)
+            else:
+                dst[: old.capacity].assign(src)
+        with self._lock:
+            self._retired_traces += old.tracing_count()
+            self._tables = new
+            self._free = list(range(capacity - 1, old.capacity - 1, -1)) + self._free
+
+    @staticmethod
+    def _variables(t: _Tables) -> list[tf.Variable]:
+        groups = [t.bias, getattr(t, "matrix", {}), getattr(t, "scale", {}), getattr(t, "side", {})]
+        return [g[k] for g in groups for k in sorted(g)] + [t.head_scale, t.head_bias, t.kernel, t.logit_bias]
+
+    def _verify_golden(self, bundle: AdapterBundle, slot: int) -> None:
+        got = self._tables.single(tf.constant(bundle.golden_inputs), tf.constant(slot, tf.int32)).numpy()
+        got = got[:, : bundle.num_classes]
+        want = bundle.golden_logits
+        error = float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-6))
+        tolerance = GOLDEN_TOLERANCE[self.compute_dtype.name]
+        if not error <= tolerance:
+            raise InvalidFileError(
+                "golden",
+                f"The bundle's golden self-test failed on this backbone: logits differ by {error:.2e} of their "
+                f"largest value (tolerance {tolerance:.0e}). The bundle does not behave as when it was made.",
+            )
+
+    # ----- inference -------------------------------------------------------------------------
+
+    def predict(self, images: np.ndarray, domains: str | Sequence[str]) -> list[np.ndarray]:
+        """Logits for preprocessed NHWC float32 `images`, one domain per image (or one for all).
+
+        Returns one float32 array of its domain's class count per image.
+        """
+        images = np.asarray(images, np.float32)
+        s = self.input_size
+        if images.ndim != 4 or images.shape[1:] != (s, s, 3):
+            raise ValueError(f"images must have shape (N, {s}, {s}, 3). Received: {images.shape}")
+        names = [domains] * len(images) if isinstance(domains, str) else list(domains)
+        if len(names) != len(images):
+            raise ValueError(f"Got {len(images)} images but {len(names)} domains; give one domain per image.")
+        if not names:
+            return []
+        with self._lock:
+            slots = [self._slot_of(d) for d in names]
+            for slot in slots:
+                self._slots[slot].refs += 1
+            classes = [self._slots[slot].num_classes for slot in slots]
+            tables = self._tables
+        try:
+            if len(set(slots)) == 1:
+                logits = tables.single(tf.constant(images), tf.constant(slots[0], tf.int32))
+            else:
+                logits = tables.mixed(tf.constant(images), tf.constant(slots, tf.int32))
+            logits = logits.numpy()
+        finally:
+            self._unref(slots)
+        return [row[:k] for row, k in zip(logits, classes)]
+
+    def warm_up(self, batch_sizes: Sequence[int] = (1, 2)) -> None:
+        """Trace and run both paths once so the first real request pays no compilation."""
+        s = self.input_size
+        slot = tf.constant(0, tf.int32)
+        for n in batch_sizes:
+            x = tf.zeros((n, s, s, 3), tf.float32)
+            self._tables.single(x, slot)
+            self._tables.mixed(x, tf.zeros((n,), tf.int32))

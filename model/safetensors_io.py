@@ -1,0 +1,98 @@
+"""Reading and writing `.safetensors` files safely: validated headers, atomic writes.
+
+Uploads are untrusted: the header is parsed and checked (size, JSON, dtypes, offsets) before any
+tensor is materialised, and only float32 tensors are accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import struct
+import tempfile
+
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+
+class InvalidFileError(ValueError):
+    """A weights file that cannot be used, with a machine-readable `code` and a message that says the fix.
+
+    Codes: not_safetensors, format, format_version, metadata, tensors, non_finite, fingerprint,
+    labels, domain_name, golden.
+    """
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def read_safetensors(data: bytes, what: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Parse safetensors bytes into (float32 tensors, metadata); raise `InvalidFileError` if malformed."""
+    hint = f"The {what} is not a valid .safetensors file"
+    if len(data) < 8:
+        raise InvalidFileError("not_safetensors", f"{hint}: it has only {len(data)} bytes.")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > min(MAX_HEADER_BYTES, len(data) - 8):
+        raise InvalidFileError(
+            "not_safetensors", f"{hint}: its header claims {header_len} bytes but the file holds {len(data) - 8}."
+        )
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidFileError("not_safetensors", f"{hint}: its header is not JSON ({exc}).") from None
+    if not isinstance(header, dict):
+        raise InvalidFileError("not_safetensors", f"{hint}: its header is not a JSON object.")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InvalidFileError("metadata", f"{hint}: __metadata__ must map names to strings.")
+    bad_dtypes = sorted(k for k, v in header.items() if not isinstance(v, dict) or v.get("dtype") != "F32")
+    if bad_dtypes:
+        raise InvalidFileError("tensors", f"The {what} must hold float32 tensors only; these are not: {bad_dtypes}.")
+    try:
+        tensors = safetensors.numpy.load(data)
+    except Exception as exc:  # the Rust parser raises SafetensorError and others for bad offsets
+        raise InvalidFileError("not_safetensors", f"{hint}: {exc}.") from None
+    return tensors, dict(metadata)
+
+
+def parse_json_metadata(metadata: dict[str, str], key: str, what: str) -> object:
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError as exc:
+        raise InvalidFileError("metadata", f"The {what}'s metadata {key!r} is not valid JSON ({exc}).") from None
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """Serialise float32 tensors with string metadata (the caller's dict is not changed)."""
+    arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
+    return safetensors.numpy.save(arrays, metadata=dict(metadata))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that a crash leaves either the old file or the new one, never a part."""
+    path = pathlib.Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_bytes(source: str | os.PathLike | bytes) -> bytes:
+    return source if isinstance(source, (bytes, bytearray)) else pathlib.Path(source).read_bytes()

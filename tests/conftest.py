@@ -1,0 +1,53 @@
+"""Shared test fixtures: tiny architectures so the suite runs in seconds."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+from model.backbone import Backbone
+from model.bundle import AdapterBundle
+from model.config import ArchConfig
+from model.weights import expected_shapes
+
+FIXTURES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+
+def random_weights(config: ArchConfig, seed: int, part: str | None = None) -> dict[str, np.ndarray]:
+    """Random weights with BatchNorm statistics far from identity, so a wrong fold shows."""
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, shape in expected_shapes(config, part).items():
+        var = name.rsplit(".", 1)[1]
+        if var == "gamma":
+            weights[name] = rng.uniform(0.5, 1.5, shape)
+        elif var in ("beta", "moving_mean"):
+            weights[name] = rng.normal(0, 0.3, shape)
+        elif var == "moving_variance":
+            weights[name] = rng.uniform(0.5, 2.0, shape)
+        elif var == "bias":
+            weights[name] = rng.normal(0, 0.1, shape)
+        else:  # conv kernels: He init over fan-in
+            fan_in = int(np.prod(shape[:-1]))
+            weights[name] = rng.normal(0, np.sqrt(2.0 / fan_in), shape)
+    return {k: v.astype(np.float32) for k, v in weights.items()}
+
+
+def make_backbone(config: ArchConfig, seed: int = 0) -> Backbone:
+    return Backbone.from_weights(config, random_weights(config, seed, "shared"))
+
+
+def make_bundle(backbone: Backbone, domain: str, num_classes: int, seed: int) -> AdapterBundle:
+    config = backbone.domain_config(num_classes)
+    labels = [f"{domain}_label{i}" for i in range(num_classes)]
+    return AdapterBundle.from_weights(domain, config, random_weights(config, seed, "domain"), labels, backbone)
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> ArchConfig:
+    return ArchConfig(width_factor=0.25, input_size=16, adapter="series", num_classes=5)
