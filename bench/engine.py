@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     for fn in variants.values():
         fn()
     traces_before = engine.tracing_count()
-    peak = matmul_gflops((512, 1024, 2048), args.seconds)
+    peak = matmul_gflops((1024, 2048, 4096), args.seconds)
     rounds = []
     for _ in range(args.rounds):
         rounds.append({k: args.batch / time_call(fn, args.seconds) for k, fn in variants.items()})

@@ -18,6 +18,12 @@ from model.weights import expected_shapes
 FIXTURES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """On CI the reference fixtures must be there: a skipped exactness test would hide a regression."""
+    if os.environ.get("CI") and not FIXTURES.is_dir():
+        raise pytest.UsageError(f"CI is set but the reference fixtures are missing at {FIXTURES}.")
+
+
 def random_weights(config: ArchConfig, seed: int, part: str | None = None) -> dict[str, np.ndarray]:
     """Random weights with BatchNorm statistics far from identity, so a wrong fold shows."""
     rng = np.random.default_rng(seed)
