@@ -54,6 +54,7 @@ class _Slot:
     domain: str
     num_classes: int
     bundle: AdapterBundle
+    tag: object = None
     refs: int = 0
     retired: bool = False
 
@@ -240,11 +241,12 @@ class InferenceEngine:
         """How many times the forward functions were traced (to prove that registration never retraces)."""
         return self._retired_traces + self._tables.tracing_count()
 
-    def add(self, bundle: AdapterBundle, verify_golden: bool = True) -> float:
+    def add(self, bundle: AdapterBundle, verify_golden: bool = True, tag: object = None) -> float:
         """Register `bundle` (or replace the domain of the same name); return the seconds it took.
 
         The new version is written to a free slot, self-tested on its golden inputs, and only then
         published; calls already running keep the old version. On failure nothing changes.
+        `tag` (e.g. a version number) comes back with every prediction made with this registration.
         """
         start = time.perf_counter()
         check_compatible(bundle, self.backbone)
@@ -253,7 +255,7 @@ class InferenceEngine:
             self._ensure_room(bundle.num_classes)
             with self._lock:
                 slot = self._free.pop()
-                self._slots[slot] = _Slot(bundle.domain, bundle.num_classes, bundle, refs=1)
+                self._slots[slot] = _Slot(bundle.domain, bundle.num_classes, bundle, tag, refs=1)
             try:
                 self._tables.write(slot, folded, self.compute_dtype)
                 if verify_golden and bundle.golden_inputs is not None:
@@ -349,6 +351,10 @@ class InferenceEngine:
 
         Returns one float32 array of its domain's class count per image.
         """
+        return self.predict_tagged(images, domains)[0]
+
+    def predict_tagged(self, images: np.ndarray, domains: str | Sequence[str]) -> tuple[list[np.ndarray], list]:
+        """As `predict`, plus the `tag` of the registration that computed each image."""
         images = np.asarray(images, np.float32)
         s = self.input_size
         if images.ndim != 4 or images.shape[1:] != (s, s, 3):
@@ -357,12 +363,13 @@ class InferenceEngine:
         if len(names) != len(images):
             raise ValueError(f"Got {len(images)} images but {len(names)} domains; give one domain per image.")
         if not names:
-            return []
+            return [], []
         with self._lock:
             slots = [self._slot_of(d) for d in names]
             for slot in slots:
                 self._slots[slot].refs += 1
             classes = [self._slots[slot].num_classes for slot in slots]
+            tags = [self._slots[slot].tag for slot in slots]
             tables = self._tables
         try:
             if len(set(slots)) == 1:
@@ -372,7 +379,7 @@ class InferenceEngine:
             logits = logits.numpy()
         finally:
             self._unref(slots)
-        return [row[:k] for row, k in zip(logits, classes)]
+        return [row[:k] for row, k in zip(logits, classes)], tags
 
     def warm_up(self, batch_sizes: Sequence[int] = (1, 2)) -> None:
         """Trace and run both paths once so the first real request pays no compilation."""

@@ -1,0 +1,105 @@
+"""From image bytes to the model's input, the same way in training, evaluation and serving.
+
+The steps follow a bundle's `Preprocessing`: decode (first frame, EXIF orientation applied), to RGB
+(grayscale, alpha, palette, CMYK and 16-bit images included; or to gray and back for grayscale
+domains), shorter side resized to `resize` (bilinear) and center-cropped to a `resize` square, then
+center-cropped to `crop`, scaled to [0, 1] and normalised with the domain's mean and std.
+Training caches the `resize` squares and crops them at random; evaluation and serving take the
+center crop.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from model.bundle import Preprocessing
+
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class ImageDecodeError(ValueError):
+    """An input that is not a usable image. `code`: not_image, too_many_pixels or corrupt."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def open_image(source: bytes | str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image (first frame of an animation) with EXIF orientation applied.
+
+    The pixel count is checked from the header before any pixel is decoded, so a decompression
+    bomb costs nothing.
+    """
+    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(stream)
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    "too_many_pixels",
+                    f"The image is {width}x{height} pixels, more than the limit of {max_pixels}; send a smaller image.",
+                )
+            image.seek(0)
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError("too_many_pixels", f"The image is too large to decode safely: {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError(
+            "not_image", "The file is not an image format we read (JPEG, PNG, WebP, BMP, GIF)."
+        ) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or damaged data
+        raise ImageDecodeError("corrupt", f"The image is damaged and cannot be decoded: {exc}") from None
+
+
+def to_rgb(image: Image.Image, grayscale: bool = False) -> Image.Image:
+    """8-bit RGB: 16-bit and float images are rescaled, transparency is laid on white."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 255.0 if image.mode == "F" or array.max(initial=0) <= 255 else 65535.0
+        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    image = image.convert("L" if grayscale else "RGB")
+    return image.convert("RGB") if grayscale else image
+
+
+def square(image: Image.Image, side: int) -> np.ndarray:
+    """Shorter side resized to `side` (bilinear), center `side` x `side` crop: uint8 (side, side, 3)."""
+    width, height = image.size
+    scale = side / min(width, height)
+    new_size = (max(side, round(width * scale)), max(side, round(height * scale)))
+    resized = image.resize(new_size, Image.Resampling.BILINEAR)
+    left, top = (new_size[0] - side) // 2, (new_size[1] - side) // 2
+    return np.asarray(resized.crop((left, top, left + side, top + side)), dtype=np.uint8)
+
+
+def center_crop(squares: np.ndarray, crop: int) -> np.ndarray:
+    """Center crop of the last-but-one two axes of (..., side, side, C) arrays."""
+    side = squares.shape[-2]
+    offset = (side - crop) // 2
+    return squares[..., offset : offset + crop, offset : offset + crop, :]
+
+
+def normalize(images: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """uint8 images -> float32 `(x / 255 - mean) / std`."""
+    mean = np.asarray(prep.mean, np.float32)
+    std = np.asarray(prep.std, np.float32)
+    return (images.astype(np.float32) / 255.0 - mean) / std
+
+
+def preprocess(image: Image.Image, prep: Preprocessing) -> np.ndarray:
+    """One decoded image -> the model's float32 (crop, crop, 3) input for a domain."""
+    return normalize(center_crop(square(to_rgb(image, prep.grayscale), prep.resize), prep.crop), prep)

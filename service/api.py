@@ -1,0 +1,219 @@
+"""The HTTP routes. Thin: parse, call the registry / batcher, shape the answer.
+
+Errors are raised as the model's and service's own exceptions and mapped to HTTP once, in
+`service.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from model.bundle import AdapterBundle
+from model.preprocessing import open_image, preprocess
+from service import schemas
+from service.errors import ApiError
+from service.registry import Entry
+from service.state import ServiceState
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+def get_ready_state(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.service
+    if not state.ready:
+        raise ApiError(503, "not_ready", "The service is still loading the backbone and adapters; retry shortly.")
+    return state
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+ReadyDep = Annotated[ServiceState, Depends(get_ready_state)]
+
+
+def require_admin(request: Request, state: StateDep) -> None:
+    """Bearer token from RA_ADMIN_TOKEN, compared in constant time; no token configured = disabled."""
+    token = state.settings.admin_token
+    if token is None:
+        raise ApiError(403, "management_disabled",
+                       "Adapter management is disabled: start the service with RA_ADMIN_TOKEN set.")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise ApiError(401, "unauthorized", "Send 'Authorization: Bearer <RA_ADMIN_TOKEN>'.",
+                       headers={"WWW-Authenticate": "Bearer"})
+    if not secrets.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+        raise ApiError(401, "unauthorized", "The bearer token is wrong.", headers={"WWW-Authenticate": "Bearer"})
+
+
+AdminDep = Depends(require_admin)
+ERRORS = {code: {"model": schemas.Error} for code in (400, 401, 403, 404, 409, 413, 415, 422, 503, 504)}
+
+health = APIRouter(tags=["health"])
+predict = APIRouter(prefix="/predict", tags=["predict"])
+adapters = APIRouter(prefix="/adapters", tags=["adapters"])
+
+
+# ----- health -------------------------------------------------------------------------------
+
+@health.get("/healthz", response_model=schemas.Health)
+async def healthz() -> schemas.Health:
+    return schemas.Health(status="ok")
+
+
+@health.get("/readyz", response_model=schemas.Ready, responses={503: {"model": schemas.Ready}})
+async def readyz(state: StateDep, response: Response) -> schemas.Ready:
+    if not state.ready:
+        response.status_code = 503
+    return schemas.Ready(ready=state.ready, adapters=len(state.registry.entries()) if state.registry else 0,
+                         backbone_fingerprint=state.backbone.fingerprint if state.backbone else None)
+
+
+@health.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def metrics(state: StateDep) -> Response:
+    state.metrics.queue_depth.set(state.batcher.depth if state.batcher else 0)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# ----- prediction ---------------------------------------------------------------------------
+
+async def _read_image(upload: UploadFile, state: ServiceState) -> bytes:
+    limit = state.settings.max_image_bytes
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, "image_too_large", f"{upload.filename!r} is larger than {limit} bytes; send a smaller image.")
+    if not data:
+        raise ApiError(400, "empty_file", f"{upload.filename!r} is empty.")
+    return data
+
+
+def _decode_and_preprocess(data: bytes, bundles: list[AdapterBundle], max_pixels: int) -> list[np.ndarray]:
+    image = open_image(data, max_pixels)
+    return [preprocess(image, b.preprocessing) for b in bundles]
+
+
+def _top_k(logits: np.ndarray, labels: tuple[str, ...], k: int) -> list[schemas.Prediction]:
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")[:k]
+    return [schemas.Prediction(label=labels[i], index=int(i), score=float(p[i])) for i in order]
+
+
+async def _classify(state: ServiceState, uploads: list[UploadFile], entries: list[Entry]):
+    """Decode every upload (in the pool), then run all (image, domain) pairs through the batcher."""
+    if not uploads:
+        raise ApiError(400, "no_file", "Send the image as the multipart field 'file'.")
+    if len(uploads) > state.settings.max_files:
+        raise ApiError(413, "too_many_files", f"At most {state.settings.max_files} images per request.")
+    start = time.perf_counter()
+    raw = [await _read_image(u, state) for u in uploads]
+    loop = asyncio.get_running_loop()
+    bundles = [e.bundle for e in entries]
+    inputs = await asyncio.gather(*(loop.run_in_executor(state.preprocess_pool, _decode_and_preprocess, data, bundles,
+                                                         state.settings.max_image_pixels) for data in raw))
+    decoded = time.perf_counter()
+    images = [x for per_image in inputs for x in per_image]
+    domains = [e.domain for _ in inputs for e in entries]
+    outputs = await asyncio.wait_for(state.batcher.predict(images, domains), state.settings.request_timeout_s)
+    done = time.perf_counter()
+    timing = schemas.Timing(total_ms=(done - start) * 1000, preprocess_ms=(decoded - start) * 1000,
+                            inference_ms=(done - decoded) * 1000)
+    for domain in domains:
+        state.metrics.predictions.labels(domain).inc()
+        state.registry.served[domain] = state.registry.served.get(domain, 0) + 1
+    return outputs, timing
+
+
+TopK = Annotated[int, Form(ge=1, le=1000, description="how many classes to return")]
+
+
+@predict.post("/{domain}", response_model=schemas.PredictResponse, responses=ERRORS)
+async def predict_domain(domain: str, state: ReadyDep, file: Annotated[list[UploadFile], File()],
+                         top_k: TopK = 5) -> schemas.PredictResponse:
+    """Classify one image (or several `file` fields) with one domain's adapter."""
+    entry = state.registry.get(domain)
+    outputs, timing = await _classify(state, file, [entry])
+    results = [schemas.ImageResult(filename=u.filename, predictions=_top_k(logits, entry.bundle.labels, top_k))
+               for u, (logits, _) in zip(file, outputs)]
+    return schemas.PredictResponse(domain=domain, version=outputs[0][1], predictions=results[0].predictions,
+                                   results=results, timing=timing)
+
+
+@predict.post("", response_model=schemas.FanoutResponse, responses=ERRORS)
+async def predict_fanout(state: ReadyDep, file: Annotated[UploadFile, File()],
+                         domains: Annotated[str, Form(description="comma-separated domains, or 'all'")] = "all",
+                         top_k: TopK = 5) -> schemas.FanoutResponse:
+    """Classify one image with several domains at once (one batch)."""
+    names = [e.domain for e in state.registry.entries()] if domains.strip() == "all" else \
+        list(dict.fromkeys(d.strip() for d in domains.split(",") if d.strip()))
+    if not names:
+        raise ApiError(400, "no_domains", "No domain is registered or named; GET /adapters lists them.")
+    entries = [state.registry.get(d) for d in names]
+    outputs, timing = await _classify(state, [file], entries)
+    results = [schemas.DomainResult(domain=e.domain, version=tag, predictions=_top_k(logits, e.bundle.labels, top_k))
+               for e, (logits, tag) in zip(entries, outputs)]
+    return schemas.FanoutResponse(filename=file.filename, results=results, timing=timing)
+
+
+# ----- adapters -----------------------------------------------------------------------------
+
+def _summary(entry: Entry, state: ServiceState) -> dict:
+    val = entry.bundle.metrics.get("val_top1")
+    return {"domain": entry.domain, "version": entry.version, "num_classes": entry.bundle.num_classes,
+            "val_top1": float(val) if isinstance(val, (int, float)) else None, "params": entry.params,
+            "served": state.registry.served.get(entry.domain, 0)}
+
+
+def _info(entry: Entry, state: ServiceState) -> schemas.AdapterInfo:
+    b = entry.bundle
+    return schemas.AdapterInfo(
+        **_summary(entry, state), labels=list(b.labels), adapter=b.config.adapter, metrics=dict(b.metrics),
+        preprocessing=schemas.Preprocessing(**b.preprocessing.to_json()),
+        backbone_fingerprint=b.backbone_fingerprint, registered_at=entry.registered_at,
+        size_bytes=entry.size_bytes, load_ms=entry.load_ms, golden_self_test=b.golden_inputs is not None)
+
+
+@adapters.get("", response_model=schemas.AdapterList)
+async def list_adapters(state: ReadyDep) -> schemas.AdapterList:
+    return schemas.AdapterList(adapters=[schemas.AdapterSummary(**_summary(e, state)) for e in state.registry.entries()],
+                               backbone_fingerprint=state.backbone.fingerprint)
+
+
+@adapters.get("/{domain}", response_model=schemas.AdapterInfo, responses=ERRORS)
+async def get_adapter(domain: str, state: ReadyDep) -> schemas.AdapterInfo:
+    return _info(state.registry.get(domain), state)
+
+
+@adapters.post("", response_model=schemas.AdapterInfo, status_code=201, responses=ERRORS, dependencies=[AdminDep])
+async def register_adapter(
+    state: ReadyDep,
+    bundle: Annotated[UploadFile, File(description="the adapter bundle (.safetensors)")],
+    replace: Annotated[bool, Form(description="replace an existing domain with a new version")] = False,
+    domain: Annotated[str | None, Form(description="serve under this name instead of the bundle's")] = None,
+) -> schemas.AdapterInfo:
+    """Register a domain from its bundle; validated completely before anything is stored."""
+    limit = state.settings.max_bundle_bytes
+    data = await bundle.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, "bundle_too_large", f"The bundle is larger than {limit} bytes (RA_MAX_BUNDLE_BYTES).")
+    entry = await state.registry.register(data, replace=replace, domain=domain or None)
+    return _info(entry, state)
+
+
+@adapters.delete("/{domain}", response_model=schemas.AdapterSummary, responses=ERRORS, dependencies=[AdminDep])
+async def delete_adapter(domain: str, state: ReadyDep) -> schemas.AdapterSummary:
+    entry = await state.registry.delete(domain)
+    return schemas.AdapterSummary(**_summary(entry, state))
+
+
+@adapters.post("/{domain}/rollback", response_model=schemas.AdapterInfo, responses=ERRORS, dependencies=[AdminDep])
+async def rollback_adapter(domain: str, state: ReadyDep) -> schemas.AdapterInfo:
+    """Serve the previous version again (the current one is dropped)."""
+    return _info(await state.registry.rollback(domain), state)

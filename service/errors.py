@@ -1,0 +1,81 @@
+"""Every error the service answers, mapped to HTTP in one place, always as a JSON `Error` body."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model.engine import UnknownDomainError
+from model.preprocessing import ImageDecodeError
+from model.safetensors_io import InvalidFileError
+from service.batcher import Overloaded
+from service.registry import DomainExists, NoPreviousVersion
+
+_log = logging.getLogger(__name__)
+IMAGE_STATUS = {"not_image": 415, "too_many_pixels": 413, "corrupt": 400}
+
+
+class ApiError(Exception):
+    """An error with its HTTP status, code and message, raised by the routes."""
+
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.headers = status, code, detail, headers
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int):
+        super().__init__(f"The request body is larger than {limit} bytes.")
+
+
+def error_response(status: int, code: str, detail: object, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    def handle(exc_type, status, code, headers=None):
+        async def handler(request: Request, exc: Exception) -> JSONResponse:
+            return error_response(status, code(exc) if callable(code) else code, str(exc), headers)
+
+        app.add_exception_handler(exc_type, handler)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.detail, exc.headers)
+
+    @app.exception_handler(UnknownDomainError)
+    async def unknown_domain(request: Request, exc: UnknownDomainError) -> JSONResponse:
+        return error_response(404, "unknown_domain", f"{exc.args[0].split(';')[0]}. GET /adapters lists the domains.")
+
+    @app.exception_handler(ImageDecodeError)
+    async def bad_image(request: Request, exc: ImageDecodeError) -> JSONResponse:
+        return error_response(IMAGE_STATUS.get(exc.code, 400), exc.code, str(exc))
+
+    @app.exception_handler(InvalidFileError)
+    async def bad_bundle(request: Request, exc: InvalidFileError) -> JSONResponse:
+        return error_response(422, f"invalid_bundle:{exc.code}", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
+        return error_response(422, "invalid_request", details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, "http_error", str(exc.detail), getattr(exc, "headers", None))
+
+    handle(DomainExists, 409, "domain_exists")
+    handle(NoPreviousVersion, 409, "no_previous_version")
+    handle(Overloaded, 503, "overloaded", {"Retry-After": "1"})
+    handle(asyncio.TimeoutError, 504, "timeout")
+    handle(BodyTooLarge, 413, "request_too_large")
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        _log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal", "An internal error occurred; it has been logged.")

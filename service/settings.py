@@ -1,0 +1,48 @@
+"""Service settings, read from `RA_*` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEMO_DIR = pathlib.Path(__file__).resolve().parent / "demo"
+
+
+class Settings(BaseSettings):
+    """Every setting has a safe default: `python -m service` serves the shipped demo with no configuration.
+
+    An empty or unset `RA_ADMIN_TOKEN` disables the management endpoints (they answer 403); it
+    never leaves them open.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="RA_", env_file=None, extra="ignore")
+
+    admin_token: SecretStr | None = Field(None, description="bearer token for POST/DELETE /adapters; unset = disabled")
+    store_dir: pathlib.Path = Field(pathlib.Path.home() / ".local/share/residual-adapters/store",
+                                    description="where registered bundles persist")
+    backbone: pathlib.Path = Field(DEMO_DIR / "backbone.safetensors", description="the backbone .safetensors")
+    demo_adapters: bool = Field(True, description="seed an empty store with the shipped demo bundles (once)")
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_wait_ms: float = Field(2.0, ge=0, le=1000, description="how long a batch waits to fill")
+    max_queue: int = Field(512, ge=1, description="queued images before requests get 503")
+    request_timeout_s: float = Field(30.0, gt=0)
+    capacity: int = Field(64, ge=1, description="initial engine slots (grows by doubling)")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_bundle_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_files: int = Field(32, ge=1, description="images per predict request")
+    preprocess_threads: int = Field(4, ge=1)
+
+    @field_validator("admin_token")
+    @classmethod
+    def _empty_token_disables(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value().strip() else None
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The largest body any endpoint accepts (multipart overhead included)."""
+        return max(self.max_bundle_bytes, self.max_image_bytes * self.max_files) + 64 * 1024

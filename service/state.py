@@ -1,0 +1,25 @@
+"""What the app holds while it runs, built in the lifespan (nothing at import)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+
+from model.backbone import Backbone
+from model.engine import InferenceEngine
+from service.batcher import DynamicBatcher
+from service.metrics import Metrics
+from service.registry import Registry
+from service.settings import Settings
+
+
+@dataclasses.dataclass
+class ServiceState:
+    settings: Settings
+    metrics: Metrics
+    backbone: Backbone | None = None
+    engine: InferenceEngine | None = None
+    registry: Registry | None = None
+    batcher: DynamicBatcher | None = None
+    preprocess_pool: concurrent.futures.ThreadPoolExecutor | None = None
+    ready: bool = False
