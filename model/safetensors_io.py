@@ -69,7 +69,7 @@ def parse_json_metadata(metadata: dict[str, str], key: str, what: str) -> object
 
 def write_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
     """Serialise float32 tensors with string metadata (the caller's dict is not changed)."""
-    arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
+    arrays = {k: np.require(v, dtype=np.float32, requirements="C") for k, v in tensors.items()}  # keeps 0-d shapes
     return safetensors.numpy.save(arrays, metadata=dict(metadata))
 
 

@@ -38,18 +38,21 @@ StateDep = Annotated[ServiceState, Depends(get_state)]
 ReadyDep = Annotated[ServiceState, Depends(get_ready_state)]
 
 
-def require_admin(request: Request, state: StateDep) -> None:
+def check_admin(authorization: str, token) -> None:
     """Bearer token from RA_ADMIN_TOKEN, compared in constant time; no token configured = disabled."""
-    token = state.settings.admin_token
     if token is None:
         raise ApiError(403, "management_disabled",
                        "Adapter management is disabled: start the service with RA_ADMIN_TOKEN set.")
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    scheme, _, given = authorization.partition(" ")
     if scheme.lower() != "bearer" or not given:
         raise ApiError(401, "unauthorized", "Send 'Authorization: Bearer <RA_ADMIN_TOKEN>'.",
                        headers={"WWW-Authenticate": "Bearer"})
     if not secrets.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
         raise ApiError(401, "unauthorized", "The bearer token is wrong.", headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_admin(request: Request, state: StateDep) -> None:
+    check_admin(request.headers.get("authorization", ""), state.settings.admin_token)
 
 
 AdminDep = Depends(require_admin)

@@ -9,9 +9,12 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
+import pathlib
 import time
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.backbone import load_backbone
@@ -20,7 +23,7 @@ from model.engine import InferenceEngine
 from model.safetensors_io import InvalidFileError
 from service import api
 from service.batcher import DynamicBatcher
-from service.errors import BodyTooLarge, error_response, install_error_handlers
+from service.errors import ApiError, BodyTooLarge, error_response, install_error_handlers
 from service.metrics import Metrics
 from service.registry import Registry
 from service.settings import DEMO_DIR, Settings
@@ -28,6 +31,7 @@ from service.state import ServiceState
 from service.store import BundleStore
 
 _log = logging.getLogger(__name__)
+STATIC_DIR = pathlib.Path(__file__).resolve().parent / "static"
 DEMO_MARKER = "demo-seeded"
 
 
@@ -55,6 +59,49 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+class Gatekeeper:
+    """Refuse management calls without the admin token before their body is received, and record
+    every request's route, domain, status and latency (pure ASGI: no extra task per request)."""
+
+    def __init__(self, app: ASGIApp, state: ServiceState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = 500
+        if scope["method"] in ("POST", "DELETE") and scope["path"].startswith("/adapters"):
+            headers = dict(scope["headers"])
+            try:
+                api.check_admin(headers.get(b"authorization", b"").decode("latin-1"), self.state.settings.admin_token)
+            except ApiError as exc:
+                status = exc.status
+                await error_response(exc.status, exc.code, exc.detail, exc.headers)(scope, receive, send)
+                self._record(scope, status, start)
+                return
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            self._record(scope, status, start)
+
+    def _record(self, scope: Scope, status: int, start: float) -> None:
+        metrics, registry = self.state.metrics, self.state.registry
+        path = getattr(scope.get("route"), "path", "unmatched")
+        domain = scope.get("path_params", {}).get("domain", "")
+        if domain and (registry is None or domain not in registry):
+            domain = "unknown"
+        metrics.requests.labels(path, domain, str(status)).inc()
+        metrics.latency.labels(path, domain).observe(time.perf_counter() - start)
 
 
 def seed_demo(store: BundleStore, registry_backbone) -> None:
@@ -120,19 +167,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api.health)
     app.include_router(api.predict)
     app.include_router(api.adapters)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    @app.middleware("http")
-    async def record(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        domain = request.path_params.get("domain", "")
-        if state.registry is None or domain not in state.registry:
-            domain = "" if not domain else "unknown"
-        state.metrics.requests.labels(path, domain, str(response.status_code)).inc()
-        state.metrics.latency.labels(path, domain).observe(time.perf_counter() - start)
-        return response
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        """The web page: try domains, manage adapters."""
+        return FileResponse(STATIC_DIR / "index.html")
 
+    app.add_middleware(Gatekeeper, state=state)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     return app

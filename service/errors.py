@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -28,9 +28,11 @@ class ApiError(Exception):
         self.status, self.code, self.detail, self.headers = status, code, detail, headers
 
 
-class BodyTooLarge(Exception):
+class BodyTooLarge(HTTPException):
+    """Raised while the body streams in; an HTTPException so that FastAPI's form parsing lets it through."""
+
     def __init__(self, limit: int):
-        super().__init__(f"The request body is larger than {limit} bytes.")
+        super().__init__(413, f"The request body is larger than {limit} bytes.")
 
 
 def error_response(status: int, code: str, detail: object, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -73,7 +75,9 @@ def install_error_handlers(app: FastAPI) -> None:
     handle(NoPreviousVersion, 409, "no_previous_version")
     handle(Overloaded, 503, "overloaded", {"Retry-After": "1"})
     handle(asyncio.TimeoutError, 504, "timeout")
-    handle(BodyTooLarge, 413, "request_too_large")
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return error_response(413, "request_too_large", exc.detail)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:

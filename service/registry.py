@@ -130,12 +130,15 @@ class Registry:
         """Serve the previous stored version again and drop the current one."""
         async with self._lock(domain):
             current = self.get(domain)
-            older = [v for v in self.store.versions(domain) if v < current.version]
-            if not older:
-                raise NoPreviousVersion(f"Domain {domain!r} has no version before {current.version}.")
-            data = await asyncio.to_thread(self.store.read, domain, older[-1])
-            bundle = await asyncio.to_thread(load_bundle, data, self.backbone, domain)
-            entry = await asyncio.to_thread(self._publish, bundle, older[-1], len(data))
-            await asyncio.to_thread(self.store.drop_version, domain, current.version)
-            self._entries[domain] = entry
-            return entry
+            for version in reversed([v for v in self.store.versions(domain) if v < current.version]):
+                try:
+                    data = await asyncio.to_thread(self.store.read, domain, version)
+                    bundle = await asyncio.to_thread(load_bundle, data, self.backbone, domain)
+                    entry = await asyncio.to_thread(self._publish, bundle, version, len(data))
+                except (InvalidFileError, OSError) as exc:
+                    _log.error("stored bundle %s v%d is unusable, skipping it: %s", domain, version, exc)
+                    continue
+                await asyncio.to_thread(self.store.drop_version, domain, current.version)
+                self._entries[domain] = entry
+                return entry
+            raise NoPreviousVersion(f"Domain {domain!r} has no usable version before {current.version}.")

@@ -12,7 +12,7 @@ import pathlib
 import shutil
 import uuid
 
-from model.bundle import check_domain_name
+from model.bundle import DOMAIN_NAME, check_domain_name
 from model.safetensors_io import atomic_write_bytes
 
 _log = logging.getLogger(__name__)
@@ -31,8 +31,16 @@ class BundleStore:
         return self.root / check_domain_name(domain)
 
     def domains(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
-                      and self.versions(p.name))
+        """Stored domains; folders that are not domain names (e.g. a volume's lost+found) are ignored."""
+        names = []
+        for p in sorted(self.root.iterdir()):
+            if not p.is_dir() or p.name.startswith("."):
+                continue
+            if not DOMAIN_NAME.fullmatch(p.name):
+                _log.warning("ignoring %s in the store: not a domain name", p)
+            elif self.versions(p.name):
+                names.append(p.name)
+        return names
 
     def versions(self, domain: str) -> list[int]:
         folder = self._folder(domain)

@@ -288,8 +288,6 @@ def test_idx_not_unsigned_byte(tmp_path):
         load_data(str(root), SIDE)
 
 
-@pytest.mark.xfail(strict=True, reason="training/data.py _read_idx: a truncated .gz raises EOFError from "
-                   "gzip (not DataError), so the CLI prints a traceback instead of 'error: ...'")
 def test_idx_truncated_gzip(tmp_path):
     root = idx_folder(tmp_path / "mnist", compress=True)
     raw = (root / "train-images-idx3-ubyte.gz").read_bytes()
@@ -298,8 +296,6 @@ def test_idx_truncated_gzip(tmp_path):
         load_data(str(root), SIDE)
 
 
-@pytest.mark.xfail(strict=True, reason="training/data.py _read_idx: a file cut inside the dimension header "
-                   "makes struct.unpack raise struct.error (not DataError)")
 def test_idx_truncated_header(tmp_path):
     root = idx_folder(tmp_path / "mnist", compress=False)
     (root / "train-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">I", 10))
@@ -363,6 +359,17 @@ def test_devkit_missing_image_is_skipped(tmp_path):
     data = load_data(str(root), SIDE, domain="dom")
     assert len(data.labels) == 5 and len(data.skipped) == 1
     assert "3.png" in data.skipped[0]
+
+
+def test_devkit_image_without_annotation(tmp_path):
+    root = devkit(tmp_path / "decathlon")
+    annotation = root / "annotations" / "dom_train.json"
+    coco = json.loads(annotation.read_text())
+    coco["annotations"] = coco["annotations"][1:]
+    annotation.write_text(json.dumps(coco))
+    data = load_data(str(root), SIDE, domain="dom")
+    assert len(data.labels) == len(coco["images"]) - 1
+    assert len(data.skipped) == 1 and "no annotation" in data.skipped[0]
 
 
 # ----- Dataset.split and channel_stats -----------------------------------------------------------

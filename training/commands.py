@@ -15,6 +15,7 @@ from typing import Literal
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from model.backbone import Backbone, load_backbone, save_backbone
 from model.bundle import AdapterBundle, Preprocessing, load_bundle, save_bundle
@@ -90,7 +91,10 @@ def run_training(spec: TrainSpec) -> dict:
     overrides = {k: auto_decay if v == "auto" else v for k, v in spec.overrides.items()}
     recipe = Recipe(**{**defaults, **overrides})
 
-    model = build_resnet26(config, name=f"resnet26_{spec.domain}")
+    strategy = tf.distribute.MirroredStrategy() if len(tf.config.list_logical_devices("GPU")) > 1 \
+        else tf.distribute.get_strategy()
+    with strategy.scope():
+        model = build_resnet26(config, name=f"resnet26_{spec.domain}")
     if backbone:
         set_weights(model, backbone.weights, "shared")
     if source:
@@ -102,7 +106,8 @@ def run_training(spec: TrainSpec) -> dict:
 
     spec.out.mkdir(parents=True, exist_ok=True)
     steps = int(np.ceil(len(train.labels) / recipe.batch_size))
-    trainer = Trainer(model, recipe, prep, spec.out / f"{spec.domain}_run", spec.seed, steps)
+    with strategy.scope():
+        trainer = Trainer(model, recipe, prep, spec.out / f"{spec.domain}_run", spec.seed, steps, strategy)
     result = trainer.fit(train, val, resume=spec.resume, progress=spec.progress)
     set_weights(model, result.best_weights)
 

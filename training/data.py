@@ -99,15 +99,18 @@ def parse_spec(spec: str) -> tuple[pathlib.Path, str | None]:
     return pathlib.Path(path), split or None
 
 
-def load_data(spec: str, side: int, domain: str | None = None) -> Dataset:
-    """Load the data named by `PATH[:SPLIT]` as `side` x `side` uint8 squares."""
+def load_data(spec: str, side: int, domain: str | None = None, grayscale: bool = False) -> Dataset:
+    """Load the data named by `PATH[:SPLIT]` as `side` x `side` uint8 squares.
+
+    `grayscale` converts every image to gray first, as the service does for a grayscale domain.
+    """
     path, split = parse_spec(spec)
     if not path.exists():
         raise DataError(f"{path} does not exist.")
     if path.suffix == ".npz":
-        return _load_npz(path, side)
+        return _load_npz(path, side, grayscale)
     if path.is_dir() and (path / "annotations").is_dir():
-        return _load_devkit(path, split or "train", domain, side)
+        return _load_devkit(path, split or "train", domain, side, grayscale)
     if path.is_dir() and _idx_file(path, "train", "images", required=False):
         return _load_idx(path, split or "train", side)
     if path.is_dir():
@@ -115,24 +118,27 @@ def load_data(spec: str, side: int, domain: str | None = None) -> Dataset:
             path = path / (split or "train")
             if not path.is_dir():
                 raise DataError(f"{path} does not exist.")
-        return _load_folder(path, side)
+        return _load_folder(path, side, grayscale)
     raise DataError(
         f"Cannot tell what {path} holds: give an image folder, a Decathlon devkit root, an IDX folder or a .npz."
     )
 
 
-def _squares(images: list[Image.Image], side: int) -> np.ndarray:
-    return np.stack([square(to_rgb(im), side) for im in images]) if images else np.zeros((0, side, side, 3), np.uint8)
+def _squares(images: list[Image.Image], side: int, grayscale: bool = False) -> np.ndarray:
+    if not images:
+        return np.zeros((0, side, side, 3), np.uint8)
+    return np.stack([square(to_rgb(im, grayscale), side) for im in images])
 
 
-def _decode_files(files: list[pathlib.Path], side: int) -> tuple[list[np.ndarray | None], list[str], bool]:
+def _decode_files(files: list[pathlib.Path], side: int,
+                  grayscale: bool) -> tuple[list[np.ndarray | None], list[str], bool]:
     """Decode in a thread pool; returns squares (None where unreadable), skip reasons, all-gray flag."""
 
     def decode(file: pathlib.Path) -> tuple[np.ndarray | None, str | None, bool]:
         try:
             image = open_image(file)
             gray = image.mode in ("L", "LA", "I", "I;16", "F", "1")
-            return square(to_rgb(image), side), None, gray
+            return square(to_rgb(image, grayscale), side), None, gray
         except ImageDecodeError as exc:
             return None, f"{file}: {exc}", False
 
@@ -145,7 +151,7 @@ def _decode_files(files: list[pathlib.Path], side: int) -> tuple[list[np.ndarray
     return [r[0] for r in results], skipped, bool(readable) and all(readable)
 
 
-def _load_folder(path: pathlib.Path, side: int) -> Dataset:
+def _load_folder(path: pathlib.Path, side: int, grayscale: bool) -> Dataset:
     classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{path} has no class sub-folders; put each class's images in a folder named after it.")
@@ -156,13 +162,13 @@ def _load_folder(path: pathlib.Path, side: int) -> Dataset:
             raise DataError(f"The class folder {path / name} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
         files += members
         labels += [i] * len(members)
-    squares, skipped, gray = _decode_files(files, side)
+    squares, skipped, gray = _decode_files(files, side, grayscale)
     keep = [i for i, s in enumerate(squares) if s is not None]
     images = np.stack([squares[i] for i in keep]) if keep else np.zeros((0, side, side, 3), np.uint8)
     return Dataset(images, np.asarray(labels, np.int64)[keep], tuple(classes), "image-folder", gray, tuple(skipped))
 
 
-def _load_npz(path: pathlib.Path, side: int) -> Dataset:
+def _load_npz(path: pathlib.Path, side: int, grayscale: bool) -> Dataset:
     with np.load(path, allow_pickle=False) as data:
         if "x" not in data.files or "y" not in data.files:
             raise DataError(f"{path} must hold arrays 'x' (N, H, W[, C] uint8) and 'y' (N,); it has {data.files}.")
@@ -177,7 +183,7 @@ def _load_npz(path: pathlib.Path, side: int) -> Dataset:
         x = x[..., 0]
     mode = "L" if x.ndim == 3 else ("RGBA" if x.shape[-1] == 4 else "RGB")
     names = names or [str(i) for i in range(int(y.max()) + 1 if len(y) else 0)]
-    images = _squares([Image.fromarray(im, mode) for im in x], side)
+    images = _squares([Image.fromarray(im, mode) for im in x], side, grayscale)
     return Dataset(images, y.astype(np.int64), tuple(names), "npz", gray)
 
 
@@ -193,10 +199,16 @@ def _idx_file(path: pathlib.Path, split: str, what: str, required: bool = True) 
 
 
 def _read_idx(file: pathlib.Path) -> np.ndarray:
-    raw = (gzip.open if file.suffix == ".gz" else open)(file, "rb").read()
+    try:
+        with (gzip.open if file.suffix == ".gz" else open)(file, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{file} cannot be read: {exc}.") from None
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
         raise DataError(f"{file} is not an unsigned-byte IDX file.")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{file} is truncated inside its header.")
     shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
@@ -220,7 +232,7 @@ def _load_idx(path: pathlib.Path, split: str, side: int) -> Dataset:
     return Dataset(images, y, tuple(names), "idx", grayscale=True)
 
 
-def _load_devkit(path: pathlib.Path, split: str, domain: str | None, side: int) -> Dataset:
+def _load_devkit(path: pathlib.Path, split: str, domain: str | None, side: int, grayscale: bool) -> Dataset:
     if not domain:
         raise DataError(f"{path} is a Decathlon devkit: name the domain with --domain (e.g. dtd, aircraft).")
     annotation = path / "annotations" / f"{domain}_{split}.json"
@@ -231,17 +243,21 @@ def _load_devkit(path: pathlib.Path, split: str, domain: str | None, side: int) 
     offset = categories[0]["id"]  # the devkit numbers each domain's classes from a per-domain offset
     names = tuple(str(c["name"]) for c in categories)
     by_image = {a["image_id"]: a["category_id"] - offset for a in coco["annotations"]}
-    files, labels = [], []
+    files, labels, unannotated = [], [], []
     for image in coco["images"]:
+        if image["id"] not in by_image:
+            unannotated.append(f"{image['file_name']}: no annotation in {annotation.name}")
+            continue
         relative = pathlib.PurePosixPath(image["file_name"])
         if relative.is_absolute() or ".." in relative.parts:
             raise DataError(f"{annotation} names a file outside the devkit: {image['file_name']!r}.")
         files.append(path / relative if (path / relative).exists() else path / "data" / relative)
         labels.append(by_image[image["id"]])
-    squares, skipped, gray = _decode_files(files, side)
+    squares, skipped, gray = _decode_files(files, side, grayscale)
     keep = [i for i, s in enumerate(squares) if s is not None]
     images = np.stack([squares[i] for i in keep]) if keep else np.zeros((0, side, side, 3), np.uint8)
-    return Dataset(images, np.asarray(labels, np.int64)[keep], names, "decathlon", gray, tuple(skipped))
+    return Dataset(images, np.asarray(labels, np.int64)[keep], names, "decathlon", gray,
+                   tuple(unannotated + skipped))
 
 
 def decathlon_mean_std(stats_file: pathlib.Path, domain: str) -> tuple[list[float], list[float]] | None:

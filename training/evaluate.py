@@ -20,7 +20,7 @@ def evaluate(backbone_path: pathlib.Path, bundle_path: pathlib.Path, data_spec: 
     """Top-1, per-class accuracy and the confusion matrix (PNG in `out` when given)."""
     backbone = load_backbone(backbone_path)
     bundle = load_bundle(bundle_path, backbone)
-    data = load_data(data_spec, bundle.preprocessing.resize, bundle.domain)
+    data = load_data(data_spec, bundle.preprocessing.resize, bundle.domain, bundle.preprocessing.grayscale)
     labels = _align_labels(data.class_names, bundle.labels, data.labels)
     engine = InferenceEngine(backbone, capacity=1, class_capacity=bundle.num_classes)
     engine.add(bundle)

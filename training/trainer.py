@@ -62,8 +62,10 @@ class Trainer:
     """Train `model`'s trainable weights on `train` with the `recipe`; checkpoints go to `out_dir`."""
 
     def __init__(self, model: keras.Model, recipe: Recipe, prep: Preprocessing, out_dir: pathlib.Path,
-                 seed: int, steps_per_epoch: int):
+                 seed: int, steps_per_epoch: int, strategy: tf.distribute.Strategy | None = None):
+        """Build the trainer inside `strategy.scope()` when a strategy is given (several GPUs)."""
         self.model, self.recipe, self.prep, self.seed = model, recipe, prep, seed
+        self.strategy = strategy or tf.distribute.get_strategy()
         self.out_dir = out_dir
         names = {id(v): f"{layer.name}.{v.name}" for layer in model.layers for v in layer.trainable_weights}
         self.variables = list(model.trainable_weights)
@@ -75,16 +77,25 @@ class Trainer:
         self.optimizer.build(self.variables)
         self._step = tf.function(self._train_step)
 
-    def _train_step(self, images, labels):
+    def _replica_step(self, images, labels):
         with tf.GradientTape() as tape:
             logits = self.model(images, training=True)
-            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
+            per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+            loss = tf.nn.compute_average_loss(per_example)  # over the global batch: replicas' gradients add up
         grads = tape.gradient(loss, self.variables)
-        # Each parameter decays at its own group's rate (L2 gradient, as PyTorch SGD's weight_decay).
-        grads = [g + wd * v.value if wd else g for g, v, wd in zip(grads, self.variables, self.decays)]
+        # Each parameter decays at its own group's rate (L2 gradient, as PyTorch SGD's weight_decay);
+        # split across replicas so that their sum is one decay.
+        replicas = self.strategy.num_replicas_in_sync
+        grads = [g + (wd / replicas) * v.value if wd else g for g, v, wd in zip(grads, self.variables, self.decays)]
         self.optimizer.apply(grads, self.variables)
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels), tf.float32))
-        return loss, correct
+        hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels), tf.float32)
+        return tf.reduce_sum(per_example), tf.reduce_sum(hits)
+
+    def _train_step(self, images, labels):
+        """One SGD step on a (possibly distributed) batch: (summed loss, correct count) over it."""
+        loss_sum, correct = self.strategy.run(self._replica_step, args=(images, labels))
+        reduce = tf.distribute.ReduceOp.SUM
+        return self.strategy.reduce(reduce, loss_sum, axis=None), self.strategy.reduce(reduce, correct, axis=None)
 
     def fit(self, train: Dataset, val: Dataset, resume: bool = False, progress: bool = True,
             on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
@@ -94,16 +105,16 @@ class Trainer:
         started = time.perf_counter() - sum(h["seconds"] for h in history)
         for epoch in range(start_epoch, self.recipe.epochs):
             t0 = time.perf_counter()
-            batches = train_batches(train, self.prep, self.recipe.batch_size, self.recipe.flip,
-                                    self.recipe.random_crop, self.seed, epoch)
+            batches = self.strategy.experimental_distribute_dataset(train_batches(
+                train, self.prep, self.recipe.batch_size, self.recipe.flip, self.recipe.random_crop, self.seed, epoch))
             steps = int(np.ceil(len(train.labels) / self.recipe.batch_size))
             total_loss = correct = seen = 0.0
             bar = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{self.recipe.epochs}", disable=not progress,
                        leave=False, unit="batch")
-            for images, labels in bar:
-                loss, hits = self._step(images, labels)
-                n = int(labels.shape[0])
-                total_loss, correct, seen = total_loss + float(loss) * n, correct + float(hits), seen + n
+            for step, (images, labels) in enumerate(bar):
+                loss_sum, hits = self._step(images, labels)
+                n = min(self.recipe.batch_size, len(train.labels) - step * self.recipe.batch_size)
+                total_loss, correct, seen = total_loss + float(loss_sum), correct + float(hits), seen + n
                 bar.set_postfix(loss=f"{total_loss / seen:.3f}", top1=f"{correct / seen:.3f}")
             val_top1 = top1(self.model, val, self.prep)
             record = {"epoch": epoch + 1, "loss": total_loss / seen, "train_top1": correct / seen,

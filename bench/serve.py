@@ -1,0 +1,207 @@
+"""The service over HTTP against the bare engine, on this machine.
+
+    python -m bench.serve [--concurrency 32] [--seconds 10] [--files-per-request 1]
+
+Starts `python -m service` on a free loopback port with the shipped demo backbone and its demo
+domains plus copies (`--domains`, renamed), drives it from a separate client process at a fixed
+concurrency, and prints one JSON object last:
+
+- `http_img_s` (saturating load, mixed domains) and `engine_img_s` (the same backbone and domains,
+  in this process, batches of `RA_MAX_BATCH_SIZE`) measured in the same run; `http_over_engine`;
+- `mixed_over_single`: HTTP images/s with random domains over HTTP images/s with one domain;
+- p50/p99 latency at low load (concurrency 1) and at saturation;
+- `register_to_first_prediction_ms`: POST /adapters of a new domain, then its first prediction,
+  while the saturating load runs.
+The load generator only talks to 127.0.0.1 and stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import multiprocessing
+import os
+import pathlib
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+
+DEMO = pathlib.Path(__file__).resolve().parents[1] / "service" / "demo"
+TOKEN = "bench-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_images(n: int, size: int) -> list[bytes]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+async def _drive(url: str, domains: list[str], images: list[bytes], concurrency: int, seconds: float,
+                 files: int) -> dict:
+    import httpx
+
+    latencies, errors, done = [], 0, 0
+    deadline = time.perf_counter() + seconds
+    rng = random.Random(1)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        async def worker() -> None:
+            nonlocal errors, done
+            while time.perf_counter() < deadline:
+                domain = rng.choice(domains)
+                upload = [("file", (f"{i}.png", rng.choice(images), "image/png")) for i in range(files)]
+                start = time.perf_counter()
+                response = await client.post(f"/predict/{domain}", files=upload)
+                if response.status_code == 200:
+                    latencies.append(time.perf_counter() - start)
+                    done += files
+                else:
+                    errors += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    lat = np.asarray(latencies) * 1000
+    return {"img_s": done / elapsed, "requests": len(latencies), "errors": errors,
+            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None}
+
+
+def _client(url, domains, images, concurrency, seconds, files, queue) -> None:
+    queue.put(asyncio.run(_drive(url, domains, images, concurrency, seconds, files)))
+
+
+def drive(url: str, domains: list[str], images: list[bytes], concurrency: int, seconds: float, files: int) -> dict:
+    """Run the load from a separate process (so its CPU is not the server's Python thread)."""
+    queue = multiprocessing.get_context("spawn").Queue()
+    process = multiprocessing.get_context("spawn").Process(
+        target=_client, args=(url, domains, images, concurrency, seconds, files, queue))
+    process.start()
+    result = queue.get(timeout=seconds + 120)
+    process.join(30)
+    return result
+
+
+def engine_img_s(backbone_path: pathlib.Path, bundles: dict[str, bytes], images: list[bytes], batch: int,
+                 seconds: float) -> float:
+    """The bare engine on the same backbone and domains: preprocessed batches of `batch`, mixed domains."""
+    from bench.common import time_call
+    from model.backbone import load_backbone
+    from model.bundle import load_bundle
+    from model.engine import InferenceEngine
+    from model.preprocessing import open_image, preprocess
+
+    backbone = load_backbone(backbone_path)
+    engine = InferenceEngine(backbone, capacity=len(bundles))
+    loaded = {name: load_bundle(data, backbone, domain=name) for name, data in bundles.items()}
+    for bundle in loaded.values():
+        engine.add(bundle)
+    rng = random.Random(2)
+    names = [rng.choice(list(loaded)) for _ in range(batch)]
+    x = np.stack([preprocess(open_image(rng.choice(images)), loaded[n].preprocessing) for n in names])
+    engine.predict(x, names)
+    return batch / time_call(lambda: engine.predict(x, names), seconds)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import httpx
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--domains", type=int, default=8, help="domains served (demo bundles and renamed copies)")
+    parser.add_argument("--files-per-request", type=int, default=1)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--backbone", type=pathlib.Path, default=DEMO / "backbone.safetensors")
+    args = parser.parse_args(argv)
+
+    demo_bundles = sorted(p for p in DEMO.glob("*.safetensors") if p.name != "backbone.safetensors")
+    bundles = {f"bench{i}": demo_bundles[i % len(demo_bundles)].read_bytes() for i in range(args.domains)}
+    images = test_images(16, 48)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as store:
+        env = {**os.environ, "RA_STORE_DIR": store, "RA_ADMIN_TOKEN": TOKEN, "RA_DEMO_ADAPTERS": "false",
+               "RA_BACKBONE": str(args.backbone), "RA_MAX_BATCH_SIZE": str(args.max_batch_size),
+               "RA_MAX_WAIT_MS": str(args.max_wait_ms), "TF_CPP_MIN_LOG_LEVEL": "2"}
+        server = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
+                                  env=env)
+        try:
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            with httpx.Client(base_url=url, timeout=60) as client:
+                for _ in range(300):
+                    try:
+                        if client.get("/readyz").status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    time.sleep(0.3)
+                for name, data in bundles.items():
+                    client.post("/adapters", headers=auth, files={"bundle": ("b.safetensors", data)},
+                                data={"domain": name}).raise_for_status()
+            names = list(bundles)
+            drive(url, names, images, args.concurrency, 2.0, args.files_per_request)  # warm-up
+            low = drive(url, names, images, 1, args.seconds / 2, args.files_per_request)
+            mixed = drive(url, names, images, args.concurrency, args.seconds, args.files_per_request)
+            single = drive(url, names[:1], images, args.concurrency, args.seconds, args.files_per_request)
+
+            # Registration under load: a background client saturates the server meanwhile.
+            queue = multiprocessing.get_context("spawn").Queue()
+            load = multiprocessing.get_context("spawn").Process(
+                target=_client, args=(url, names, images, args.concurrency, 6.0, args.files_per_request, queue))
+            load.start()
+            time.sleep(2.0)
+            with httpx.Client(base_url=url, timeout=60) as client:
+                start = time.perf_counter()
+                client.post("/adapters", headers=auth, files={"bundle": ("b.safetensors", bundles[names[0]])},
+                            data={"domain": "fresh"}).raise_for_status()
+                client.post("/predict/fresh", files={"file": ("x.png", images[0], "image/png")}).raise_for_status()
+                register_ms = (time.perf_counter() - start) * 1000
+            queue.get(timeout=120)
+            load.join(30)
+        finally:
+            server.terminate()
+            server.wait(30)
+    engine = engine_img_s(args.backbone, bundles, images, args.max_batch_size, args.seconds / 2)
+    result = {
+        "http_img_s": round(mixed["img_s"], 1),
+        "engine_img_s": round(engine, 1),
+        "http_over_engine": round(mixed["img_s"] / engine, 3),
+        "mixed_over_single": round(mixed["img_s"] / single["img_s"], 3),
+        "single_http_img_s": round(single["img_s"], 1),
+        "low_load": {"p50_ms": round(low["p50_ms"], 2), "p99_ms": round(low["p99_ms"], 2),
+                     "img_s": round(low["img_s"], 1)},
+        "saturation": {"p50_ms": round(mixed["p50_ms"], 2), "p99_ms": round(mixed["p99_ms"], 2)},
+        "register_to_first_prediction_ms": round(register_ms, 1),
+        "errors": low["errors"] + mixed["errors"] + single["errors"],
+        "settings": {"concurrency": args.concurrency, "seconds": args.seconds, "domains": args.domains,
+                     "files_per_request": args.files_per_request, "max_batch_size": args.max_batch_size,
+                     "max_wait_ms": args.max_wait_ms, "backbone": str(args.backbone), "cpus": os.cpu_count()},
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The web page in a real headless Chromium against the real server (Debian chromium + chromedriver).
+
+Skips with a clear message when Chromium or chromedriver is missing (`.ci/run` installs them, and on
+CI a missing browser fails instead of skipping).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model.bundle import load_bundle
+from model.engine import InferenceEngine
+from model.preprocessing import open_image, preprocess
+from service_process import running_server
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+if not (CHROMIUM and CHROMEDRIVER):
+    if os.environ.get("CI"):
+        raise RuntimeError("CI must run the browser tests: apt-get install chromium chromium-driver")
+    pytest.skip("Chromium or chromedriver is missing: apt-get install chromium chromium-driver", allow_module_level=True)
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is missing: pip install -e '.[dev]'")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+TOKEN = "browser-token"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("store"), {"RA_ADMIN_TOKEN": TOKEN}) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 "--window-size=1200,1000"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def console_errors(driver) -> list[str]:
+    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def expected_top1(domain: str, image_bytes: bytes) -> str:
+    from service.settings import DEMO_DIR
+    from model.backbone import load_backbone
+
+    backbone = load_backbone(DEMO_DIR / "backbone.safetensors")
+    bundle = load_bundle(DEMO_DIR / f"{domain}.safetensors", backbone)
+    engine = InferenceEngine(backbone, capacity=1)
+    engine.add(bundle)
+    logits = engine.predict(preprocess(open_image(image_bytes), bundle.preprocessing)[None], domain)[0]
+    return bundle.labels[int(np.argmax(logits))]
+
+
+def test_classify_an_image_with_a_demo_domain(server, browser, tmp_path):
+    image = tmp_path / "digit.png"
+    canvas = np.zeros((64, 64), np.uint8)
+    canvas[12:52, 28:36] = 255  # a "1"
+    Image.fromarray(canvas).save(image)
+    browser.get(server + "/")
+    wait = WebDriverWait(browser, 20)
+    wait.until(lambda d: len(Select(d.find_element(By.ID, "domain")).options) > 0)
+    Select(browser.find_element(By.ID, "domain")).select_by_value("digits")
+    browser.find_element(By.ID, "image").send_keys(str(image))
+    browser.find_element(By.ID, "classify").click()
+    first_label = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "#results .bar .label")))
+    assert first_label.text == expected_top1("digits", image.read_bytes())
+    assert browser.find_element(By.ID, "preview").get_attribute("hidden") is None
+    rows = browser.find_elements(By.CSS_SELECTOR, "#adapters tbody tr")
+    assert {r.find_element(By.CSS_SELECTOR, "td").text for r in rows} >= {"digits", "fashion", "catsdogs"}
+    assert console_errors(browser) == []
+
+
+def test_bad_uploads_show_the_server_error(server, browser, tmp_path):
+    browser.get(server + "/")
+    wait = WebDriverWait(browser, 20)
+    wait.until(lambda d: len(Select(d.find_element(By.ID, "domain")).options) > 0)
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("this is text, not a picture")
+    browser.find_element(By.ID, "image").send_keys(str(not_an_image))
+    browser.find_element(By.ID, "classify").click()
+    error = wait.until(ec.visibility_of_element_located((By.ID, "predict-error")))
+    assert "not_image" in error.text
+
+    bad_bundle = tmp_path / "bad.safetensors"
+    bad_bundle.write_bytes(b"\x80\x04not safetensors at all")
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.ID, "bundle").send_keys(str(bad_bundle))
+    browser.find_element(By.ID, "upload").click()
+    admin_error = wait.until(ec.visibility_of_element_located((By.ID, "admin-error")))
+    assert "422" in admin_error.text and "invalid_bundle" in admin_error.text
+
+
+def test_upload_and_delete_a_bundle(server, browser, tmp_path):
+    from service.settings import DEMO_DIR
+
+    browser.get(server + "/")
+    wait = WebDriverWait(browser, 20)
+    wait.until(lambda d: len(Select(d.find_element(By.ID, "domain")).options) > 0)
+    token = browser.find_element(By.ID, "token")
+    token.clear()
+    token.send_keys(TOKEN)
+    browser.find_element(By.ID, "bundle").send_keys(str(DEMO_DIR / "digits.safetensors"))
+    browser.find_element(By.ID, "replace").click()
+    browser.find_element(By.ID, "upload").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "admin-status"), "Registered digits version 2"))
+    browser.execute_script("window.confirm = () => true;")
+    browser.find_element(By.CSS_SELECTOR, "button[aria-label='Delete catsdogs']").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "admin-status"), "Deleted catsdogs"))
+    domains = [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "domain")).options]
+    assert "catsdogs" not in domains and "digits" in domains
+
+
+def test_phone_width_has_no_horizontal_scroll(server, browser):
+    browser.set_window_size(390, 844)
+    try:
+        browser.get(server + "/")
+        WebDriverWait(browser, 20).until(lambda d: len(Select(d.find_element(By.ID, "domain")).options) > 0)
+        overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0
+        for field in ("domain", "top-k", "image", "token", "bundle"):
+            label = browser.find_elements(By.CSS_SELECTOR, f"label[for='{field}']")
+            assert label, f"#{field} has no label"
+    finally:
+        browser.set_window_size(1200, 1000)

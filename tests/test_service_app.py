@@ -1,0 +1,589 @@
+"""The FastAPI app in-process (TestClient, lifespan included): routes, auth, validation, limits, store."""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import re
+import shutil
+import types
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+import service.app
+from model.bundle import load_bundle
+from model.safetensors_io import InvalidFileError
+from service.app import DEMO_MARKER, create_app
+from service.settings import Settings
+from service.store import BundleStore
+from service_helpers import (
+    ADMIN_TOKEN,
+    AUTH,
+    CLASSES,
+    bad_bundles,
+    bundle_file,
+    check_predictions,
+    corrupt_png_body,
+    corrupt_png_header_crc,
+    get_assets,
+    image_variants,
+    jpeg_bytes,
+    png_bytes,
+    png_with_size,
+    reference_engine,
+    reference_probs,
+    store_snapshot,
+    temp_files,
+)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return get_assets(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ref(assets):
+    return reference_engine(assets)
+
+
+def make_settings(assets, store: pathlib.Path, **changes) -> Settings:
+    values = dict(backbone=assets.backbone_path, store_dir=store, demo_adapters=False, admin_token=ADMIN_TOKEN,
+                  max_wait_ms=1, max_batch_size=4, capacity=4, preprocess_threads=2)
+    values.update(changes)
+    return Settings(**values)
+
+
+@contextlib.contextmanager
+def running(settings: Settings):
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        yield client
+
+
+def register(client, data: bytes, domain: str | None = None, replace: bool | None = None, headers=AUTH, **kw):
+    form = {}
+    if domain is not None:
+        form["domain"] = domain
+    if replace is not None:
+        form["replace"] = "true" if replace else "false"
+    return client.post("/adapters", files=bundle_file(data), data=form, headers=headers, **kw)
+
+
+def predict(client, domain: str, *images: bytes, names=None, **form):
+    names = names or [f"img{i}.png" for i in range(len(images))]
+    files = [("file", (name, image, "application/octet-stream")) for name, image in zip(names, images)]
+    return client.post(f"/predict/{domain}", files=files, data={k: str(v) for k, v in form.items()})
+
+
+def assert_error(response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error", "detail"}, body
+    if code is not None:
+        assert body["error"] == code, body
+    return body
+
+
+def domain_dirs(store: pathlib.Path) -> list[str]:
+    return sorted(p.name for p in store.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def served(assets, tmp_path_factory):
+    """One app with alpha (2 classes, golden), beta (3) and gamma (5) registered over the API."""
+    store = tmp_path_factory.mktemp("store")
+    with running(make_settings(assets, store)) as client:
+        registered = {}
+        for domain in CLASSES:
+            response = register(client, assets.data(domain))
+            assert response.status_code == 201, response.text
+            registered[domain] = response.json()
+        yield types.SimpleNamespace(client=client, store=store, registered=registered)
+
+
+# ----- health, docs, metrics ------------------------------------------------------------------
+
+def test_health_docs_and_metrics(served):
+    client = served.client
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["ready"] is True and ready.json()["adapters"] >= 3
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json")
+    assert spec.status_code == 200
+    assert {"/predict/{domain}", "/predict", "/adapters", "/adapters/{domain}"} <= set(spec.json()["paths"])
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert "ra_requests_total" in metrics.text
+    assert re.search(r"^ra_adapters \d", metrics.text, re.M)
+
+
+def test_metrics_count_requests_by_route_and_keep_unknown_domains_out(served):
+    client = served.client
+    assert predict(client, "beta", png_bytes(1)).status_code == 200
+    assert predict(client, "no-such-domain-xyz", png_bytes(1)).status_code == 404
+    text = client.get("/metrics").text
+    assert 'ra_requests_total{domain="beta",route="/predict/{domain}",status="200"}' in text
+    assert 'domain="unknown",route="/predict/{domain}",status="404"' in text
+    assert "no-such-domain-xyz" not in text  # no label per made-up name
+    count = len(client.get("/adapters").json()["adapters"])
+    assert re.search(rf"^ra_adapters {count}\.0$", text, re.M)
+    assert re.search(r"^ra_batch_size_count [1-9]", text, re.M)
+
+
+# ----- registration and listing ---------------------------------------------------------------
+
+def test_register_answers_the_adapter(served, assets):
+    for domain, info in served.registered.items():
+        bundle = assets.bundles[domain]
+        assert info["domain"] == domain
+        assert info["version"] == 1
+        assert info["labels"] == list(bundle.labels)
+        assert info["num_classes"] == CLASSES[domain]
+        assert info["params"] > 0
+        assert info["preprocessing"] == {**bundle.preprocessing.to_json(), "mean": list(bundle.preprocessing.mean),
+                                         "std": list(bundle.preprocessing.std)}
+        assert info["backbone_fingerprint"] == assets.backbone.fingerprint
+        assert info["golden_self_test"] is (domain == "alpha")
+
+
+def test_list_and_show_adapters(served, assets):
+    listing = served.client.get("/adapters").json()
+    assert listing["backbone_fingerprint"] == assets.backbone.fingerprint
+    by_domain = {a["domain"]: a for a in listing["adapters"]}
+    assert set(CLASSES) <= set(by_domain)
+    assert all(by_domain[d]["version"] == 1 for d in CLASSES)
+    info = served.client.get("/adapters/gamma").json()
+    assert info["domain"] == "gamma" and info["version"] == 1 and len(info["labels"]) == 5
+    for domain in CLASSES:
+        assert BundleStore(served.store).versions(domain) == [1]
+
+
+# ----- prediction -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("domain", list(CLASSES))
+def test_predict_equals_the_engine(served, assets, ref, domain):
+    bundle = assets.bundles[domain]
+    for seed, image in [(101, png_bytes(101)), (102, jpeg_bytes(102)), (103, png_bytes(103, (40, 17)))]:
+        response = predict(served.client, domain, image)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["domain"] == domain and body["version"] == 1
+        probs = reference_probs(ref, image, bundle, domain)
+        assert len(body["predictions"]) == min(5, CLASSES[domain])
+        check_predictions(body["predictions"], probs, bundle.labels)
+        assert body["results"][0]["predictions"] == body["predictions"]
+        assert body["results"][0]["filename"] == "img0.png"
+        assert set(body["timing"]) == {"total_ms", "preprocess_ms", "inference_ms"}
+    top1 = predict(served.client, domain, png_bytes(104), top_k=1).json()
+    assert len(top1["predictions"]) == 1
+    assert top1["predictions"][0]["index"] == int(np.argmax(reference_probs(ref, png_bytes(104), bundle, domain)))
+
+
+def test_several_files_answer_in_upload_order(served, assets, ref):
+    images = [png_bytes(200 + i) for i in range(6)]
+    names = [f"f{i}.png" for i in range(6)]
+    response = predict(served.client, "gamma", *images, names=names, top_k=2)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["filename"] for r in results] == names
+    for image, result in zip(images, results):
+        assert len(result["predictions"]) == 2
+        check_predictions(result["predictions"], reference_probs(ref, image, assets.bundles["gamma"], "gamma"),
+                          assets.bundles["gamma"].labels)
+    assert response.json()["predictions"] == results[0]["predictions"]
+
+
+def test_fanout_answers_one_result_per_domain(served, assets, ref):
+    image = png_bytes(300)
+    response = served.client.post("/predict", files={"file": ("x.png", image)}, data={"domains": "gamma, alpha"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["filename"] == "x.png"
+    assert [r["domain"] for r in body["results"]] == ["gamma", "alpha"]
+    for result in body["results"]:
+        bundle = assets.bundles[result["domain"]]
+        assert result["version"] == 1
+        check_predictions(result["predictions"], reference_probs(ref, image, bundle, result["domain"]), bundle.labels)
+
+    everything = served.client.post("/predict", files={"file": ("x.png", image)}, data={"domains": "all"}).json()
+    listed = [a["domain"] for a in served.client.get("/adapters").json()["adapters"]]
+    assert [r["domain"] for r in everything["results"]] == listed
+    default = served.client.post("/predict", files={"file": ("x.png", image)}).json()
+    assert [r["domain"] for r in default["results"]] == listed
+
+    assert_error(served.client.post("/predict", files={"file": ("x.png", image)}, data={"domains": "alpha,nope"}),
+                 404, "unknown_domain")
+    assert_error(served.client.post("/predict", files={"file": ("x.png", image)}, data={"domains": " , "}), 400)
+
+
+@pytest.mark.parametrize("name", list(image_variants()))
+def test_image_formats_and_modes_are_accepted(served, assets, ref, name):
+    image = image_variants()[name]
+    response = predict(served.client, "gamma", image, names=[name])
+    assert response.status_code == 200, response.text
+    bundle = assets.bundles["gamma"]
+    check_predictions(response.json()["predictions"], reference_probs(ref, image, bundle, "gamma"), bundle.labels)
+
+
+BAD_IMAGES = {
+    "empty.jpg": (b"", {400}, "empty_file"),
+    "text.jpg": (b"this is not an image, only text\n" * 4, {415}, "not_image"),
+    "truncated.jpg": (jpeg_bytes(5, (64, 64))[:3000], {400}, "corrupt"),
+    "corrupt-body.png": (corrupt_png_body(png_bytes(6, (64, 64))), {400}, "corrupt"),
+    # Pillow refuses a PNG whose header CRC is wrong before it knows the format: 415 is acceptable too.
+    "corrupt-crc.png": (corrupt_png_header_crc(png_bytes(7)), {400, 415}, None),
+    "bomb-30000.png": (png_with_size(30000, 30000), {413}, "too_many_pixels"),
+    "bomb-8000.png": (png_with_size(8000, 8000), {413}, "too_many_pixels"),  # over RA_MAX_IMAGE_PIXELS only
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_IMAGES))
+def test_bad_images_get_a_json_4xx(served, name):
+    data, statuses, code = BAD_IMAGES[name]
+    response = predict(served.client, "alpha", data, names=[name])
+    assert response.status_code in statuses, response.text
+    assert_error(response, response.status_code, code)
+    # the same image among good ones fails the request, still as a 4xx
+    mixed = predict(served.client, "alpha", png_bytes(1), data, names=["ok.png", name])
+    assert mixed.status_code in statuses, mixed.text
+    fanout = served.client.post("/predict", files={"file": (name, data)}, data={"domains": "alpha,beta"})
+    assert fanout.status_code in statuses, fanout.text
+
+
+def test_request_errors(served):
+    client = served.client
+    assert_error(predict(client, "nope", png_bytes(1)), 404, "unknown_domain")
+    assert_error(client.post("/predict/alpha", data={"top_k": "2"}), 422, "invalid_request")
+    assert_error(client.post("/predict/alpha", files={"image": ("x.png", png_bytes(1))}), 422, "invalid_request")
+    assert_error(client.post("/predict"), 422, "invalid_request")
+    for top_k in ("0", "-1", "1001", "abc"):
+        assert_error(predict(client, "alpha", png_bytes(1), top_k=top_k), 422, "invalid_request")
+    assert_error(client.get("/adapters/nope"), 404, "unknown_domain")
+    assert_error(client.get("/no/such/route"), 404)
+
+
+# ----- replace, rollback, delete ---------------------------------------------------------------
+
+def test_replace_rollback_delete(served, assets, ref):
+    client, store = served.client, served.store
+    image = png_bytes(400)
+    first = register(client, assets.data("alpha"), domain="life")
+    assert first.status_code == 201 and first.json()["version"] == 1 and first.json()["domain"] == "life"
+
+    before = store_snapshot(store)
+    assert_error(register(client, assets.data("alt-alpha"), domain="life"), 409, "domain_exists")
+    assert_error(register(client, assets.data("alt-alpha"), domain="life", replace=False), 409, "domain_exists")
+    assert store_snapshot(store) == before
+    assert client.get("/adapters/life").json()["version"] == 1
+
+    second = register(client, assets.data("alt-alpha"), domain="life", replace=True)
+    assert second.status_code == 201, second.text
+    assert second.json()["version"] == 2
+    body = predict(client, "life", image).json()
+    assert body["version"] == 2
+    check_predictions(body["predictions"], reference_probs(ref, image, assets.alt["alpha"], "alt-alpha"),
+                      assets.bundles["alpha"].labels)
+    assert BundleStore(store).versions("life") == [1, 2]
+
+    back = client.post("/adapters/life/rollback", headers=AUTH)
+    assert back.status_code == 200, back.text
+    assert back.json()["version"] == 1
+    body = predict(client, "life", image).json()
+    assert body["version"] == 1
+    check_predictions(body["predictions"], reference_probs(ref, image, assets.bundles["alpha"], "alpha"),
+                      assets.bundles["alpha"].labels)
+    assert BundleStore(store).versions("life") == [1]
+    assert_error(client.post("/adapters/life/rollback", headers=AUTH), 409, "no_previous_version")
+    assert client.get("/adapters/life").json()["version"] == 1
+
+    third = register(client, assets.data("alt-alpha"), domain="life", replace=True)
+    assert third.json()["version"] == 2  # the next version after the highest one stored
+
+    deleted = client.delete("/adapters/life", headers=AUTH)
+    assert deleted.status_code == 200, deleted.text
+    assert deleted.json()["domain"] == "life"
+    assert_error(predict(client, "life", image), 404, "unknown_domain")
+    assert_error(client.get("/adapters/life"), 404, "unknown_domain")
+    assert_error(client.delete("/adapters/life", headers=AUTH), 404, "unknown_domain")
+    assert_error(client.post("/adapters/life/rollback", headers=AUTH), 404, "unknown_domain")
+    assert "life" not in domain_dirs(store)
+    assert "life" not in [a["domain"] for a in client.get("/adapters").json()["adapters"]]
+    assert temp_files(store) == []
+
+    again = register(client, assets.data("beta"), domain="life")  # a deleted name can be reused
+    assert again.status_code == 201 and again.json()["version"] == 1 and again.json()["num_classes"] == 3
+    assert client.delete("/adapters/life", headers=AUTH).status_code == 200
+
+
+def test_replace_may_change_the_class_count(served, assets, ref):
+    client = served.client
+    assert register(client, assets.data("alpha"), domain="morph").status_code == 201
+    replaced = register(client, assets.data("gamma"), domain="morph", replace=True)
+    assert replaced.status_code == 201 and replaced.json()["num_classes"] == 5
+    image = png_bytes(450)
+    body = predict(client, "morph", image).json()
+    assert len(body["predictions"]) == 5
+    check_predictions(body["predictions"], reference_probs(ref, image, assets.bundles["gamma"], "gamma"),
+                      assets.bundles["gamma"].labels)
+    assert client.delete("/adapters/morph", headers=AUTH).status_code == 200
+
+
+# ----- auth -------------------------------------------------------------------------------------
+
+BAD_AUTH = {
+    "none": ({}, ""),
+    "wrong": ({"Authorization": "Bearer wrong"}, ""),
+    "prefix": ({"Authorization": f"Bearer {ADMIN_TOKEN[:-1]}"}, ""),
+    "basic": ({"Authorization": f"Basic {ADMIN_TOKEN}"}, ""),
+    "bare": ({"Authorization": ADMIN_TOKEN}, ""),
+    "empty-bearer": ({"Authorization": "Bearer "}, ""),
+    "query-token": ({}, f"?token={ADMIN_TOKEN}"),
+    "query-access-token": ({}, f"?access_token={ADMIN_TOKEN}"),
+    "other-header": ({"X-Admin-Token": ADMIN_TOKEN}, ""),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_AUTH))
+def test_management_needs_the_bearer_token(served, assets, case):
+    headers, query = BAD_AUTH[case]
+    client, store = served.client, served.store
+    before = store_snapshot(store)
+    response = client.post(f"/adapters{query}", files=bundle_file(assets.data("beta")),
+                           data={"domain": "intruder"}, headers=headers)
+    assert_error(response, 401, "unauthorized")
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert_error(client.delete(f"/adapters/alpha{query}", headers=headers), 401, "unauthorized")
+    assert_error(client.post(f"/adapters/alpha/rollback{query}", headers=headers), 401, "unauthorized")
+    assert store_snapshot(store) == before
+    assert "intruder" not in domain_dirs(store)
+    assert client.get("/adapters/alpha").status_code == 200
+
+
+def test_bearer_scheme_is_case_insensitive(served, assets):
+    response = register(served.client, assets.data("beta"), domain="casetest",
+                        headers={"Authorization": f"bearer {ADMIN_TOKEN}"})
+    assert response.status_code == 201, response.text
+    assert served.client.delete("/adapters/casetest", headers=AUTH).status_code == 200
+
+
+@pytest.mark.parametrize("token", [None, "", "   "])
+def test_no_admin_token_disables_management(assets, tmp_path, token):
+    store = tmp_path / "store"
+    BundleStore(store).write("alpha", 1, assets.data("alpha"))
+    before = store_snapshot(store)
+    with running(make_settings(assets, store, admin_token=token)) as client:
+        for headers in ({}, AUTH, {"Authorization": "Bearer "}):
+            assert_error(register(client, assets.data("beta"), headers=headers), 403, "management_disabled")
+            assert_error(client.delete("/adapters/alpha", headers=headers), 403, "management_disabled")
+            assert_error(client.post("/adapters/alpha/rollback", headers=headers), 403, "management_disabled")
+        assert predict(client, "alpha", png_bytes(1)).status_code == 200  # serving is unaffected
+        assert [a["domain"] for a in client.get("/adapters").json()["adapters"]] == ["alpha"]
+    assert store_snapshot(store) == before
+    assert domain_dirs(store) == ["alpha"]
+
+
+# ----- invalid bundles ------------------------------------------------------------------------
+
+BUNDLE_CODES = {
+    "random": "not_safetensors", "pickle": "not_safetensors", "empty": "not_safetensors",
+    "truncated": "not_safetensors", "foreign": "fingerprint", "nan": "non_finite", "wrong_shape": "tensors",
+    "extra_tensor": "tensors", "too_many_labels": "labels", "too_few_labels": "labels", "bad_golden": "golden",
+}
+
+
+@pytest.mark.parametrize("case", list(BUNDLE_CODES))
+def test_invalid_bundles_are_refused_before_anything_is_stored(served, assets, case):
+    data = bad_bundles(assets)[case]
+    before = store_snapshot(served.store)
+    response = register(served.client, data, domain=f"bad-{case.replace('_', '-')}", replace=True)
+    body = assert_error(response, 422)
+    assert body["error"].startswith("invalid_bundle:"), body
+    assert body["error"] == f"invalid_bundle:{BUNDLE_CODES[case]}", body
+    assert store_snapshot(served.store) == before
+    listed = [a["domain"] for a in served.client.get("/adapters").json()["adapters"]]
+    assert not [d for d in listed if d.startswith("bad-")]
+
+
+@pytest.mark.parametrize("name", ["../x", "A B", "Alpha", "-x", ".hidden", "a/b", "x" * 64, "a\nb", "ä"])
+def test_invalid_domain_names_are_refused(served, assets, name):
+    before = store_snapshot(served.store)
+    body = assert_error(register(served.client, assets.data("beta"), domain=name), 422)
+    assert body["error"] == "invalid_bundle:domain_name", body
+    assert store_snapshot(served.store) == before
+    assert not (served.store.parent / "x").exists()
+
+
+# ----- size limits -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small(assets, tmp_path_factory):
+    store = tmp_path_factory.mktemp("small-store")
+    BundleStore(store).write("alpha", 1, assets.data("alpha"))
+    settings = make_settings(assets, store, max_bundle_bytes=2048, max_image_bytes=4096, max_files=2)
+    with running(settings) as client:
+        yield types.SimpleNamespace(client=client, store=store, settings=settings)
+
+
+def test_bundle_over_the_limit_is_413(small, assets):
+    before = store_snapshot(small.store)
+    data = assets.data("beta")[:10000]  # checked by size before it is parsed
+    assert 2048 < len(data) < small.settings.max_request_bytes
+    assert_error(register(small.client, data), 413, "bundle_too_large")
+    whole = assets.data("beta")  # over the whole-request limit too: refused from its Content-Length
+    assert len(whole) > small.settings.max_request_bytes
+    assert_error(register(small.client, whole), 413, "request_too_large")
+    assert store_snapshot(small.store) == before
+    assert domain_dirs(small.store) == ["alpha"]
+
+
+def test_image_over_the_limit_is_413(small):
+    big = png_bytes(1, (64, 64))
+    assert len(big) > 4096
+    assert_error(predict(small.client, "alpha", big), 413, "image_too_large")
+    assert predict(small.client, "alpha", png_bytes(1, (16, 16))).status_code == 200
+
+
+def test_too_many_files_is_413(small):
+    images = [png_bytes(i, (16, 16)) for i in range(3)]
+    assert_error(predict(small.client, "alpha", *images), 413, "too_many_files")
+    assert predict(small.client, "alpha", *images[:2]).status_code == 200
+
+
+def test_body_over_the_request_limit_is_413(small):
+    body = b"x" * (small.settings.max_request_bytes + 1)
+    headers = {**AUTH, "content-type": "multipart/form-data; boundary=xyz"}
+    assert_error(small.client.post("/adapters", content=body, headers=headers), 413, "request_too_large")
+    assert_error(small.client.post("/predict/alpha", content=body, headers=headers), 413, "request_too_large")
+
+
+def test_chunked_body_over_the_request_limit_is_413(small):
+    body = b"x" * (small.settings.max_request_bytes + 1)
+
+    def chunks():
+        for i in range(0, len(body), 16384):
+            yield body[i : i + 16384]
+
+    headers = {**AUTH, "content-type": "multipart/form-data; boundary=xyz"}
+    response = small.client.post("/adapters", content=chunks(), headers=headers)
+    assert_error(response, 413, "request_too_large")
+
+
+def test_not_ready_before_the_lifespan_ran(assets, tmp_path):
+    client = TestClient(create_app(make_settings(assets, tmp_path / "store")), raise_server_exceptions=False)
+    assert client.get("/healthz").status_code == 200
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["ready"] is False
+    assert_error(client.get("/adapters"), 503, "not_ready")
+    assert_error(predict(client, "alpha", png_bytes(1)), 503, "not_ready")
+    assert client.get("/metrics").status_code == 200
+
+
+def test_full_queue_answers_503_with_retry_after(assets, tmp_path):
+    store = tmp_path / "store"
+    BundleStore(store).write("alpha", 1, assets.data("alpha"))
+    with running(make_settings(assets, store, max_queue=2)) as client:
+        response = predict(client, "alpha", *[png_bytes(i) for i in range(3)])
+        assert_error(response, 503, "overloaded")
+        assert response.headers["retry-after"] == "1"
+        assert predict(client, "alpha", png_bytes(1), png_bytes(2)).status_code == 200
+
+
+def test_request_timeout_answers_504(assets, tmp_path):
+    store = tmp_path / "store"
+    BundleStore(store).write("alpha", 1, assets.data("alpha"))
+    with running(make_settings(assets, store, request_timeout_s=1e-6)) as client:
+        assert_error(predict(client, "alpha", png_bytes(1)), 504, "timeout")
+        assert client.get("/readyz").status_code == 200
+
+
+# ----- persistence -----------------------------------------------------------------------------
+
+def test_restart_keeps_the_registry(assets, ref, tmp_path):
+    store = tmp_path / "store"
+    with running(make_settings(assets, store)) as client:
+        assert register(client, assets.data("alpha")).status_code == 201
+        assert register(client, assets.data("alt-alpha"), replace=True).json()["version"] == 2
+        assert register(client, assets.data("beta")).status_code == 201
+        before = {a["domain"]: a["version"] for a in client.get("/adapters").json()["adapters"]}
+    assert before == {"alpha": 2, "beta": 1}
+    with running(make_settings(assets, store)) as client:
+        after = {a["domain"]: a["version"] for a in client.get("/adapters").json()["adapters"]}
+        assert after == before
+        image = png_bytes(500)
+        body = predict(client, "alpha", image).json()
+        assert body["version"] == 2
+        check_predictions(body["predictions"], reference_probs(ref, image, assets.alt["alpha"], "alt-alpha"),
+                          assets.bundles["alpha"].labels)
+        assert client.get("/readyz").json()["adapters"] == 2
+
+
+def test_store_recovers_from_a_crash(assets, ref, tmp_path):
+    store = tmp_path / "store"
+    BundleStore(store).write("alpha", 1, assets.data("alpha"))
+    folder = store / "alpha"
+    leftover = folder / ".000002.safetensors.xyz.tmp"
+    leftover.write_bytes(assets.data("alt-alpha")[:5000])  # a write interrupted before its rename
+    (folder / "000003.safetensors").write_bytes(np.random.default_rng(1).bytes(4000))  # garbage
+    trash = store / ".trash-beta-0123"
+    trash.mkdir()
+    (trash / "000001.safetensors").write_bytes(assets.data("beta"))  # a delete interrupted after its rename
+    with running(make_settings(assets, store)) as client:
+        assert client.get("/readyz").status_code == 200
+        assert not leftover.exists() and not trash.exists()
+        assert temp_files(store) == []
+        listing = {a["domain"]: a["version"] for a in client.get("/adapters").json()["adapters"]}
+        assert listing == {"alpha": 1}
+        image = png_bytes(600)
+        body = predict(client, "alpha", image).json()
+        assert body["version"] == 1
+        check_predictions(body["predictions"], reference_probs(ref, image, assets.bundles["alpha"], "alpha"),
+                          assets.bundles["alpha"].labels)
+
+
+def test_rollback_skips_a_broken_stored_version(assets, tmp_path):
+    store = tmp_path / "store"
+    BundleStore(store).write("alpha", 1, assets.data("alpha"))
+    (store / "alpha" / "000002.safetensors").write_bytes(np.random.default_rng(2).bytes(4000))  # garbage
+    with running(make_settings(assets, store)) as client:
+        assert client.get("/adapters/alpha").json()["version"] == 1
+        assert register(client, assets.data("alt-alpha"), replace=True).json()["version"] == 3
+        response = client.post("/adapters/alpha/rollback", headers=AUTH)
+        assert response.status_code == 200, response.text
+        assert response.json()["version"] == 1
+
+
+def test_store_ignores_foreign_folders(assets, tmp_path):
+    store = tmp_path / "store"
+    BundleStore(store).write("alpha", 1, assets.data("alpha"))
+    (store / "lost+found").mkdir()
+    with running(make_settings(assets, store)) as client:
+        assert [a["domain"] for a in client.get("/adapters").json()["adapters"]] == ["alpha"]
+
+
+def test_demo_bundles_are_seeded_once(assets, tmp_path, monkeypatch):
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    shutil.copy(assets.paths["gamma"], demo / "gamma.safetensors")
+    shutil.copy(assets.paths["foreign"], demo / "foreign.safetensors")  # another backbone's: skipped
+    shutil.copy(assets.backbone_path, demo / "backbone.safetensors")
+    monkeypatch.setattr(service.app, "DEMO_DIR", demo)
+    store = tmp_path / "store"
+    settings = make_settings(assets, store, demo_adapters=True)
+    with running(settings) as client:
+        listing = client.get("/adapters").json()["adapters"]
+        assert [(a["domain"], a["version"]) for a in listing] == [("gamma", 1)]
+        assert predict(client, "gamma", png_bytes(1)).status_code == 200
+    assert (store / f".{DEMO_MARKER}").exists()
+    assert load_bundle(store / "gamma" / "000001.safetensors").domain == "gamma"
+    with running(settings) as client:  # seeded once: a restart changes nothing
+        assert [(a["domain"], a["version"]) for a in client.get("/adapters").json()["adapters"]] == [("gamma", 1)]
+        assert client.delete("/adapters/gamma", headers=AUTH).status_code == 200
+    with running(settings) as client:  # a deleted demo stays deleted
+        assert client.get("/adapters").json()["adapters"] == []
+    assert domain_dirs(store) == []
