@@ -45,6 +45,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(url: str, timeout: float = 120.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} was not ready within {timeout}s")
+
+
 def test_images(n: int, size: int) -> list[bytes]:
     from PIL import Image
 
@@ -150,14 +164,8 @@ def main(argv: list[str] | None = None) -> None:
                                   env=env)
         try:
             auth = {"Authorization": f"Bearer {TOKEN}"}
+            wait_ready(url)
             with httpx.Client(base_url=url, timeout=60) as client:
-                for _ in range(300):
-                    try:
-                        if client.get("/readyz").status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    time.sleep(0.3)
                 for name, data in bundles.items():
                     client.post("/adapters", headers=auth, files={"bundle": ("b.safetensors", data)},
                                 data={"domain": name}).raise_for_status()

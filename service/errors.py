@@ -69,7 +69,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, "http_error", str(exc.detail), getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # list every method of every route on this path, not just the first route's
+            methods = {m for route in app.routes if getattr(route, "methods", None)
+                       and route.path_regex.fullmatch(request.url.path) for m in route.methods}
+            headers["Allow"] = ", ".join(sorted(methods))
+        return error_response(exc.status_code, "http_error", str(exc.detail), headers or None)
 
     handle(DomainExists, 409, "domain_exists")
     handle(NoPreviousVersion, 409, "no_previous_version")
