@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
                 [str(exe), "run", f"{url}/openapi.json", "-n", str(args.examples), "--seed", str(args.seed),
                  "--checks", "all", "--exclude-checks", "positive_data_acceptance",
                  "-H", f"Authorization: Bearer {TOKEN}", "--request-timeout", "60"],
-                capture_output=True, text=True)
+                capture_output=True, text=True, cwd=store)  # keep its cache out of the checkout
         finally:
             server.terminate()
             server.wait(30)

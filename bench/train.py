@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
             if mode == "adapt":
                 freeze_shared(model)
             trainer = Trainer(model, Recipe(), prep, pathlib.Path(tmp), seed=0, steps_per_epoch=1000)
-            step = trainer._step
+            step = trainer.train_step
             step(images, labels)  # trace
             steps[mode] = (lambda s: lambda: [t.numpy() for t in s(images, labels)])(step)
         rounds = [{mode: time_call(fn, args.seconds) for mode, fn in steps.items()} for _ in range(args.rounds)]

@@ -412,3 +412,10 @@ def test_channel_stats():
     np.testing.assert_allclose(mean, [0.5, 0.2, 0.25], atol=1e-6)
     np.testing.assert_allclose(std, [0.5, 1e-3, np.sqrt(0.25 * 0.75)], atol=1e-6)
     assert all(0 <= v <= 1 for v in (*mean, *std))
+
+
+def test_a_subset_may_miss_classes():
+    """Golden inputs and splits take subsets; a subset without some class is still a dataset."""
+    images = np.zeros((4, SIDE, SIDE, 3), np.uint8)
+    data = Dataset(images, np.asarray([0, 0, 1, 1]), ("cats", "dogs"), "image-folder")
+    assert data.subset(np.arange(2)).labels.tolist() == [0, 0]

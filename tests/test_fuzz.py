@@ -27,12 +27,12 @@ def schemathesis_command() -> list[str]:
     return [exe]
 
 
-def fuzz(url: str, examples: int, seed: int) -> subprocess.CompletedProcess:
+def fuzz(url: str, examples: int, seed: int, cwd: pathlib.Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         schemathesis_command() + ["run", f"{url}/openapi.json", "-n", str(examples), "--seed", str(seed),
                                   "--checks", "all", "--exclude-checks", "positive_data_acceptance",
                                   "-H", f"Authorization: Bearer {ADMIN_TOKEN}", "--request-timeout", "30"],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600, cwd=cwd)  # its cache goes to cwd
 
 
 def test_schemathesis_finds_no_server_error_or_schema_violation(tmp_path_factory):
@@ -42,7 +42,7 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(tmp_path_factory
         BundleStore(store).write(domain, 1, assets.data(domain))
     env = {"RA_BACKBONE": str(assets.backbone_path), "RA_DEMO_ADAPTERS": "false", "RA_ADMIN_TOKEN": ADMIN_TOKEN}
     with running_server(store, env) as url:
-        result = fuzz(url, examples=15, seed=1)
+        result = fuzz(url, examples=15, seed=1, cwd=tmp_path_factory.mktemp("schemathesis"))
     summary = "\n".join(result.stdout.splitlines()[-40:])
     assert result.returncode == 0, summary
     assert " passed" in summary and "failures" not in summary.split("Test cases:")[-1], summary

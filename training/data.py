@@ -57,10 +57,6 @@ class Dataset:
             raise DataError(
                 f"Labels must lie in [0, {len(self.class_names) - 1}]; found {self.labels.min()}..{self.labels.max()}."
             )
-        counts = np.bincount(self.labels, minlength=len(self.class_names))
-        empty = [self.class_names[i] for i in np.flatnonzero(counts == 0)]
-        if empty and self.kind == "image-folder":
-            raise DataError(f"These classes have no readable images: {empty}. Add images or remove the folders.")
 
     @property
     def num_classes(self) -> int:
@@ -165,7 +161,11 @@ def _load_folder(path: pathlib.Path, side: int, grayscale: bool) -> Dataset:
     squares, skipped, gray = _decode_files(files, side, grayscale)
     keep = [i for i, s in enumerate(squares) if s is not None]
     images = np.stack([squares[i] for i in keep]) if keep else np.zeros((0, side, side, 3), np.uint8)
-    return Dataset(images, np.asarray(labels, np.int64)[keep], tuple(classes), "image-folder", gray, tuple(skipped))
+    kept_labels = np.asarray(labels, np.int64)[keep]
+    empty = [name for i, name in enumerate(classes) if not np.any(kept_labels == i)]
+    if empty and keep:
+        raise DataError(f"These classes have no readable images: {empty}. Add images or remove the folders.")
+    return Dataset(images, kept_labels, tuple(classes), "image-folder", gray, tuple(skipped))
 
 
 def _load_npz(path: pathlib.Path, side: int, grayscale: bool) -> Dataset:

@@ -75,7 +75,7 @@ class Trainer:
         self.schedule = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
         self.optimizer = keras.optimizers.SGD(learning_rate=self.schedule, momentum=MOMENTUM)
         self.optimizer.build(self.variables)
-        self._step = tf.function(self._train_step)
+        self.train_step = tf.function(self._train_step)  # compiled; (summed loss, correct) per batch
 
     def _replica_step(self, images, labels):
         with tf.GradientTape() as tape:
@@ -112,7 +112,7 @@ class Trainer:
             bar = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{self.recipe.epochs}", disable=not progress,
                        leave=False, unit="batch")
             for step, (images, labels) in enumerate(bar):
-                loss_sum, hits = self._step(images, labels)
+                loss_sum, hits = self.train_step(images, labels)
                 n = min(self.recipe.batch_size, len(train.labels) - step * self.recipe.batch_size)
                 total_loss, correct, seen = total_loss + float(loss_sum), correct + float(hits), seen + n
                 bar.set_postfix(loss=f"{total_loss / seen:.3f}", top1=f"{correct / seen:.3f}")
