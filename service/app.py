@@ -17,7 +17,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from model.backbone import load_backbone
+from model.backbone import Backbone, load_backbone
 from model.bundle import load_bundle
 from model.engine import InferenceEngine
 from model.safetensors_io import InvalidFileError
@@ -104,7 +104,7 @@ class Gatekeeper:
         metrics.latency.labels(path, domain).observe(time.perf_counter() - start)
 
 
-def seed_demo(store: BundleStore, registry_backbone) -> None:
+def seed_demo(store: BundleStore, backbone: Backbone) -> None:
     """Copy the shipped demo bundles into an empty store, once (a deleted demo stays deleted)."""
     if store.has_marker(DEMO_MARKER):
         return
@@ -113,7 +113,7 @@ def seed_demo(store: BundleStore, registry_backbone) -> None:
             continue
         data = path.read_bytes()
         try:
-            bundle = load_bundle(data, registry_backbone)
+            bundle = load_bundle(data, backbone)
         except InvalidFileError as exc:
             _log.info("not seeding demo bundle %s: %s", path.name, exc)
             continue
