@@ -11,7 +11,6 @@ import concurrent.futures
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -36,13 +35,9 @@ from service_helpers import (
     temp_files,
 )
 
+from service_process import free_port  # noqa: E402
+
 START_TIMEOUT_S = 90
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
