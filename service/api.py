@@ -23,11 +23,11 @@ from service.registry import Entry
 from service.state import ServiceState
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     return request.app.state.service
 
 
-def get_ready_state(request: Request) -> ServiceState:
+async def get_ready_state(request: Request) -> ServiceState:
     state: ServiceState = request.app.state.service
     if not state.ready:
         raise ApiError(503, "not_ready", "The service is still loading the backbone and adapters; retry shortly.")
@@ -51,7 +51,7 @@ def check_admin(authorization: str, token) -> None:
         raise ApiError(401, "unauthorized", "The bearer token is wrong.", headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_admin(request: Request, state: StateDep) -> None:
+async def require_admin(request: Request, state: StateDep) -> None:
     check_admin(request.headers.get("authorization", ""), state.settings.admin_token)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import gc
 import logging
 import pathlib
 import time
@@ -151,6 +152,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.batcher = DynamicBatcher(state.engine, settings.max_batch_size, settings.max_wait_ms,
                                        settings.max_queue, state.metrics)
         await state.batcher.start()
+        gc.collect()
+        gc.freeze()  # the loaded framework's objects live forever: keep them out of full collections
         state.ready = True
         try:
             yield

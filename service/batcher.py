@@ -1,17 +1,21 @@
 """Dynamic batching: requests for any domains share engine calls.
 
-An asyncio queue collects images; a worker takes up to `max_batch_size`, waiting at most
-`max_wait_ms` after the first for more, and runs the engine off the event loop in one thread
-while the next batch fills (two batches in flight at most). A full queue refuses new work at once
-(`Overloaded`, which the API turns into 503 + Retry-After).
+Requests put their images on one bounded queue; a dedicated engine thread takes up to
+`max_batch_size` at a time, waiting at most `max_wait_ms` after the oldest queued image arrived
+for the batch to fill, runs the engine, and hands each batch's answers back to the event loop in
+one callback. The engine thread never waits for the event loop, so under load it runs batch after
+batch while the loop parses and answers HTTP, and the next batch holds everything that queued up
+during the last one. A full queue refuses new work at once (`Overloaded`, which the API turns into
+503 + Retry-After).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
+import collections
 import dataclasses
+import threading
+import time
 
 import numpy as np
 
@@ -23,11 +27,34 @@ class Overloaded(Exception):
     """The queue is full; retry later."""
 
 
+class _Request:
+    """One caller's images; its future resolves (on the event loop) once every image has an answer."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, size: int):
+        self.future = loop.create_future()
+        self.results: list = [None] * size
+        self.missing = size
+
+    def deliver(self, index: int, result: tuple[np.ndarray, object] | BaseException) -> None:
+        """Event-loop side: record one image's answer; the first error fails the request."""
+        if self.future.done():
+            return
+        if isinstance(result, BaseException):
+            self.future.set_exception(result)
+            return
+        self.results[index] = result
+        self.missing -= 1
+        if self.missing == 0:
+            self.future.set_result(self.results)
+
+
 @dataclasses.dataclass
 class _Item:
     image: np.ndarray
     domain: str
-    future: asyncio.Future
+    request: _Request
+    index: int
+    queued_at: float
 
 
 class DynamicBatcher:
@@ -36,103 +63,105 @@ class DynamicBatcher:
         self.engine, self.metrics = engine, metrics
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000.0
         self.max_queue = max_queue
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self._in_flight = asyncio.Semaphore(2)
-        self._worker: asyncio.Task | None = None
-        self._pending: set[asyncio.Task] = set()
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._ready = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
-        self._worker = asyncio.create_task(self._run(), name="batcher")
+        """Start the engine thread; `predict` must then be awaited on this same event loop."""
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
 
     async def stop(self) -> None:
-        if self._worker:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-        if self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
-        self._executor.shutdown(wait=True)
+        """Finish the batch in progress, fail what is still queued, and end the engine thread."""
+        with self._ready:
+            self._stopping = True
+            left = list(self._queue)
+            self._queue.clear()
+            self._ready.notify()
+        await asyncio.to_thread(self._thread.join)
+        for item in left:
+            item.request.deliver(item.index, RuntimeError("The service is shutting down."))
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     async def predict(self, images: list[np.ndarray], domains: list[str]) -> list[tuple[np.ndarray, object]]:
-        """(logits, adapter tag) per image; raises `Overloaded` or `UnknownDomainError`."""
-        if self._queue.qsize() + len(images) > self.max_queue:
-            raise Overloaded(f"{self._queue.qsize()} images are queued (limit {self.max_queue}).")
-        loop = asyncio.get_running_loop()
-        items = [_Item(image, domain, loop.create_future()) for image, domain in zip(images, domains)]
-        for item in items:
-            self._queue.put_nowait(item)
-        self.metrics.queue_depth.set(self._queue.qsize())
+        """(logits, adapter tag) per image; raises `Overloaded` or `UnknownDomainError`.
+
+        Cancelling the call (e.g. a request timeout) drops its images that have not started yet.
+        """
+        request = _Request(self._loop, len(images))
+        now = time.monotonic()
+        items = [_Item(image, domain, request, i, now) for i, (image, domain) in enumerate(zip(images, domains))]
+        with self._ready:
+            if self._stopping:
+                raise Overloaded("The service is shutting down.")
+            if len(self._queue) + len(items) > self.max_queue:
+                raise Overloaded(f"{len(self._queue)} images are queued (limit {self.max_queue}).")
+            self._queue.extend(items)
+            self._ready.notify()
+        self.metrics.queue_depth.set(len(self._queue))
         try:
-            return list(await asyncio.gather(*(item.future for item in items)))
+            return await request.future
         finally:
-            for item in items:
-                item.future.cancel()  # no-op when done; frees queued work of a timed-out request
+            request.future.cancel()  # no-op when done; queued items of a cancelled request are skipped
 
-    async def _collect(self) -> list[_Item]:
-        batch = [await self._queue.get()]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait
-        while len(batch) < self.max_batch_size:
-            try:
-                batch.append(self._queue.get_nowait())
-                continue
-            except asyncio.QueueEmpty:
-                pass
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except TimeoutError:
-                break
-        return batch
+    # ----- the engine thread -----------------------------------------------------------------
 
-    async def _run(self) -> None:
-        while True:
-            await self._in_flight.acquire()
-            try:
-                batch = [item for item in await self._collect() if not item.future.done()]
-            except BaseException:
-                self._in_flight.release()
-                raise
-            self.metrics.queue_depth.set(self._queue.qsize())
-            if not batch:
-                self._in_flight.release()
-                continue
-            task = asyncio.create_task(self._compute(batch))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+    def _take(self) -> list[_Item] | None:
+        """Block until a batch is due: full, or `max_wait` after its oldest image was queued."""
+        with self._ready:
+            while True:
+                while self._queue and self._queue[0].request.future.done():
+                    self._queue.popleft()  # cancelled or already failed
+                if self._stopping:
+                    return None
+                if self._queue:
+                    remaining = self._queue[0].queued_at + self.max_wait - time.monotonic()
+                    if len(self._queue) >= self.max_batch_size or remaining <= 0:
+                        n = min(len(self._queue), self.max_batch_size)
+                        return [self._queue.popleft() for _ in range(n)]
+                    self._ready.wait(remaining)
+                else:
+                    self._ready.wait()
 
-    async def _compute(self, batch: list[_Item]) -> None:
-        loop = asyncio.get_running_loop()
+    def _run(self) -> None:
+        while (batch := self._take()) is not None:
+            self.metrics.queue_depth.set(len(self._queue))
+            batch = [item for item in batch if not item.request.future.done()]
+            if batch:
+                self._compute(batch)
+
+    def _compute(self, batch: list[_Item]) -> None:
+        """Run one batch; every item gets an answer or an error, never silence."""
+        results: list = []
         try:
             while batch:
-                images = np.stack([item.image for item in batch])
                 domains = [item.domain for item in batch]
                 try:
-                    logits, tags = await loop.run_in_executor(self._executor, self.engine.predict_tagged,
-                                                              images, domains)
+                    logits, tags = self.engine.predict_tagged(np.stack([item.image for item in batch]), domains)
                 except UnknownDomainError:  # deleted while queued: fail those items, run the rest
                     known = set(self.engine.domains)
-                    for item in batch:
-                        if item.domain not in known and not item.future.done():
-                            item.future.set_exception(UnknownDomainError(f"Unknown domain {item.domain!r}"))
+                    results += [(item, UnknownDomainError(f"Unknown domain {item.domain!r}"))
+                                for item in batch if item.domain not in known]
                     batch = [item for item in batch if item.domain in known]
                     continue
                 self.metrics.batch_size.observe(len(batch))
                 self.metrics.batch_domains.observe(len(set(domains)))
-                for item, row, tag in zip(batch, logits, tags):
-                    if not item.future.done():
-                        item.future.set_result((row, tag))
+                results += [(item, (row, tag)) for item, row, tag in zip(batch, logits, tags)]
                 break
-        except Exception as exc:  # never leave a request hanging
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
-        finally:
-            self._in_flight.release()
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting requests
+            results += [(item, exc) for item in batch]
+        try:
+            self._loop.call_soon_threadsafe(_deliver_all, results)
+        except RuntimeError:  # the loop has closed: nobody is waiting any more
+            pass
+
+
+def _deliver_all(answers: list[tuple[_Item, object]]) -> None:
+    for item, result in answers:
+        item.request.deliver(item.index, result)
