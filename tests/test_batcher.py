@@ -57,6 +57,14 @@ async def started(engine: ScriptedEngine, **kwargs) -> DynamicBatcher:
     return batcher
 
 
+async def occupy(engine: ScriptedEngine, batcher: DynamicBatcher) -> asyncio.Task:
+    """Hold the engine inside a first request (image 0, domain "a") so that later ones queue up."""
+    engine.hold.clear()
+    busy = asyncio.create_task(batcher.predict([image(0)], ["a"]))
+    await asyncio.to_thread(engine.started.wait, 5)
+    return busy
+
+
 async def wait_until(condition, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -68,9 +76,7 @@ def test_requests_queued_during_a_batch_share_the_next_one_without_cross_talk():
     async def main():
         engine = ScriptedEngine()
         batcher = await started(engine)
-        engine.hold.clear()
-        first = asyncio.create_task(batcher.predict([image(0)], ["a"]))
-        await asyncio.to_thread(engine.started.wait, 5)  # the engine is busy with the first request
+        first = await occupy(engine, batcher)
         calls = [asyncio.create_task(batcher.predict([image(v), image(v + 0.5)], [d, d]))
                  for v, d in ((1, "a"), (2, "b"), (3, "c"))]
         await wait_until(lambda: batcher.depth == 6)
@@ -126,9 +132,7 @@ def test_cancelled_requests_are_not_computed():
     async def main():
         engine = ScriptedEngine()
         batcher = await started(engine)
-        engine.hold.clear()
-        busy = asyncio.create_task(batcher.predict([image(0)], ["a"]))
-        await asyncio.to_thread(engine.started.wait, 5)
+        busy = await occupy(engine, batcher)
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(batcher.predict([image(7)], ["b"]), 0.05)
         kept = asyncio.create_task(batcher.predict([image(8)], ["c"]))
@@ -146,9 +150,7 @@ def test_a_domain_deleted_while_queued_fails_only_its_requests():
     async def main():
         engine = ScriptedEngine()
         batcher = await started(engine)
-        engine.hold.clear()
-        busy = asyncio.create_task(batcher.predict([image(0)], ["a"]))
-        await asyncio.to_thread(engine.started.wait, 5)
+        busy = await occupy(engine, batcher)
         doomed = asyncio.create_task(batcher.predict([image(1)], ["b"]))
         fine = asyncio.create_task(batcher.predict([image(2)], ["c"]))
         await wait_until(lambda: batcher.depth == 2)
@@ -185,9 +187,7 @@ def test_a_full_queue_refuses_at_once_and_stop_fails_what_is_queued():
     async def main():
         engine = ScriptedEngine()
         batcher = await started(engine, max_queue=3)
-        engine.hold.clear()
-        busy = asyncio.create_task(batcher.predict([image(0)], ["a"]))
-        await asyncio.to_thread(engine.started.wait, 5)
+        busy = await occupy(engine, batcher)
         queued = asyncio.create_task(batcher.predict([image(1), image(2)], ["a", "b"]))
         await wait_until(lambda: batcher.depth == 2)
         with pytest.raises(Overloaded):
