@@ -64,22 +64,22 @@ def main(argv: list[str] | None = None) -> None:
 
     series = ArchConfig(args.width, args.input_size, "series", args.classes)
     plain_engine = InferenceEngine(random_backbone(series.replace(adapter="none")), capacity=1, jit_compile=args.xla)
-    plain_engine.add(random_bundle(plain_engine.backbone, "plain", args.classes, 1))
+    plain = plain_engine.load(random_bundle(plain_engine.backbone, "plain", args.classes, 1))
     backbone = random_backbone(series)
     engine = InferenceEngine(backbone, capacity=args.domains, class_capacity=args.classes, jit_compile=args.xla)
     distinct = [random_bundle(backbone, f"d{i}", args.classes, 100 + i) for i in range(8)]
-    start = time.perf_counter()
+    start, slots = time.perf_counter(), []
     for i in range(args.domains):
-        engine.add(distinct[i % len(distinct)].renamed(f"domain{i}"))
+        slots.append(engine.load(distinct[i % len(distinct)].renamed(f"domain{i}")))
     register_s = (time.perf_counter() - start) / args.domains
 
     rng = np.random.default_rng(0)
     images = rng.normal(size=(args.batch, args.input_size, args.input_size, 3)).astype(np.float32)
-    mixed_domains = [f"domain{i}" for i in rng.integers(0, args.domains, args.batch)]
+    mixed_slots = [slots[i] for i in rng.integers(0, args.domains, args.batch)]
     variants = {
-        "plain": lambda: plain_engine.predict(images, "plain"),
-        "single": lambda: engine.predict(images, "domain0"),
-        "mixed": lambda: engine.predict(images, mixed_domains),
+        "plain": lambda: plain_engine.predict(images, plain),
+        "single": lambda: engine.predict(images, slots[0]),
+        "mixed": lambda: engine.predict(images, mixed_slots),
     }
     for fn in variants.values():
         fn()

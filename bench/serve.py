@@ -183,17 +183,17 @@ def engine_img_s(backbone_path: pathlib.Path, bundles: dict[str, bytes], images:
     backbone = load_backbone(backbone_path)
     engine = InferenceEngine(backbone, capacity=len(bundles))
     loaded = {name: load_bundle(data, backbone, domain=name) for name, data in bundles.items()}
-    for bundle in loaded.values():
-        engine.add(bundle)
+    slots = {name: engine.load(bundle) for name, bundle in loaded.items()}
     rng = random.Random(2)
     names = [rng.choice(list(loaded)) for _ in range(batch)]
     x = np.stack([preprocess(open_image(rng.choice(images)), loaded[n].preprocessing) for n in names])
-    engine.predict(x, names)
+    held = [slots[n] for n in names]
+    engine.predict(x, held)
     best = (0.0, 0.0)
     for _ in range(3):  # the best of three windows: the engine's figure is the one that is not noise-limited
         calls, wall, cpu = 0, time.perf_counter(), time.process_time()
         while calls < 3 or time.perf_counter() - wall < seconds / 3:
-            engine.predict(x, names)
+            engine.predict(x, held)
             calls += 1
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         best = max(best, (calls * batch / wall, cpu * 1000 / (calls * batch)))

@@ -79,3 +79,26 @@ def conv_units(config: ArchConfig) -> list[ConvUnit]:
             units.append(ConvUnit(f"stage{s}_block{b}_conv2", width, width, 1))
             in_ch = width
     return units
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """A basic block: two conv units, and a shortcut that pools and pads when the shape changes."""
+
+    conv1: ConvUnit
+    conv2: ConvUnit
+
+    @property
+    def name(self) -> str:
+        return self.conv1.name.rsplit("_", 1)[0]
+
+    @property
+    def projects(self) -> bool:
+        """The shortcut pools (2x2 average) and zero-pads channels instead of passing `x` through."""
+        return self.conv1.stride != 1 or self.conv1.in_channels != self.conv1.out_channels
+
+
+def topology(config: ArchConfig) -> tuple[ConvUnit, list[Block]]:
+    """The stem and the 12 blocks in forward order: the one plan the Keras model and the engine both follow."""
+    units = conv_units(config)
+    return units[0], [Block(c1, c2) for c1, c2 in zip(units[1::2], units[2::2])]

@@ -7,9 +7,12 @@ per-sample batched matmul, the head with a per-sample class mask (`-inf` logits 
 class count). A batch that is all one domain takes a cheaper path that folds the domain into the
 3x3 kernels wherever that costs fewer FLOPs than applying it to the activations.
 
-Adding, replacing and removing domains writes table rows only: the compiled functions never
-retrace unless the slots or the class width must grow (then once). A replaced domain's old slot is
-retired, not overwritten, until every call that resolved it has finished.
+The engine knows no domain names: `load` writes a bundle into a free slot and returns a `Slot`
+handle, `predict` computes over handles, `release` gives a slot back. Who owns which handle (and
+under which name and version) is the caller's business: the service's registry. Loading and
+releasing write table rows only: the compiled functions never retrace unless the slots or the
+class width must grow (then once). A released slot is not reused until every call that holds it
+has finished.
 
 This module is TensorFlow-specific (tf.function, tf.Variable); the service runs on TensorFlow.
 """
@@ -26,7 +29,7 @@ import tensorflow as tf
 
 from model.backbone import Backbone
 from model.bundle import AdapterBundle, check_compatible
-from model.config import ConvUnit, conv_units
+from model.config import ConvUnit, topology
 from model.folding import FoldedDomain, fold_domain
 from model.safetensors_io import InvalidFileError
 
@@ -35,11 +38,8 @@ GOLDEN_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 1e-2}  # relat
 NOMINAL_BATCH = 8  # the single-domain path folds into the kernel when that is cheaper at this batch
 
 
-class UnknownDomainError(KeyError):
-    """A domain that is not registered in the engine."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
+class ReleasedSlotError(RuntimeError):
+    """`predict` was handed a slot that was released before the call could hold it: resolve it again."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,14 +49,28 @@ class _UnitPlan:
     fold_single: bool  # single-domain path: fold the per-domain matrix into the 3x3 kernel
 
 
-@dataclasses.dataclass
-class _Slot:
-    domain: str
-    num_classes: int
-    bundle: AdapterBundle
-    tag: object = None
-    refs: int = 0
-    retired: bool = False
+@dataclasses.dataclass(frozen=True)
+class _BlockPlan:
+    conv1: _UnitPlan
+    conv2: _UnitPlan
+    projects: bool  # the shortcut pools and zero-pads (see `model.config.Block`)
+
+
+class Slot:
+    """A handle to one loaded domain's rows in the engine's tables.
+
+    Unique per `load`: once released, the handle stays dead even after its rows are reused.
+    Its fields are the engine's bookkeeping (changed only under the engine's lock).
+    """
+
+    __slots__ = ("index", "num_classes", "refs", "released")
+
+    def __init__(self, index: int, num_classes: int):
+        self.index, self.num_classes = index, num_classes
+        self.refs, self.released = 1, False  # the loader holds it until it is published
+
+    def __repr__(self) -> str:
+        return f"Slot({self.index}, classes={self.num_classes}{', released' if self.released else ''})"
 
 
 class _Tables:
@@ -127,8 +141,9 @@ class InferenceEngine:
 
     Example:
         >>> engine = InferenceEngine(backbone, capacity=64)
-        >>> engine.add(bundle)
-        >>> logits = engine.predict(images, ["flowers", "cars", "flowers"])
+        >>> flowers, cars = engine.load(flowers_bundle), engine.load(cars_bundle)
+        >>> logits = engine.predict(images, [flowers, cars, flowers])
+        >>> engine.release(cars)
     """
 
     def __init__(self, backbone: Backbone, capacity: int = 16, class_capacity: int = 16,
@@ -142,27 +157,32 @@ class InferenceEngine:
         self.input_size = backbone.config.input_size
         self.compute_dtype = tf.as_dtype(compute_dtype)
         self.jit_compile = jit_compile
-        self.plan = self._make_plan()
+        self.stem, self.blocks = self._make_plan()
+        self.plan = [self.stem] + [p for b in self.blocks for p in (b.conv1, b.conv2)]
         self._kernels = {p.unit.name: tf.Variable(tf.constant(backbone.weights[f"{p.unit.name}_conv3x3.kernel"],
                                                               self.compute_dtype), trainable=False)
                          for p in self.plan}
         self._lock = threading.Lock()  # guards the slot bookkeeping below (never held while computing)
         self._write_lock = threading.Lock()  # serialises table writes and growth
-        self._slots: dict[int, _Slot] = {}
-        self._by_domain: dict[str, int] = {}
+        self._used: dict[int, Slot] = {}  # rows held by a live or a still-referenced released slot
         self._free: list[int] = list(range(capacity - 1, -1, -1))
         self._retired_traces = 0
         self._tables = _Tables(self, capacity, class_capacity)
 
     # ----- the computation -------------------------------------------------------------------
 
-    def _make_plan(self) -> list[_UnitPlan]:
-        plan, size = [], self.input_size
-        for unit in conv_units(self.backbone.config):
+    def _make_plan(self) -> tuple[_UnitPlan, list[_BlockPlan]]:
+        """`model.config.topology` with each unit's output size and single-path fold decision."""
+        size = self.input_size
+
+        def unit_plan(unit: ConvUnit) -> _UnitPlan:
+            nonlocal size
             size //= unit.stride
-            fold = 9 * unit.in_channels < NOMINAL_BATCH * size * size
-            plan.append(_UnitPlan(unit, size, fold))
-        return plan
+            return _UnitPlan(unit, size, fold_single=9 * unit.in_channels < NOMINAL_BATCH * size * size)
+
+        stem, blocks = topology(self.backbone.config)
+        stem_plan = unit_plan(stem)
+        return stem_plan, [_BlockPlan(unit_plan(b.conv1), unit_plan(b.conv2), b.projects) for b in blocks]
 
     def _conv(self, x: tf.Tensor, kernel: tf.Tensor, stride: int) -> tf.Tensor:
         if stride == 1:
@@ -202,13 +222,14 @@ class InferenceEngine:
 
     def _forward(self, t: _Tables, x: tf.Tensor, slots: tf.Tensor, single: bool) -> tf.Tensor:
         x = tf.cast(x, self.compute_dtype)
-        x = self._unit(t, self.plan[0], x, slots, single)  # the stem: no ReLU after it
-        for conv1, conv2 in zip(self.plan[1::2], self.plan[2::2]):
-            y = tf.nn.relu(self._unit(t, conv1, x, slots, single))
-            y = self._unit(t, conv2, y, slots, single)
-            if conv1.unit.stride != 1 or conv1.unit.in_channels != conv1.unit.out_channels:
+        x = self._unit(t, self.stem, x, slots, single)  # the stem: no ReLU after it
+        for block in self.blocks:
+            y = tf.nn.relu(self._unit(t, block.conv1, x, slots, single))
+            y = self._unit(t, block.conv2, y, slots, single)
+            if block.projects:
+                unit = block.conv1.unit
                 x = tf.nn.avg_pool2d(x, 2, 2, "VALID")
-                x = tf.pad(x, [[0, 0], [0, 0], [0, 0], [0, conv1.unit.out_channels - conv1.unit.in_channels]])
+                x = tf.pad(x, [[0, 0], [0, 0], [0, 0], [0, unit.out_channels - unit.in_channels]])
             x = tf.nn.relu(y + x)
         scale, shift = tf.gather(t.head_scale, slots), tf.gather(t.head_bias, slots)
         kernel, logit_bias = tf.gather(t.kernel, slots), tf.gather(t.logit_bias, slots)
@@ -218,91 +239,65 @@ class InferenceEngine:
         logits = pooled @ kernel if single else tf.einsum("bc,bck->bk", pooled, kernel)
         return tf.cast(logits + logit_bias, tf.float32)
 
-    # ----- registry --------------------------------------------------------------------------
-
-    @property
-    def domains(self) -> list[str]:
-        with self._lock:
-            return sorted(self._by_domain)
-
-    def bundle(self, domain: str) -> AdapterBundle:
-        with self._lock:
-            return self._slots[self._slot_of(domain)].bundle
-
-    def __contains__(self, domain: str) -> bool:
-        with self._lock:
-            return domain in self._by_domain
+    # ----- slots -----------------------------------------------------------------------------
 
     @property
     def capacity(self) -> int:
         return self._tables.capacity
 
+    @property
+    def loaded(self) -> int:
+        """Slots whose rows are in use (live, or released but still held by a running call)."""
+        with self._lock:
+            return len(self._used)
+
     def tracing_count(self) -> int:
-        """How many times the forward functions were traced (to prove that registration never retraces)."""
+        """How many times the forward functions were traced (to prove that loading never retraces)."""
         return self._retired_traces + self._tables.tracing_count()
 
-    def add(self, bundle: AdapterBundle, verify_golden: bool = True, tag: object = None) -> float:
-        """Register `bundle` (or replace the domain of the same name); return the seconds it took.
+    def load(self, bundle: AdapterBundle, verify_golden: bool = True) -> Slot:
+        """Write `bundle` into a free slot, self-test it on its golden inputs, and return its handle.
 
-        The new version is written to a free slot, self-tested on its golden inputs, and only then
-        published; calls already running keep the old version. On failure nothing changes.
-        `tag` (e.g. a version number) comes back with every prediction made with this registration.
+        On failure (`InvalidFileError`) the slot goes back to the free list and nothing changes.
         """
-        start = time.perf_counter()
         check_compatible(bundle, self.backbone)
         folded = fold_domain(bundle.config, bundle.weights)
         with self._write_lock:
             self._ensure_room(bundle.num_classes)
             with self._lock:
-                slot = self._free.pop()
-                self._slots[slot] = _Slot(bundle.domain, bundle.num_classes, bundle, tag, refs=1)
+                slot = Slot(self._free.pop(), bundle.num_classes)
+                self._used[slot.index] = slot
             try:
-                self._tables.write(slot, folded, self.compute_dtype)
+                self._tables.write(slot.index, folded, self.compute_dtype)
                 if verify_golden and bundle.golden_inputs is not None:
-                    self._verify_golden(bundle, slot)
+                    self._verify_golden(bundle, slot.index)
             except BaseException:
-                with self._lock:
-                    self._retire(slot)
+                self.release(slot)
                 self._unref([slot])
                 raise
-        with self._lock:
-            old = self._by_domain.get(bundle.domain)
-            self._by_domain[bundle.domain] = slot
-            if old is not None:
-                self._retire(old)
         self._unref([slot])
-        return time.perf_counter() - start
+        return slot
 
-    def remove(self, domain: str) -> None:
-        """Unregister `domain`; running calls that resolved it finish normally."""
+    def release(self, slot: Slot) -> None:
+        """No new call may use `slot`; its rows are reused once the calls that hold it have finished."""
         with self._lock:
-            slot = self._slot_of(domain)
-            del self._by_domain[domain]
-            self._retire(slot)
+            if slot.released:
+                return
+            slot.released = True
+            self._free_if_unused(slot)
 
-    def _slot_of(self, domain: str) -> int:
-        try:
-            return self._by_domain[domain]
-        except KeyError:
-            raise UnknownDomainError(f"Unknown domain {domain!r}; registered: {sorted(self._by_domain)[:20]}") from None
+    def _free_if_unused(self, slot: Slot) -> None:
+        """Hold `_lock`."""
+        if slot.released and slot.refs == 0 and self._used.get(slot.index) is slot:
+            del self._used[slot.index]
+            self._free.append(slot.index)
 
-    def _retire(self, slot: int) -> None:
-        """Mark a slot unused by new calls; free it once no running call holds it. Hold `_lock`."""
-        record = self._slots[slot]
-        record.retired = True
-        if record.refs == 0:
-            del self._slots[slot]
-            self._free.append(slot)
-
-    def _unref(self, slots: Sequence[int]) -> None:
-        """Drop one reference per entry of `slots`; free retired slots that nobody holds any more."""
+    def _unref(self, slots: Sequence[Slot]) -> None:
+        """Drop one reference per entry of `slots`; free released slots that nobody holds any more."""
         with self._lock:
             for slot in slots:
-                record = self._slots[slot]
-                record.refs -= 1
-                if record.retired and record.refs == 0:
-                    del self._slots[slot]
-                    self._free.append(slot)
+                slot.refs -= 1
+                self._free_if_unused(slot)
 
     def _ensure_room(self, num_classes: int) -> None:
         """Grow the tables (doubling) when no slot is free or the head is too narrow; retraces once."""
@@ -332,6 +327,7 @@ class InferenceEngine:
         return [g[k] for g in groups for k in sorted(g)] + [t.head_scale, t.head_bias, t.kernel, t.logit_bias]
 
     def _verify_golden(self, bundle: AdapterBundle, slot: int) -> None:
+        """Compare the slot's logits on the bundle's golden inputs with the logits it was made with."""
         got = self._tables.single(tf.constant(bundle.golden_inputs), tf.constant(slot, tf.int32)).numpy()
         got = got[:, : bundle.num_classes]
         want = bundle.golden_logits
@@ -346,40 +342,38 @@ class InferenceEngine:
 
     # ----- inference -------------------------------------------------------------------------
 
-    def predict(self, images: np.ndarray, domains: str | Sequence[str]) -> list[np.ndarray]:
-        """Logits for preprocessed NHWC float32 `images`, one domain per image (or one for all).
+    def predict(self, images: np.ndarray, slots: Slot | Sequence[Slot]) -> list[np.ndarray]:
+        """Logits for preprocessed NHWC float32 `images`, one slot per image (or one for all).
 
-        Returns one float32 array of its domain's class count per image.
+        Returns one float32 array of its slot's class count per image. Raises `ReleasedSlotError`
+        when a slot was released before this call could hold it.
         """
-        return self.predict_tagged(images, domains)[0]
-
-    def predict_tagged(self, images: np.ndarray, domains: str | Sequence[str]) -> tuple[list[np.ndarray], list]:
-        """As `predict`, plus the `tag` of the registration that computed each image."""
         images = np.asarray(images, np.float32)
         s = self.input_size
         if images.ndim != 4 or images.shape[1:] != (s, s, 3):
             raise ValueError(f"images must have shape (N, {s}, {s}, 3). Received: {images.shape}")
-        names = [domains] * len(images) if isinstance(domains, str) else list(domains)
-        if len(names) != len(images):
-            raise ValueError(f"Got {len(images)} images but {len(names)} domains; give one domain per image.")
-        if not names:
-            return [], []
+        held = [slots] * len(images) if isinstance(slots, Slot) else list(slots)
+        if len(held) != len(images):
+            raise ValueError(f"Got {len(images)} images but {len(held)} slots; give one slot per image.")
+        if not held:
+            return []
         with self._lock:
-            slots = [self._slot_of(d) for d in names]
-            for slot in slots:
-                self._slots[slot].refs += 1
-            classes = [self._slots[slot].num_classes for slot in slots]
-            tags = [self._slots[slot].tag for slot in slots]
+            released = [slot for slot in held if slot.released]
+            if released:
+                raise ReleasedSlotError(f"These slots were released: {sorted(set(map(repr, released)))}")
+            for slot in held:
+                slot.refs += 1
             tables = self._tables
         try:
-            if len(set(slots)) == 1:
-                logits = tables.single(tf.constant(images), tf.constant(slots[0], tf.int32))
+            indices = [slot.index for slot in held]
+            if len(set(indices)) == 1:
+                logits = tables.single(tf.constant(images), tf.constant(indices[0], tf.int32))
             else:
-                logits = tables.mixed(tf.constant(images), tf.constant(slots, tf.int32))
+                logits = tables.mixed(tf.constant(images), tf.constant(indices, tf.int32))
             logits = logits.numpy()
         finally:
-            self._unref(slots)
-        return [row[:k] for row, k in zip(logits, classes)], tags
+            self._unref(held)
+        return [row[: slot.num_classes] for row, slot in zip(logits, held)]
 
     def warm_up(self, batch_sizes: Sequence[int] = (1, 2)) -> None:
         """Trace and run both paths once so the first real request pays no compilation."""

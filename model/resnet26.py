@@ -19,7 +19,7 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
-from model.config import ArchConfig, ConvUnit, conv_units
+from model.config import ArchConfig, Block, ConvUnit, topology
 
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
@@ -72,14 +72,14 @@ def conv_unit(x, unit: ConvUnit, adapter: str):
     return _batch_norm(f"{unit.name}_bn")(z)
 
 
-def basic_block(x, conv1: ConvUnit, conv2: ConvUnit, adapter: str):
+def basic_block(x, block: Block, adapter: str):
     """Two conv units with a ReLU between, a residual sum, and a ReLU after it."""
-    prefix = conv1.name.rsplit("_", 1)[0]
-    y = conv_unit(x, conv1, adapter)
+    prefix = block.name
+    y = conv_unit(x, block.conv1, adapter)
     y = layers.ReLU(name=f"{prefix}_relu1")(y)
-    y = conv_unit(y, conv2, adapter)
-    if conv1.stride != 1 or conv1.in_channels != conv1.out_channels:
-        x = ZeroChannelShortcut(conv1.out_channels, name=f"{prefix}_shortcut")(x)
+    y = conv_unit(y, block.conv2, adapter)
+    if block.projects:
+        x = ZeroChannelShortcut(block.conv1.out_channels, name=f"{prefix}_shortcut")(x)
     y = layers.Add(name=f"{prefix}_add")([y, x])
     return layers.ReLU(name=f"{prefix}_out")(y)
 
@@ -93,10 +93,10 @@ def build_resnet26(config: ArchConfig, name: str = "resnet26") -> keras.Model:
         (1, 7)
     """
     inputs = keras.Input((config.input_size, config.input_size, 3), name="image")
-    units = conv_units(config)
-    x = conv_unit(inputs, units[0], config.adapter)  # the stem: no ReLU after it
-    for conv1, conv2 in zip(units[1::2], units[2::2]):
-        x = basic_block(x, conv1, conv2, config.adapter)
+    stem, blocks = topology(config)
+    x = conv_unit(inputs, stem, config.adapter)  # the stem: no ReLU after it
+    for block in blocks:
+        x = basic_block(x, block, config.adapter)
     x = _batch_norm("head_bn")(x)
     x = layers.ReLU(name="head_relu")(x)
     x = layers.GlobalAveragePooling2D(name="head_pool")(x)

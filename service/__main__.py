@@ -1,4 +1,4 @@
-"""`python -m service [--host H] [--port P]`: serve with settings from `RA_*` environment variables."""
+"""`python -m service [--host H] [--port P] [--workers N]`: serve with settings from `RA_*` environment variables."""
 
 from __future__ import annotations
 
@@ -12,15 +12,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
-    from service.app import create_app
-
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 in Docker)")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("RA_WORKERS", "1")),
+                        help="serving processes on this port, each with its own engine, all following the same "
+                             "registry of record (default RA_WORKERS or 1)")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    os.environ["RA_WORKERS"] = str(args.workers)  # every worker process reads its settings from the environment
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+                log_level=args.log_level, access_log=False)
 
 
 if __name__ == "__main__":

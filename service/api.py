@@ -7,7 +7,7 @@ Errors are raised as the model's and service's own exceptions and mapped to HTTP
 from __future__ import annotations
 
 import asyncio
-import secrets
+import os
 import time
 from typing import Annotated
 
@@ -19,7 +19,7 @@ from model.bundle import AdapterBundle
 from model.preprocessing import open_image, preprocess
 from service import schemas
 from service.errors import ApiError
-from service.registry import Entry
+from service.registry import Served
 from service.state import ServiceState
 
 
@@ -29,7 +29,7 @@ async def get_state(request: Request) -> ServiceState:
 
 async def get_ready_state(request: Request) -> ServiceState:
     state: ServiceState = request.app.state.service
-    if not state.ready:
+    if not state.started:
         raise ApiError(503, "not_ready", "The service is still loading the backbone and adapters; retry shortly.")
     return state
 
@@ -38,24 +38,6 @@ StateDep = Annotated[ServiceState, Depends(get_state)]
 ReadyDep = Annotated[ServiceState, Depends(get_ready_state)]
 
 
-def check_admin(authorization: str, token) -> None:
-    """Bearer token from RA_ADMIN_TOKEN, compared in constant time; no token configured = disabled."""
-    if token is None:
-        raise ApiError(403, "management_disabled",
-                       "Adapter management is disabled: start the service with RA_ADMIN_TOKEN set.")
-    scheme, _, given = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not given:
-        raise ApiError(401, "unauthorized", "Send 'Authorization: Bearer <RA_ADMIN_TOKEN>'.",
-                       headers={"WWW-Authenticate": "Bearer"})
-    if not secrets.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
-        raise ApiError(401, "unauthorized", "The bearer token is wrong.", headers={"WWW-Authenticate": "Bearer"})
-
-
-async def require_admin(request: Request, state: StateDep) -> None:
-    check_admin(request.headers.get("authorization", ""), state.settings.admin_token)
-
-
-AdminDep = Depends(require_admin)
 ERRORS = {code: {"model": schemas.Error} for code in (400, 401, 403, 404, 409, 413, 415, 422, 503, 504)}
 
 health = APIRouter(tags=["health"])
@@ -70,17 +52,34 @@ async def healthz() -> schemas.Health:
     return schemas.Health(status="ok")
 
 
+def _sync(state: ServiceState) -> schemas.RegistrySync | None:
+    """How far behind the registry of record this process is; also refreshes the sync gauges."""
+    registry = state.registry
+    if registry is None:
+        return None
+    s = registry.status
+    lag = 0.0 if s.connected else (time.monotonic() - s.last_ok if s.last_ok else None)
+    behind = registry.behind()
+    state.metrics.sync_lag.set(lag if lag is not None else float("inf"))
+    state.metrics.sync_behind.set(len(behind))
+    return schemas.RegistrySync(record=registry.record.description, connected=s.connected, synced=s.synced_once,
+                                lag_s=lag, last_sync_at=s.last_ok_wall or None, domains_behind=behind[:20],
+                                errors=s.errors, last_error=s.last_error)
+
+
 @health.get("/readyz", response_model=schemas.Ready, responses={503: {"model": schemas.Ready}})
 async def readyz(state: StateDep, response: Response) -> schemas.Ready:
     if not state.ready:
         response.status_code = 503
-    return schemas.Ready(ready=state.ready, adapters=len(state.registry.entries()) if state.registry else 0,
-                         backbone_fingerprint=state.backbone.fingerprint if state.backbone else None)
+    return schemas.Ready(ready=state.ready, pid=os.getpid(), workers=state.settings.workers, adapters=len(state.registry.entries()) if state.registry else 0,
+                         backbone_fingerprint=state.backbone.fingerprint if state.backbone else None,
+                         registry=_sync(state))
 
 
 @health.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
 async def metrics(state: StateDep) -> Response:
     state.metrics.queue_depth.set(state.batcher.depth if state.batcher else 0)
+    _sync(state)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -109,7 +108,7 @@ def _top_k(logits: np.ndarray, labels: tuple[str, ...], k: int) -> list[schemas.
     return [schemas.Prediction(label=labels[i], index=int(i), score=float(p[i])) for i in order]
 
 
-async def _classify(state: ServiceState, uploads: list[UploadFile], entries: list[Entry]):
+async def _classify(state: ServiceState, uploads: list[UploadFile], entries: list[Served]):
     """Decode every upload (in the pool), then run all (image, domain) pairs through the batcher."""
     if not uploads:
         raise ApiError(400, "no_file", "Send the image as the multipart field 'file'.")
@@ -128,9 +127,10 @@ async def _classify(state: ServiceState, uploads: list[UploadFile], entries: lis
     done = time.perf_counter()
     timing = schemas.Timing(total_ms=(done - start) * 1000, preprocess_ms=(decoded - start) * 1000,
                             inference_ms=(done - decoded) * 1000)
+    counts = state.registry.counts
     for domain in domains:
         state.metrics.predictions.labels(domain).inc()
-        state.registry.served[domain] = state.registry.served.get(domain, 0) + 1
+        counts[domain] = counts.get(domain, 0) + 1
     return outputs, timing
 
 
@@ -141,7 +141,7 @@ TopK = Annotated[int, Form(ge=1, le=1000, description="how many classes to retur
 async def predict_domain(domain: str, state: ReadyDep, file: Annotated[list[UploadFile], File()],
                          top_k: TopK = 5) -> schemas.PredictResponse:
     """Classify one image (or several `file` fields) with one domain's adapter."""
-    entry = state.registry.get(domain)
+    entry = await state.registry.lookup(domain)
     outputs, timing = await _classify(state, file, [entry])
     results = [schemas.ImageResult(filename=u.filename, predictions=_top_k(logits, entry.bundle.labels, top_k))
                for u, (logits, _) in zip(file, outputs)]
@@ -158,7 +158,7 @@ async def predict_fanout(state: ReadyDep, file: Annotated[UploadFile, File()],
         list(dict.fromkeys(d.strip() for d in domains.split(",") if d.strip()))
     if not names:
         raise ApiError(400, "no_domains", "No domain is registered or named; GET /adapters lists them.")
-    entries = [state.registry.get(d) for d in names]
+    entries = [await state.registry.lookup(d) for d in names]
     outputs, timing = await _classify(state, [file], entries)
     results = [schemas.DomainResult(domain=e.domain, version=tag, predictions=_top_k(logits, e.bundle.labels, top_k))
                for e, (logits, tag) in zip(entries, outputs)]
@@ -167,20 +167,22 @@ async def predict_fanout(state: ReadyDep, file: Annotated[UploadFile, File()],
 
 # ----- adapters -----------------------------------------------------------------------------
 
-def _summary(entry: Entry, state: ServiceState) -> dict:
+def _summary(entry: Served, state: ServiceState) -> dict:
     val = entry.bundle.metrics.get("val_top1")
     return {"domain": entry.domain, "version": entry.version, "num_classes": entry.bundle.num_classes,
             "val_top1": float(val) if isinstance(val, (int, float)) else None, "params": entry.params,
-            "served": state.registry.served.get(entry.domain, 0)}
+            "served": state.registry.counts.get(entry.domain, 0)}
 
 
-def _info(entry: Entry, state: ServiceState) -> schemas.AdapterInfo:
+def _info(entry: Served, state: ServiceState) -> schemas.AdapterInfo:
     b = entry.bundle
     return schemas.AdapterInfo(
         **_summary(entry, state), labels=list(b.labels), adapter=b.config.adapter, metrics=dict(b.metrics),
         preprocessing=schemas.Preprocessing(**b.preprocessing.to_json()),
         backbone_fingerprint=b.backbone_fingerprint, registered_at=entry.registered_at,
-        size_bytes=entry.size_bytes, load_ms=entry.load_ms, golden_self_test=b.golden_inputs is not None)
+        size_bytes=entry.size_bytes, sha256=entry.sha256, load_ms=entry.load_ms,
+        golden_self_test=b.golden_inputs is not None,
+        record_version=state.registry.recorded_version(entry.domain) or entry.version)
 
 
 @adapters.get("", response_model=schemas.AdapterList)
@@ -191,17 +193,20 @@ async def list_adapters(state: ReadyDep) -> schemas.AdapterList:
 
 @adapters.get("/{domain}", response_model=schemas.AdapterInfo, responses=ERRORS)
 async def get_adapter(domain: str, state: ReadyDep) -> schemas.AdapterInfo:
-    return _info(state.registry.get(domain), state)
+    """One domain: the version served here and the version in the registry of record."""
+    return _info(await state.registry.lookup(domain), state)
 
 
-@adapters.post("", response_model=schemas.AdapterInfo, status_code=201, responses=ERRORS, dependencies=[AdminDep])
+@adapters.post("", response_model=schemas.AdapterInfo, status_code=201, responses=ERRORS)
 async def register_adapter(
     state: ReadyDep,
     bundle: Annotated[UploadFile, File(description="the adapter bundle (.safetensors)")],
     replace: Annotated[bool, Form(description="replace an existing domain with a new version")] = False,
     domain: Annotated[str | None, Form(description="serve under this name instead of the bundle's")] = None,
 ) -> schemas.AdapterInfo:
-    """Register a domain from its bundle; validated completely before anything is stored."""
+    """Register a domain from its bundle: validated completely, recorded durably, then answered.
+
+    Needs `Authorization: Bearer <RA_ADMIN_TOKEN>`."""
     limit = state.settings.max_bundle_bytes
     data = await bundle.read(limit + 1)
     if len(data) > limit:
@@ -210,13 +215,14 @@ async def register_adapter(
     return _info(entry, state)
 
 
-@adapters.delete("/{domain}", response_model=schemas.AdapterSummary, responses=ERRORS, dependencies=[AdminDep])
+@adapters.delete("/{domain}", response_model=schemas.AdapterSummary, responses=ERRORS)
 async def delete_adapter(domain: str, state: ReadyDep) -> schemas.AdapterSummary:
+    """Stop serving the domain everywhere (needs the admin token)."""
     entry = await state.registry.delete(domain)
     return schemas.AdapterSummary(**_summary(entry, state))
 
 
-@adapters.post("/{domain}/rollback", response_model=schemas.AdapterInfo, responses=ERRORS, dependencies=[AdminDep])
+@adapters.post("/{domain}/rollback", response_model=schemas.AdapterInfo, responses=ERRORS)
 async def rollback_adapter(domain: str, state: ReadyDep) -> schemas.AdapterInfo:
-    """Serve the previous version again (the current one is dropped)."""
+    """Serve the previous version again; the newer ones are dropped (needs the admin token)."""
     return _info(await state.registry.rollback(domain), state)

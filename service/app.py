@@ -1,7 +1,8 @@
 """The app factory: `create_app(settings)` wires routers, errors, limits and the lifespan.
 
-The lifespan loads the backbone, seeds an empty store with the demo bundles (once), loads and
-warms every stored domain, then starts the batcher; /readyz answers 200 only after that.
+The lifespan loads the backbone, warms the engine, opens the registry of record (seeding it once
+with the demo bundles), syncs every domain from it, then starts the batcher and the follower that
+keeps this process in step with the record; /readyz answers 200 once the first sync is done.
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ from model.bundle import load_bundle
 from model.engine import InferenceEngine
 from model.safetensors_io import InvalidFileError
 from service import api
+from service.access import check_admin, is_management
 from service.batcher import DynamicBatcher
 from service.errors import ApiError, BodyTooLarge, error_response, install_error_handlers
+from service.follower import Follower
 from service.metrics import Metrics
+from service.record import DomainExists, RecordStore, RecordUnavailable, open_record
 from service.registry import Registry
+from service.runtime import configure_tensorflow
 from service.settings import DEMO_DIR, Settings
 from service.state import ServiceState
-from service.store import BundleStore
 
 _log = logging.getLogger(__name__)
 STATIC_DIR = pathlib.Path(__file__).resolve().parent / "static"
@@ -74,10 +78,10 @@ class Gatekeeper:
             return await self.app(scope, receive, send)
         start = time.perf_counter()
         status = 500
-        if scope["method"] in ("POST", "DELETE") and scope["path"].startswith("/adapters"):
+        if is_management(scope["method"], scope["path"]):
             headers = dict(scope["headers"])
             try:
-                api.check_admin(headers.get(b"authorization", b"").decode("latin-1"), self.state.settings.admin_token)
+                check_admin(headers.get(b"authorization", b"").decode("latin-1"), self.state.settings.admin_token)
             except ApiError as exc:
                 status = exc.status
                 await error_response(exc.status, exc.code, exc.detail, exc.headers)(scope, receive, send)
@@ -105,9 +109,9 @@ class Gatekeeper:
         metrics.latency.labels(path, domain).observe(time.perf_counter() - start)
 
 
-def seed_demo(store: BundleStore, backbone: Backbone) -> None:
-    """Copy the shipped demo bundles into an empty store, once (a deleted demo stays deleted)."""
-    if store.has_marker(DEMO_MARKER):
+def seed_demo(record: RecordStore, backbone: Backbone) -> None:
+    """Register the shipped demo bundles in an empty record, once (a deleted demo stays deleted)."""
+    if record.has_marker(DEMO_MARKER):
         return
     for path in sorted(DEMO_DIR.glob("*.safetensors")):
         if path.name == "backbone.safetensors":
@@ -118,24 +122,29 @@ def seed_demo(store: BundleStore, backbone: Backbone) -> None:
         except InvalidFileError as exc:
             _log.info("not seeding demo bundle %s: %s", path.name, exc)
             continue
-        if not store.versions(bundle.domain):
-            store.write(bundle.domain, 1, data)
-    store.set_marker(DEMO_MARKER)
+        try:
+            record.add(bundle.domain, data, replace=False)
+        except DomainExists:
+            pass
+    record.set_marker(DEMO_MARKER)
 
 
 def startup(state: ServiceState) -> None:
-    """Blocking start-up work: backbone, store, engine, warm-up."""
+    """Blocking start-up work: backbone, engine, warm-up, the registry of record."""
     s = state.settings
     t0 = time.perf_counter()
+    configure_tensorflow(s.workers)
     state.backbone = load_backbone(s.backbone)
     state.engine = InferenceEngine(state.backbone, capacity=s.capacity, compute_dtype=s.compute_dtype)
-    store = BundleStore(s.store_dir)
-    if s.demo_adapters:
-        seed_demo(store, state.backbone)
-    state.registry = Registry(state.backbone, state.engine, store, state.metrics)
-    state.registry.load_store()
     state.engine.warm_up(sorted({1, 2, s.max_batch_size}))
-    _log.info("ready: %d domains in %.1fs", len(state.registry.entries()), time.perf_counter() - t0)
+    record = open_record(s)
+    state.registry = Registry(state.backbone, state.engine, record, state.metrics)
+    if s.demo_adapters:
+        try:
+            seed_demo(record, state.backbone)
+        except RecordUnavailable as exc:
+            _log.warning("could not seed the demo bundles now: %s", exc)
+    _log.info("engine warm in %.1fs; registry of record: %s", time.perf_counter() - t0, record.description)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -149,18 +158,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.preprocess_pool = concurrent.futures.ThreadPoolExecutor(settings.preprocess_threads,
                                                                       thread_name_prefix="preprocess")
         await asyncio.to_thread(startup, state)
-        state.batcher = DynamicBatcher(state.engine, settings.max_batch_size, settings.max_wait_ms,
+        registry = state.registry
+        t0 = time.perf_counter()
+        try:
+            await registry.resync()
+            _log.info("ready: %d domains synced in %.1fs", len(registry.entries()), time.perf_counter() - t0)
+        except RecordUnavailable:
+            _log.warning("not ready: the registry of record is unreachable; retrying in the background")
+        state.batcher = DynamicBatcher(state.engine, registry.resolve, settings.max_batch_size, settings.max_wait_ms,
                                        settings.max_queue, state.metrics)
         await state.batcher.start()
+        state.follower = Follower(registry, registry.record, settings.resync_interval_s)
+        state.follower.start()
         gc.collect()
         gc.freeze()  # the loaded framework's objects live forever: keep them out of full collections
-        state.ready = True
+        state.started = True
         try:
             yield
         finally:
-            state.ready = False
+            state.started = False
+            await state.follower.stop()
             await state.batcher.stop()
             state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
+            registry.close()
 
     app = FastAPI(title="Residual adapters", version="0.1.0", lifespan=lifespan,
                   description="Many image classifiers served from one ResNet-26 backbone with per-domain "

@@ -10,11 +10,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.engine import UnknownDomainError
 from model.preprocessing import ImageDecodeError
 from model.safetensors_io import InvalidFileError
 from service.batcher import Overloaded
-from service.registry import DomainExists, NoPreviousVersion
+from service.record import RecordUnavailable
+from service.registry import DomainExists, NoPreviousVersion, UnknownDomainError
 
 _log = logging.getLogger(__name__)
 IMAGE_STATUS = {"not_image": 415, "too_many_pixels": 413, "corrupt": 400}
@@ -52,7 +52,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(UnknownDomainError)
     async def unknown_domain(request: Request, exc: UnknownDomainError) -> JSONResponse:
-        return error_response(404, "unknown_domain", f"{exc.args[0].split(';')[0]}. GET /adapters lists the domains.")
+        return error_response(404, "unknown_domain", f"{exc}. GET /adapters lists the domains.")
 
     @app.exception_handler(ImageDecodeError)
     async def bad_image(request: Request, exc: ImageDecodeError) -> JSONResponse:
@@ -79,6 +79,7 @@ def install_error_handlers(app: FastAPI) -> None:
     handle(DomainExists, 409, "domain_exists")
     handle(NoPreviousVersion, 409, "no_previous_version")
     handle(Overloaded, 503, "overloaded", {"Retry-After": "1"})
+    handle(RecordUnavailable, 503, "registry_unavailable", {"Retry-After": "1"})
     handle(asyncio.TimeoutError, 504, "timeout")
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:

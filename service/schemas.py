@@ -65,9 +65,13 @@ class AdapterInfo(AdapterSummary):
     metrics: dict
     preprocessing: Preprocessing
     backbone_fingerprint: str
-    registered_at: float
+    registered_at: float = Field(description="when this version was recorded (Unix time)")
     size_bytes: int
+    sha256: str = Field(description="sha256 of the bundle file")
     load_ms: float
+    record_version: int = Field(description="the current version in the registry of record; `version` is the one "
+                                            "this process serves (they differ while it catches up, or when the "
+                                            "record's current version failed validation here)")
     golden_self_test: bool = Field(description="the bundle carried golden logits and they matched on load")
 
 
@@ -80,10 +84,25 @@ class Health(BaseModel):
     status: str
 
 
+class RegistrySync(BaseModel):
+    record: str = Field(description="where the registry of record lives")
+    connected: bool = Field(description="the record answered the last call")
+    synced: bool = Field(description="a full sync with the record has completed since start")
+    lag_s: float | None = Field(description="seconds since this process was last in contact with the record "
+                                            "(0 while connected; null if never)")
+    last_sync_at: float | None = Field(description="when the record last answered (Unix time)")
+    domains_behind: list[str] = Field(description="domains served at another version than the record's (first 20)")
+    errors: int
+    last_error: str | None
+
+
 class Ready(BaseModel):
     ready: bool
+    pid: int = Field(description="this serving process (one of `workers` on the port)")
+    workers: int
     adapters: int
     backbone_fingerprint: str | None
+    registry: RegistrySync | None
 
 
 class Error(BaseModel):

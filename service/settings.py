@@ -22,7 +22,12 @@ class Settings(BaseSettings):
 
     admin_token: SecretStr | None = Field(None, description="bearer token for POST/DELETE /adapters; unset = disabled")
     store_dir: pathlib.Path = Field(pathlib.Path.home() / ".local/share/residual-adapters/store",
-                                    description="where registered bundles persist")
+                                    description="the directory registry of record (used when registry_url is unset)")
+    registry_url: SecretStr | None = Field(None, description="postgresql://user:pass@host:port/db: the registry of "
+                                                             "record in PostgreSQL instead of store_dir")
+    workers: int = Field(1, ge=1, le=64, description="serving processes on one port (python -m service --workers)")
+    resync_interval_s: float = Field(30.0, gt=0, description="full resync with the registry of record, as a safety net")
+    poll_interval_ms: float = Field(20.0, gt=0, le=1000, description="directory registry: how often to look for changes")
     backbone: pathlib.Path = Field(DEMO_DIR / "backbone.safetensors", description="the backbone .safetensors")
     demo_adapters: bool = Field(True, description="seed an empty store with the shipped demo bundles (once)")
     max_batch_size: int = Field(32, ge=1, le=1024)
@@ -37,10 +42,17 @@ class Settings(BaseSettings):
     max_files: int = Field(32, ge=1, description="images per predict request")
     preprocess_threads: int = Field(4, ge=1)
 
-    @field_validator("admin_token")
+    @field_validator("admin_token", "registry_url")
     @classmethod
-    def _empty_token_disables(cls, value: SecretStr | None) -> SecretStr | None:
+    def _empty_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is not None and value.get_secret_value().strip() else None
+
+    @field_validator("registry_url")
+    @classmethod
+    def _postgresql_only(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError("RA_REGISTRY_URL must be a postgresql://user:password@host:port/database URL")
+        return value
 
     @property
     def max_request_bytes(self) -> int:

@@ -57,3 +57,19 @@ def make_bundle(backbone: Backbone, domain: str, num_classes: int, seed: int) ->
 @pytest.fixture(scope="session")
 def tiny_config() -> ArchConfig:
     return ArchConfig(width_factor=0.25, input_size=16, adapter="series", num_classes=5)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """The service tests' tiny backbone and bundles (built once per session, see service_helpers)."""
+    from service_helpers import get_assets
+
+    return get_assets(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ref(assets):
+    """A reference engine with every asset bundle, by name."""
+    from service_helpers import reference_engine
+
+    return reference_engine(assets)

@@ -6,10 +6,12 @@ out of the way of the other test modules).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import pathlib
 import struct
+import threading
 import zlib
 
 import numpy as np
@@ -57,9 +59,9 @@ def calibrated(engine, bundle: AdapterBundle) -> AdapterBundle:
     softmax); calibrated ones make scores and top-1 differ from image to image, so a mix-up shows.
     """
     x = np.stack([preprocess(open_image(png_bytes(seed)), bundle.preprocessing) for seed in range(16)])
-    engine.add(bundle.renamed("calibration"), verify_golden=False)
-    logits = np.stack(engine.predict(x, "calibration")).astype(np.float64)
-    engine.remove("calibration")
+    slot = engine.load(bundle, verify_golden=False)
+    logits = np.stack(engine.predict(x, slot)).astype(np.float64)
+    engine.release(slot)
     scale = 1.0 / max(float(logits.std(axis=0).mean()), 1e-6)
     weights = dict(bundle.weights)
     weights["classifier.kernel"] = (weights["classifier.kernel"] * scale).astype(np.float32)
@@ -100,16 +102,23 @@ def get_assets(tmp_path_factory) -> Assets:
     return _ASSETS["assets"]
 
 
-def reference_engine(assets: Assets):
-    """An in-process engine with every bundle; alternative versions are registered as 'alt-<domain>'."""
-    from model.engine import InferenceEngine
+class NamedEngine:
+    """A reference engine with its slots by name (in the service, the registry owns this mapping)."""
 
-    engine = InferenceEngine(assets.backbone, capacity=8, class_capacity=8)
-    for bundle in assets.bundles.values():
-        engine.add(bundle)
-    for domain, bundle in assets.alt.items():
-        engine.add(bundle.renamed(f"alt-{domain}"))
-    return engine
+    def __init__(self, backbone: Backbone, bundles: dict[str, AdapterBundle]):
+        from model.engine import InferenceEngine
+
+        self.engine = InferenceEngine(backbone, capacity=len(bundles), class_capacity=8)
+        self.slots = {name: self.engine.load(bundle) for name, bundle in bundles.items()}
+
+    def predict(self, images: np.ndarray, domains: str | list[str]) -> list[np.ndarray]:
+        return self.engine.predict(images, self.slots[domains] if isinstance(domains, str)
+                                   else [self.slots[d] for d in domains])
+
+
+def reference_engine(assets: Assets) -> NamedEngine:
+    """An in-process engine with every bundle; alternative versions are named 'alt-<domain>'."""
+    return NamedEngine(assets.backbone, {**assets.bundles, **{f"alt-{d}": b for d, b in assets.alt.items()}})
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -233,6 +242,13 @@ def bundle_file(data: bytes, name: str = "bundle.safetensors") -> dict:
     return {"bundle": (name, data, "application/octet-stream")}
 
 
+def live_versions(store: pathlib.Path, domain: str) -> list[int]:
+    """The domain's live versions in a directory registry of record."""
+    from service.record.directory import DirectoryRecord
+
+    return [v.version for v in DirectoryRecord(store).live_versions(domain)]
+
+
 def store_snapshot(store: pathlib.Path) -> set[str]:
     """Every path under the store (hidden ones included)."""
     if not store.exists():
@@ -243,3 +259,41 @@ def store_snapshot(store: pathlib.Path) -> set[str]:
 def temp_files(store: pathlib.Path) -> list[str]:
     return sorted(str(p.relative_to(store)) for p in store.rglob("*") if p.name.endswith(".tmp")
                   or p.name.startswith(".trash-"))
+
+
+@contextlib.contextmanager
+def stalled_upload(url: str, bundle: bytes, domain: str):
+    """POST /adapters whose body stops after its first 8 KiB until the block ends (e.g. while the test
+    kills the server). Yields a list that holds the upload's status code or error afterwards."""
+    import httpx
+
+    boundary = "ra-test-boundary-7f3a"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="domain"\r\n\r\n{domain}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="bundle"; filename="b.safetensors"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    body = head + bundle + f"\r\n--{boundary}--\r\n".encode()
+    first_sent, release = threading.Event(), threading.Event()
+    outcome: list[object] = []
+
+    def chunks():
+        yield body[:8192]
+        first_sent.set()
+        release.wait(30)
+        yield body[8192:]
+
+    def upload():
+        try:
+            with httpx.Client(base_url=url, timeout=60) as client:
+                outcome.append(client.post("/adapters", content=chunks(), headers={
+                    **AUTH, "content-type": f"multipart/form-data; boundary={boundary}"}).status_code)
+        except httpx.HTTPError as exc:
+            outcome.append(exc)
+
+    uploader = threading.Thread(target=upload)
+    uploader.start()
+    try:
+        assert first_sent.wait(30), "the upload never started"
+        yield outcome
+    finally:
+        release.set()
+        uploader.join(60)

@@ -10,13 +10,22 @@ import time
 import numpy as np
 import pytest
 
-from model.engine import UnknownDomainError
+from model.engine import ReleasedSlotError
 from service.batcher import DynamicBatcher, Overloaded
 from service.metrics import Metrics
+from service.registry import UnknownDomainError
+
+
+class FakeServed:
+    def __init__(self, domain: str, version: str):
+        self.slot, self.version = domain, version
 
 
 class ScriptedEngine:
-    """Logits = [image value, domain number]; records every batch; can hold a call until released."""
+    """Logits = [image value, domain number]; records every batch; can hold a call until released.
+
+    It also plays the registry (`resolve`): the slot is the domain's name, the version "v-<domain>".
+    """
 
     def __init__(self, domains=("a", "b", "c")):
         self.registered = set(domains)
@@ -26,20 +35,24 @@ class ScriptedEngine:
         self.started = threading.Event()
         self.fail_with: Exception | None = None
 
-    @property
-    def domains(self) -> list[str]:
-        return sorted(self.registered)
+        self.released: set[str] = set()  # slots released once, after they were resolved
 
-    def predict_tagged(self, images: np.ndarray, domains: list[str]):
+    def resolve(self, domain: str) -> FakeServed:
+        if domain not in self.registered:
+            raise UnknownDomainError(domain)
+        return FakeServed(domain, f"v-{domain}")
+
+    def predict(self, images: np.ndarray, slots: list[str]):
         self.started.set()
         self.hold.wait(10)
-        if any(d not in self.registered for d in domains):
-            raise UnknownDomainError("gone")
+        stale = self.released & set(slots)
+        if stale:
+            self.released -= stale
+            raise ReleasedSlotError(f"released: {stale}")
         if self.fail_with:
             raise self.fail_with
-        self.batches.append([(float(x[0, 0, 0]), d) for x, d in zip(images, domains)])
-        logits = [np.array([x[0, 0, 0], ord(d)], np.float32) for x, d in zip(images, domains)]
-        return logits, [f"v-{d}" for d in domains]
+        self.batches.append([(float(x[0, 0, 0]), d) for x, d in zip(images, slots)])
+        return [np.array([x[0, 0, 0], ord(d)], np.float32) for x, d in zip(images, slots)]
 
 
 def image(value: float) -> np.ndarray:
@@ -52,7 +65,7 @@ def run(coro):
 
 async def started(engine: ScriptedEngine, **kwargs) -> DynamicBatcher:
     options = {"max_batch_size": 8, "max_wait_ms": 1.0, "max_queue": 64, **kwargs}
-    batcher = DynamicBatcher(engine, metrics=Metrics(), **options)
+    batcher = DynamicBatcher(engine, engine.resolve, metrics=Metrics(), **options)
     await batcher.start()
     return batcher
 
@@ -201,3 +214,17 @@ def test_a_full_queue_refuses_at_once_and_stop_fails_what_is_queued():
             await queued
 
     run(main())
+
+
+def test_a_slot_released_after_it_was_resolved_is_resolved_again():
+    async def main():
+        engine = ScriptedEngine()
+        batcher = await started(engine)
+        engine.released.add("b")  # e.g. the domain was replaced between resolving and computing
+        answer = await batcher.predict([image(1), image(2)], ["a", "b"])
+        await batcher.stop()
+        return engine.batches, answer
+
+    batches, answer = run(main())
+    assert batches == [[(1.0, "a"), (2.0, "b")]]
+    assert [tag for _, tag in answer] == ["v-a", "v-b"]

@@ -66,8 +66,7 @@ def expected_top1(domain: str, image_bytes: bytes) -> str:
     backbone = load_backbone(DEMO_DIR / "backbone.safetensors")
     bundle = load_bundle(DEMO_DIR / f"{domain}.safetensors", backbone)
     engine = InferenceEngine(backbone, capacity=1)
-    engine.add(bundle)
-    logits = engine.predict(preprocess(open_image(image_bytes), bundle.preprocessing)[None], domain)[0]
+    logits = engine.predict(preprocess(open_image(image_bytes), bundle.preprocessing)[None], engine.load(bundle))[0]
     return bundle.labels[int(np.argmax(logits))]
 
 

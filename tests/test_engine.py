@@ -10,7 +10,7 @@ import pytest
 from conftest import make_backbone, make_bundle
 from model.bundle import to_keras_model
 from model.config import ArchConfig
-from model.engine import InferenceEngine, UnknownDomainError
+from model.engine import InferenceEngine, ReleasedSlotError
 from model.safetensors_io import InvalidFileError
 
 CLASSES = {"a": 3, "b": 7, "c": 12}
@@ -33,17 +33,16 @@ def setup(request):
     config = ArchConfig(width_factor=0.25, input_size=32, adapter=request.param)
     backbone = make_backbone(config, seed=1)
     bundles = {d: make_bundle(backbone, d, k, seed=10 + i) for i, (d, k) in enumerate(CLASSES.items())}
-    engine = InferenceEngine(backbone, capacity=2, class_capacity=4)  # both grow while adding
-    for bundle in bundles.values():
-        engine.add(bundle)
-    return backbone, bundles, engine
+    engine = InferenceEngine(backbone, capacity=2, class_capacity=4)  # both grow while loading
+    slots = {d: engine.load(bundle) for d, bundle in bundles.items()}
+    return backbone, bundles, engine, slots
 
 
 def test_mixed_batch_equals_keras_model(setup):
-    backbone, bundles, engine = setup
+    backbone, bundles, engine, slots = setup
     x = images(7, 32)
     domains = ["a", "b", "c", "c", "a", "b", "a"]
-    got = engine.predict(x, domains)
+    got = engine.predict(x, [slots[d] for d in domains])
     for i, domain in enumerate(domains):
         want = keras_logits(backbone, bundles[domain], x[i : i + 1])[0]
         assert got[i].shape == (CLASSES[domain],)
@@ -51,18 +50,18 @@ def test_mixed_batch_equals_keras_model(setup):
 
 
 def test_single_domain_batch_equals_keras_model(setup):
-    backbone, bundles, engine = setup
+    backbone, bundles, engine, slots = setup
     x = images(5, 32, seed=1)
     for domain, bundle in bundles.items():
-        got = np.stack(engine.predict(x, domain))
+        got = np.stack(engine.predict(x, slots[domain]))
         assert relative_error(got, keras_logits(backbone, bundle, x)) < 1e-4
 
 
 def test_single_and_mixed_paths_agree(setup):
-    _, _, engine = setup
+    _, _, engine, slots = setup
     x = images(4, 32, seed=2)
-    single = np.stack(engine.predict(x, "b"))
-    mixed = engine.predict(np.concatenate([x, x[:1]]), ["b"] * 4 + ["a"])
+    single = np.stack(engine.predict(x, slots["b"]))
+    mixed = engine.predict(np.concatenate([x, x[:1]]), [slots["b"]] * 4 + [slots["a"]])
     assert relative_error(np.stack(mixed[:4]), single) < 1e-5
 
 
@@ -73,69 +72,87 @@ def tiny():
     return backbone, lambda domain, seed, k=4: make_bundle(backbone, domain, k, seed)
 
 
-def test_registration_never_retraces(tiny):
+def test_loading_never_retraces(tiny):
     backbone, bundle = tiny
     engine = InferenceEngine(backbone, capacity=8, class_capacity=6)
-    engine.add(bundle("a", 1))
+    a = engine.load(bundle("a", 1))
     engine.warm_up()
     x = images(3, 16)
-    engine.predict(x, ["a", "a", "a"])
+    engine.predict(x, [a, a, a])
     before = engine.tracing_count()
-    engine.add(bundle("b", 2, k=6))
-    engine.add(bundle("a", 3))  # replace
-    engine.remove("b")
-    engine.add(bundle("c", 4, k=2))
-    engine.predict(x, ["a", "c", "a"])
-    engine.predict(x[:2], "c")
-    engine.predict(images(5, 16), ["a", "c", "a", "c", "c"])  # another batch size
+    b = engine.load(bundle("b", 2, k=6))
+    a2 = engine.load(bundle("a", 3))
+    engine.release(a)
+    engine.release(b)
+    c = engine.load(bundle("c", 4, k=2))
+    engine.predict(x, [a2, c, a2])
+    engine.predict(x[:2], c)
+    engine.predict(images(5, 16), [a2, c, a2, c, c])  # another batch size
+    assert engine.tracing_count() == before
+
+
+def test_cycling_many_domains_through_few_slots_never_retraces(tiny):
+    backbone, bundle = tiny
+    engine = InferenceEngine(backbone, capacity=4)
+    engine.warm_up()
+    before = engine.tracing_count()
+    x = images(2, 16)
+    held = []
+    for i in range(12):
+        held.append(engine.load(bundle(f"d{i}", i)))
+        engine.predict(x, held[-1])
+        if len(held) == 4:
+            engine.release(held.pop(0))
+    assert engine.capacity == 4 and engine.loaded == 3
     assert engine.tracing_count() == before
 
 
 def test_growth_past_capacity_retraces_once(tiny):
     backbone, bundle = tiny
     engine = InferenceEngine(backbone, capacity=2, class_capacity=4)
-    for i in range(2):
-        engine.add(bundle(f"d{i}", i))
+    slots = [engine.load(bundle(f"d{i}", i)) for i in range(2)]
     engine.warm_up()
     before = engine.tracing_count()
-    engine.add(bundle("d2", 2))  # no free slot: doubles
+    slots.append(engine.load(bundle("d2", 2)))  # no free slot: doubles
     assert engine.capacity == 4
     engine.warm_up()
     assert engine.tracing_count() == before + 2  # one trace for each of the two paths
     x = images(3, 16)
-    want = {d: engine.predict(x, d) for d in ("d0", "d1", "d2")}  # old rows copied over
-    got = engine.predict(x, ["d0", "d1", "d2"])
-    for i, d in enumerate(("d0", "d1", "d2")):
-        assert relative_error(got[i], want[d][i]) < 1e-5
+    want = [engine.predict(x, slot) for slot in slots]  # old rows copied over
+    got = engine.predict(x, slots)
+    for i in range(3):
+        assert relative_error(got[i], want[i][i]) < 1e-5
 
 
-def test_removed_slots_are_reused(tiny):
+def test_released_slots_are_reused(tiny):
     backbone, bundle = tiny
     engine = InferenceEngine(backbone, capacity=2)
+    keep = engine.load(bundle("keep", 99))
     for i in range(10):
-        engine.add(bundle(f"d{i}", i))
-        engine.remove(f"d{i}")
-        engine.add(bundle("keep", 100 + i))  # replacing retires the old slot
+        engine.release(engine.load(bundle(f"d{i}", i)))
+        new = engine.load(bundle("keep", 100 + i))
+        engine.release(keep)
+        keep = new
     assert engine.capacity == 2
-    assert engine.domains == ["keep"]
+    assert engine.loaded == 1
 
 
-def test_unknown_domain_and_bad_shapes(tiny):
+def test_released_slot_and_bad_shapes(tiny):
     backbone, bundle = tiny
     engine = InferenceEngine(backbone)
-    engine.add(bundle("a", 1))
-    with pytest.raises(UnknownDomainError, match="'nope'"):
-        engine.predict(images(1, 16), "nope")
-    engine.remove("a")
-    with pytest.raises(UnknownDomainError):
-        engine.predict(images(1, 16), "a")
-    with pytest.raises(UnknownDomainError):
-        engine.remove("a")
-    engine.add(bundle("a", 1))
+    a = engine.load(bundle("a", 1))
+    engine.release(a)
+    engine.release(a)  # twice is harmless
+    with pytest.raises(ReleasedSlotError, match="released"):
+        engine.predict(images(1, 16), a)
+    b = engine.load(bundle("b", 1))  # reuses a's rows: a's handle stays dead
+    assert b.index == a.index
+    with pytest.raises(ReleasedSlotError):
+        engine.predict(images(2, 16), [b, a])
     with pytest.raises(ValueError, match="shape"):
-        engine.predict(np.zeros((1, 15, 16, 3), np.float32), "a")
-    with pytest.raises(ValueError, match="one domain per image"):
-        engine.predict(images(2, 16), ["a"])
+        engine.predict(np.zeros((1, 15, 16, 3), np.float32), b)
+    with pytest.raises(ValueError, match="one slot per image"):
+        engine.predict(images(2, 16), [b])
     assert engine.predict(np.zeros((0, 16, 16, 3), np.float32), []) == []
 
 
@@ -144,8 +161,9 @@ def test_other_backbone_is_refused(tiny):
     other = make_backbone(backbone.config, seed=99)
     engine = InferenceEngine(other)
     with pytest.raises(InvalidFileError) as info:
-        engine.add(bundle("a", 1))
+        engine.load(bundle("a", 1))
     assert info.value.code == "fingerprint"
+    assert engine.loaded == 0
 
 
 def test_golden_self_test(tiny):
@@ -154,26 +172,26 @@ def test_golden_self_test(tiny):
     good = bundle("a", 1)
     x = images(2, 16)
     good = good.with_golden(x, keras_logits(backbone, good, x))
-    engine.add(good)
-    before = np.stack(engine.predict(x, "a"))
+    a = engine.load(good)
+    before = np.stack(engine.predict(x, a))
     bad = bundle("a", 2).with_golden(x, good.golden_logits + 1.0)
     with pytest.raises(InvalidFileError) as info:
-        engine.add(bad)
+        engine.load(bad)
     assert info.value.code == "golden"
-    np.testing.assert_array_equal(np.stack(engine.predict(x, "a")), before)  # the old version still serves
-    assert engine.capacity == 2  # the failed slot went back to the free list, no leak
-    engine.add(bundle("b", 3))
+    np.testing.assert_array_equal(np.stack(engine.predict(x, a)), before)  # the old version still serves
+    assert engine.capacity == 2 and engine.loaded == 1  # the failed slot went back to the free list, no leak
+    engine.load(bundle("b", 3))
     assert engine.capacity == 2
 
 
-def test_replace_does_not_affect_a_running_batch(tiny):
-    """A call that resolved the old version finishes on it, even if slots are recycled meanwhile."""
+def test_release_does_not_affect_a_running_batch(tiny):
+    """A call that holds a slot finishes on its rows, even if slots are recycled meanwhile."""
     backbone, bundle = tiny
     engine = InferenceEngine(backbone, capacity=2)
     old, new = bundle("a", 1), bundle("a", 2)
-    engine.add(old)
+    a = engine.load(old)
     x = images(2, 16)
-    want_old = np.stack(engine.predict(x, "a"))
+    want_old = np.stack(engine.predict(x, a))
     tables = engine._tables
     started, release = threading.Event(), threading.Event()
     original = tables.single
@@ -189,15 +207,15 @@ def test_replace_does_not_affect_a_running_batch(tiny):
 
     tables.single = SlowSingle()
     result = {}
-    worker = threading.Thread(target=lambda: result.setdefault("logits", engine.predict(x, "a")))
+    worker = threading.Thread(target=lambda: result.setdefault("logits", engine.predict(x, a)))
     worker.start()
     assert started.wait(10)
-    engine.add(new)  # replace while the old version is in use
-    engine.add(bundle("b", 3))
-    engine.remove("b")
-    engine.add(bundle("c", 4))  # would reuse the old slot if it were freed too early
+    a2 = engine.load(new)  # a new version while the old one is in use
+    engine.release(a)
+    engine.release(engine.load(bundle("b", 3)))
+    engine.load(bundle("c", 4))  # would reuse the old slot if it were freed too early
     tables.single = original
     release.set()
     worker.join(10)
     np.testing.assert_array_equal(np.stack(result["logits"]), want_old)
-    assert relative_error(np.stack(engine.predict(x, "a")), keras_logits(backbone, new, x)) < 1e-4
+    assert relative_error(np.stack(engine.predict(x, a2)), keras_logits(backbone, new, x)) < 1e-4

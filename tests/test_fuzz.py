@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from service.store import BundleStore
+from service.record.directory import DirectoryRecord
 from service_helpers import ADMIN_TOKEN, get_assets
 from service_process import running_server
 
@@ -39,7 +39,7 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(tmp_path_factory
     assets = get_assets(tmp_path_factory)
     store = tmp_path_factory.mktemp("fuzz-store")
     for domain in ("alpha", "beta"):
-        BundleStore(store).write(domain, 1, assets.data(domain))
+        DirectoryRecord(store).add(domain, replace=False, data=assets.data(domain))
     env = {"RA_BACKBONE": str(assets.backbone_path), "RA_DEMO_ADAPTERS": "false", "RA_ADMIN_TOKEN": ADMIN_TOKEN}
     with running_server(store, env) as url:
         result = fuzz(url, examples=15, seed=1, cwd=tmp_path_factory.mktemp("schemathesis"))

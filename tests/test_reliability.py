@@ -13,8 +13,9 @@ import threading
 import httpx
 import numpy as np
 
-from service.store import BundleStore
-from service_helpers import ADMIN_TOKEN, AUTH, bundle_file, get_assets, png_bytes, reference_engine, reference_probs
+from service.record.directory import DirectoryRecord
+from service_helpers import (ADMIN_TOKEN, AUTH, bundle_file, get_assets, live_versions, png_bytes, reference_engine,
+                             reference_probs)
 from service_process import running_server
 
 
@@ -22,7 +23,7 @@ def start(tmp_path_factory, domains=("alpha",)):
     assets = get_assets(tmp_path_factory)
     store = tmp_path_factory.mktemp("reliability-store")
     for domain in domains:
-        BundleStore(store).write(domain, 1, assets.data(domain))
+        DirectoryRecord(store).add(domain, replace=False, data=assets.data(domain))
     env = {"RA_BACKBONE": str(assets.backbone_path), "RA_DEMO_ADAPTERS": "false", "RA_ADMIN_TOKEN": ADMIN_TOKEN,
            "RA_MAX_WAIT_MS": "5"}
     return assets, store, running_server(store, env)
@@ -40,7 +41,7 @@ def test_twenty_simultaneous_registrations_of_one_domain_have_one_winner(tmp_pat
         listed = httpx.get(url + "/adapters").json()["adapters"]
     assert codes == [201] + [409] * 19
     assert [(a["domain"], a["version"]) for a in listed] == [("beta", 1)]
-    assert BundleStore(store).versions("beta") == [1]
+    assert live_versions(store, "beta") == [1]
 
 
 def test_registrations_while_fifty_clients_predict(tmp_path_factory):

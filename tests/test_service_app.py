@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import pathlib
 import re
 import shutil
+import time
 import types
 
 import numpy as np
@@ -17,7 +19,7 @@ from model.bundle import load_bundle
 from model.safetensors_io import InvalidFileError
 from service.app import DEMO_MARKER, create_app
 from service.settings import Settings
-from service.store import BundleStore
+from service.record.directory import DirectoryRecord
 from service_helpers import (
     ADMIN_TOKEN,
     AUTH,
@@ -27,26 +29,15 @@ from service_helpers import (
     check_predictions,
     corrupt_png_body,
     corrupt_png_header_crc,
-    get_assets,
     image_variants,
     jpeg_bytes,
+    live_versions,
     png_bytes,
     png_with_size,
-    reference_engine,
     reference_probs,
     store_snapshot,
     temp_files,
 )
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return get_assets(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def ref(assets):
-    return reference_engine(assets)
 
 
 def make_settings(assets, store: pathlib.Path, **changes) -> Settings:
@@ -88,7 +79,9 @@ def assert_error(response, status: int, code: str | None = None) -> dict:
 
 
 def domain_dirs(store: pathlib.Path) -> list[str]:
-    return sorted(p.name for p in store.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """Domains with a live version in the directory registry of record."""
+    return sorted(p.name for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and live_versions(store, p.name))
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +154,7 @@ def test_list_and_show_adapters(served, assets):
     info = served.client.get("/adapters/gamma").json()
     assert info["domain"] == "gamma" and info["version"] == 1 and len(info["labels"]) == 5
     for domain in CLASSES:
-        assert BundleStore(served.store).versions(domain) == [1]
+        assert live_versions(served.store, domain) == [1]
 
 
 # ----- prediction -----------------------------------------------------------------------------
@@ -289,7 +282,7 @@ def test_replace_rollback_delete(served, assets, ref):
     assert body["version"] == 2
     check_predictions(body["predictions"], reference_probs(ref, image, assets.alt["alpha"], "alt-alpha"),
                       assets.bundles["alpha"].labels)
-    assert BundleStore(store).versions("life") == [1, 2]
+    assert live_versions(store, "life") == [1, 2]
 
     back = client.post("/adapters/life/rollback", headers=AUTH)
     assert back.status_code == 200, back.text
@@ -298,12 +291,12 @@ def test_replace_rollback_delete(served, assets, ref):
     assert body["version"] == 1
     check_predictions(body["predictions"], reference_probs(ref, image, assets.bundles["alpha"], "alpha"),
                       assets.bundles["alpha"].labels)
-    assert BundleStore(store).versions("life") == [1]
+    assert live_versions(store, "life") == [1]
     assert_error(client.post("/adapters/life/rollback", headers=AUTH), 409, "no_previous_version")
     assert client.get("/adapters/life").json()["version"] == 1
 
     third = register(client, assets.data("alt-alpha"), domain="life", replace=True)
-    assert third.json()["version"] == 2  # the next version after the highest one stored
+    assert third.json()["version"] == 3  # a version number is never reused, not even after a rollback
 
     deleted = client.delete("/adapters/life", headers=AUTH)
     assert deleted.status_code == 200, deleted.text
@@ -317,7 +310,7 @@ def test_replace_rollback_delete(served, assets, ref):
     assert temp_files(store) == []
 
     again = register(client, assets.data("beta"), domain="life")  # a deleted name can be reused
-    assert again.status_code == 201 and again.json()["version"] == 1 and again.json()["num_classes"] == 3
+    assert again.status_code == 201 and again.json()["version"] == 4 and again.json()["num_classes"] == 3
     assert client.delete("/adapters/life", headers=AUTH).status_code == 200
 
 
@@ -375,7 +368,7 @@ def test_bearer_scheme_is_case_insensitive(served, assets):
 @pytest.mark.parametrize("token", [None, "", "   "])
 def test_no_admin_token_disables_management(assets, tmp_path, token):
     store = tmp_path / "store"
-    BundleStore(store).write("alpha", 1, assets.data("alpha"))
+    DirectoryRecord(store).add("alpha", replace=False, data=assets.data("alpha"))
     before = store_snapshot(store)
     with running(make_settings(assets, store, admin_token=token)) as client:
         for headers in ({}, AUTH, {"Authorization": "Bearer "}):
@@ -424,7 +417,7 @@ def test_invalid_domain_names_are_refused(served, assets, name):
 @pytest.fixture(scope="module")
 def small(assets, tmp_path_factory):
     store = tmp_path_factory.mktemp("small-store")
-    BundleStore(store).write("alpha", 1, assets.data("alpha"))
+    DirectoryRecord(store).add("alpha", replace=False, data=assets.data("alpha"))
     settings = make_settings(assets, store, max_bundle_bytes=2048, max_image_bytes=4096, max_files=2)
     with running(settings) as client:
         yield types.SimpleNamespace(client=client, store=store, settings=settings)
@@ -486,7 +479,7 @@ def test_not_ready_before_the_lifespan_ran(assets, tmp_path):
 
 def test_full_queue_answers_503_with_retry_after(assets, tmp_path):
     store = tmp_path / "store"
-    BundleStore(store).write("alpha", 1, assets.data("alpha"))
+    DirectoryRecord(store).add("alpha", replace=False, data=assets.data("alpha"))
     with running(make_settings(assets, store, max_queue=2)) as client:
         response = predict(client, "alpha", *[png_bytes(i) for i in range(3)])
         assert_error(response, 503, "overloaded")
@@ -496,7 +489,7 @@ def test_full_queue_answers_503_with_retry_after(assets, tmp_path):
 
 def test_request_timeout_answers_504(assets, tmp_path):
     store = tmp_path / "store"
-    BundleStore(store).write("alpha", 1, assets.data("alpha"))
+    DirectoryRecord(store).add("alpha", replace=False, data=assets.data("alpha"))
     with running(make_settings(assets, store, request_timeout_s=1e-6)) as client:
         assert_error(predict(client, "alpha", png_bytes(1)), 504, "timeout")
         assert client.get("/readyz").status_code == 200
@@ -525,17 +518,21 @@ def test_restart_keeps_the_registry(assets, ref, tmp_path):
 
 def test_store_recovers_from_a_crash(assets, ref, tmp_path):
     store = tmp_path / "store"
-    BundleStore(store).write("alpha", 1, assets.data("alpha"))
+    DirectoryRecord(store).add("alpha", replace=False, data=assets.data("alpha"))
     folder = store / "alpha"
     leftover = folder / ".000002.safetensors.xyz.tmp"
-    leftover.write_bytes(assets.data("alt-alpha")[:5000])  # a write interrupted before its rename
+    leftover.write_bytes(assets.data("alt-alpha")[:5000])  # a write interrupted before its link, long ago
+    os.utime(leftover, (time.time() - 3600, time.time() - 3600))
+    running_write = folder / ".000004.safetensors.abc.tmp"
+    running_write.write_bytes(b"another process is writing this now")
     (folder / "000003.safetensors").write_bytes(np.random.default_rng(1).bytes(4000))  # garbage
-    trash = store / ".trash-beta-0123"
-    trash.mkdir()
-    (trash / "000001.safetensors").write_bytes(assets.data("beta"))  # a delete interrupted after its rename
+    (folder / "000002.dropped").write_bytes(b"")  # a drop interrupted between its marker and the unlink
+    (folder / "000002.safetensors").write_bytes(assets.data("alt-alpha"))
     with running(make_settings(assets, store)) as client:
         assert client.get("/readyz").status_code == 200
-        assert not leftover.exists() and not trash.exists()
+        assert not leftover.exists()
+        assert running_write.exists()  # younger than any crash: another process's write in progress
+        running_write.unlink()
         assert temp_files(store) == []
         listing = {a["domain"]: a["version"] for a in client.get("/adapters").json()["adapters"]}
         assert listing == {"alpha": 1}
@@ -548,7 +545,7 @@ def test_store_recovers_from_a_crash(assets, ref, tmp_path):
 
 def test_rollback_skips_a_broken_stored_version(assets, tmp_path):
     store = tmp_path / "store"
-    BundleStore(store).write("alpha", 1, assets.data("alpha"))
+    DirectoryRecord(store).add("alpha", replace=False, data=assets.data("alpha"))
     (store / "alpha" / "000002.safetensors").write_bytes(np.random.default_rng(2).bytes(4000))  # garbage
     with running(make_settings(assets, store)) as client:
         assert client.get("/adapters/alpha").json()["version"] == 1
@@ -560,7 +557,7 @@ def test_rollback_skips_a_broken_stored_version(assets, tmp_path):
 
 def test_store_ignores_foreign_folders(assets, tmp_path):
     store = tmp_path / "store"
-    BundleStore(store).write("alpha", 1, assets.data("alpha"))
+    DirectoryRecord(store).add("alpha", replace=False, data=assets.data("alpha"))
     (store / "lost+found").mkdir()
     with running(make_settings(assets, store)) as client:
         assert [a["domain"] for a in client.get("/adapters").json()["adapters"]] == ["alpha"]

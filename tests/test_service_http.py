@@ -8,11 +8,8 @@ previous ones left).
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -24,84 +21,33 @@ from service_helpers import (
     ADMIN_TOKEN,
     AUTH,
     CLASSES,
-    REPO,
     bundle_file,
     check_predictions,
-    get_assets,
     jpeg_bytes,
     png_bytes,
-    reference_engine,
     reference_probs,
+    stalled_upload,
     temp_files,
 )
 
-from service_process import free_port  # noqa: E402
+from service_process import ServiceProcess
 
 START_TIMEOUT_S = 90
 
 
-class Server:
-    """One `python -m service` subprocess at a time on a fixed store."""
+class Server(ServiceProcess):
+    """The server under test on a fixed store; restarts keep the store."""
 
     def __init__(self, assets, store, log_dir):
-        self.assets, self.store, self.log_dir = assets, store, log_dir
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
+        env = {"RA_BACKBONE": str(assets.backbone_path), "RA_STORE_DIR": str(store), "RA_DEMO_ADAPTERS": "false",
+               "RA_ADMIN_TOKEN": ADMIN_TOKEN, "RA_MAX_WAIT_MS": "5", "RA_PREPROCESS_THREADS": "2"}
+        super().__init__(env, log_dir / "server.log")
+        self.store = store
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.port = free_port()
-        self.starts += 1
-        self.log_path = self.log_dir / f"server-{self.starts}.log"
-        env = {**os.environ, "RA_BACKBONE": str(self.assets.backbone_path), "RA_STORE_DIR": str(self.store),
-               "RA_DEMO_ADAPTERS": "false", "RA_ADMIN_TOKEN": ADMIN_TOKEN, "RA_MAX_WAIT_MS": "5",
-               "RA_PREPROCESS_THREADS": "2", "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--log-level", "info"],
-                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"the server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        pytest.fail(f"the server was not ready within {START_TIMEOUT_S} s:\n{self.log_tail()}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(10)
-
-    def log_tail(self, n: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:]
-
-    def client(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return get_assets(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def ref(assets):
-    return reference_engine(assets)
+    def start(self) -> "Server":
+        super().start()
+        self.wait_ready(START_TIMEOUT_S)
+        return self
 
 
 @pytest.fixture(scope="module")
@@ -233,38 +179,10 @@ def test_concurrent_registrations_of_one_domain_have_one_winner(server, assets):
 
 
 def test_server_killed_during_an_upload_restarts_clean(server, assets, ref):
-    boundary = "ra-test-boundary-7f3a"
-    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="domain"\r\n\r\nepsilon\r\n'
-            f'--{boundary}\r\nContent-Disposition: form-data; name="bundle"; filename="e.safetensors"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n").encode()
-    body = head + assets.data("beta") + f"\r\n--{boundary}--\r\n".encode()
-    first_sent, release = threading.Event(), threading.Event()
-    outcome: list[object] = []
-
-    def chunks():
-        yield body[:8192]
-        first_sent.set()
-        release.wait(30)
-        yield body[8192:]
-
-    def upload():
-        try:
-            with server.client() as client:
-                outcome.append(client.post("/adapters", content=chunks(), headers={
-                    **AUTH, "content-type": f"multipart/form-data; boundary={boundary}"}).status_code)
-        except httpx.HTTPError as exc:
-            outcome.append(exc)
-
-    uploader = threading.Thread(target=upload)
-    uploader.start()
-    try:
-        assert first_sent.wait(30), "the upload never started"
+    with stalled_upload(server.url, assets.data("beta"), "epsilon") as outcome:
         time.sleep(0.5)  # let the server read the first chunk
         server.stop(signal.SIGKILL)
         assert server.proc.returncode == -signal.SIGKILL
-    finally:
-        release.set()
-        uploader.join(60)
     assert outcome and not isinstance(outcome[0], int), f"the upload completed: {outcome}"
 
     server.start()

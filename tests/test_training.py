@@ -118,7 +118,7 @@ def test_pretrain_lowers_the_loss_and_writes_outputs(pretrained):
     assert bundle.labels == ("dark", "bright")
     assert bundle.preprocessing.resize == SIDE and bundle.preprocessing.crop == INPUT
     assert bundle.metrics["val_top1"] == metrics["val_top1"]
-    InferenceEngine(backbone, capacity=1).add(bundle)  # golden self-test
+    InferenceEngine(backbone, capacity=1).load(bundle)  # golden self-test
 
 
 def test_engine_matches_keras_model_on_trained_bundle(pretrained):
@@ -127,8 +127,7 @@ def test_engine_matches_keras_model_on_trained_bundle(pretrained):
     data = load_data(str(pretrained["data"]), bundle.preprocessing.resize)
     x = eval_inputs(data, bundle.preprocessing)[:12]
     engine = InferenceEngine(backbone, capacity=1, class_capacity=2)
-    engine.add(bundle)
-    got = np.stack(engine.predict(x, "easy"))
+    got = np.stack(engine.predict(x, engine.load(bundle)))
     want = np.asarray(to_keras_model(backbone, bundle)(x, training=False))
     assert got.shape == (12, 2)
     assert relative_error(got, want) < 1e-4
@@ -156,9 +155,9 @@ def test_adapt_keeps_the_backbone(adapted):
     assert bundle.labels == ("vertical", "horizontal", "flat")
     assert bundle.golden_inputs is not None and len(bundle.golden_inputs) >= 1
     engine = InferenceEngine(backbone, capacity=1)
-    engine.add(bundle)  # raises if the golden self-test fails
+    slot = engine.load(bundle)  # raises if the golden self-test fails
     x = bundle.golden_inputs
-    assert relative_error(np.stack(engine.predict(x, "stripes")), bundle.golden_logits) < 1e-4
+    assert relative_error(np.stack(engine.predict(x, slot)), bundle.golden_logits) < 1e-4
 
 
 def test_adapt_needs_a_backbone(tmp_path):

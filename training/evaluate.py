@@ -23,9 +23,9 @@ def evaluate(backbone_path: pathlib.Path, bundle_path: pathlib.Path, data_spec: 
     data = load_data(data_spec, bundle.preprocessing.resize, bundle.domain, bundle.preprocessing.grayscale)
     labels = _align_labels(data.class_names, bundle.labels, data.labels)
     engine = InferenceEngine(backbone, capacity=1, class_capacity=bundle.num_classes)
-    engine.add(bundle)
+    slot = engine.load(bundle)
     inputs = eval_inputs(data, bundle.preprocessing)
-    predicted = np.concatenate([np.argmax(np.stack(engine.predict(inputs[i : i + BATCH], bundle.domain)), -1)
+    predicted = np.concatenate([np.argmax(np.stack(engine.predict(inputs[i : i + BATCH], slot)), -1)
                                 for i in range(0, len(inputs), BATCH)])
     k = bundle.num_classes
     confusion = np.zeros((k, k), np.int64)

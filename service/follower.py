@@ -1,0 +1,64 @@
+"""Keep this process's registry in step with the registry of record.
+
+One asyncio task: wait for the record's change feed (a journal in the store directory, or
+PostgreSQL's LISTEN/NOTIFY), sync each announced domain in order, and resync everything on the
+first contact, after every reconnection (changes may have been missed while away) and every
+`resync_interval_s` as a safety net. While the record is unreachable it retries with backoff;
+serving goes on with what is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from service.record import RecordStore, RecordUnavailable
+from service.registry import Registry
+
+_log = logging.getLogger(__name__)
+BACKOFF_S = (0.1, 1.0)  # first and longest wait between reconnection attempts
+FEED_TIMEOUT_S = 0.5  # longest blocking wait on the feed (bounds how long stopping takes)
+
+
+class Follower:
+    def __init__(self, registry: Registry, record: RecordStore, resync_interval_s: float):
+        self.registry, self.record, self.resync_interval_s = registry, record, resync_interval_s
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="registry-follower")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        cursor: object = None
+        backoff = BACKOFF_S[0]
+        next_full = 0.0
+        while True:
+            try:
+                if time.monotonic() >= next_full:
+                    cursor = None
+                cursor, changed = await asyncio.to_thread(self.record.changes, cursor, FEED_TIMEOUT_S)
+                self.registry.mark_ok()
+                if changed is None:
+                    await self.registry.resync()
+                    next_full = time.monotonic() + self.resync_interval_s
+                else:
+                    for domain in sorted(changed):
+                        await self.registry.sync(domain)
+                backoff = BACKOFF_S[0]
+            except RecordUnavailable as exc:
+                self.registry.mark_unavailable(exc)
+                cursor = None  # reconnect, then resync everything
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_S[1])
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - keep following; the next round retries
+                _log.exception("syncing with the registry of record failed")
+                cursor = None
+                await asyncio.sleep(BACKOFF_S[1])

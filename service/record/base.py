@@ -1,0 +1,79 @@
+"""The interface both backends of the registry of record implement, and its errors.
+
+Rules every backend keeps:
+- A version number is claimed atomically and never reused for a domain, not even after a
+  rollback or a delete, so a (domain, version) pair names one bundle for ever and replicas can
+  compare versions alone.
+- A version is visible only once its bytes are completely stored.
+- A domain "exists" while it has a live (not dropped) version; its current version is the newest
+  live one.
+- Every change is announced (`changes`) after it is durable.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+
+class RecordUnavailable(Exception):
+    """The registry of record cannot be reached (database down, shared volume gone); retry later."""
+
+
+class DomainExists(Exception):
+    """The domain has a live version and the upload did not ask to replace it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Version:
+    domain: str
+    version: int
+    size: int
+    created_at: float  # seconds since the epoch
+
+
+class RecordStore(abc.ABC):
+    """Blocking calls (run them off the event loop); each raises `RecordUnavailable` when unreachable."""
+
+    description: str  # where the record lives, for logs and /readyz (never a password)
+
+    @abc.abstractmethod
+    def heads(self) -> dict[str, int]:
+        """Every existing domain's current version."""
+
+    @abc.abstractmethod
+    def live_versions(self, domain: str) -> list[Version]:
+        """The domain's live versions, oldest first (empty when it does not exist)."""
+
+    @abc.abstractmethod
+    def read(self, domain: str, version: int) -> bytes:
+        """A version's bundle bytes; `KeyError` when that version is not live."""
+
+    @abc.abstractmethod
+    def add(self, domain: str, data: bytes, replace: bool) -> Version:
+        """Store `data` as the domain's next version. Without `replace`, raise `DomainExists` if the
+        domain exists (two concurrent first registrations: one wins, the other gets `DomainExists`)."""
+
+    @abc.abstractmethod
+    def drop_after(self, domain: str, version: int) -> None:
+        """Drop every live version newer than `version` (a rollback to it)."""
+
+    @abc.abstractmethod
+    def delete(self, domain: str) -> bool:
+        """Drop every live version; False when the domain did not exist."""
+
+    @abc.abstractmethod
+    def changes(self, cursor: object, timeout: float) -> tuple[object, set[str] | None]:
+        """Wait up to `timeout` s for changes after `cursor`; return the new cursor and the changed
+        domains, or None for "resync everything" (the first call, with `cursor=None`, and whenever
+        changes may have been missed)."""
+
+    @abc.abstractmethod
+    def has_marker(self, name: str) -> bool:
+        """Whether a one-time marker (e.g. "demo-seeded") was set."""
+
+    @abc.abstractmethod
+    def set_marker(self, name: str) -> None: ...
+
+    def close(self) -> None:
+        """Release connections; the default has none."""
