@@ -30,7 +30,7 @@ import tensorflow as tf
 from model.backbone import Backbone
 from model.bundle import AdapterBundle, check_compatible
 from model.config import ConvUnit, topology
-from model.folding import FoldedDomain, fold_domain
+from model.folding import FoldedDomain, FoldedUnit, fold_domain
 from model.safetensors_io import InvalidFileError
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -101,28 +101,49 @@ class _Tables:
         self.single = tf.function(lambda x, slot: engine._forward(self, x, slot, single=True),
                                   input_signature=[image, tf.TensorSpec((), tf.int32)],
                                   jit_compile=engine.jit_compile, reduce_retracing=True)
+        self.variables = self._ordered()
+        row_specs = [tf.TensorSpec(v.shape[1:], dt) for v in self.variables]
+        # one compiled call writes (or reads) a whole domain: dozens of eager ops cost milliseconds
+        self._write_rows = tf.function(self._scatter, input_signature=[tf.TensorSpec((), tf.int32), *row_specs])
+        self._read_rows = tf.function(lambda slot: [tf.gather(v, slot) for v in self.variables],
+                                      input_signature=[tf.TensorSpec((), tf.int32)])
+
+    def _ordered(self) -> list[tf.Variable]:
+        groups = [self.bias, getattr(self, "matrix", {}), getattr(self, "scale", {}), getattr(self, "side", {})]
+        return [g[k] for g in groups for k in sorted(g)] + [self.head_scale, self.head_bias, self.kernel,
+                                                            self.logit_bias]
+
+    def _scatter(self, slot: tf.Tensor, *rows: tf.Tensor) -> None:
+        for var, row in zip(self.variables, rows):
+            var.scatter_nd_update([[slot]], row[None])
 
     def write(self, slot: int, folded: FoldedDomain, dtype: tf.DType) -> None:
-        def put(var: tf.Variable, value: np.ndarray) -> None:
-            var.scatter_nd_update([[slot]], tf.constant(value[None], dtype))
-
-        for name, unit in folded.units.items():
-            put(self.bias[name], unit.bias)
-            if unit.matrix is not None:
-                put(self.matrix[name], unit.matrix)
-            if unit.scale is not None:
-                put(self.scale[name], unit.scale)
-            if unit.side is not None:
-                put(self.side[name], unit.side)
-        put(self.head_scale, folded.head_scale)
-        put(self.head_bias, folded.head_bias)
+        """Write one domain's folded tables into row `slot` (in `self.variables` order)."""
+        units = folded.units
+        groups = [{n: u.bias for n, u in units.items()}, {n: u.matrix for n, u in units.items() if u.matrix is not None},
+                  {n: u.scale for n, u in units.items() if u.scale is not None},
+                  {n: u.side for n, u in units.items() if u.side is not None}]
         k = folded.kernel.shape[1]
         kernel = np.zeros((folded.kernel.shape[0], self.class_capacity), np.float32)
         kernel[:, :k] = folded.kernel
         logit_bias = np.full((self.class_capacity,), -np.inf, np.float32)
         logit_bias[:k] = folded.logit_bias
-        put(self.kernel, kernel)
-        put(self.logit_bias, logit_bias)
+        rows = [g[n] for g in groups for n in sorted(g)] + [folded.head_scale, folded.head_bias, kernel, logit_bias]
+        self._write_rows(tf.constant(slot, tf.int32), *(tf.constant(r, dtype) for r in rows))
+
+    def read(self, slot: int, num_classes: int, adapter: str) -> FoldedDomain:
+        """The folded tables in row `slot` (the inverse of `write`)."""
+        rows = [np.asarray(r, np.float32) for r in self._read_rows(tf.constant(slot, tf.int32))]
+        names = sorted(self.bias)
+        it = iter(rows)
+        bias = {n: next(it) for n in names}
+        matrix = {n: next(it) for n in names} if adapter == "series" else {}
+        scale = {n: next(it) for n in names} if adapter != "series" else {}
+        side = {n: next(it) for n in names} if adapter == "parallel" else {}
+        head_scale, head_bias, kernel, logit_bias = it
+        units = {n: FoldedUnit(bias=bias[n], matrix=matrix.get(n), scale=scale.get(n), side=side.get(n)) for n in names}
+        return FoldedDomain(units=units, head_scale=head_scale, head_bias=head_bias,
+                            kernel=kernel[:, :num_classes], logit_bias=logit_bias[:num_classes])
 
     def tracing_count(self) -> int:
         return self.mixed.experimental_get_tracing_count() + self.single.experimental_get_tracing_count()
@@ -255,28 +276,48 @@ class InferenceEngine:
         """How many times the forward functions were traced (to prove that loading never retraces)."""
         return self._retired_traces + self._tables.tracing_count()
 
+    def fold(self, bundle: AdapterBundle) -> FoldedDomain:
+        """The bundle in the form the tables hold (see `model.folding`); keep it to `load_folded` it again."""
+        check_compatible(bundle, self.backbone)
+        return fold_domain(bundle.config, bundle.weights)
+
     def load(self, bundle: AdapterBundle, verify_golden: bool = True) -> Slot:
         """Write `bundle` into a free slot, self-test it on its golden inputs, and return its handle.
 
         On failure (`InvalidFileError`) the slot goes back to the free list and nothing changes.
         """
-        check_compatible(bundle, self.backbone)
-        folded = fold_domain(bundle.config, bundle.weights)
+        return self.load_folded(self.fold(bundle), bundle if verify_golden else None)
+
+    def load_folded(self, folded: FoldedDomain, golden: AdapterBundle | None = None) -> Slot:
+        """Write already folded tables into a free slot (self-tested against `golden`'s tensors if given)."""
+        num_classes = folded.kernel.shape[1]
         with self._write_lock:
-            self._ensure_room(bundle.num_classes)
+            self._ensure_room(num_classes)
             with self._lock:
-                slot = Slot(self._free.pop(), bundle.num_classes)
+                slot = Slot(self._free.pop(), num_classes)
                 self._used[slot.index] = slot
             try:
                 self._tables.write(slot.index, folded, self.compute_dtype)
-                if verify_golden and bundle.golden_inputs is not None:
-                    self._verify_golden(bundle, slot.index)
+                if golden is not None and golden.golden_inputs is not None:
+                    self._verify_golden(golden, slot.index)
             except BaseException:
                 self.release(slot)
                 self._unref([slot])
                 raise
         self._unref([slot])
         return slot
+
+    def read_back(self, slot: Slot) -> FoldedDomain:
+        """A live slot's folded tables, copied to host memory (to `load_folded` them again later)."""
+        with self._lock:
+            if slot.released:
+                raise ReleasedSlotError(f"{slot!r} was released")
+            slot.refs += 1
+            tables = self._tables
+        try:
+            return tables.read(slot.index, slot.num_classes, self.adapter)
+        finally:
+            self._unref([slot])
 
     def release(self, slot: Slot) -> None:
         """No new call may use `slot`; its rows are reused once the calls that hold it have finished."""
@@ -309,7 +350,7 @@ class InferenceEngine:
         capacity = old.capacity * 2 if full else old.capacity
         class_capacity = max(old.class_capacity, num_classes)
         new = _Tables(self, capacity, class_capacity)
-        for src, dst in zip(self._variables(old), self._variables(new)):
+        for src, dst in zip(old.variables, new.variables):
             if src is old.kernel:
                 dst[: old.capacity, :, : old.class_capacity].assign(src)
             elif src is old.logit_bias:
@@ -320,11 +361,6 @@ class InferenceEngine:
             self._retired_traces += old.tracing_count()
             self._tables = new
             self._free = list(range(capacity - 1, old.capacity - 1, -1)) + self._free
-
-    @staticmethod
-    def _variables(t: _Tables) -> list[tf.Variable]:
-        groups = [t.bias, getattr(t, "matrix", {}), getattr(t, "scale", {}), getattr(t, "side", {})]
-        return [g[k] for g in groups for k in sorted(g)] + [t.head_scale, t.head_bias, t.kernel, t.logit_bias]
 
     def _verify_golden(self, bundle: AdapterBundle, slot: int) -> None:
         """Compare the slot's logits on the bundle's golden inputs with the logits it was made with."""

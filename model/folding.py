@@ -38,6 +38,13 @@ class FoldedDomain:
     kernel: np.ndarray  # (C, K)
     logit_bias: np.ndarray  # (K,)
 
+    @property
+    def nbytes(self) -> int:
+        """Host memory the tables take."""
+        arrays = [self.head_scale, self.head_bias, self.kernel, self.logit_bias]
+        arrays += [a for u in self.units.values() for a in (u.bias, u.matrix, u.scale, u.side) if a is not None]
+        return sum(a.nbytes for a in arrays)
+
 
 def batch_norm_affine(weights: Mapping[str, np.ndarray], layer: str) -> tuple[np.ndarray, np.ndarray]:
     """(scale, shift) of an eval-mode BatchNorm, in float64."""

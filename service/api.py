@@ -12,14 +12,14 @@ import time
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from model.bundle import AdapterBundle
 from model.preprocessing import open_image, preprocess
 from service import schemas
 from service.errors import ApiError
-from service.registry import Served
+from service.registry import Entry
 from service.state import ServiceState
 
 
@@ -71,7 +71,8 @@ def _sync(state: ServiceState) -> schemas.RegistrySync | None:
 async def readyz(state: StateDep, response: Response) -> schemas.Ready:
     if not state.ready:
         response.status_code = 503
-    return schemas.Ready(ready=state.ready, pid=os.getpid(), workers=state.settings.workers, adapters=len(state.registry.entries()) if state.registry else 0,
+    return schemas.Ready(ready=state.ready, pid=os.getpid(), workers=state.settings.workers,
+                         adapters=len(state.registry.entries()) if state.registry else 0,
                          backbone_fingerprint=state.backbone.fingerprint if state.backbone else None,
                          registry=_sync(state))
 
@@ -108,30 +109,33 @@ def _top_k(logits: np.ndarray, labels: tuple[str, ...], k: int) -> list[schemas.
     return [schemas.Prediction(label=labels[i], index=int(i), score=float(p[i])) for i in order]
 
 
-async def _classify(state: ServiceState, uploads: list[UploadFile], entries: list[Served]):
-    """Decode every upload (in the pool), then run all (image, domain) pairs through the batcher."""
-    if not uploads:
-        raise ApiError(400, "no_file", "Send the image as the multipart field 'file'.")
-    if len(uploads) > state.settings.max_files:
-        raise ApiError(413, "too_many_files", f"At most {state.settings.max_files} images per request.")
-    start = time.perf_counter()
-    raw = [await _read_image(u, state) for u in uploads]
-    loop = asyncio.get_running_loop()
-    bundles = [e.bundle for e in entries]
-    inputs = await asyncio.gather(*(loop.run_in_executor(state.preprocess_pool, _decode_and_preprocess, data, bundles,
-                                                         state.settings.max_image_pixels) for data in raw))
-    decoded = time.perf_counter()
-    images = [x for per_image in inputs for x in per_image]
-    domains = [e.domain for _ in inputs for e in entries]
-    outputs = await asyncio.wait_for(state.batcher.predict(images, domains), state.settings.request_timeout_s)
-    done = time.perf_counter()
-    timing = schemas.Timing(total_ms=(done - start) * 1000, preprocess_ms=(decoded - start) * 1000,
-                            inference_ms=(done - decoded) * 1000)
-    counts = state.registry.counts
-    for domain in domains:
-        state.metrics.predictions.labels(domain).inc()
-        counts[domain] = counts.get(domain, 0) + 1
-    return outputs, timing
+async def _classify(state: ServiceState, uploads: list[UploadFile], entries: list[Entry]):
+    """Decode every upload (in the pool), then run all (image, domain) pairs through the batcher.
+
+    The entries are leased (see `Registry.acquire`); they are returned here, whatever happens."""
+    try:
+        if not uploads:
+            raise ApiError(400, "no_file", "Send the image as the multipart field 'file'.")
+        if len(uploads) > state.settings.max_files:
+            raise ApiError(413, "too_many_files", f"At most {state.settings.max_files} images per request.")
+        start = time.perf_counter()
+        raw = [await _read_image(u, state) for u in uploads]
+        loop = asyncio.get_running_loop()
+        cards = [e.card for e in entries]
+        inputs = await asyncio.gather(*(loop.run_in_executor(state.preprocess_pool, _decode_and_preprocess, data,
+                                                             cards, state.settings.max_image_pixels) for data in raw))
+        decoded = time.perf_counter()
+        images = [x for per_image in inputs for x in per_image]
+        per_image = [e for _ in inputs for e in entries]
+        outputs = await asyncio.wait_for(state.batcher.predict(images, per_image), state.settings.request_timeout_s)
+        done = time.perf_counter()
+        timing = schemas.Timing(total_ms=(done - start) * 1000, preprocess_ms=(decoded - start) * 1000,
+                                inference_ms=(done - decoded) * 1000)
+        for entry in entries:
+            state.metrics.predictions.labels(entry.domain).inc(len(uploads))
+        return outputs, timing
+    finally:
+        state.registry.release(entries, images=len(uploads))
 
 
 TopK = Annotated[int, Form(ge=1, le=1000, description="how many classes to return")]
@@ -140,13 +144,24 @@ TopK = Annotated[int, Form(ge=1, le=1000, description="how many classes to retur
 @predict.post("/{domain}", response_model=schemas.PredictResponse, responses=ERRORS)
 async def predict_domain(domain: str, state: ReadyDep, file: Annotated[list[UploadFile], File()],
                          top_k: TopK = 5) -> schemas.PredictResponse:
-    """Classify one image (or several `file` fields) with one domain's adapter."""
-    entry = await state.registry.lookup(domain)
+    """Classify one image (or several `file` fields) with one domain's adapter (loaded first if it is not
+    resident)."""
+    entry = await state.registry.acquire(domain)
     outputs, timing = await _classify(state, file, [entry])
-    results = [schemas.ImageResult(filename=u.filename, predictions=_top_k(logits, entry.bundle.labels, top_k))
+    results = [schemas.ImageResult(filename=u.filename, predictions=_top_k(logits, entry.card.labels, top_k))
                for u, (logits, _) in zip(file, outputs)]
     return schemas.PredictResponse(domain=domain, version=outputs[0][1], predictions=results[0].predictions,
                                    results=results, timing=timing)
+
+
+async def _acquire_all(state: ServiceState, names: list[str]) -> list[Entry]:
+    """Lease every named domain (loading in parallel); on any failure return the leases taken."""
+    got = await asyncio.gather(*(state.registry.acquire(d) for d in names), return_exceptions=True)
+    failed = next((g for g in got if isinstance(g, BaseException)), None)
+    if failed is not None:
+        state.registry.release([g for g in got if not isinstance(g, BaseException)])
+        raise failed
+    return got
 
 
 @predict.post("", response_model=schemas.FanoutResponse, responses=ERRORS)
@@ -154,47 +169,65 @@ async def predict_fanout(state: ReadyDep, file: Annotated[UploadFile, File()],
                          domains: Annotated[str, Form(description="comma-separated domains, or 'all'")] = "all",
                          top_k: TopK = 5) -> schemas.FanoutResponse:
     """Classify one image with several domains at once (one batch)."""
-    names = [e.domain for e in state.registry.entries()] if domains.strip() == "all" else \
-        list(dict.fromkeys(d.strip() for d in domains.split(",") if d.strip()))
+    limit = state.settings.max_fanout
+    if domains.strip() == "all":
+        names = [name for name, _, _ in await state.registry.list_page("", None, limit + 1)]
+    else:
+        names = list(dict.fromkeys(d.strip() for d in domains.split(",") if d.strip()))
     if not names:
         raise ApiError(400, "no_domains", "No domain is registered or named; GET /adapters lists them.")
-    entries = [await state.registry.lookup(d) for d in names]
+    if len(names) > limit:
+        raise ApiError(400, "too_many_domains", f"At most {limit} domains per request (RA_MAX_FANOUT); "
+                                                "name the domains you need instead of 'all'.")
+    entries = await _acquire_all(state, names)
     outputs, timing = await _classify(state, [file], entries)
-    results = [schemas.DomainResult(domain=e.domain, version=tag, predictions=_top_k(logits, e.bundle.labels, top_k))
-               for e, (logits, tag) in zip(entries, outputs)]
+    results = [schemas.DomainResult(domain=e.domain, version=v, predictions=_top_k(logits, e.card.labels, top_k))
+               for e, (logits, v) in zip(entries, outputs)]
     return schemas.FanoutResponse(filename=file.filename, results=results, timing=timing)
 
 
 # ----- adapters -----------------------------------------------------------------------------
 
-def _summary(entry: Served, state: ServiceState) -> dict:
-    val = entry.bundle.metrics.get("val_top1")
-    return {"domain": entry.domain, "version": entry.version, "num_classes": entry.bundle.num_classes,
+def _summary(entry: Entry, state: ServiceState) -> dict:
+    val = entry.card.metrics.get("val_top1")
+    return {"domain": entry.domain, "version": entry.version, "num_classes": entry.card.num_classes,
             "val_top1": float(val) if isinstance(val, (int, float)) else None, "params": entry.params,
-            "served": state.registry.counts.get(entry.domain, 0)}
+            "served": entry.served, "tier": entry.tier, "pinned": state.registry.is_pinned(entry.domain)}
 
 
-def _info(entry: Served, state: ServiceState) -> schemas.AdapterInfo:
-    b = entry.bundle
+def _info(entry: Entry, state: ServiceState) -> schemas.AdapterInfo:
+    b = entry.card
     return schemas.AdapterInfo(
         **_summary(entry, state), labels=list(b.labels), adapter=b.config.adapter, metrics=dict(b.metrics),
         preprocessing=schemas.Preprocessing(**b.preprocessing.to_json()),
         backbone_fingerprint=b.backbone_fingerprint, registered_at=entry.registered_at,
         size_bytes=entry.size_bytes, sha256=entry.sha256, load_ms=entry.load_ms,
-        golden_self_test=b.golden_inputs is not None,
+        golden_self_test=entry.golden_self_test,
         record_version=state.registry.recorded_version(entry.domain) or entry.version)
 
 
-@adapters.get("", response_model=schemas.AdapterList)
-async def list_adapters(state: ReadyDep) -> schemas.AdapterList:
-    return schemas.AdapterList(adapters=[schemas.AdapterSummary(**_summary(e, state)) for e in state.registry.entries()],
+@adapters.get("", response_model=schemas.AdapterList, responses=ERRORS)
+async def list_adapters(
+    state: ReadyDep,
+    limit: Annotated[int, Query(ge=1, le=1000, description="domains per page")] = 100,
+    cursor: Annotated[str | None, Query(max_length=63, description="`next_cursor` of the previous page")] = None,
+    prefix: Annotated[str, Query(max_length=63, description="only domains whose name starts with this")] = "",
+) -> schemas.AdapterList:
+    """Registered domains in name order, a page at a time; cached ones with their details and tier."""
+    rows = await state.registry.list_page(prefix, cursor, limit + 1)
+    page = rows[:limit]
+    items = [schemas.AdapterSummary(**_summary(entry, state)) if entry is not None else
+             schemas.AdapterSummary(domain=name, version=version, tier="registry",
+                                    pinned=state.registry.is_pinned(name))
+             for name, version, entry in page]
+    return schemas.AdapterList(adapters=items, next_cursor=page[-1][0] if len(rows) > limit else None,
                                backbone_fingerprint=state.backbone.fingerprint)
 
 
 @adapters.get("/{domain}", response_model=schemas.AdapterInfo, responses=ERRORS)
 async def get_adapter(domain: str, state: ReadyDep) -> schemas.AdapterInfo:
-    """One domain: the version served here and the version in the registry of record."""
-    return _info(await state.registry.lookup(domain), state)
+    """One domain: the version served here (and its tier) and the version in the registry of record."""
+    return _info(await state.registry.describe(domain), state)
 
 
 @adapters.post("", response_model=schemas.AdapterInfo, status_code=201, responses=ERRORS)
@@ -203,6 +236,8 @@ async def register_adapter(
     bundle: Annotated[UploadFile, File(description="the adapter bundle (.safetensors)")],
     replace: Annotated[bool, Form(description="replace an existing domain with a new version")] = False,
     domain: Annotated[str | None, Form(description="serve under this name instead of the bundle's")] = None,
+    pin: Annotated[bool | None, Form(description="pin (true) or unpin (false): a pinned domain is loaded at start "
+                                                  "and never evicted; unset leaves it as it was")] = None,
 ) -> schemas.AdapterInfo:
     """Register a domain from its bundle: validated completely, recorded durably, then answered.
 
@@ -211,7 +246,7 @@ async def register_adapter(
     data = await bundle.read(limit + 1)
     if len(data) > limit:
         raise ApiError(413, "bundle_too_large", f"The bundle is larger than {limit} bytes (RA_MAX_BUNDLE_BYTES).")
-    entry = await state.registry.register(data, replace=replace, domain=domain or None)
+    entry = await state.registry.register(data, replace=replace, domain=domain or None, pin=pin)
     return _info(entry, state)
 
 

@@ -7,6 +7,7 @@ keeps this process in step with the record; /readyz answers 200 once the first s
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import gc
@@ -30,7 +31,7 @@ from service.errors import ApiError, BodyTooLarge, error_response, install_error
 from service.follower import Follower
 from service.metrics import Metrics
 from service.record import DomainExists, RecordStore, RecordUnavailable, open_record
-from service.registry import Registry
+from service.registry import MB, Limits, Registry
 from service.runtime import configure_tensorflow
 from service.settings import DEMO_DIR, Settings
 from service.state import ServiceState
@@ -100,13 +101,10 @@ class Gatekeeper:
             self._record(scope, status, start)
 
     def _record(self, scope: Scope, status: int, start: float) -> None:
-        metrics, registry = self.state.metrics, self.state.registry
+        metrics = self.state.metrics
         path = getattr(scope.get("route"), "path", "unmatched")
-        domain = scope.get("path_params", {}).get("domain", "")
-        if domain and (registry is None or domain not in registry):
-            domain = "unknown"
-        metrics.requests.labels(path, domain, str(status)).inc()
-        metrics.latency.labels(path, domain).observe(time.perf_counter() - start)
+        metrics.requests.labels(path, str(status)).inc()
+        metrics.latency.labels(path).observe(time.perf_counter() - start)
 
 
 def seed_demo(record: RecordStore, backbone: Backbone) -> None:
@@ -138,7 +136,9 @@ def startup(state: ServiceState) -> None:
     state.engine = InferenceEngine(state.backbone, capacity=s.capacity, compute_dtype=s.compute_dtype)
     state.engine.warm_up(sorted({1, 2, s.max_batch_size}))
     record = open_record(s)
-    state.registry = Registry(state.backbone, state.engine, record, state.metrics)
+    limits = Limits(max_resident=s.max_resident, host_cache_bytes=int(s.host_cache_mb * MB),
+                    load_concurrency=s.load_concurrency, load_timeout_s=s.load_timeout_s, pinned=s.pinned_domains)
+    state.registry = Registry(state.backbone, state.engine, record, state.metrics, limits)
     if s.demo_adapters:
         try:
             seed_demo(record, state.backbone)
@@ -147,29 +147,45 @@ def startup(state: ServiceState) -> None:
     _log.info("engine warm in %.1fs; registry of record: %s", time.perf_counter() - t0, record.description)
 
 
+async def warm_most_used(registry: Registry, count: int) -> None:
+    """After start: load the most used domains (usage counts kept in the record), then, while room
+    is left, the first ones by name, so a small registry is entirely resident as before."""
+    try:
+        names = await asyncio.to_thread(registry.record.top_used, count)
+        if len(names) < count:
+            listed = await asyncio.to_thread(registry.record.list_domains, "", None, count)
+            names += [name for name, _ in listed if name not in names][: count - len(names)]
+        t0 = time.perf_counter()
+        loaded = await registry.warm(names)
+        _log.info("warmed %d domains in %.1fs", loaded, time.perf_counter() - t0)
+    except RecordUnavailable as exc:
+        _log.warning("not warming domains: %s", exc)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     state = ServiceState(settings=settings, metrics=Metrics())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        import asyncio
-
         state.preprocess_pool = concurrent.futures.ThreadPoolExecutor(settings.preprocess_threads,
                                                                       thread_name_prefix="preprocess")
         await asyncio.to_thread(startup, state)
         registry = state.registry
         t0 = time.perf_counter()
-        try:
+        state.batcher = DynamicBatcher(state.engine, settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
+                                       state.metrics)
+        await state.batcher.start()
+        try:  # readiness needs the pinned domains only; the most used ones warm in the background
+            await registry.refresh_pins()
+            pinned = await registry.warm(registry.pinned_domains())
             await registry.resync()
-            _log.info("ready: %d domains synced in %.1fs", len(registry.entries()), time.perf_counter() - t0)
+            _log.info("ready: %d pinned domains loaded in %.1fs", pinned, time.perf_counter() - t0)
         except RecordUnavailable:
             _log.warning("not ready: the registry of record is unreachable; retrying in the background")
-        state.batcher = DynamicBatcher(state.engine, registry.resolve, settings.max_batch_size, settings.max_wait_ms,
-                                       settings.max_queue, state.metrics)
-        await state.batcher.start()
         state.follower = Follower(registry, registry.record, settings.resync_interval_s)
         state.follower.start()
+        warming = asyncio.create_task(warm_most_used(registry, settings.max_resident))
         gc.collect()
         gc.freeze()  # the loaded framework's objects live forever: keep them out of full collections
         state.started = True
@@ -177,9 +193,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             state.started = False
+            warming.cancel()
             await state.follower.stop()
             await state.batcher.stop()
             state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
+            with contextlib.suppress(RecordUnavailable):
+                await registry.flush_usage()  # so that the next start warms what was used
             registry.close()
 
     app = FastAPI(title="Residual adapters", version="0.1.0", lifespan=lifespan,

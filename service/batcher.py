@@ -1,10 +1,10 @@
 """Dynamic batching: requests for any domains share engine calls.
 
-Requests put their images (with domain names) on one bounded queue; a dedicated engine thread takes up to
+Requests put their images (each with the engine slot and version of its domain, leased from the
+registry for the request's lifetime) on one bounded queue; a dedicated engine thread takes up to
 `max_batch_size` at a time, waiting at most `max_wait_ms` after the oldest queued image arrived
 for the batch to fill, runs the engine, and hands each batch's answers back to the event loop in
-one callback. Names are resolved to engine slots (through the registry) when the batch runs, so a
-batch computes with the versions served at that moment. The engine thread never waits for the event loop, so under load it runs batch after
+one callback. The engine thread never waits for the event loop, so under load it runs batch after
 batch while the loop parses and answers HTTP, and the next batch holds everything that queued up
 during the last one. A full queue refuses new work at once (`Overloaded`, which the API turns into
 503 + Retry-After).
@@ -17,15 +17,11 @@ import collections
 import dataclasses
 import threading
 import time
-from collections.abc import Callable
 
 import numpy as np
 
-from model.engine import InferenceEngine, ReleasedSlotError
+from model.engine import InferenceEngine, Slot
 from service.metrics import Metrics
-from service.registry import Served, UnknownDomainError
-
-RESOLVE_TRIES = 3  # a slot released between resolving and computing (a replace) is resolved again
 
 
 class Overloaded(Exception):
@@ -56,16 +52,17 @@ class _Request:
 @dataclasses.dataclass
 class _Item:
     image: np.ndarray
-    domain: str
+    slot: Slot
+    version: int
     request: _Request
     index: int
     queued_at: float
 
 
 class DynamicBatcher:
-    def __init__(self, engine: InferenceEngine, resolve: Callable[[str], Served], max_batch_size: int,
-                 max_wait_ms: float, max_queue: int, metrics: Metrics):
-        self.engine, self.resolve, self.metrics = engine, resolve, metrics
+    def __init__(self, engine: InferenceEngine, max_batch_size: int, max_wait_ms: float, max_queue: int,
+                 metrics: Metrics):
+        self.engine, self.metrics = engine, metrics
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000.0
         self.max_queue = max_queue
         self._queue: collections.deque[_Item] = collections.deque()
@@ -94,14 +91,17 @@ class DynamicBatcher:
     def depth(self) -> int:
         return len(self._queue)
 
-    async def predict(self, images: list[np.ndarray], domains: list[str]) -> list[tuple[np.ndarray, int]]:
-        """(logits, adapter version) per image; raises `Overloaded` or `UnknownDomainError`.
+    async def predict(self, images: list[np.ndarray], entries: list) -> list[tuple[np.ndarray, int]]:
+        """(logits, adapter version) per image, each computed with its entry's `slot`; raises `Overloaded`.
+
+        The caller holds the entries (registry leases) until this returns, so their slots stay valid.
 
         Cancelling the call (e.g. a request timeout) drops its images that have not started yet.
         """
         request = _Request(self._loop, len(images))
         now = time.monotonic()
-        items = [_Item(image, domain, request, i, now) for i, (image, domain) in enumerate(zip(images, domains))]
+        items = [_Item(image, entry.slot, entry.version, request, i, now)
+                 for i, (image, entry) in enumerate(zip(images, entries))]
         with self._ready:
             if self._stopping:
                 raise Overloaded("The service is shutting down.")
@@ -143,32 +143,13 @@ class DynamicBatcher:
 
     def _compute(self, batch: list[_Item]) -> None:
         """Run one batch; every item gets an answer or an error, never silence."""
-        results: list = []
         try:
-            for _ in range(RESOLVE_TRIES):
-                runnable, resolved = [], []
-                for item in batch:
-                    try:
-                        resolved.append(self.resolve(item.domain))
-                        runnable.append(item)
-                    except UnknownDomainError as exc:  # deleted while queued: fail it, run the rest
-                        results.append((item, exc))
-                batch = runnable
-                if not batch:
-                    break
-                try:
-                    logits = self.engine.predict(np.stack([item.image for item in batch]), [r.slot for r in resolved])
-                except ReleasedSlotError:  # replaced since it was resolved: resolve again
-                    continue
-                self.metrics.batch_size.observe(len(batch))
-                self.metrics.batch_domains.observe(len({item.domain for item in batch}))
-                results += [(item, (row, r.version)) for item, row, r in zip(batch, logits, resolved)]
-                batch = []
-                break
-            results += [(item, RuntimeError("The adapter kept changing while this request ran; retry."))
-                        for item in batch]
+            logits = self.engine.predict(np.stack([item.image for item in batch]), [item.slot for item in batch])
+            self.metrics.batch_size.observe(len(batch))
+            self.metrics.batch_domains.observe(len({item.slot.index for item in batch}))
+            results = [(item, (row, item.version)) for item, row in zip(batch, logits)]
         except Exception as exc:  # noqa: BLE001 - handed to the waiting requests
-            results += [(item, exc) for item in batch]
+            results = [(item, exc) for item in batch]
         try:
             self._loop.call_soon_threadsafe(_deliver_all, results)
         except RuntimeError:  # the loop has closed: nobody is waiting any more

@@ -14,7 +14,7 @@ from model.preprocessing import ImageDecodeError
 from model.safetensors_io import InvalidFileError
 from service.batcher import Overloaded
 from service.record import RecordUnavailable
-from service.registry import DomainExists, NoPreviousVersion, UnknownDomainError
+from service.registry import AdapterUnavailable, DomainExists, NoPreviousVersion, UnknownDomainError
 
 _log = logging.getLogger(__name__)
 IMAGE_STATUS = {"not_image": 415, "too_many_pixels": 413, "corrupt": 400}
@@ -80,6 +80,7 @@ def install_error_handlers(app: FastAPI) -> None:
     handle(NoPreviousVersion, 409, "no_previous_version")
     handle(Overloaded, 503, "overloaded", {"Retry-After": "1"})
     handle(RecordUnavailable, 503, "registry_unavailable", {"Retry-After": "1"})
+    handle(AdapterUnavailable, 503, "adapter_unavailable", {"Retry-After": "1"})
     handle(asyncio.TimeoutError, 504, "timeout")
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:

@@ -9,9 +9,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("ra_requests_total", "HTTP requests by route, domain and status",
-                                ["route", "domain", "status"], registry=r)
-        self.latency = Histogram("ra_request_seconds", "Request latency by route and domain", ["route", "domain"],
+        # no domain label on request metrics: with 100,000 domains it would be 100,000 series per metric
+        self.requests = Counter("ra_requests_total", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.latency = Histogram("ra_request_seconds", "Request latency by route", ["route"],
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
         self.predictions = Counter("ra_predictions_total", "Images classified, by domain", ["domain"], registry=r)
         self.batch_size = Histogram("ra_batch_size", "Images per engine call",
@@ -19,9 +20,19 @@ class Metrics:
         self.batch_domains = Histogram("ra_batch_domains", "Distinct domains per engine call",
                                        buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.queue_depth = Gauge("ra_queue_depth", "Images waiting for the engine", registry=r)
-        self.adapters = Gauge("ra_adapters", "Domains served by this process", registry=r)
-        self.load_seconds = Histogram("ra_adapter_load_seconds", "Validate + fold + register time per bundle",
-                                      buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
+        self.resident = Gauge("ra_resident_domains", "Domains cached by this process, by tier (device, host)",
+                              ["tier"], registry=r)
+        self.host_bytes = Gauge("ra_host_cache_bytes", "Bytes of folded tables in the host tier", registry=r)
+        self.lookups = Counter("ra_adapter_lookups_total", "Requests for a domain, by tier and hit or miss",
+                               ["tier", "result"], registry=r)
+        self.loads = Counter("ra_adapter_loads_total", "Domain loads onto the device, by source (host, registry) "
+                             "and outcome (ok, invalid)", ["source", "outcome"], registry=r)
+        self.evictions = Counter("ra_adapter_evictions_total", "Domains evicted, by tier they left", ["tier"],
+                                 registry=r)
+        self.load_seconds = Histogram("ra_adapter_load_seconds", "Time to put a domain on the device, by source "
+                                      "(host: one table write; registry: read, validate, fold, self-test)",
+                                      ["source"], buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+                                                           2.5), registry=r)
         self.sync_connected = Gauge("ra_registry_connected", "1 while the registry of record answers", registry=r)
         self.last_sync = Gauge("ra_registry_last_sync_timestamp_seconds",
                                "When the registry of record last answered (Unix time)", registry=r)

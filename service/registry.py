@@ -1,35 +1,45 @@
 """The registry: the single owner of a domain's state in this process.
 
-For each served domain: name -> (version, bundle, engine slot, counters). The registry of record
-(`service.record`) says which versions exist; this process is a cache of it. `sync(domain)` makes
-one domain match the record (load the newest valid live version, or unload it), and `resync()`
-does it for every domain; the follower (`service.follower`) calls them when the record announces
-changes. Management calls validate the bundle completely (including the golden self-test on the
-engine), write it to the record, and serve it here before they answer.
+Every registered domain lives in the registry of record (`service.record`); this process keeps a
+bounded cache of them in two tiers:
+- device: the domain's folded tables in an engine slot, at most `max_resident` domains, least
+  recently used first out (never a pinned domain, never one that a queued or running request
+  holds: requests lease the entries they use);
+- host: the folded tables of recently evicted domains in host memory, at most `host_cache_mb`,
+  from which a domain returns to the device by one table write (no validation, no folding).
+Anything else is read from the record, validated (format, fingerprint, golden self-test) and
+folded when a request needs it. A request for a registered domain waits while it loads; loads are
+de-duplicated per domain, bounded in number (`load_concurrency`) and time (`load_timeout_s`), and run
+off the event loop and off the engine thread.
 
-Per-domain asyncio locks order every change of one domain (management and sync alike); domains do
-not wait for each other. Reads (`resolve`, `entries`) are plain dictionary lookups, safe from any
-thread: the engine thread resolves names at the moment a batch runs.
+`sync(domain)` makes a cached domain match the record (a new version, a rollback, a delete) and
+`resync()` does it for every cached domain; the follower (`service.follower`) calls them when the
+record announces changes. Management calls validate the bundle completely, write it to the record,
+and serve it here before they answer. Per-domain asyncio locks order every change of one domain.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 
 from model.backbone import Backbone
 from model.bundle import AdapterBundle, check_domain_name, load_bundle
 from model.engine import InferenceEngine, Slot
+from model.folding import FoldedDomain
 from model.safetensors_io import InvalidFileError
 from model.weights import count_parameters
 from service.metrics import Metrics
 from service.record import DomainExists, RecordStore, RecordUnavailable, Version
 
 _log = logging.getLogger(__name__)
-__all__ = ["DomainExists", "NoPreviousVersion", "Registry", "Served", "UnknownDomainError"]
+__all__ = ["AdapterUnavailable", "DomainExists", "NoPreviousVersion", "Registry", "Entry", "UnknownDomainError"]
+MB = 1024 * 1024
 
 
 class UnknownDomainError(KeyError):
@@ -43,29 +53,49 @@ class UnknownDomainError(KeyError):
         return f"Unknown domain {self.domain!r}"
 
 
+class AdapterUnavailable(Exception):
+    """A registered domain cannot be served now: no stored version passes validation, or loading it
+    took longer than the limit."""
+
+
 class NoPreviousVersion(Exception):
     """Rollback asked for a domain that has no usable older version."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Served:
-    """One domain as this process serves it."""
+@dataclasses.dataclass(eq=False)
+class Entry:
+    """One domain as this process holds it. `card` is the bundle without its weights (labels,
+    preprocessing, metrics); the tables live in `slot` (device tier) or `folded` (host tier)."""
 
-    bundle: AdapterBundle
+    card: AdapterBundle
     version: int
-    slot: Slot
     sha256: str
     size_bytes: int
     registered_at: float  # when the version was recorded
-    load_ms: float  # validate + fold + self-test here
+    load_ms: float  # validate + fold + self-test (or the host-to-device write) here
+    golden_self_test: bool
+    slot: Slot | None = None
+    folded: FoldedDomain | None = None
+    evicting: asyncio.Future | None = None  # the read-back of its tables to host memory, while it runs
+    leases: int = 0  # requests holding it (queued or computing)
+    retired: bool = False  # replaced or deleted: its slot goes once the last lease is returned
+    served: int = 0  # images classified since it was cached here
 
     @property
     def domain(self) -> str:
-        return self.bundle.domain
+        return self.card.domain
 
     @property
     def params(self) -> int:
-        return count_parameters(self.bundle.config, "domain")
+        return count_parameters(self.card.config, "domain")
+
+    @property
+    def tier(self) -> str:
+        return "device" if self.slot is not None else "host" if self.folded is not None else "registry"
+
+
+def _card(bundle: AdapterBundle) -> AdapterBundle:
+    return dataclasses.replace(bundle, weights={}, golden_inputs=None, golden_logits=None)
 
 
 @dataclasses.dataclass
@@ -80,55 +110,277 @@ class SyncStatus:
     last_error: str | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_resident: int = 512
+    host_cache_bytes: int = 1024 * MB
+    load_concurrency: int = 4
+    load_timeout_s: float = 10.0
+    pinned: frozenset[str] = frozenset()  # pinned by this process's settings (the record has its own)
+
+
 class Registry:
-    def __init__(self, backbone: Backbone, engine: InferenceEngine, record: RecordStore, metrics: Metrics):
-        self.backbone, self.engine, self.record, self.metrics = backbone, engine, record, metrics
-        self._served: dict[str, Served] = {}
-        self._recorded: dict[str, int] = {}  # each domain's current version in the record, as last read
-        self._invalid: set[tuple[str, int]] = set()  # stored versions that failed validation here
+    def __init__(self, backbone: Backbone, engine: InferenceEngine, record: RecordStore, metrics: Metrics,
+                 limits: Limits = Limits()):
+        self.backbone, self.engine, self.record, self.metrics, self.limits = backbone, engine, record, metrics, limits
+        self._entries: dict[str, Entry] = {}  # every cached domain
+        self._device: collections.OrderedDict[str, None] = collections.OrderedDict()  # LRU order, oldest first
+        self._host: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._host_bytes = 0
+        self._recorded: dict[str, int] = {}  # cached domains' current version in the record, as last read
+        self._invalid: dict[tuple[str, int], str] = {}  # stored versions that failed validation here
+        self._pinned: set[str] = set(limits.pinned)
         self._locks: dict[str, asyncio.Lock] = {}
-        self.counts: dict[str, int] = {}  # images classified per domain since start
+        self._loads: dict[str, asyncio.Task] = {}
+        self._load_slots = asyncio.Semaphore(limits.load_concurrency)
+        self._usage: collections.Counter[str] = collections.Counter()  # not yet added to the record
         self.status = SyncStatus()
 
-    # ----- reads (any thread) ----------------------------------------------------------------
-
-    def resolve(self, domain: str) -> Served:
-        try:
-            return self._served[domain]
-        except KeyError:
-            raise UnknownDomainError(domain) from None
+    # ----- reads -----------------------------------------------------------------------------
 
     def __contains__(self, domain: str) -> bool:
-        return domain in self._served
+        return domain in self._entries
 
-    def entries(self) -> list[Served]:
-        return [self._served[d] for d in sorted(self._served)]
+    def cached(self, domain: str) -> Entry | None:
+        return self._entries.get(domain)
+
+    def entries(self) -> list[Entry]:
+        """Cached domains, by name."""
+        return [self._entries[d] for d in sorted(self._entries)]
+
+    def resident(self, tier: str) -> int:
+        return len(self._device) if tier == "device" else len(self._host)
 
     def recorded_version(self, domain: str) -> int | None:
         return self._recorded.get(domain)
 
+    def is_pinned(self, domain: str) -> bool:
+        return domain in self._pinned
+
     def behind(self) -> list[str]:
-        """Domains whose served version differs from the record's current one (invalid versions aside)."""
-        names = set(self._served) | set(self._recorded)
-        return sorted(d for d in names if self._recorded.get(d) != getattr(self._served.get(d), "version", None)
+        """Cached domains served at another version than the record's (invalid versions aside)."""
+        return sorted(d for d, e in self._entries.items() if self._recorded.get(d, e.version) != e.version
                       and (d, self._recorded.get(d)) not in self._invalid)
 
-    async def lookup(self, domain: str) -> Served:
-        """`resolve`, and on a miss ask the record first: a domain registered through another worker or
-        replica is served at once, not refused until the change feed brings it."""
-        served = self._served.get(domain)
-        if served is not None:
-            return served
-        check_name(domain)
-        await self.sync(domain)
-        return self.resolve(domain)
+    # ----- requests: lease, load on demand, return ----------------------------------------------
+
+    async def acquire(self, domain: str) -> Entry:
+        """The domain on the device, leased to the caller until `release`: loaded first if needed."""
+        for _ in range(3):
+            entry = self._entries.get(domain)
+            if entry is not None and entry.slot is not None and not entry.retired:
+                self.metrics.lookups.labels("device", "hit").inc()
+                return self._lease(entry)
+            self.metrics.lookups.labels("device", "miss").inc()
+            task = self._loads.get(domain)
+            if task is None:
+                check_name(domain)
+                task = asyncio.create_task(self._bring(domain))
+                self._loads[domain] = task
+                task.add_done_callback(lambda _: self._loads.pop(domain, None))
+            try:
+                entry = await asyncio.wait_for(asyncio.shield(task), self.limits.load_timeout_s)
+            except asyncio.TimeoutError:
+                raise AdapterUnavailable(f"Loading {domain!r} took longer than {self.limits.load_timeout_s} s; "
+                                         "retry shortly.") from None
+            if entry.slot is not None and not entry.retired:  # else evicted or replaced meanwhile: again
+                return self._lease(entry)
+        raise AdapterUnavailable(f"{domain!r} kept being evicted before it could be used; retry.")
+
+    def _lease(self, entry: Entry) -> Entry:
+        entry.leases += 1
+        if entry.domain in self._device:
+            self._device.move_to_end(entry.domain)
+        return entry
+
+    def release(self, entries: list[Entry], images: int = 0) -> None:
+        """Return the leases of `acquire`; count `images` classified per entry."""
+        for entry in entries:
+            entry.leases -= 1
+            if images:
+                entry.served += images
+                self._usage[entry.domain] += images
+            if entry.retired and entry.leases == 0 and entry.slot is not None:
+                self.engine.release(entry.slot)
+                entry.slot = None
+
+    async def _bring(self, domain: str) -> Entry:
+        """Put the domain on the device: from host memory if it is there, else from the record."""
+        async with self._lock(domain):
+            entry = self._entries.get(domain)
+            if entry is not None and entry.slot is not None:
+                return entry
+            async with self._load_slots:
+                if entry is not None and entry.evicting is not None:
+                    await entry.evicting
+                if entry is not None and entry.folded is not None:
+                    self.metrics.lookups.labels("host", "hit").inc()
+                    return await self._to_device(entry)
+                self.metrics.lookups.labels("host", "miss").inc()
+                versions = await self._call(self.record.live_versions, domain)
+                if not versions:
+                    raise UnknownDomainError(domain)
+                loaded = await self._load_newest(domain, versions)
+                if loaded is None:
+                    self._recorded.pop(domain, None)
+                    reasons = "; ".join(f"v{v.version}: {self._invalid.get((domain, v.version), 'unreadable')}"
+                                        for v in reversed(versions))
+                    raise AdapterUnavailable(f"No stored version of {domain!r} passes validation ({reasons}).")
+                return loaded
+
+    async def _to_device(self, entry: Entry) -> Entry:
+        """Host tier -> device tier: one table write."""
+        await self._make_room()
+        start = time.perf_counter()
+        entry.slot = await asyncio.to_thread(self.engine.load_folded, entry.folded)
+        seconds = time.perf_counter() - start
+        self.metrics.load_seconds.labels("host").observe(seconds)
+        self.metrics.loads.labels("host", "ok").inc()
+        self._drop_host(entry)
+        self._device[entry.domain] = None
+        self._gauges()
+        return entry
+
+    async def _load_newest(self, domain: str, versions: list[Version], keep: Entry | None = None) -> Entry | None:
+        """Hold the lock. Load the newest valid live version onto the device (unless `keep` is it)."""
+        self._recorded[domain] = versions[-1].version
+        for v in reversed(versions):
+            if keep is not None and keep.version == v.version:
+                return keep
+            if (domain, v.version) in self._invalid:
+                continue
+            try:
+                data = await self._call(self.record.read, domain, v.version)
+            except KeyError:  # dropped since the listing: the next announcement brings the rest
+                continue
+            await self._make_room()
+            try:
+                entry = await asyncio.to_thread(self._load, data, domain, v.version, v.created_at)
+            except InvalidFileError as exc:
+                self._invalid[(domain, v.version)] = str(exc)
+                self.metrics.loads.labels("registry", "invalid").inc()
+                _log.error("stored bundle %s v%d is unusable, skipping it: %s", domain, v.version, exc)
+                continue
+            self._publish(entry)
+            return entry
+        return None
+
+    def _load(self, data: bytes, domain: str, version: int, created_at: float,
+              bundle: AdapterBundle | None = None) -> Entry:
+        """Validate (unless `bundle` is given, already validated), fold and self-test on the engine."""
+        start = time.perf_counter()
+        bundle = bundle or load_bundle(data, self.backbone, domain=domain)
+        slot = self.engine.load(bundle)
+        seconds = time.perf_counter() - start
+        self.metrics.load_seconds.labels("registry").observe(seconds)
+        self.metrics.loads.labels("registry", "ok").inc()
+        return Entry(_card(bundle), version, hashlib.sha256(data).hexdigest(), len(data), created_at, seconds * 1000,
+                     golden_self_test=bundle.golden_inputs is not None, slot=slot)
+
+    def _publish(self, entry: Entry) -> None:
+        """Serve `entry` (on the device) for its domain; the entry it replaces retires."""
+        old = self._entries.get(entry.domain)
+        if old is not None and old is not entry:
+            self._retire(old)
+        self._entries[entry.domain] = entry
+        self._device[entry.domain] = None
+        self._device.move_to_end(entry.domain)
+        self._gauges()
+
+    def _retire(self, entry: Entry) -> None:
+        """Stop using `entry`: its slot goes now, or when the last request holding it is done."""
+        entry.retired = True
+        self._device.pop(entry.domain, None)
+        self._drop_host(entry)
+        if entry.slot is not None and entry.leases == 0:
+            self.engine.release(entry.slot)
+            entry.slot = None
+        self._forget(entry)
+        self._gauges()
+
+    # ----- eviction ----------------------------------------------------------------------------
+
+    async def _make_room(self) -> None:
+        """Evict least recently used device entries until a slot is free under `max_resident`; wait
+        until their rows are copied out and free, so the load that follows finds a free row."""
+        copies = []
+        while len(self._device) >= self.limits.max_resident:
+            victim = next((self._entries[d] for d in self._device
+                           if self._entries[d].leases == 0 and d not in self._pinned), None)
+            if victim is None:
+                _log.warning("every resident domain is pinned or in use: serving more than RA_MAX_RESIDENT=%d",
+                             self.limits.max_resident)
+                break
+            copies.append(self._evict(victim))
+        if copies:
+            await asyncio.gather(*copies, return_exceptions=True)
+
+    def _evict(self, entry: Entry) -> asyncio.Future:
+        """Device -> host: copy the tables back to host memory (in a thread), then free the slot."""
+        slot, entry.slot = entry.slot, None
+        del self._device[entry.domain]
+        self.metrics.evictions.labels("device").inc()
+        keep = self.limits.host_cache_bytes > 0
+
+        def read_back() -> FoldedDomain | None:
+            try:
+                return self.engine.read_back(slot) if keep else None
+            finally:
+                self.engine.release(slot)
+
+        future = asyncio.get_running_loop().run_in_executor(None, read_back)
+        entry.evicting = future
+
+        def done(f: asyncio.Future) -> None:
+            entry.evicting = None
+            folded = None if f.cancelled() or f.exception() is not None else f.result()
+            if folded is None or entry.retired:
+                self._forget(entry)
+            else:
+                entry.folded = folded
+                self._host[entry.domain] = None
+                self._host_bytes += folded.nbytes
+                self._trim_host()
+            self._gauges()
+
+        future.add_done_callback(done)
+        return future
+
+    def _forget(self, entry: Entry) -> None:
+        """`entry` leaves this process's cache (its domain stays in the record)."""
+        if self._entries.get(entry.domain) is entry:
+            del self._entries[entry.domain]
+            self._recorded.pop(entry.domain, None)
+
+    def _drop_host(self, entry: Entry) -> None:
+        if entry.domain in self._host and entry.folded is not None:
+            del self._host[entry.domain]
+            self._host_bytes -= entry.folded.nbytes
+        entry.folded = None
+
+    def _trim_host(self) -> None:
+        while self._host_bytes > self.limits.host_cache_bytes and self._host:
+            entry = self._entries[next(iter(self._host))]
+            self._drop_host(entry)
+            self._forget(entry)
+            self.metrics.evictions.labels("host").inc()
+
+    def _gauges(self) -> None:
+        self.metrics.resident.labels("device").set(len(self._device))
+        self.metrics.resident.labels("host").set(len(self._host))
+        self.metrics.host_bytes.set(self._host_bytes)
 
     # ----- following the record --------------------------------------------------------------
 
     def _lock(self, domain: str) -> asyncio.Lock:
-        return self._locks.setdefault(domain, asyncio.Lock())
+        lock = self._locks.get(domain)
+        if lock is None:
+            if len(self._locks) > 4 * (self.limits.max_resident + 64):  # keep the table bounded
+                self._locks = {d: lk for d, lk in self._locks.items() if lk.locked() or d in self._entries}
+            lock = self._locks[domain] = asyncio.Lock()
+        return lock
 
-    async def _call(self, fn, *args):
+    async def _call(self, fn: Callable, *args):
         """A blocking record call in a thread; failures update the sync status."""
         try:
             result = await asyncio.to_thread(fn, *args)
@@ -153,123 +405,137 @@ class Registry:
         self.metrics.sync_connected.set(0)
         self.metrics.sync_errors.labels("unavailable").inc()
 
+    async def flush_usage(self) -> None:
+        """Add the images classified since the last flush to the record's usage counts."""
+        usage, self._usage = self._usage, collections.Counter()
+        try:
+            await self._call(self.record.add_usage, dict(usage))
+        except RecordUnavailable:
+            self._usage.update(usage)
+            raise
+
     async def resync(self) -> None:
-        """Make every domain match the record."""
-        heads = await self._call(self.record.heads)
-        for domain in sorted(set(heads) | set(self._served) | set(self._recorded)):
-            served = self._served.get(domain)
-            if heads.get(domain) != self._recorded.get(domain) or heads.get(domain) != getattr(served, "version", None):
+        """Make every cached domain match the record; refresh the pins; record usage counts."""
+        await self.refresh_pins()
+        await self.flush_usage()
+        heads = await self._call(self.record.heads, sorted(self._entries))
+        for domain in sorted(set(self._entries) | set(self._recorded)):
+            entry = self._entries.get(domain)
+            if heads.get(domain) != self._recorded.get(domain) or heads.get(domain) != getattr(entry, "version", None):
                 await self.sync(domain)
         self.status.synced_once = True
 
     async def sync(self, domain: str) -> None:
-        """Serve the domain's newest valid live version from the record (or stop serving it)."""
+        """A change of `domain` in the record: follow it if the domain is cached here (else nothing to do)."""
         async with self._lock(domain):
-            versions = await self._call(self.record.live_versions, domain)
-            await self._apply(domain, versions)
-
-    async def _apply(self, domain: str, versions: list[Version]) -> None:
-        """Hold the domain's lock. Load the newest valid version unless it is already served."""
-        if versions:
-            self._recorded[domain] = versions[-1].version
-        else:
-            self._recorded.pop(domain, None)
-        served = self._served.get(domain)
-        for v in reversed(versions):
-            if served is not None and served.version == v.version:
+            if domain not in self._entries and domain not in self._recorded:
                 return
-            if (domain, v.version) in self._invalid:
-                continue
+            versions = await self._call(self.record.live_versions, domain)
+            if domain in self._entries or domain in self._pinned:
+                self._pinned = set(self.limits.pinned) | await self._call(self.record.pinned)
+            entry = self._entries.get(domain)
+            if not versions:
+                if entry is not None:
+                    self._retire(entry)
+                self._recorded.pop(domain, None)
+                return
+            if entry is not None and entry.version == versions[-1].version:
+                self._recorded[domain] = versions[-1].version
+                return
+            if entry is None or entry.slot is None:  # not cached, host tier or being evicted: load on demand
+                if entry is not None and entry.evicting is not None:
+                    await entry.evicting
+                if entry is not None:
+                    self._retire(entry)
+                self._recorded.pop(domain, None)
+                return
+            await self._load_newest(domain, versions, keep=entry)
+
+    async def warm(self, domains: list[str]) -> int:
+        """Load `domains` onto the device (start-up: pinned ones, then the most used). Returns how many
+        are resident afterwards; failures are logged, not raised."""
+        loaded = 0
+        for domain in domains:
+            if domain not in self._pinned and len(self._device) >= self.limits.max_resident:
+                break
             try:
-                data = await self._call(self.record.read, domain, v.version)
-                entry = await asyncio.to_thread(self._load, data, domain, v.version, v.created_at)
-            except KeyError:  # dropped since the listing: the next announcement brings the rest
-                continue
-            except InvalidFileError as exc:
-                self._invalid.add((domain, v.version))
-                self.metrics.sync_errors.labels("invalid_bundle").inc()
-                _log.error("stored bundle %s v%d is unusable, skipping it: %s", domain, v.version, exc)
-                continue
-            self._publish(entry)
-            return
-        if served is not None:
-            self._unpublish(domain)
+                self.release([await self.acquire(domain)])
+                loaded += 1
+            except (UnknownDomainError, AdapterUnavailable, RecordUnavailable) as exc:
+                _log.warning("could not warm %s: %s", domain, exc)
+        return loaded
 
-    def _load(self, data: bytes, domain: str, version: int, created_at: float,
-              bundle: AdapterBundle | None = None) -> Served:
-        """Validate (unless `bundle` is given, already validated), fold and self-test on the engine."""
-        start = time.perf_counter()
-        bundle = bundle or load_bundle(data, self.backbone, domain=domain)
-        slot = self.engine.load(bundle)
-        load_ms = (time.perf_counter() - start) * 1000
-        self.metrics.load_seconds.observe(load_ms / 1000)
-        return Served(bundle, version, slot, hashlib.sha256(data).hexdigest(), len(data), created_at, load_ms)
+    def pinned_domains(self) -> list[str]:
+        return sorted(self._pinned)
 
-    def _publish(self, entry: Served) -> None:
-        old = self._served.get(entry.domain)
-        self._served[entry.domain] = entry
-        if old is not None:
-            self.engine.release(old.slot)  # batches that hold it finish on it
-        self.metrics.adapters.set(len(self._served))
-
-    def _unpublish(self, domain: str) -> Served:
-        entry = self._served.pop(domain)
-        self.engine.release(entry.slot)
-        self.metrics.adapters.set(len(self._served))
-        return entry
+    async def refresh_pins(self) -> None:
+        self._pinned = set(self.limits.pinned) | await self._call(self.record.pinned)
 
     # ----- management ------------------------------------------------------------------------
 
-    async def register(self, data: bytes, replace: bool = False, domain: str | None = None) -> Served:
+    async def register(self, data: bytes, replace: bool = False, domain: str | None = None,
+                       pin: bool | None = None) -> Entry:
         """Validate a bundle completely, record it durably, serve it here; raise `InvalidFileError`,
         `DomainExists` or `RecordUnavailable`."""
         if domain is not None:
             check_domain_name(domain)
         bundle = await asyncio.to_thread(load_bundle, data, self.backbone, domain)
         async with self._lock(bundle.domain):
-            if not replace and bundle.domain in self._served:
-                current = self._served[bundle.domain].version
-                raise DomainExists(f"Domain {bundle.domain!r} exists (version {current}); "
+            cached = self._entries.get(bundle.domain)
+            if not replace and cached is not None:
+                raise DomainExists(f"Domain {bundle.domain!r} exists (version {cached.version}); "
                                    "send replace=true to upload a new version.")
+            await self._make_room()
             entry = await asyncio.to_thread(self._load, data, bundle.domain, 0, 0.0, bundle)  # the self-test
             try:
                 version = await self._call(self.record.add, bundle.domain, data, replace)
+                if pin is not None:
+                    await self._call(self.record.set_pinned, bundle.domain, pin)
+                    self._pinned.add(bundle.domain) if pin else self._pinned.discard(bundle.domain)
             except BaseException:
                 self.engine.release(entry.slot)
                 raise
             entry = dataclasses.replace(entry, version=version.version, registered_at=version.created_at)
             self._recorded[bundle.domain] = max(version.version, self._recorded.get(bundle.domain, 0))
-            served = self._served.get(bundle.domain)
-            if served is None or served.version < version.version:
+            cached = self._entries.get(bundle.domain)
+            if cached is None or cached.version < version.version:
                 self._publish(entry)
             else:  # a newer version (another replica's) is already served here
                 self.engine.release(entry.slot)
+                entry = cached
             return entry
 
-    async def delete(self, domain: str) -> Served:
-        """Drop every version from the record and stop serving the domain here."""
-        check_name(domain)
-        async with self._lock(domain):
-            if domain not in self._served:  # registered elsewhere and not loaded here yet
-                await self._apply(domain, await self._call(self.record.live_versions, domain))
-            entry = self.resolve(domain)
-            if not await self._call(self.record.delete, domain):  # deleted elsewhere meanwhile
-                await self._apply(domain, [])
-                raise UnknownDomainError(domain)
-            self._recorded.pop(domain, None)
-            return self._unpublish(domain)
+    async def describe(self, domain: str) -> Entry:
+        """The cached entry; a domain not cached here is loaded first (it describes what would serve)."""
+        entry = self._entries.get(check_name(domain))
+        if entry is None:
+            entry = await self.acquire(domain)
+            self.release([entry])
+        return entry
 
-    async def rollback(self, domain: str) -> Served:
-        """Serve the newest valid version older than the record's current one; drop the newer ones."""
-        check_name(domain)
+    async def delete(self, domain: str) -> Entry:
+        """Drop every version from the record and stop serving the domain here."""
+        entry = await self.describe(domain)  # what is deleted, for the answer (loaded if not cached)
         async with self._lock(domain):
+            if not await self._call(self.record.delete, domain):  # deleted elsewhere meanwhile
+                raise UnknownDomainError(domain)
+            self._pinned.discard(domain)
+            cached = self._entries.get(domain)
+            if cached is not None:
+                self._retire(cached)
+            self._recorded.pop(domain, None)
+            return entry
+
+    async def rollback(self, domain: str) -> Entry:
+        """Serve the newest valid version older than the record's current one; drop the newer ones."""
+        async with self._lock(check_name(domain)):
             versions = await self._call(self.record.live_versions, domain)
             if not versions:
-                await self._apply(domain, versions)
                 raise UnknownDomainError(domain)
             for v in reversed(versions[:-1]):
                 try:
                     data = await self._call(self.record.read, domain, v.version)
+                    await self._make_room()
                     entry = await asyncio.to_thread(self._load, data, domain, v.version, v.created_at)
                 except (KeyError, InvalidFileError) as exc:
                     _log.error("stored bundle %s v%d is unusable, skipping it: %s", domain, v.version, exc)
@@ -284,6 +550,11 @@ class Registry:
                 return entry
             raise NoPreviousVersion(f"Domain {domain!r} has no usable version before {versions[-1].version}.")
 
+    async def list_page(self, prefix: str, after: str | None, limit: int) -> list[tuple[str, int, Entry | None]]:
+        """A page of the record's domains: (name, current version, the cached entry if any)."""
+        rows = await self._call(self.record.list_domains, prefix, after, limit)
+        return [(name, version, self._entries.get(name)) for name, version in rows]
+
     def close(self) -> None:
         self.record.close()
 
@@ -294,3 +565,4 @@ def check_name(domain: str) -> str:
         return check_domain_name(domain)
     except InvalidFileError:
         raise UnknownDomainError(domain) from None
+

@@ -53,10 +53,13 @@ class Preprocessing(BaseModel):
 class AdapterSummary(BaseModel):
     domain: str
     version: int
-    num_classes: int
-    val_top1: float | None
-    params: int = Field(description="parameters this domain owns (BatchNorms, adapters, head)")
-    served: int = Field(description="images classified since the service started")
+    tier: str = Field(description="where this process holds it: device (engine slot), host (folded tables in "
+                                  "memory) or registry (not loaded here; details appear once it is)")
+    pinned: bool = Field(False, description="loaded at start and never evicted")
+    num_classes: int | None = None
+    val_top1: float | None = None
+    params: int | None = Field(None, description="parameters this domain owns (BatchNorms, adapters, head)")
+    served: int = Field(0, description="images classified since it was loaded here")
 
 
 class AdapterInfo(AdapterSummary):
@@ -77,6 +80,7 @@ class AdapterInfo(AdapterSummary):
 
 class AdapterList(BaseModel):
     adapters: list[AdapterSummary]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last page")
     backbone_fingerprint: str
 
 
@@ -100,7 +104,7 @@ class Ready(BaseModel):
     ready: bool
     pid: int = Field(description="this serving process (one of `workers` on the port)")
     workers: int
-    adapters: int
+    adapters: int = Field(description="domains cached by this process (device and host tiers)")
     backbone_fingerprint: str | None
     registry: RegistrySync | None
 

@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     max_queue: int = Field(512, ge=1, description="queued images before requests get 503")
     request_timeout_s: float = Field(30.0, gt=0)
     capacity: int = Field(64, ge=1, description="initial engine slots (grows by doubling)")
+    max_resident: int = Field(512, ge=1, description="domains on the device at most (least recently used out)")
+    host_cache_mb: float = Field(1024, ge=0, description="host memory for the folded tables of evicted domains")
+    pinned: str = Field("", description="comma-separated domains this process loads at start and never evicts")
+    load_concurrency: int = Field(4, ge=1, description="domain loads at a time")
+    load_timeout_s: float = Field(10.0, gt=0, description="longest a request waits for its domain to load")
+    max_fanout: int = Field(64, ge=1, description="domains one POST /predict may name (or 'all' may mean)")
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_bundle_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
@@ -53,6 +59,20 @@ class Settings(BaseSettings):
         if value is not None and not value.get_secret_value().startswith(("postgresql://", "postgres://")):
             raise ValueError("RA_REGISTRY_URL must be a postgresql://user:password@host:port/database URL")
         return value
+
+    @field_validator("pinned")
+    @classmethod
+    def _pinned_names(cls, value: str) -> str:
+        from model.bundle import DOMAIN_NAME
+
+        bad = [d for d in (x.strip() for x in value.split(",")) if d and not DOMAIN_NAME.fullmatch(d)]
+        if bad:
+            raise ValueError(f"RA_PINNED names invalid domains: {bad}")
+        return value
+
+    @property
+    def pinned_domains(self) -> frozenset[str]:
+        return frozenset(d.strip() for d in self.pinned.split(",") if d.strip())
 
     @property
     def max_request_bytes(self) -> int:

@@ -250,10 +250,10 @@ def live_versions(store: pathlib.Path, domain: str) -> list[int]:
 
 
 def store_snapshot(store: pathlib.Path) -> set[str]:
-    """Every path under the store (hidden ones included)."""
+    """Every path under the store (hidden ones included), but the usage counts that serving updates."""
     if not store.exists():
         return set()
-    return {str(p.relative_to(store)) for p in store.rglob("*")}
+    return {str(p.relative_to(store)) for p in store.rglob("*") if not p.name.startswith((".usage.json", "..usage.json"))}
 
 
 def temp_files(store: pathlib.Path) -> list[str]:

@@ -219,3 +219,14 @@ def test_release_does_not_affect_a_running_batch(tiny):
     worker.join(10)
     np.testing.assert_array_equal(np.stack(result["logits"]), want_old)
     assert relative_error(np.stack(engine.predict(x, a2)), keras_logits(backbone, new, x)) < 1e-4
+
+
+def test_read_back_then_load_folded_serves_the_same_logits(setup):
+    _, _, engine, slots = setup
+    x = images(3, 32, seed=4)
+    want = np.stack(engine.predict(x, slots["b"]))
+    copy = engine.read_back(slots["b"])
+    again = engine.load_folded(copy)
+    assert again.index != slots["b"].index and again.num_classes == CLASSES["b"]
+    np.testing.assert_allclose(np.stack(engine.predict(x, again)), want, rtol=1e-6, atol=1e-6)
+    engine.release(again)

@@ -113,7 +113,7 @@ def test_health_docs_and_metrics(served):
     assert metrics.status_code == 200
     assert metrics.headers["content-type"].startswith("text/plain")
     assert "ra_requests_total" in metrics.text
-    assert re.search(r"^ra_adapters \d", metrics.text, re.M)
+    assert re.search(r'^ra_resident_domains\{tier="device"\} \d', metrics.text, re.M)
 
 
 def test_metrics_count_requests_by_route_and_keep_unknown_domains_out(served):
@@ -121,11 +121,12 @@ def test_metrics_count_requests_by_route_and_keep_unknown_domains_out(served):
     assert predict(client, "beta", png_bytes(1)).status_code == 200
     assert predict(client, "no-such-domain-xyz", png_bytes(1)).status_code == 404
     text = client.get("/metrics").text
-    assert 'ra_requests_total{domain="beta",route="/predict/{domain}",status="200"}' in text
-    assert 'domain="unknown",route="/predict/{domain}",status="404"' in text
+    assert 'ra_requests_total{route="/predict/{domain}",status="200"}' in text
+    assert 'ra_requests_total{route="/predict/{domain}",status="404"}' in text
+    assert 'ra_predictions_total{domain="beta"}' in text
     assert "no-such-domain-xyz" not in text  # no label per made-up name
-    count = len(client.get("/adapters").json()["adapters"])
-    assert re.search(rf"^ra_adapters {count}\.0$", text, re.M)
+    count = client.get("/readyz").json()["adapters"]
+    assert re.search(rf'^ra_resident_domains\{{tier="device"\}} {count}\.0$', text, re.M)
     assert re.search(r"^ra_batch_size_count [1-9]", text, re.M)
 
 
@@ -534,13 +535,15 @@ def test_store_recovers_from_a_crash(assets, ref, tmp_path):
         assert running_write.exists()  # younger than any crash: another process's write in progress
         running_write.unlink()
         assert temp_files(store) == []
-        listing = {a["domain"]: a["version"] for a in client.get("/adapters").json()["adapters"]}
-        assert listing == {"alpha": 1}
         image = png_bytes(600)
         body = predict(client, "alpha", image).json()
-        assert body["version"] == 1
+        assert body["version"] == 1  # v3 is garbage and v2 dropped: v1 serves
         check_predictions(body["predictions"], reference_probs(ref, image, assets.bundles["alpha"], "alpha"),
                           assets.bundles["alpha"].labels)
+        listing = {a["domain"]: (a["version"], a["tier"]) for a in client.get("/adapters").json()["adapters"]}
+        assert listing == {"alpha": (1, "device")}
+        described = client.get("/adapters/alpha").json()
+        assert (described["version"], described["record_version"]) == (1, 3)
 
 
 def test_rollback_skips_a_broken_stored_version(assets, tmp_path):

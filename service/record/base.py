@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Collection
 
 
 class RecordUnavailable(Exception):
@@ -38,8 +39,12 @@ class RecordStore(abc.ABC):
     description: str  # where the record lives, for logs and /readyz (never a password)
 
     @abc.abstractmethod
-    def heads(self) -> dict[str, int]:
-        """Every existing domain's current version."""
+    def heads(self, domains: Collection[str]) -> dict[str, int]:
+        """The current version of each of `domains` that exists."""
+
+    @abc.abstractmethod
+    def list_domains(self, prefix: str, after: str | None, limit: int) -> list[tuple[str, int]]:
+        """Existing domains named `prefix...` after `after`, in name order, with their current versions."""
 
     @abc.abstractmethod
     def live_versions(self, domain: str) -> list[Version]:
@@ -67,6 +72,22 @@ class RecordStore(abc.ABC):
         """Wait up to `timeout` s for changes after `cursor`; return the new cursor and the changed
         domains, or None for "resync everything" (the first call, with `cursor=None`, and whenever
         changes may have been missed)."""
+
+    @abc.abstractmethod
+    def pinned(self) -> set[str]:
+        """Domains pinned in the record: loaded at start, never evicted from a serving process."""
+
+    @abc.abstractmethod
+    def set_pinned(self, domain: str, pinned: bool) -> None:
+        """Pin or unpin (announced as a change of the domain)."""
+
+    @abc.abstractmethod
+    def add_usage(self, counts: dict[str, int]) -> None:
+        """Add images classified per domain (kept across restarts; a hint for warming, not an account)."""
+
+    @abc.abstractmethod
+    def top_used(self, n: int) -> list[str]:
+        """The `n` most used existing domains, most used first."""
 
     @abc.abstractmethod
     def has_marker(self, name: str) -> bool:

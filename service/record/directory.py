@@ -8,6 +8,8 @@ Layout under the root:
 - `.journal/<seq:012d>`: one file per change, holding the domain's name, claimed the same way.
   A process notices changes by looking for the next sequence number (one `stat`), without listing
   the domains. The oldest entries are trimmed; a process that fell that far behind resyncs fully.
+- `.pins/<domain>`: pinned domains; `.usage.json`: images classified per domain (a hint, merged by
+  read-modify-write, so concurrent writers may lose a few counts).
 - `.<marker>`: one-time markers (e.g. `.demo-seeded`).
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import pathlib
@@ -27,7 +30,7 @@ from service.record.base import DomainExists, RecordStore, RecordUnavailable, Ve
 
 _log = logging.getLogger(__name__)
 SUFFIX, DROPPED = ".safetensors", ".dropped"
-JOURNAL = ".journal"
+JOURNAL, PINS, USAGE = ".journal", ".pins", ".usage.json"
 JOURNAL_KEEP = 10_000  # entries kept; older ones are trimmed
 STALE_TMP_S = 60.0  # a temporary file older than this was left by a crash (writes take milliseconds)
 
@@ -79,6 +82,7 @@ class DirectoryRecord(RecordStore):
         self.description = f"directory {self.root}"
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / JOURNAL).mkdir(exist_ok=True)
+        (self.root / PINS).mkdir(exist_ok=True)
         self._seq_hint = 0
         self._remove_stale_temporaries()
 
@@ -116,19 +120,31 @@ class DirectoryRecord(RecordStore):
                 return []
         return sorted(stored - dropped)
 
-    def heads(self) -> dict[str, int]:
-        heads = {}
+    def _names(self, prefix: str = "") -> list[str]:
+        """Folder names that are domain names, sorted (other folders, e.g. lost+found, are ignored)."""
         with _reachable(self.root):
-            for entry in os.scandir(self.root):
-                if entry.name.startswith(".") or not entry.is_dir():
-                    continue
-                if not DOMAIN_NAME.fullmatch(entry.name):
-                    _log.warning("ignoring %s in the store: not a domain name", entry.path)
-                    continue
-                live = self._live(entry.name)
-                if live:
-                    heads[entry.name] = live[-1]
+            return sorted(e.name for e in os.scandir(self.root) if e.name.startswith(prefix)
+                          and not e.name.startswith(".") and DOMAIN_NAME.fullmatch(e.name) and e.is_dir())
+
+    def heads(self, domains) -> dict[str, int]:
+        heads = {}
+        for domain in domains:
+            live = self._live(domain)
+            if live:
+                heads[domain] = live[-1]
         return heads
+
+    def list_domains(self, prefix: str, after: str | None, limit: int) -> list[tuple[str, int]]:
+        found = []
+        for name in self._names(prefix):
+            if after is not None and name <= after:
+                continue
+            live = self._live(name)
+            if live:
+                found.append((name, live[-1]))
+                if len(found) >= limit:
+                    break
+        return found
 
     def live_versions(self, domain: str) -> list[Version]:
         versions = []
@@ -186,6 +202,7 @@ class DirectoryRecord(RecordStore):
             if not live:
                 return False
             self._drop(domain, live)
+            (self.root / PINS / domain).unlink(missing_ok=True)
             self._announce(domain)
         return True
 
@@ -226,6 +243,43 @@ class DirectoryRecord(RecordStore):
                 raise RecordUnavailable(f"The store directory {self.root} lost its journal (is the volume mounted?).")
             self._seq_hint = max(self._seq_hint, seq)
             return seq, changed
+
+    # ----- pins and usage --------------------------------------------------------------------
+
+    def pinned(self) -> set[str]:
+        with _reachable(self.root):
+            return {name for name in os.listdir(self.root / PINS) if DOMAIN_NAME.fullmatch(name)}
+
+    def set_pinned(self, domain: str, pinned: bool) -> None:
+        path = self.root / PINS / check_domain_name(domain)
+        with _reachable(self.root):
+            if pinned:
+                atomic_write_bytes(path, b"")
+            else:
+                path.unlink(missing_ok=True)
+            self._announce(domain)
+
+    def _usage(self) -> dict[str, int]:
+        try:
+            usage = json.loads((self.root / USAGE).read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return {k: int(v) for k, v in usage.items() if isinstance(v, int)} if isinstance(usage, dict) else {}
+
+    def add_usage(self, counts: dict[str, int]) -> None:
+        if not counts:
+            return
+        with _reachable(self.root):
+            usage = self._usage()
+            for domain, n in counts.items():
+                usage[domain] = usage.get(domain, 0) + n
+            atomic_write_bytes(self.root / USAGE, json.dumps(usage).encode())
+
+    def top_used(self, n: int) -> list[str]:
+        with _reachable(self.root):
+            usage = self._usage()
+        ranked = sorted(usage, key=lambda d: -usage[d])
+        return [d for d in ranked if self._live(d)][:n]
 
     # ----- markers ---------------------------------------------------------------------------
 

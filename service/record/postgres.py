@@ -6,7 +6,8 @@ Tables (created idempotently at start, under an advisory lock, with a schema ver
 - `ra_versions(domain, version, sha256, created_at, dropped_at)`: one row per version ever claimed;
   the primary key makes a (domain, version) unique, and dropped rows stay so that a number is never
   reused.
-- `ra_markers(name)`: one-time markers.
+- `ra_pins(domain)`: pinned domains; `ra_usage(domain, count)`: images classified (a warming hint);
+  `ra_markers(name)`: one-time markers.
 
 Every change runs in one transaction that also sends `NOTIFY ra_registry, '<domain>'`; PostgreSQL
 delivers it only on commit, so a listener never hears of a change it cannot read yet. Changes of one
@@ -52,6 +53,8 @@ CREATE TABLE IF NOT EXISTS ra_versions (
 );
 CREATE INDEX IF NOT EXISTS ra_versions_live ON ra_versions (domain, version) WHERE dropped_at IS NULL;
 CREATE TABLE IF NOT EXISTS ra_markers (name text PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS ra_pins (domain text PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS ra_usage (domain text PRIMARY KEY, count bigint NOT NULL);
 """
 
 
@@ -123,11 +126,19 @@ class PostgresRecord(RecordStore):
 
     # ----- reading ---------------------------------------------------------------------------
 
-    def heads(self) -> dict[str, int]:
+    def heads(self, domains) -> dict[str, int]:
         with self._session() as conn:
             rows = conn.execute("SELECT domain, max(version) FROM ra_versions WHERE dropped_at IS NULL "
-                                "GROUP BY domain").fetchall()
+                                "AND domain = ANY(%s) GROUP BY domain", (list(domains),)).fetchall()
         return dict(rows)
+
+    def list_domains(self, prefix: str, after: str | None, limit: int) -> list[tuple[str, int]]:
+        pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        with self._session() as conn:
+            rows = conn.execute(
+                "SELECT domain, max(version) FROM ra_versions WHERE dropped_at IS NULL AND domain LIKE %s "
+                "AND domain > %s GROUP BY domain ORDER BY domain LIMIT %s", (pattern, after or "", limit)).fetchall()
+        return [(d, v) for d, v in rows]
 
     def live_versions(self, domain: str) -> list[Version]:
         with self._session() as conn:
@@ -198,6 +209,7 @@ class PostgresRecord(RecordStore):
     def delete(self, domain: str) -> bool:
         with self._session() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"ra:{domain}",))
+            conn.execute("DELETE FROM ra_pins WHERE domain = %s", (domain,))
             return self._drop(conn, domain, "", ()) > 0
 
     # ----- changes ---------------------------------------------------------------------------
@@ -219,6 +231,35 @@ class PostgresRecord(RecordStore):
                 self._listener.close()
             self._listener = None
             raise RecordUnavailable(f"Lost the change feed of {self.description}: {str(exc).strip()[:200]}") from None
+
+    # ----- pins and usage --------------------------------------------------------------------
+
+    def pinned(self) -> set[str]:
+        with self._session() as conn:
+            return {row[0] for row in conn.execute("SELECT domain FROM ra_pins").fetchall()}
+
+    def set_pinned(self, domain: str, pinned: bool) -> None:
+        with self._session() as conn, conn.transaction():
+            if pinned:
+                conn.execute("INSERT INTO ra_pins (domain) VALUES (%s) ON CONFLICT DO NOTHING", (domain,))
+            else:
+                conn.execute("DELETE FROM ra_pins WHERE domain = %s", (domain,))
+            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, domain))
+
+    def add_usage(self, counts: dict[str, int]) -> None:
+        if not counts:
+            return
+        with self._session() as conn, conn.transaction():
+            with conn.cursor() as cur:
+                cur.executemany("INSERT INTO ra_usage (domain, count) VALUES (%s, %s) ON CONFLICT (domain) "
+                                "DO UPDATE SET count = ra_usage.count + excluded.count", sorted(counts.items()))
+
+    def top_used(self, n: int) -> list[str]:
+        with self._session() as conn:
+            rows = conn.execute("SELECT u.domain FROM ra_usage u WHERE EXISTS (SELECT 1 FROM ra_versions v "
+                                "WHERE v.domain = u.domain AND v.dropped_at IS NULL) ORDER BY u.count DESC, u.domain "
+                                "LIMIT %s", (n,)).fetchall()
+        return [row[0] for row in rows]
 
     # ----- markers ---------------------------------------------------------------------------
 

@@ -1,0 +1,182 @@
+"""Many more registered domains than device slots: start-up, memory, Zipf traffic, cold loads.
+
+    python -m bench.domains [--domains 10000] [--max-resident 512] [--seconds 10] [--rounds 2]
+
+With the demo backbone: registers `--domains` domains in a directory registry of record (copies of
+the three demo bundles under new names, hard-linked so that 100,000 of them fit any disk; the bytes
+are identical to uploaded copies), starts `python -m service` on it with `RA_MAX_RESIDENT`, and
+drives Zipf(1.0) traffic over all of them over HTTP (wrk when installed), interleaved with the same
+load over 8 domains. Prints one JSON object last:
+
+- `startup_s`: from starting the process to /readyz 200; `rss_mb`: the server's resident memory
+  after start and after the run;
+- `zipf_img_s`, `eight_img_s` and `zipf_over_eight` (medians of interleaved rounds);
+- `hit_rate`: device and host tiers during the Zipf rounds (from the server's own counters);
+- `cold_ms`: p50/p99 of putting a domain on the device from host memory and from the record,
+  timed in this process on the same store with the same registry code;
+- `list_page_ms`: GET /adapters?limit=100, first page and one far into the listing.
+Loopback only; it stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import httpx
+import numpy as np
+
+from bench.serve import DEMO, TOKEN, drive, free_port, median_round, test_images, wait_ready
+
+
+def seed(store: pathlib.Path, count: int) -> list[str]:
+    """`count` domains `d000000...`, each version 1 a hard link to one of the demo bundles."""
+    sources = sorted(p for p in DEMO.glob("*.safetensors") if p.name != "backbone.safetensors")
+    names = [f"d{i:06d}" for i in range(count)]
+    for i, name in enumerate(names):
+        (store / name).mkdir()
+        os.link(sources[i % len(sources)], store / name / "000001.safetensors")
+    return names
+
+
+def zipf_sequence(names: list[str], length: int, seed_: int = 0) -> list[str]:
+    """Requests drawn from Zipf(1.0) over `names` (rank 1 the most popular), in random order."""
+    ranks = np.arange(1, len(names) + 1)
+    p = 1.0 / ranks
+    p /= p.sum()
+    rng = np.random.default_rng(seed_)
+    order = rng.permutation(len(names))  # which name holds which rank
+    return [names[order[r]] for r in rng.choice(len(names), size=length, p=p)]
+
+
+def rss_mb(pid: int) -> float:
+    text = pathlib.Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) / 1024
+
+
+def counters(url: str) -> dict[tuple[str, str], float]:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {(m[0], m[1]): float(m[2]) for m in
+            re.findall(r'^ra_adapter_lookups_total\{result="(\w+)",tier="(\w+)"\} (\S+)$', text, re.M)}
+
+
+def rate(before: dict, after: dict, tier: str) -> float | None:
+    hit = after.get(("hit", tier), 0) - before.get(("hit", tier), 0)
+    miss = after.get(("miss", tier), 0) - before.get(("miss", tier), 0)
+    return round(hit / (hit + miss), 4) if hit + miss else None
+
+
+def cold_loads(store: pathlib.Path, names: list[str], n: int) -> dict:
+    """Time putting domains on the device from the record, then from host memory (same registry code)."""
+    from model.backbone import load_backbone
+    from model.engine import InferenceEngine
+    from service.metrics import Metrics
+    from service.record.directory import DirectoryRecord
+    from service.registry import Limits, Registry
+
+    backbone = load_backbone(DEMO / "backbone.safetensors")
+    engine = InferenceEngine(backbone, capacity=64)
+    engine.warm_up((1, 2))
+
+    async def main() -> dict:
+        registry = Registry(backbone, engine, DirectoryRecord(store), Metrics(),
+                            Limits(max_resident=32, host_cache_bytes=4096 * 1024 * 1024))
+        timings: dict[str, list[float]] = {"registry": [], "host": []}
+        for source, batch in (("registry", names[:n]), ("host", names[: n - 32])):
+            for name in batch:
+                await asyncio.sleep(0.01)  # let the previous eviction's copy to host memory finish
+                start = time.perf_counter()
+                registry.release([await registry.acquire(name)])
+                timings[source].append((time.perf_counter() - start) * 1000)
+        return {source: {"p50": round(float(np.percentile(ms, 50)), 2), "p99": round(float(np.percentile(ms, 99)), 2),
+                         "n": len(ms)} for source, ms in timings.items()}
+
+    return asyncio.run(main())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--domains", type=int, default=10_000)
+    parser.add_argument("--max-resident", type=int, default=512)
+    parser.add_argument("--host-cache-mb", type=float, default=1024)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--cold", type=int, default=200, help="domains timed per cold-load source")
+    args = parser.parse_args(argv)
+
+    images = test_images(16, 48)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = pathlib.Path(tmp) / "store"
+        store.mkdir()
+        t0 = time.perf_counter()
+        names = seed(store, args.domains)
+        seed_s = time.perf_counter() - t0
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "RA_STORE_DIR": str(store), "RA_ADMIN_TOKEN": TOKEN, "RA_DEMO_ADAPTERS": "false",
+               "RA_MAX_RESIDENT": str(args.max_resident), "RA_HOST_CACHE_MB": str(args.host_cache_mb),
+               "TF_CPP_MIN_LOG_LEVEL": "2"}
+        start = time.perf_counter()
+        server = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
+                                  env=env, start_new_session=True)
+        try:
+            wait_ready(url, timeout=300)
+            startup_s = time.perf_counter() - start
+            rss_start = rss_mb(server.pid)
+            with httpx.Client(timeout=60) as client:
+                list_ms = []
+                for cursor in (None, names[len(names) * 3 // 4]):
+                    t = time.perf_counter()
+                    page = client.get(url + "/adapters", params={"limit": 100, **({"cursor": cursor} if cursor else {})})
+                    page.raise_for_status()
+                    list_ms.append(round((time.perf_counter() - t) * 1000, 1))
+            zipf = zipf_sequence(names, 200_000)
+            eight = names[:8]
+            drive(url, eight, images, args.concurrency, 2.0, 1)  # warm-up
+            zipf_rounds, eight_rounds, lookups = [], [], []
+            for _ in range(args.rounds):
+                before = counters(url)
+                zipf_rounds.append(drive(url, zipf, images, args.concurrency, args.seconds, 1))
+                lookups.append((before, counters(url)))
+                eight_rounds.append(drive(url, eight, images, args.concurrency, args.seconds, 1))
+            rss_end = rss_mb(server.pid)
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(60)
+        cold = cold_loads(store, names[len(names) // 2:], args.cold)
+    z, e = median_round(zipf_rounds), median_round(eight_rounds)
+    first, last = lookups[0][0], lookups[-1][1]
+    result = {
+        "domains": args.domains,
+        "startup_s": round(startup_s, 2),
+        "rss_mb": {"after_start": round(rss_start, 1), "after_run": round(rss_end, 1)},
+        "zipf_img_s": round(z["img_s"], 1),
+        "eight_img_s": round(e["img_s"], 1),
+        "zipf_over_eight": round(z["img_s"] / e["img_s"], 3),
+        "zipf_p99_ms": round(z["p99_ms"], 1), "eight_p99_ms": round(e["p99_ms"], 1),
+        "hit_rate": {"device": rate(first, last, "device"), "host": rate(first, last, "host")},
+        "cold_ms": cold,
+        "list_page_ms": {"first": list_ms[0], "far": list_ms[1]},
+        "errors": sum(r["errors"] for r in zipf_rounds + eight_rounds),
+        "settings": {"max_resident": args.max_resident, "host_cache_mb": args.host_cache_mb, "seconds": args.seconds,
+                     "rounds": args.rounds, "concurrency": args.concurrency, "seed_s": round(seed_s, 1),
+                     "load_generator": "wrk" if shutil.which("wrk") else "httpx", "cpus": os.cpu_count()},
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

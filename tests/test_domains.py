@@ -1,0 +1,246 @@
+"""Domains on demand: the registry's device and host tiers over the registry of record.
+
+In-process, with a real engine and a real directory record: LRU order, pinning, leases that keep a
+domain in use from eviction, de-duplicated loads, no retracing while many domains cycle through few
+slots, the host tier's exact round trip, a broken stored bundle, and pagination over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from model.engine import InferenceEngine
+from model.preprocessing import open_image, preprocess
+from service.app import create_app
+from service.metrics import Metrics
+from service.record.directory import DirectoryRecord
+from model.folding import fold_domain
+from service.registry import AdapterUnavailable, Limits, Registry, UnknownDomainError
+from service.settings import Settings
+from service_helpers import ADMIN_TOKEN, AUTH, bundle_file, png_bytes
+
+
+def make_registry(assets, store, **limits) -> Registry:
+    engine = InferenceEngine(assets.backbone, capacity=limits.pop("capacity", 16), class_capacity=8)
+    engine.warm_up((1, 2))
+    return Registry(assets.backbone, engine, DirectoryRecord(store), Metrics(), Limits(**limits))
+
+
+def fill(store, assets, names: list[str], source: str = "beta") -> None:
+    record = DirectoryRecord(store)
+    for name in names:
+        record.add(name, assets.data(source), replace=False)
+
+
+def counter(registry: Registry, name: str, **labels) -> float:
+    return registry.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def use(registry: Registry, *domains: str) -> None:
+    for domain in domains:
+        registry.release([await registry.acquire(domain)])
+
+
+def tiers(registry: Registry) -> dict[str, str]:
+    return {e.domain: e.tier for e in registry.entries()}
+
+
+def test_least_recently_used_leaves_the_device_first(assets, tmp_path):
+    fill(tmp_path, assets, ["d0", "d1", "d2", "d3"])
+
+    async def main():
+        registry = make_registry(assets, tmp_path, max_resident=3)
+        await use(registry, "d0", "d1", "d2", "d0")  # d1 is now the least recently used
+        await use(registry, "d3")
+        await asyncio.sleep(0.2)  # the evicted tables are copied to host memory in a thread
+        first = tiers(registry)
+        await use(registry, "d2", "d1")  # d1 comes back from host memory; d0 is now the oldest
+        await asyncio.sleep(0.2)
+        return first, tiers(registry), registry
+
+    first, second, registry = asyncio.run(main())
+    assert first == {"d0": "device", "d1": "host", "d2": "device", "d3": "device"}
+    assert second == {"d0": "host", "d1": "device", "d2": "device", "d3": "device"}
+    assert counter(registry, "ra_adapter_loads_total", source="registry", outcome="ok") == 4
+    assert counter(registry, "ra_adapter_loads_total", source="host", outcome="ok") == 1
+    assert counter(registry, "ra_adapter_evictions_total", tier="device") == 2
+
+
+def test_host_tier_is_bounded_and_round_trips_exactly(assets, tmp_path):
+    fill(tmp_path, assets, [f"d{i}" for i in range(6)])
+    x = preprocess(open_image(png_bytes(3)), assets.bundles["beta"].preprocessing)[None]
+
+    per_domain = fold_domain(assets.bundles["beta"].config, assets.bundles["beta"].weights).nbytes
+    budget = int(2.5 * per_domain)  # room for two evicted domains
+
+    async def main():
+        registry = make_registry(assets, tmp_path, max_resident=2, host_cache_bytes=budget)
+        entry = await registry.acquire("d0")
+        before = registry.engine.predict(x, entry.slot)[0]
+        registry.release([entry])
+        await use(registry, "d1", "d2")  # d0 -> host
+        await asyncio.sleep(0.2)
+        assert registry.cached("d0").tier == "host"
+        entry = await registry.acquire("d0")  # back from host memory: a table write, no validation
+        after = registry.engine.predict(x, entry.slot)[0]
+        registry.release([entry])
+        await use(registry, "d3", "d4", "d5")
+        await asyncio.sleep(0.3)
+        return before, after, registry
+
+    before, after, registry = asyncio.run(main())
+    np.testing.assert_array_equal(before, after)
+    assert 0 < registry.metrics.registry.get_sample_value("ra_host_cache_bytes") <= budget
+    assert registry.resident("host") == 2  # older host copies were dropped to stay within the budget
+    assert counter(registry, "ra_adapter_evictions_total", tier="host") >= 1
+
+
+def test_pinned_and_leased_domains_are_never_evicted(assets, tmp_path):
+    fill(tmp_path, assets, [f"d{i}" for i in range(8)])
+    x = preprocess(open_image(png_bytes(4)), assets.bundles["beta"].preprocessing)[None]
+
+    async def main():
+        registry = make_registry(assets, tmp_path, max_resident=3, pinned=frozenset({"d0"}))
+        await use(registry, "d0")
+        held = await registry.acquire("d1")  # a request still holds d1 (queued or computing)
+        want = registry.engine.predict(x, held.slot)[0]
+        await use(registry, "d2", "d3", "d4", "d5", "d6", "d7")
+        got = registry.engine.predict(x, held.slot)[0]  # its slot was not reused meanwhile
+        state = tiers(registry)
+        registry.release([held])
+        await use(registry, "d2", "d3")
+        return want, got, state, tiers(registry)
+
+    want, got, during, after = asyncio.run(main())
+    np.testing.assert_array_equal(want, got)
+    assert during["d0"] == "device" and during["d1"] == "device"
+    assert after["d0"] == "device" and after["d1"] != "device"  # released: now it may go
+
+
+def test_a_hundred_requests_for_one_cold_domain_cause_one_load(assets, tmp_path):
+    fill(tmp_path, assets, ["cold"])
+
+    async def main():
+        registry = make_registry(assets, tmp_path, max_resident=4)
+        entries = await asyncio.gather(*(registry.acquire("cold") for _ in range(100)))
+        registry.release(entries)
+        return registry, {id(e) for e in entries}
+
+    registry, distinct = asyncio.run(main())
+    assert len(distinct) == 1
+    assert counter(registry, "ra_adapter_loads_total", source="registry", outcome="ok") == 1
+    assert counter(registry, "ra_adapter_lookups_total", tier="host", result="miss") == 1
+
+
+def test_cycling_many_domains_through_few_slots_never_retraces(assets, tmp_path):
+    names = [f"d{i:02d}" for i in range(30)]
+    fill(tmp_path, assets, names)
+    x = preprocess(open_image(png_bytes(5)), assets.bundles["beta"].preprocessing)[None]
+
+    async def main():
+        registry = make_registry(assets, tmp_path, max_resident=4, capacity=16, host_cache_bytes=0)
+        await use(registry, *names[:4])
+        before = registry.engine.tracing_count(), registry.engine.capacity
+        for _ in range(2):
+            for name in names:
+                entry = await registry.acquire(name)
+                registry.engine.predict(np.repeat(x, 2, 0), entry.slot)
+                registry.release([entry])
+        return before, (registry.engine.tracing_count(), registry.engine.capacity), registry
+
+    before, after, registry = asyncio.run(main())
+    assert after == before  # no retrace, no growth
+    assert registry.resident("device") == 4
+    assert counter(registry, "ra_adapter_evictions_total", tier="device") >= 50
+
+
+def test_unknown_and_broken_domains(assets, tmp_path):
+    fill(tmp_path, assets, ["fine"])
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "000001.safetensors").write_bytes(np.random.default_rng(0).bytes(3000))
+
+    async def main():
+        registry = make_registry(assets, tmp_path, max_resident=4)
+        with pytest.raises(UnknownDomainError):
+            await registry.acquire("nope")
+        with pytest.raises(UnknownDomainError):
+            await registry.acquire("../etc")
+        with pytest.raises(AdapterUnavailable, match="passes validation") as info:
+            await registry.acquire("broken")
+        await use(registry, "fine")  # other domains are unaffected
+        with pytest.raises(AdapterUnavailable):  # remembered: not read again
+            await registry.acquire("broken")
+        return registry, str(info.value)
+
+    registry, message = asyncio.run(main())
+    assert "v1" in message and "safetensors" in message
+    assert counter(registry, "ra_adapter_loads_total", source="registry", outcome="invalid") == 1
+
+
+def test_listing_pages_and_a_broken_bundle_over_http(assets, tmp_path):
+    names = [f"acme-{i:02d}" for i in range(23)] + ["zeta-a", "zeta-b"]
+    fill(tmp_path, assets, names)
+    (tmp_path / "zeta-c").mkdir()
+    (tmp_path / "zeta-c" / "000001.safetensors").write_bytes(b"\x00" * 100)
+    settings = Settings(backbone=assets.backbone_path, store_dir=tmp_path, demo_adapters=False,
+                        admin_token=ADMIN_TOKEN, max_resident=4, capacity=8, preprocess_threads=1, max_fanout=3)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        seen, cursor, pages = [], None, 0
+        while True:
+            params = {"limit": 10, **({"cursor": cursor} if cursor else {})}
+            body = client.get("/adapters", params=params).json()
+            seen += [a["domain"] for a in body["adapters"]]
+            pages += 1
+            cursor = body["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == sorted(names + ["zeta-c"]) and pages == 3
+        zetas = client.get("/adapters", params={"prefix": "zeta-"}).json()
+        assert [a["domain"] for a in zetas["adapters"]] == ["zeta-a", "zeta-b", "zeta-c"]
+        assert zetas["next_cursor"] is None
+        assert client.get("/adapters", params={"limit": 0}).status_code == 422
+
+        response = client.post("/predict/acme-07", files={"file": ("x.png", png_bytes(1))})
+        assert response.status_code == 200, response.text
+        listed = {a["domain"]: a for a in client.get("/adapters", params={"prefix": "acme-0"}).json()["adapters"]}
+        assert listed["acme-07"]["tier"] == "device" and listed["acme-07"]["num_classes"] == 3
+        assert client.get("/adapters/acme-07").json()["tier"] == "device"
+
+        broken = client.post("/predict/zeta-c", files={"file": ("x.png", png_bytes(1))})
+        assert broken.status_code == 503 and broken.json()["error"] == "adapter_unavailable", broken.text
+        assert "validation" in broken.json()["detail"] and broken.headers["Retry-After"]
+        assert client.post("/predict/zeta-a", files={"file": ("x.png", png_bytes(1))}).status_code == 200
+        too_many = client.post("/predict", files={"file": ("x.png", png_bytes(1))}, data={"domains": "all"})
+        assert too_many.status_code == 400 and too_many.json()["error"] == "too_many_domains"
+        metrics = client.get("/metrics").text
+        assert re.search(r'^ra_adapter_loads_total\{outcome="invalid",source="registry"\} 1\.0$', metrics, re.M)
+
+
+def test_start_up_loads_pinned_domains_and_warms_the_most_used(assets, tmp_path):
+    fill(tmp_path, assets, [f"d{i}" for i in range(6)])
+    settings = Settings(backbone=assets.backbone_path, store_dir=tmp_path, demo_adapters=False,
+                        admin_token=ADMIN_TOKEN, max_resident=4, capacity=8, preprocess_threads=1, pinned="d5")
+    with TestClient(create_app(settings)) as client:
+        for domain in ("d2", "d2", "d3"):
+            assert client.post(f"/predict/{domain}", files={"file": ("x.png", png_bytes(1))}).status_code == 200
+        pinned = client.post("/adapters", headers=AUTH, files=bundle_file(assets.data("gamma")),
+                             data={"domain": "g", "pin": "true"})
+        assert pinned.status_code == 201 and pinned.json()["pinned"] is True
+    # usage counts were written on shutdown; a restart loads the pinned domains, then warms d2 and d3
+    with TestClient(create_app(settings)) as client:
+        ready = client.get("/readyz").json()
+        assert ready["ready"]
+        by_name = {}
+        for _ in range(100):
+            by_name = {a["domain"]: a for a in client.get("/adapters").json()["adapters"]}
+            if by_name["d2"]["tier"] == "device" and by_name["d3"]["tier"] == "device":
+                break
+            asyncio.run(asyncio.sleep(0.05))
+        assert by_name["d5"]["pinned"] and by_name["g"]["pinned"]
+        assert {d for d, a in by_name.items() if a["tier"] == "device"} >= {"d5", "g", "d2", "d3"}
+        assert by_name["d0"]["tier"] == "registry"
