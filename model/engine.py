@@ -102,20 +102,24 @@ class _Tables:
                                   input_signature=[image, tf.TensorSpec((), tf.int32)],
                                   jit_compile=engine.jit_compile, reduce_retracing=True)
         self.variables = self._ordered()
-        row_specs = [tf.TensorSpec(v.shape[1:], dt) for v in self.variables]
-        # one compiled call writes (or reads) a whole domain: dozens of eager ops cost milliseconds
-        self._write_rows = tf.function(self._scatter, input_signature=[tf.TensorSpec((), tf.int32), *row_specs])
-        self._read_rows = tf.function(lambda slot: [tf.gather(v, slot) for v in self.variables],
-                                      input_signature=[tf.TensorSpec((), tf.int32)])
+        self._shapes = [tuple(v.shape[1:]) for v in self.variables]
+        self._sizes = [int(np.prod(shape)) for shape in self._shapes]
+        # A domain's rows travel as one flat vector through one compiled call each way: dozens of
+        # eager ops, or a call with dozens of arguments, cost milliseconds of Python.
+        slot_spec = tf.TensorSpec((), tf.int32)
+        self._write_flat = tf.function(self._scatter, input_signature=[slot_spec, tf.TensorSpec((sum(self._sizes),), dt)])
+        self._read_flat = tf.function(
+            lambda slot: tf.concat([tf.reshape(tf.gather(v, slot), [-1]) for v in self.variables], 0),
+            input_signature=[slot_spec])
 
     def _ordered(self) -> list[tf.Variable]:
         groups = [self.bias, getattr(self, "matrix", {}), getattr(self, "scale", {}), getattr(self, "side", {})]
         return [g[k] for g in groups for k in sorted(g)] + [self.head_scale, self.head_bias, self.kernel,
                                                             self.logit_bias]
 
-    def _scatter(self, slot: tf.Tensor, *rows: tf.Tensor) -> None:
-        for var, row in zip(self.variables, rows):
-            var.scatter_nd_update([[slot]], row[None])
+    def _scatter(self, slot: tf.Tensor, flat: tf.Tensor) -> None:
+        for var, part, shape in zip(self.variables, tf.split(flat, self._sizes), self._shapes):
+            var.scatter_nd_update([[slot]], tf.reshape(part, (1, *shape)))
 
     def write(self, slot: int, folded: FoldedDomain, dtype: tf.DType) -> None:
         """Write one domain's folded tables into row `slot` (in `self.variables` order)."""
@@ -129,11 +133,13 @@ class _Tables:
         logit_bias = np.full((self.class_capacity,), -np.inf, np.float32)
         logit_bias[:k] = folded.logit_bias
         rows = [g[n] for g in groups for n in sorted(g)] + [folded.head_scale, folded.head_bias, kernel, logit_bias]
-        self._write_rows(tf.constant(slot, tf.int32), *(tf.constant(r, dtype) for r in rows))
+        flat = np.concatenate([np.ravel(r) for r in rows])
+        self._write_flat(tf.constant(slot, tf.int32), tf.constant(flat, dtype))
 
     def read(self, slot: int, num_classes: int, adapter: str) -> FoldedDomain:
         """The folded tables in row `slot` (the inverse of `write`)."""
-        rows = [np.asarray(r, np.float32) for r in self._read_rows(tf.constant(slot, tf.int32))]
+        flat = np.asarray(self._read_flat(tf.constant(slot, tf.int32)), np.float32)
+        rows = [part.reshape(shape) for part, shape in zip(np.split(flat, np.cumsum(self._sizes)[:-1]), self._shapes)]
         names = sorted(self.bias)
         it = iter(rows)
         bias = {n: next(it) for n in names}
@@ -154,7 +160,9 @@ class InferenceEngine:
 
     Args:
         backbone: the shared weights; every bundle must carry its fingerprint.
-        capacity: initial number of domain slots (grows by doubling, retracing once).
+        capacity: initial number of domain slots (grows by doubling, retracing once each time).
+        capacity_step: when doubling would pass this number of slots, grow to it instead (the most
+            a caller expects to hold; past it, doubling resumes).
         class_capacity: initial head width; a domain with more classes grows it (retracing once).
         compute_dtype: "float32" (default, and the only sensible choice on CPU), or "bfloat16" /
             "float16" on a GPU.
@@ -168,7 +176,7 @@ class InferenceEngine:
     """
 
     def __init__(self, backbone: Backbone, capacity: int = 16, class_capacity: int = 16,
-                 compute_dtype: str = "float32", jit_compile: bool = False):
+                 compute_dtype: str = "float32", jit_compile: bool = False, capacity_step: int | None = None):
         if compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}. Received: compute_dtype={compute_dtype!r}")
         if capacity < 1 or class_capacity < 1:
@@ -178,6 +186,7 @@ class InferenceEngine:
         self.input_size = backbone.config.input_size
         self.compute_dtype = tf.as_dtype(compute_dtype)
         self.jit_compile = jit_compile
+        self.capacity_step = capacity_step
         self.stem, self.blocks = self._make_plan()
         self.plan = [self.stem] + [p for b in self.blocks for p in (b.conv1, b.conv2)]
         self._kernels = {p.unit.name: tf.Variable(tf.constant(backbone.weights[f"{p.unit.name}_conv3x3.kernel"],
@@ -347,7 +356,11 @@ class InferenceEngine:
             full = not self._free
         if not full and num_classes <= old.class_capacity:
             return
-        capacity = old.capacity * 2 if full else old.capacity
+        capacity = old.capacity
+        if full:
+            capacity *= 2
+            if self.capacity_step is not None and old.capacity < self.capacity_step < capacity:
+                capacity = self.capacity_step
         class_capacity = max(old.class_capacity, num_classes)
         new = _Tables(self, capacity, class_capacity)
         for src, dst in zip(old.variables, new.variables):
@@ -412,9 +425,10 @@ class InferenceEngine:
         return [row[: slot.num_classes] for row, slot in zip(logits, held)]
 
     def warm_up(self, batch_sizes: Sequence[int] = (1, 2)) -> None:
-        """Trace and run both paths once so the first real request pays no compilation."""
+        """Trace and run both paths (and the table copy to host) once so that no request pays a compilation."""
         s = self.input_size
         slot = tf.constant(0, tf.int32)
+        self._tables.read(0, 1, self.adapter)
         for n in batch_sizes:
             x = tf.zeros((n, s, s, 3), tf.float32)
             self._tables.single(x, slot)

@@ -64,7 +64,7 @@ def _sync(state: ServiceState) -> schemas.RegistrySync | None:
     state.metrics.sync_behind.set(len(behind))
     return schemas.RegistrySync(record=registry.record.description, connected=s.connected, synced=s.synced_once,
                                 lag_s=lag, last_sync_at=s.last_ok_wall or None, domains_behind=behind[:20],
-                                errors=s.errors, last_error=s.last_error)
+                                errors=s.errors, last_error=s.last_error, warming=s.warming)
 
 
 @health.get("/readyz", response_model=schemas.Ready, responses={503: {"model": schemas.Ready}})

@@ -133,7 +133,9 @@ def startup(state: ServiceState) -> None:
     t0 = time.perf_counter()
     configure_tensorflow(s.workers)
     state.backbone = load_backbone(s.backbone)
-    state.engine = InferenceEngine(state.backbone, capacity=s.capacity, compute_dtype=s.compute_dtype)
+    headroom = s.load_concurrency + s.max_batch_size + 8  # loads in flight; replaced slots still computing
+    state.engine = InferenceEngine(state.backbone, capacity=min(s.capacity, s.max_resident + headroom),
+                                   compute_dtype=s.compute_dtype, capacity_step=s.max_resident + headroom)
     state.engine.warm_up(sorted({1, 2, s.max_batch_size}))
     record = open_record(s)
     limits = Limits(max_resident=s.max_resident, host_cache_bytes=int(s.host_cache_mb * MB),
@@ -150,6 +152,7 @@ def startup(state: ServiceState) -> None:
 async def warm_most_used(registry: Registry, count: int) -> None:
     """After start: load the most used domains (usage counts kept in the record), then, while room
     is left, the first ones by name, so a small registry is entirely resident as before."""
+    registry.status.warming = True
     try:
         names = await asyncio.to_thread(registry.record.top_used, count)
         if len(names) < count:
@@ -160,6 +163,8 @@ async def warm_most_used(registry: Registry, count: int) -> None:
         _log.info("warmed %d domains in %.1fs", loaded, time.perf_counter() - t0)
     except RecordUnavailable as exc:
         _log.warning("not warming domains: %s", exc)
+    finally:
+        registry.status.warming = False
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -25,6 +25,7 @@ import collections
 import dataclasses
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -40,6 +41,7 @@ from service.record import DomainExists, RecordStore, RecordUnavailable, Version
 _log = logging.getLogger(__name__)
 __all__ = ["AdapterUnavailable", "DomainExists", "NoPreviousVersion", "Registry", "Entry", "UnknownDomainError"]
 MB = 1024 * 1024
+VERIFIED_KEEP = 20_000  # sha256s of bundles that passed the golden self-test here, remembered
 
 
 class UnknownDomainError(KeyError):
@@ -108,6 +110,7 @@ class SyncStatus:
     last_ok_wall: float = 0.0
     errors: int = 0
     last_error: str | None = None
+    warming: bool = False  # the most used domains are being loaded in the background
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +137,8 @@ class Registry:
         self._loads: dict[str, asyncio.Task] = {}
         self._load_slots = asyncio.Semaphore(limits.load_concurrency)
         self._usage: collections.Counter[str] = collections.Counter()  # not yet added to the record
+        self._verified: collections.OrderedDict[str, None] = collections.OrderedDict()  # sha256s self-tested here
+        self._verified_lock = threading.Lock()  # loads run in several threads
         self.status = SyncStatus()
 
     # ----- reads -----------------------------------------------------------------------------
@@ -166,18 +171,17 @@ class Registry:
 
     async def acquire(self, domain: str) -> Entry:
         """The domain on the device, leased to the caller until `release`: loaded first if needed."""
+        entry = self._entries.get(domain)
+        if entry is not None and entry.slot is not None and not entry.retired:
+            self.metrics.lookups.labels("device", "hit").inc()
+            return self._lease(entry)
+        self.metrics.lookups.labels("device", "miss").inc()
         for _ in range(3):
-            entry = self._entries.get(domain)
-            if entry is not None and entry.slot is not None and not entry.retired:
-                self.metrics.lookups.labels("device", "hit").inc()
-                return self._lease(entry)
-            self.metrics.lookups.labels("device", "miss").inc()
             task = self._loads.get(domain)
             if task is None:
                 check_name(domain)
-                task = asyncio.create_task(self._bring(domain))
-                self._loads[domain] = task
-                task.add_done_callback(lambda _: self._loads.pop(domain, None))
+                task = self._loads[domain] = asyncio.create_task(self._bring(domain))
+                task.add_done_callback(self._load_done)
             try:
                 entry = await asyncio.wait_for(asyncio.shield(task), self.limits.load_timeout_s)
             except asyncio.TimeoutError:
@@ -186,6 +190,13 @@ class Registry:
             if entry.slot is not None and not entry.retired:  # else evicted or replaced meanwhile: again
                 return self._lease(entry)
         raise AdapterUnavailable(f"{domain!r} kept being evicted before it could be used; retry.")
+
+    def _load_done(self, task: asyncio.Task) -> None:
+        for domain, running in list(self._loads.items()):
+            if running is task:
+                del self._loads[domain]
+        if not task.cancelled():
+            task.exception()  # retrieved: its waiters (if any are left) got it
 
     def _lease(self, entry: Entry) -> Entry:
         entry.leases += 1
@@ -230,7 +241,7 @@ class Registry:
 
     async def _to_device(self, entry: Entry) -> Entry:
         """Host tier -> device tier: one table write."""
-        await self._make_room()
+        self._make_room()
         start = time.perf_counter()
         entry.slot = await asyncio.to_thread(self.engine.load_folded, entry.folded)
         seconds = time.perf_counter() - start
@@ -253,7 +264,7 @@ class Registry:
                 data = await self._call(self.record.read, domain, v.version)
             except KeyError:  # dropped since the listing: the next announcement brings the rest
                 continue
-            await self._make_room()
+            self._make_room()
             try:
                 entry = await asyncio.to_thread(self._load, data, domain, v.version, v.created_at)
             except InvalidFileError as exc:
@@ -267,14 +278,25 @@ class Registry:
 
     def _load(self, data: bytes, domain: str, version: int, created_at: float,
               bundle: AdapterBundle | None = None) -> Entry:
-        """Validate (unless `bundle` is given, already validated), fold and self-test on the engine."""
+        """Validate (unless `bundle` is given, already validated), fold and self-test on the engine.
+
+        The golden self-test runs once per distinct bundle (by sha256) in this process: the same
+        bytes on the same engine give the same result when the domain comes back after an eviction."""
         start = time.perf_counter()
+        sha = hashlib.sha256(data).hexdigest()
         bundle = bundle or load_bundle(data, self.backbone, domain=domain)
-        slot = self.engine.load(bundle)
+        with self._verified_lock:
+            verified = sha in self._verified
+        slot = self.engine.load(bundle, verify_golden=not verified)
+        with self._verified_lock:
+            self._verified[sha] = None
+            self._verified.move_to_end(sha)
+            if len(self._verified) > VERIFIED_KEEP:
+                self._verified.popitem(last=False)
         seconds = time.perf_counter() - start
         self.metrics.load_seconds.labels("registry").observe(seconds)
         self.metrics.loads.labels("registry", "ok").inc()
-        return Entry(_card(bundle), version, hashlib.sha256(data).hexdigest(), len(data), created_at, seconds * 1000,
+        return Entry(_card(bundle), version, sha, len(data), created_at, seconds * 1000,
                      golden_self_test=bundle.golden_inputs is not None, slot=slot)
 
     def _publish(self, entry: Entry) -> None:
@@ -300,20 +322,19 @@ class Registry:
 
     # ----- eviction ----------------------------------------------------------------------------
 
-    async def _make_room(self) -> None:
-        """Evict least recently used device entries until a slot is free under `max_resident`; wait
-        until their rows are copied out and free, so the load that follows finds a free row."""
-        copies = []
+    def _make_room(self) -> None:
+        """Evict least recently used device entries until a slot is free under `max_resident`.
+
+        Their tables are copied to host memory in the background: the engine keeps spare rows
+        (loads in flight, replaced slots still computing), so the load that follows need not wait."""
         while len(self._device) >= self.limits.max_resident:
             victim = next((self._entries[d] for d in self._device
                            if self._entries[d].leases == 0 and d not in self._pinned), None)
             if victim is None:
                 _log.warning("every resident domain is pinned or in use: serving more than RA_MAX_RESIDENT=%d",
                              self.limits.max_resident)
-                break
-            copies.append(self._evict(victim))
-        if copies:
-            await asyncio.gather(*copies, return_exceptions=True)
+                return
+            self._evict(victim)
 
     def _evict(self, entry: Entry) -> asyncio.Future:
         """Device -> host: copy the tables back to host memory (in a thread), then free the slot."""
@@ -485,7 +506,7 @@ class Registry:
             if not replace and cached is not None:
                 raise DomainExists(f"Domain {bundle.domain!r} exists (version {cached.version}); "
                                    "send replace=true to upload a new version.")
-            await self._make_room()
+            self._make_room()
             entry = await asyncio.to_thread(self._load, data, bundle.domain, 0, 0.0, bundle)  # the self-test
             try:
                 version = await self._call(self.record.add, bundle.domain, data, replace)
@@ -535,7 +556,7 @@ class Registry:
             for v in reversed(versions[:-1]):
                 try:
                     data = await self._call(self.record.read, domain, v.version)
-                    await self._make_room()
+                    self._make_room()
                     entry = await asyncio.to_thread(self._load, data, domain, v.version, v.created_at)
                 except (KeyError, InvalidFileError) as exc:
                     _log.error("stored bundle %s v%d is unusable, skipping it: %s", domain, v.version, exc)

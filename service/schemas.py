@@ -98,6 +98,7 @@ class RegistrySync(BaseModel):
     domains_behind: list[str] = Field(description="domains served at another version than the record's (first 20)")
     errors: int
     last_error: str | None
+    warming: bool = Field(description="the most used domains are still being loaded in the background")
 
 
 class Ready(BaseModel):
