@@ -531,10 +531,6 @@ def test_store_recovers_from_a_crash(assets, ref, tmp_path):
     (folder / "000002.safetensors").write_bytes(assets.data("alt-alpha"))
     with running(make_settings(assets, store)) as client:
         assert client.get("/readyz").status_code == 200
-        assert not leftover.exists()
-        assert running_write.exists()  # younger than any crash: another process's write in progress
-        running_write.unlink()
-        assert temp_files(store) == []
         image = png_bytes(600)
         body = predict(client, "alpha", image).json()
         assert body["version"] == 1  # v3 is garbage and v2 dropped: v1 serves
@@ -544,6 +540,12 @@ def test_store_recovers_from_a_crash(assets, ref, tmp_path):
         assert listing == {"alpha": (1, "device")}
         described = client.get("/adapters/alpha").json()
         assert (described["version"], described["record_version"]) == (1, 3)
+        # the next write to the domain's folder clears what a crash left there, not other writes in progress
+        assert register(client, assets.data("alt-alpha"), replace=True).json()["version"] == 4
+        assert not leftover.exists()
+        assert running_write.exists()  # younger than any crash: another process's write in progress
+        running_write.unlink()
+        assert temp_files(store) == []
 
 
 def test_rollback_skips_a_broken_stored_version(assets, tmp_path):

@@ -15,8 +15,10 @@ Layout under the root:
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
+import itertools
 import json
 import logging
 import os
@@ -84,12 +86,17 @@ class DirectoryRecord(RecordStore):
         (self.root / JOURNAL).mkdir(exist_ok=True)
         (self.root / PINS).mkdir(exist_ok=True)
         self._seq_hint = 0
-        self._remove_stale_temporaries()
+        self._names_cache: tuple[int, list[str]] = (-1, [])  # (root's mtime_ns, sorted domain folder names)
+        self._remove_stale_temporaries(self.root / JOURNAL)
 
-    def _remove_stale_temporaries(self) -> None:
-        """Temporary files of writes that crashed (other processes' running writes are younger)."""
+    @staticmethod
+    def _remove_stale_temporaries(folder: pathlib.Path) -> None:
+        """Temporary files of writes that crashed (other processes' running writes are younger).
+
+        Done per folder before writing there, not for the whole store at start: start-up must not
+        grow with the number of domains."""
         now = time.time()
-        for leftover in [*self.root.glob("*/.*.tmp"), *self.root.glob(f"{JOURNAL}/.*.tmp")]:
+        for leftover in folder.glob(".*.tmp"):
             with contextlib.suppress(OSError):
                 if now - leftover.stat().st_mtime > STALE_TMP_S:
                     _log.warning("removing %s, left by an interrupted write", leftover)
@@ -120,11 +127,18 @@ class DirectoryRecord(RecordStore):
                 return []
         return sorted(stored - dropped)
 
-    def _names(self, prefix: str = "") -> list[str]:
-        """Folder names that are domain names, sorted (other folders, e.g. lost+found, are ignored)."""
+    def _names(self) -> list[str]:
+        """Folder names that are domain names, sorted (other folders, e.g. lost+found, are ignored).
+
+        Rescanned only when the root's mtime changes (a folder added or removed): listing a page
+        of 100,000 domains then costs a bisection and a look into each listed folder."""
         with _reachable(self.root):
-            return sorted(e.name for e in os.scandir(self.root) if e.name.startswith(prefix)
-                          and not e.name.startswith(".") and DOMAIN_NAME.fullmatch(e.name) and e.is_dir())
+            mtime = os.stat(self.root).st_mtime_ns
+            if mtime != self._names_cache[0]:
+                names = sorted(e.name for e in os.scandir(self.root)
+                               if not e.name.startswith(".") and DOMAIN_NAME.fullmatch(e.name) and e.is_dir())
+                self._names_cache = (mtime, names)
+            return self._names_cache[1]
 
     def heads(self, domains) -> dict[str, int]:
         heads = {}
@@ -135,10 +149,14 @@ class DirectoryRecord(RecordStore):
         return heads
 
     def list_domains(self, prefix: str, after: str | None, limit: int) -> list[tuple[str, int]]:
+        names = self._names()
+        start = bisect.bisect_left(names, prefix)
+        if after is not None:
+            start = max(start, bisect.bisect_right(names, after))
         found = []
-        for name in self._names(prefix):
-            if after is not None and name <= after:
-                continue
+        for name in itertools.islice(names, start, None):
+            if not name.startswith(prefix):
+                break
             live = self._live(name)
             if live:
                 found.append((name, live[-1]))
@@ -171,6 +189,7 @@ class DirectoryRecord(RecordStore):
         folder = self._folder(domain)
         with _reachable(self.root):
             folder.mkdir(exist_ok=True)
+            self._remove_stale_temporaries(folder)
             while True:
                 stored, dropped = self._numbers(folder)
                 if stored - dropped and not replace:
@@ -279,7 +298,7 @@ class DirectoryRecord(RecordStore):
         with _reachable(self.root):
             usage = self._usage()
         ranked = sorted(usage, key=lambda d: -usage[d])
-        return [d for d in ranked if self._live(d)][:n]
+        return list(itertools.islice((d for d in ranked if DOMAIN_NAME.fullmatch(d) and self._live(d)), n))
 
     # ----- markers ---------------------------------------------------------------------------
 
