@@ -242,12 +242,17 @@ class Registry:
     async def _to_device(self, entry: Entry) -> Entry:
         """Host tier -> device tier: one table write."""
         self._make_room()
+        folded = entry.folded
+        self._drop_host(entry)  # out of the host tier first: trimming it must not touch this entry
         start = time.perf_counter()
-        entry.slot = await asyncio.to_thread(self.engine.load_folded, entry.folded)
+        try:
+            entry.slot = await asyncio.to_thread(self.engine.load_folded, folded)
+        except BaseException:
+            self._forget(entry)
+            raise
         seconds = time.perf_counter() - start
         self.metrics.load_seconds.labels("host").observe(seconds)
         self.metrics.loads.labels("host", "ok").inc()
-        self._drop_host(entry)
         self._device[entry.domain] = None
         self._gauges()
         return entry
