@@ -17,6 +17,8 @@ asyncio httpx client, which caps the figures at what Python can send), and print
 - `cpu`: the server's CPU time per image at saturation (all its threads) against the bare engine's,
   and how busy the server kept the machine. Where the engine computes on the same CPUs as the HTTP
   work, `cpu_bound_http_over_engine` is the most `http_over_engine` can be on this machine.
+- `frontend_cpu_ms_per_img` (with wrk): server CPU per image minus the bare engine's, at saturation,
+  for multipart `/predict`, Open Inference Protocol `IMAGE` (binary) and `PIXELS` (binary).
 The load generator only talks to 127.0.0.1 and stops by itself.
 """
 
@@ -32,6 +34,7 @@ import pathlib
 import random
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -118,10 +121,40 @@ local domains = {%(domains)s}
 local i = 0
 request = function()
   i = i + 1
-  return wrk.format("POST", "/predict/" .. domains[(i %% #domains) + 1],
-                    {["Content-Type"] = "multipart/form-data; boundary=%(boundary)s"}, body)
+  return wrk.format("POST", "%(prefix)s" .. domains[(i %% #domains) + 1] .. "%(suffix)s",
+                    {["Content-Type"] = "%(content_type)s"%(extra_header)s}, body)
 end
 """
+KINDS = ("multipart", "v2-image", "v2-pixels")  # /predict/{domain}; OIP infer with IMAGE or PIXELS, binary
+
+
+def request_body(kind: str, images: list[bytes], files: int, input_size: int) -> tuple[bytes, dict]:
+    """The body wrk sends for `kind`, and the parts of its request line and headers."""
+    if kind == "multipart":
+        boundary = "benchBoundary7MA4YWxkTrZu0gW"
+        body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{i}.png\"\r\n"
+                        f"Content-Type: image/png\r\n\r\n".encode() + images[i % len(images)] + b"\r\n"
+                        for i in range(files)) + f"--{boundary}--\r\n".encode()
+        return body, {"prefix": "/predict/", "suffix": "", "content_type": f"multipart/form-data; boundary={boundary}",
+                      "extra_header": ""}
+    from PIL import Image
+
+    from model.preprocessing import center_crop, open_image, square, to_rgb
+
+    if kind == "v2-image":
+        binary = b"".join(struct.pack("<I", len(images[i % len(images)])) + images[i % len(images)]
+                          for i in range(files))
+        tensor = {"name": "IMAGE", "datatype": "BYTES", "shape": [files]}
+    else:
+        side = round(input_size * 9 / 8)
+        binary = b"".join(center_crop(square(to_rgb(open_image(images[i % len(images)])), side), input_size).tobytes()
+                          for i in range(files))
+        tensor = {"name": "PIXELS", "datatype": "UINT8", "shape": [files, input_size, input_size, 3]}
+    tensor["parameters"] = {"binary_data_size": len(binary)}
+    header = json.dumps({"inputs": [tensor],
+                         "outputs": [{"name": "LOGITS", "parameters": {"binary_data": True}}]}).encode()
+    return header + binary, {"prefix": "/v2/models/", "suffix": "/infer", "content_type": "application/octet-stream",
+                             "extra_header": f', ["Inference-Header-Content-Length"] = "{len(header)}"'}
 
 
 def _wrk_ms(text: str) -> float:
@@ -130,18 +163,15 @@ def _wrk_ms(text: str) -> float:
 
 
 def drive_wrk(url: str, domains: list[str], images: list[bytes], concurrency: int, seconds: float,
-              files: int) -> dict:
+              files: int, kind: str = "multipart", input_size: int = 32) -> dict:
     """wrk (C, a separate process) as the load generator: it costs the server's CPUs far less than Python."""
     import re
 
-    boundary = "benchBoundary7MA4YWxkTrZu0gW"
-    body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{i}.png\"\r\n"
-                    f"Content-Type: image/png\r\n\r\n".encode() + images[i % len(images)] + b"\r\n"
-                    for i in range(files)) + f"--{boundary}--\r\n".encode()
+    body, parts = request_body(kind, images, files, input_size)
     with tempfile.TemporaryDirectory() as tmp:
         (pathlib.Path(tmp) / "body.bin").write_bytes(body)
         script = pathlib.Path(tmp) / "load.lua"
-        script.write_text(WRK_SCRIPT % {"body": pathlib.Path(tmp) / "body.bin", "boundary": boundary,
+        script.write_text(WRK_SCRIPT % {"body": pathlib.Path(tmp) / "body.bin", **parts,
                                         "domains": ", ".join(f'"{d}"' for d in domains)})
         out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency",
                               "-s", str(script), url], capture_output=True, text=True, check=True).stdout
@@ -252,6 +282,21 @@ def main(argv: list[str] | None = None) -> None:
             mixed, single = median_round(mixed_rounds), median_round(single_rounds)
             mixed_images = sum(r["requests"] for r in mixed_rounds) * args.files_per_request
 
+            # Front-end CPU per image by request kind (wrk only: the Python client speaks multipart alone)
+            kind_cpu_ms = {}
+            if shutil.which("wrk"):
+                from model.backbone import load_backbone
+
+                size = load_backbone(args.backbone).config.input_size
+                for kind in KINDS:
+                    cpu_before = process_cpu_s(server.pid)
+                    run = drive_wrk(url, names, images, args.concurrency, args.seconds, args.files_per_request, kind,
+                                    size)
+                    if run["errors"]:
+                        raise RuntimeError(f"{kind}: {run['errors']} failed requests")
+                    kind_cpu_ms[kind] = (process_cpu_s(server.pid) - cpu_before) * 1000 / (
+                        run["requests"] * args.files_per_request)
+
             # Registration under load: a background client saturates the server meanwhile.
             queue = multiprocessing.get_context("spawn").Queue()
             load = multiprocessing.get_context("spawn").Process(
@@ -284,6 +329,7 @@ def main(argv: list[str] | None = None) -> None:
                      "img_s": round(low["img_s"], 1)},
         "saturation": {"p50_ms": round(mixed["p50_ms"], 2), "p99_ms": round(mixed["p99_ms"], 2)},
         "register_to_first_prediction_ms": round(register_ms, 1),
+        "frontend_cpu_ms_per_img": {kind: round(ms - engine_cpu_ms, 3) for kind, ms in kind_cpu_ms.items()},
         "errors": low["errors"] + sum(r["errors"] for r in mixed_rounds + single_rounds),
         "settings": {"load_generator": "wrk" if shutil.which("wrk") else "httpx", "concurrency": args.concurrency,
                      "seconds": args.seconds, "rounds": args.rounds, "domains": args.domains,

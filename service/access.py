@@ -1,6 +1,7 @@
 """Who may do what: the one place that decides access.
 
-Management (POST/DELETE under /adapters) needs `Authorization: Bearer <RA_ADMIN_TOKEN>`, checked
+Management (POST/DELETE under /adapters, and the Open Inference Protocol's model repository under
+/v2/repository) needs `Authorization: Bearer <RA_ADMIN_TOKEN>`, checked
 before the request body is received; with no token configured it is disabled (403), never open.
 Everything else is open.
 """
@@ -15,6 +16,8 @@ from service.errors import ApiError
 
 
 def is_management(method: str, path: str) -> bool:
+    if path.startswith("/v2/repository/") or path == "/v2/repository":
+        return True
     return method in ("POST", "DELETE") and (path == "/adapters" or path.startswith("/adapters/"))
 
 

@@ -96,7 +96,7 @@ async def _read_image(upload: UploadFile, state: ServiceState) -> bytes:
     return data
 
 
-def _decode_and_preprocess(data: bytes, bundles: list[AdapterBundle], max_pixels: int) -> list[np.ndarray]:
+def decode_and_preprocess(data: bytes, bundles: list[AdapterBundle], max_pixels: int) -> list[np.ndarray]:
     image = open_image(data, max_pixels)
     return [preprocess(image, b.preprocessing) for b in bundles]
 
@@ -122,7 +122,7 @@ async def _classify(state: ServiceState, uploads: list[UploadFile], entries: lis
         raw = [await _read_image(u, state) for u in uploads]
         loop = asyncio.get_running_loop()
         cards = [e.card for e in entries]
-        inputs = await asyncio.gather(*(loop.run_in_executor(state.preprocess_pool, _decode_and_preprocess, data,
+        inputs = await asyncio.gather(*(loop.run_in_executor(state.preprocess_pool, decode_and_preprocess, data,
                                                              cards, state.settings.max_image_pixels) for data in raw))
         decoded = time.perf_counter()
         images = [x for per_image in inputs for x in per_image]
@@ -149,8 +149,8 @@ async def predict_domain(domain: str, state: ReadyDep, file: Annotated[list[Uplo
     entry = await state.registry.acquire(domain)
     outputs, timing = await _classify(state, file, [entry])
     results = [schemas.ImageResult(filename=u.filename, predictions=_top_k(logits, entry.card.labels, top_k))
-               for u, (logits, _) in zip(file, outputs)]
-    return schemas.PredictResponse(domain=domain, version=outputs[0][1], predictions=results[0].predictions,
+               for u, (logits, *_) in zip(file, outputs)]
+    return schemas.PredictResponse(domain=domain, version=outputs[0].version, predictions=results[0].predictions,
                                    results=results, timing=timing)
 
 
@@ -182,7 +182,7 @@ async def predict_fanout(state: ReadyDep, file: Annotated[UploadFile, File()],
     entries = await _acquire_all(state, names)
     outputs, timing = await _classify(state, [file], entries)
     results = [schemas.DomainResult(domain=e.domain, version=v, predictions=_top_k(logits, e.card.labels, top_k))
-               for e, (logits, v) in zip(entries, outputs)]
+               for e, (logits, v, *_) in zip(entries, outputs)]
     return schemas.FanoutResponse(filename=file.filename, results=results, timing=timing)
 
 

@@ -24,7 +24,7 @@ from model.backbone import Backbone, load_backbone
 from model.bundle import load_bundle
 from model.engine import InferenceEngine
 from model.safetensors_io import InvalidFileError
-from service import api
+from service import api, oip
 from service.access import check_admin, is_management
 from service.batcher import DynamicBatcher
 from service.errors import ApiError, BodyTooLarge, error_response, install_error_handlers
@@ -52,7 +52,8 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            response = error_response(413, "request_too_large", f"The request body is larger than {self.limit} bytes.")
+            response = error_response(413, "request_too_large", f"The request body is larger than {self.limit} bytes.",
+                                      path=scope["path"])
             return await response(scope, receive, send)
         seen = 0
 
@@ -85,7 +86,7 @@ class Gatekeeper:
                 check_admin(headers.get(b"authorization", b"").decode("latin-1"), self.state.settings.admin_token)
             except ApiError as exc:
                 status = exc.status
-                await error_response(exc.status, exc.code, exc.detail, exc.headers)(scope, receive, send)
+                await error_response(exc.status, exc.code, exc.detail, exc.headers, scope["path"])(scope, receive, send)
                 self._record(scope, status, start)
                 return
 
@@ -182,7 +183,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                        state.metrics)
         await state.batcher.start()
         try:  # readiness needs the pinned domains only; the most used ones warm in the background
-            await registry.refresh_pins()
+            await registry.refresh_flags()
             pinned = await registry.warm(registry.pinned_domains())
             await registry.resync()
             _log.info("ready: %d pinned domains loaded in %.1fs", pinned, time.perf_counter() - t0)
@@ -214,6 +215,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api.health)
     app.include_router(api.predict)
     app.include_router(api.adapters)
+    oip.install(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)

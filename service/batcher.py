@@ -17,6 +17,7 @@ import collections
 import dataclasses
 import threading
 import time
+import typing
 
 import numpy as np
 
@@ -28,6 +29,15 @@ class Overloaded(Exception):
     """The queue is full; retry later."""
 
 
+class Answer(typing.NamedTuple):
+    """One image's result: logits, the adapter version that computed them, and where the time went."""
+
+    logits: np.ndarray
+    version: int
+    queue_s: float  # waiting for its batch
+    compute_s: float  # its batch's engine call
+
+
 class _Request:
     """One caller's images; its future resolves (on the event loop) once every image has an answer."""
 
@@ -36,7 +46,7 @@ class _Request:
         self.results: list = [None] * size
         self.missing = size
 
-    def deliver(self, index: int, result: tuple[np.ndarray, object] | BaseException) -> None:
+    def deliver(self, index: int, result: "Answer | BaseException") -> None:
         """Event-loop side: record one image's answer; the first error fails the request."""
         if self.future.done():
             return
@@ -91,7 +101,7 @@ class DynamicBatcher:
     def depth(self) -> int:
         return len(self._queue)
 
-    async def predict(self, images: list[np.ndarray], entries: list) -> list[tuple[np.ndarray, int]]:
+    async def predict(self, images: list[np.ndarray], entries: list) -> list[Answer]:
         """(logits, adapter version) per image, each computed with its entry's `slot`; raises `Overloaded`.
 
         The caller holds the entries (registry leases) until this returns, so their slots stay valid.
@@ -143,11 +153,14 @@ class DynamicBatcher:
 
     def _compute(self, batch: list[_Item]) -> None:
         """Run one batch; every item gets an answer or an error, never silence."""
+        start = time.monotonic()
         try:
             logits = self.engine.predict(np.stack([item.image for item in batch]), [item.slot for item in batch])
             self.metrics.batch_size.observe(len(batch))
             self.metrics.batch_domains.observe(len({item.slot.index for item in batch}))
-            results = [(item, (row, item.version)) for item, row in zip(batch, logits)]
+            done = time.monotonic()
+            results = [(item, Answer(row, item.version, start - item.queued_at, done - start))
+                       for item, row in zip(batch, logits)]
         except Exception as exc:  # noqa: BLE001 - handed to the waiting requests
             results = [(item, exc) for item in batch]
         try:

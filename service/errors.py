@@ -14,7 +14,7 @@ from model.preprocessing import ImageDecodeError
 from model.safetensors_io import InvalidFileError
 from service.batcher import Overloaded
 from service.record import RecordUnavailable
-from service.registry import AdapterUnavailable, DomainExists, NoPreviousVersion, UnknownDomainError
+from service.registry import AdapterUnavailable, DomainExists, DomainUnloaded, NoPreviousVersion, UnknownDomainError
 
 _log = logging.getLogger(__name__)
 IMAGE_STATUS = {"not_image": 415, "too_many_pixels": 413, "corrupt": 400}
@@ -35,37 +35,45 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"The request body is larger than {limit} bytes.")
 
 
-def error_response(status: int, code: str, detail: object, headers: dict[str, str] | None = None) -> JSONResponse:
+OIP_PREFIX = "/v2"  # Open Inference Protocol routes answer errors as {"error": "<message>"}
+
+
+def error_response(status: int, code: str, detail: object, headers: dict[str, str] | None = None,
+                   path: str = "") -> JSONResponse:
+    """The JSON error body: `{"error": code, "detail": message}`, or the protocol's `{"error": "code: message"}`
+    on the Open Inference Protocol routes."""
+    if path == OIP_PREFIX or path.startswith(OIP_PREFIX + "/"):
+        return JSONResponse({"error": f"{code}: {detail}"}, status_code=status, headers=headers)
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     def handle(exc_type, status, code, headers=None):
         async def handler(request: Request, exc: Exception) -> JSONResponse:
-            return error_response(status, code(exc) if callable(code) else code, str(exc), headers)
+            return error_response(status, code(exc) if callable(code) else code, str(exc), headers, path=request.url.path)
 
         app.add_exception_handler(exc_type, handler)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.detail, exc.headers)
+        return error_response(exc.status, exc.code, exc.detail, exc.headers, path=request.url.path)
 
     @app.exception_handler(UnknownDomainError)
     async def unknown_domain(request: Request, exc: UnknownDomainError) -> JSONResponse:
-        return error_response(404, "unknown_domain", f"{exc}. GET /adapters lists the domains.")
+        return error_response(404, "unknown_domain", f"{exc}. GET /adapters lists the domains.", path=request.url.path)
 
     @app.exception_handler(ImageDecodeError)
     async def bad_image(request: Request, exc: ImageDecodeError) -> JSONResponse:
-        return error_response(IMAGE_STATUS.get(exc.code, 400), exc.code, str(exc))
+        return error_response(IMAGE_STATUS.get(exc.code, 400), exc.code, str(exc), path=request.url.path)
 
     @app.exception_handler(InvalidFileError)
     async def bad_bundle(request: Request, exc: InvalidFileError) -> JSONResponse:
-        return error_response(422, f"invalid_bundle:{exc.code}", str(exc))
+        return error_response(422, f"invalid_bundle:{exc.code}", str(exc), path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
-        return error_response(422, "invalid_request", details)
+        return error_response(422, "invalid_request", details, path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -74,19 +82,20 @@ def install_error_handlers(app: FastAPI) -> None:
             methods = {m for route in app.routes if getattr(route, "methods", None)
                        and route.path_regex.fullmatch(request.url.path) for m in route.methods}
             headers["Allow"] = ", ".join(sorted(methods))
-        return error_response(exc.status_code, "http_error", str(exc.detail), headers or None)
+        return error_response(exc.status_code, "http_error", str(exc.detail), headers or None, path=request.url.path)
 
     handle(DomainExists, 409, "domain_exists")
     handle(NoPreviousVersion, 409, "no_previous_version")
+    handle(DomainUnloaded, 409, "domain_unloaded")
     handle(Overloaded, 503, "overloaded", {"Retry-After": "1"})
     handle(RecordUnavailable, 503, "registry_unavailable", {"Retry-After": "1"})
     handle(AdapterUnavailable, 503, "adapter_unavailable", {"Retry-After": "1"})
     handle(asyncio.TimeoutError, 504, "timeout")
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
-        return error_response(413, "request_too_large", exc.detail)
+        return error_response(413, "request_too_large", exc.detail, path=request.url.path)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         _log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal", "An internal error occurred; it has been logged.")
+        return error_response(500, "internal", "An internal error occurred; it has been logged.", path=request.url.path)

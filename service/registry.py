@@ -39,7 +39,7 @@ from service.metrics import Metrics
 from service.record import DomainExists, RecordStore, RecordUnavailable, Version
 
 _log = logging.getLogger(__name__)
-__all__ = ["AdapterUnavailable", "DomainExists", "NoPreviousVersion", "Registry", "Entry", "UnknownDomainError"]
+__all__ = ["AdapterUnavailable", "DomainExists", "DomainUnloaded", "NoPreviousVersion", "Registry", "Entry", "UnknownDomainError"]
 MB = 1024 * 1024
 VERIFIED_KEEP = 20_000  # sha256s of bundles that passed the golden self-test here, remembered
 
@@ -58,6 +58,10 @@ class UnknownDomainError(KeyError):
 class AdapterUnavailable(Exception):
     """A registered domain cannot be served now: no stored version passes validation, or loading it
     took longer than the limit."""
+
+
+class DomainUnloaded(Exception):
+    """The domain is kept in the registry but not served (unloaded through the repository API)."""
 
 
 class NoPreviousVersion(Exception):
@@ -133,6 +137,7 @@ class Registry:
         self._recorded: dict[str, int] = {}  # cached domains' current version in the record, as last read
         self._invalid: dict[tuple[str, int], str] = {}  # stored versions that failed validation here
         self._pinned: set[str] = set(limits.pinned)
+        self._unloaded: set[str] = set()  # kept in the record but not served (OIP repository unload)
         self._locks: dict[str, asyncio.Lock] = {}
         self._loads: dict[str, asyncio.Task] = {}
         self._load_slots = asyncio.Semaphore(limits.load_concurrency)
@@ -162,6 +167,9 @@ class Registry:
     def is_pinned(self, domain: str) -> bool:
         return domain in self._pinned
 
+    def is_unloaded(self, domain: str) -> bool:
+        return domain in self._unloaded
+
     def behind(self) -> list[str]:
         """Cached domains served at another version than the record's (invalid versions aside)."""
         return sorted(d for d, e in self._entries.items() if self._recorded.get(d, e.version) != e.version
@@ -171,6 +179,9 @@ class Registry:
 
     async def acquire(self, domain: str) -> Entry:
         """The domain on the device, leased to the caller until `release`: loaded first if needed."""
+        if domain in self._unloaded:
+            raise DomainUnloaded(f"Domain {domain!r} is unloaded: load it again (POST "
+                                 f"/v2/repository/models/{domain}/load) to serve it.")
         entry = self._entries.get(domain)
         if entry is not None and entry.slot is not None and not entry.retired:
             self.metrics.lookups.labels("device", "hit").inc()
@@ -442,7 +453,7 @@ class Registry:
 
     async def resync(self) -> None:
         """Make every cached domain match the record; refresh the pins; record usage counts."""
-        await self.refresh_pins()
+        await self.refresh_flags()
         await self.flush_usage()
         heads = await self._call(self.record.heads, sorted(self._entries))
         for domain in sorted(set(self._entries) | set(self._recorded)):
@@ -454,11 +465,10 @@ class Registry:
     async def sync(self, domain: str) -> None:
         """A change of `domain` in the record: follow it if the domain is cached here (else nothing to do)."""
         async with self._lock(domain):
+            await self.refresh_flags()  # a pin or an unload is announced like any change
             if domain not in self._entries and domain not in self._recorded:
                 return
             versions = await self._call(self.record.live_versions, domain)
-            if domain in self._entries or domain in self._pinned:
-                self._pinned = set(self.limits.pinned) | await self._call(self.record.pinned)
             entry = self._entries.get(domain)
             if not versions:
                 if entry is not None:
@@ -491,11 +501,32 @@ class Registry:
                 _log.warning("could not warm %s: %s", domain, exc)
         return loaded
 
+    async def set_flag(self, domain: str, flag: str, on: bool) -> None:
+        """Set a flag in the record (for every replica) and follow it here at once."""
+        await self._call(self.record.set_flag, domain, flag, on)
+        await self.refresh_flags()
+
+    async def unload(self, domain: str) -> None:
+        """Stop serving a registered domain everywhere, keeping it in the record."""
+        if not await self._call(self.record.live_versions, check_name(domain)):
+            raise UnknownDomainError(domain)
+        await self.set_flag(domain, "unloaded", True)
+
+    async def reload(self, domain: str) -> Entry:
+        """Serve an unloaded domain again (its current version)."""
+        if not await self._call(self.record.live_versions, check_name(domain)):
+            raise UnknownDomainError(domain)
+        await self.set_flag(domain, "unloaded", False)
+        return await self.describe(domain)
+
     def pinned_domains(self) -> list[str]:
         return sorted(self._pinned)
 
-    async def refresh_pins(self) -> None:
-        self._pinned = set(self.limits.pinned) | await self._call(self.record.pinned)
+    async def refresh_flags(self) -> None:
+        self._pinned = set(self.limits.pinned) | await self._call(self.record.flagged, "pinned")
+        self._unloaded = await self._call(self.record.flagged, "unloaded")
+        for domain in self._unloaded & set(self._entries):
+            self._retire(self._entries[domain])
 
     # ----- management ------------------------------------------------------------------------
 
@@ -516,8 +547,7 @@ class Registry:
             try:
                 version = await self._call(self.record.add, bundle.domain, data, replace)
                 if pin is not None:
-                    await self._call(self.record.set_pinned, bundle.domain, pin)
-                    self._pinned.add(bundle.domain) if pin else self._pinned.discard(bundle.domain)
+                    await self.set_flag(bundle.domain, "pinned", pin)
             except BaseException:
                 self.engine.release(entry.slot)
                 raise

@@ -113,3 +113,44 @@ class Ready(BaseModel):
 class Error(BaseModel):
     error: str = Field(description="machine-readable code")
     detail: str | list = Field(description="what went wrong and how to fix it")
+
+
+# ----- Open Inference Protocol (service.oip) ------------------------------------------------------
+
+class OipError(BaseModel):
+    error: str = Field(description="what went wrong and how to fix it")
+
+
+class OipServer(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class OipTensorMeta(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class OipModel(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[OipTensorMeta]
+    outputs: list[OipTensorMeta]
+
+
+class OipTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list | None = None
+    parameters: dict | None = None
+
+
+class OipInferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[OipTensor]

@@ -97,8 +97,9 @@ def test_requests_queued_during_a_batch_share_the_next_one_without_cross_talk():
     assert [len(b) for b in batches] == [1, 6]
     assert {d for _, d in batches[1]} == {"a", "b", "c"}
     for (value, domain), answer in zip(((1, "a"), (2, "b"), (3, "c")), answers[1:]):
-        assert [float(logits[0]) for logits, _ in answer] == [value, value + 0.5]
-        assert all(logits[1] == ord(domain) and tag == f"v-{domain}" for logits, tag in answer)
+        assert [float(a.logits[0]) for a in answer] == [value, value + 0.5]
+        assert all(a.logits[1] == ord(domain) and a.version == f"v-{domain}" and a.queue_s >= 0 and a.compute_s >= 0
+                   for a in answer)
 
 
 def test_a_full_batch_leaves_at_once_and_a_partial_one_after_max_wait():
@@ -166,7 +167,7 @@ def test_an_engine_error_fails_its_batch_and_the_next_batch_still_runs():
         await batcher.stop()
         return answer
 
-    [(logits, _)] = run(main())
+    [(logits, *_)] = run(main())
     assert float(logits[0]) == 2
 
 

@@ -149,6 +149,25 @@ def test_concurrent_registrations_resolve_in_the_database(fleet, assets):
     converge(fleet, "race", 4)  # every replica ends on the highest
 
 
+def until_every_replica(fleet, domain: str, status: int) -> None:
+    """Wait until a prediction for `domain` answers `status` on every replica."""
+    deadline = time.monotonic() + CONVERGE_S
+    for replica in fleet.values():
+        while (code := httpx.post(f"{replica.url}/predict/{domain}", files={"file": ("x.png", png_bytes(2))},
+                                  timeout=30).status_code) != status:
+            assert time.monotonic() < deadline, f"{replica.url}: {domain} answers {code}, not {status}"
+            time.sleep(0.05)
+
+
+def test_unload_and_load_again_reach_every_replica(fleet):
+    a, c = fleet["A"], fleet["C"]
+    until_every_replica(fleet, "kept", 200)
+    assert httpx.post(f"{a.url}/v2/repository/models/kept/unload", headers=AUTH, timeout=30).status_code == 200
+    until_every_replica(fleet, "kept", 409)  # kept in the registry, served nowhere
+    assert httpx.post(f"{c.url}/v2/repository/models/kept/load", headers=AUTH, json={}, timeout=30).status_code == 200
+    until_every_replica(fleet, "kept", 200)
+
+
 def test_database_restart_under_traffic_fails_no_prediction(fleet, cluster, assets):
     stop = threading.Event()
     outcomes: list[int | str] = []

@@ -7,10 +7,10 @@ volume) and PostgreSQL (`RA_REGISTRY_URL`).
 
 from __future__ import annotations
 
-from service.record.base import DomainExists, RecordStore, RecordUnavailable, Version
+from service.record.base import FLAGS, DomainExists, RecordStore, RecordUnavailable, Version
 from service.settings import Settings
 
-__all__ = ["DomainExists", "RecordStore", "RecordUnavailable", "Version", "open_record"]
+__all__ = ["FLAGS", "DomainExists", "RecordStore", "RecordUnavailable", "Version", "open_record"]
 
 
 def open_record(settings: Settings) -> RecordStore:

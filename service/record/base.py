@@ -17,6 +17,9 @@ import dataclasses
 from collections.abc import Collection
 
 
+FLAGS = ("pinned", "unloaded")  # pinned: loaded at start, never evicted; unloaded: kept but not served
+
+
 class RecordUnavailable(Exception):
     """The registry of record cannot be reached (database down, shared volume gone); retry later."""
 
@@ -74,12 +77,12 @@ class RecordStore(abc.ABC):
         changes may have been missed)."""
 
     @abc.abstractmethod
-    def pinned(self) -> set[str]:
-        """Domains pinned in the record: loaded at start, never evicted from a serving process."""
+    def flagged(self, flag: str) -> set[str]:
+        """Domains carrying `flag` (one of `FLAGS`)."""
 
     @abc.abstractmethod
-    def set_pinned(self, domain: str, pinned: bool) -> None:
-        """Pin or unpin (announced as a change of the domain)."""
+    def set_flag(self, domain: str, flag: str, on: bool) -> None:
+        """Set or clear a flag (announced as a change of the domain); deleting a domain clears its flags."""
 
     @abc.abstractmethod
     def add_usage(self, counts: dict[str, int]) -> None:

@@ -8,7 +8,7 @@ Layout under the root:
 - `.journal/<seq:012d>`: one file per change, holding the domain's name, claimed the same way.
   A process notices changes by looking for the next sequence number (one `stat`), without listing
   the domains. The oldest entries are trimmed; a process that fell that far behind resyncs fully.
-- `.pins/<domain>`: pinned domains; `.usage.json`: images classified per domain (a hint, merged by
+- `.flags/<flag>/<domain>`: per-domain flags (pinned, unloaded); `.usage.json`: images classified per domain (a hint, merged by
   read-modify-write, so concurrent writers may lose a few counts).
 - `.<marker>`: one-time markers (e.g. `.demo-seeded`).
 """
@@ -28,11 +28,11 @@ import uuid
 
 from model.bundle import DOMAIN_NAME, check_domain_name
 from model.safetensors_io import atomic_write_bytes
-from service.record.base import DomainExists, RecordStore, RecordUnavailable, Version
+from service.record.base import FLAGS, DomainExists, RecordStore, RecordUnavailable, Version
 
 _log = logging.getLogger(__name__)
 SUFFIX, DROPPED = ".safetensors", ".dropped"
-JOURNAL, PINS, USAGE = ".journal", ".pins", ".usage.json"
+JOURNAL, FLAG_DIR, USAGE = ".journal", ".flags", ".usage.json"
 JOURNAL_KEEP = 10_000  # entries kept; older ones are trimmed
 STALE_TMP_S = 60.0  # a temporary file older than this was left by a crash (writes take milliseconds)
 
@@ -84,7 +84,8 @@ class DirectoryRecord(RecordStore):
         self.description = f"directory {self.root}"
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / JOURNAL).mkdir(exist_ok=True)
-        (self.root / PINS).mkdir(exist_ok=True)
+        for flag in FLAGS:
+            (self.root / FLAG_DIR / flag).mkdir(parents=True, exist_ok=True)
         self._seq_hint = 0
         self._names_cache: tuple[int, list[str]] = (-1, [])  # (root's mtime_ns, sorted domain folder names)
         self._remove_stale_temporaries(self.root / JOURNAL)
@@ -221,7 +222,8 @@ class DirectoryRecord(RecordStore):
             if not live:
                 return False
             self._drop(domain, live)
-            (self.root / PINS / domain).unlink(missing_ok=True)
+            for flag in FLAGS:
+                (self.root / FLAG_DIR / flag / domain).unlink(missing_ok=True)
             self._announce(domain)
         return True
 
@@ -263,16 +265,16 @@ class DirectoryRecord(RecordStore):
             self._seq_hint = max(self._seq_hint, seq)
             return seq, changed
 
-    # ----- pins and usage --------------------------------------------------------------------
+    # ----- flags and usage --------------------------------------------------------------------
 
-    def pinned(self) -> set[str]:
+    def flagged(self, flag: str) -> set[str]:
         with _reachable(self.root):
-            return {name for name in os.listdir(self.root / PINS) if DOMAIN_NAME.fullmatch(name)}
+            return {name for name in os.listdir(self.root / FLAG_DIR / flag) if DOMAIN_NAME.fullmatch(name)}
 
-    def set_pinned(self, domain: str, pinned: bool) -> None:
-        path = self.root / PINS / check_domain_name(domain)
+    def set_flag(self, domain: str, flag: str, on: bool) -> None:
+        path = self.root / FLAG_DIR / flag / check_domain_name(domain)
         with _reachable(self.root):
-            if pinned:
+            if on:
                 atomic_write_bytes(path, b"")
             else:
                 path.unlink(missing_ok=True)

@@ -6,7 +6,7 @@ Tables (created idempotently at start, under an advisory lock, with a schema ver
 - `ra_versions(domain, version, sha256, created_at, dropped_at)`: one row per version ever claimed;
   the primary key makes a (domain, version) unique, and dropped rows stay so that a number is never
   reused.
-- `ra_pins(domain)`: pinned domains; `ra_usage(domain, count)`: images classified (a warming hint);
+- `ra_flags(domain, flag)`: per-domain flags (pinned, unloaded); `ra_usage(domain, count)`: images classified (a warming hint);
   `ra_markers(name)`: one-time markers.
 
 Every change runs in one transaction that also sends `NOTIFY ra_registry, '<domain>'`; PostgreSQL
@@ -53,7 +53,7 @@ CREATE TABLE IF NOT EXISTS ra_versions (
 );
 CREATE INDEX IF NOT EXISTS ra_versions_live ON ra_versions (domain, version) WHERE dropped_at IS NULL;
 CREATE TABLE IF NOT EXISTS ra_markers (name text PRIMARY KEY);
-CREATE TABLE IF NOT EXISTS ra_pins (domain text PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS ra_flags (domain text NOT NULL, flag text NOT NULL, PRIMARY KEY (domain, flag));
 CREATE TABLE IF NOT EXISTS ra_usage (domain text PRIMARY KEY, count bigint NOT NULL);
 """
 
@@ -209,7 +209,7 @@ class PostgresRecord(RecordStore):
     def delete(self, domain: str) -> bool:
         with self._session() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"ra:{domain}",))
-            conn.execute("DELETE FROM ra_pins WHERE domain = %s", (domain,))
+            conn.execute("DELETE FROM ra_flags WHERE domain = %s", (domain,))
             return self._drop(conn, domain, "", ()) > 0
 
     # ----- changes ---------------------------------------------------------------------------
@@ -232,18 +232,19 @@ class PostgresRecord(RecordStore):
             self._listener = None
             raise RecordUnavailable(f"Lost the change feed of {self.description}: {str(exc).strip()[:200]}") from None
 
-    # ----- pins and usage --------------------------------------------------------------------
+    # ----- flags and usage --------------------------------------------------------------------
 
-    def pinned(self) -> set[str]:
+    def flagged(self, flag: str) -> set[str]:
         with self._session() as conn:
-            return {row[0] for row in conn.execute("SELECT domain FROM ra_pins").fetchall()}
+            return {row[0] for row in conn.execute("SELECT domain FROM ra_flags WHERE flag = %s", (flag,)).fetchall()}
 
-    def set_pinned(self, domain: str, pinned: bool) -> None:
+    def set_flag(self, domain: str, flag: str, on: bool) -> None:
         with self._session() as conn, conn.transaction():
-            if pinned:
-                conn.execute("INSERT INTO ra_pins (domain) VALUES (%s) ON CONFLICT DO NOTHING", (domain,))
+            if on:
+                conn.execute("INSERT INTO ra_flags (domain, flag) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                             (domain, flag))
             else:
-                conn.execute("DELETE FROM ra_pins WHERE domain = %s", (domain,))
+                conn.execute("DELETE FROM ra_flags WHERE domain = %s AND flag = %s", (domain, flag))
             conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, domain))
 
     def add_usage(self, counts: dict[str, int]) -> None:

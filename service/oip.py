@@ -1,0 +1,435 @@
+"""The Open Inference Protocol (KServe v2) over REST, beside the service's own routes: the same
+registry, engine, batcher, limits and errors, so Triton and KServe clients and tools work unchanged.
+
+A domain is a model; its adapter versions are the model's versions. Inputs (one per request):
+`IMAGE` (BYTES, shape [N] or [N, 1]: encoded image files, decoded and preprocessed exactly as
+/predict) or `PIXELS` (UINT8, [N, S, S, 3] at the backbone's input size, already resized and
+cropped: the server only applies the domain's grayscale conversion, mean and std). Outputs:
+`LOGITS` and `PROBABILITIES` (FP32, [N, classes]); `"parameters": {"classification": k}` on an
+output answers `score:index:label` strings instead. Tensors travel as JSON or, with the binary
+tensor data extension, after the JSON header (`Inference-Header-Content-Length`).
+Extensions: binary_tensor_data, classification, model_repository (load a bundle as
+`"file:<name>.safetensors"`, unload, load again), statistics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import dataclasses
+import json
+import struct
+import time
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request, Response
+from PIL import Image
+
+from model.preprocessing import normalize
+from service import schemas
+from service.api import ReadyDep, StateDep, decode_and_preprocess
+from service.errors import ApiError
+from service.registry import Entry
+from service.state import ServiceState
+
+HEADER = "Inference-Header-Content-Length"
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics"]
+OUTPUTS = ("LOGITS", "PROBABILITIES")
+PLATFORM = "residual_adapters_tensorflow"
+STATS_KEEP = 10_000  # domains whose statistics are kept (least recently used dropped)
+ERRORS = {code: {"model": schemas.OipError} for code in (400, 401, 403, 404, 409, 413, 415, 422, 503, 504)}
+
+v2 = APIRouter(prefix="/v2", tags=["open inference protocol"], responses=ERRORS)
+
+
+def bad(detail: str, status: int = 400, code: str = "bad_request") -> ApiError:
+    return ApiError(status, code, detail)
+
+
+# ----- statistics ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float, count: int = 1) -> None:
+        self.count += count
+        self.ns += int(seconds * 1e9)
+
+
+@dataclasses.dataclass
+class ModelStats:
+    last_inference: int = 0  # ms since the epoch
+    inference_count: int = 0
+    execution_count: int = 0
+    success: Duration = dataclasses.field(default_factory=Duration)
+    fail: Duration = dataclasses.field(default_factory=Duration)
+    queue: Duration = dataclasses.field(default_factory=Duration)
+    compute_input: Duration = dataclasses.field(default_factory=Duration)
+    compute_infer: Duration = dataclasses.field(default_factory=Duration)
+    compute_output: Duration = dataclasses.field(default_factory=Duration)
+
+
+class Statistics:
+    """Per-domain counts and cumulative times of the infer route, for the statistics extension."""
+
+    def __init__(self) -> None:
+        self._by_domain: collections.OrderedDict[str, ModelStats] = collections.OrderedDict()
+
+    def of(self, domain: str) -> ModelStats:
+        stats = self._by_domain.pop(domain, None) or ModelStats()
+        self._by_domain[domain] = stats
+        while len(self._by_domain) > STATS_KEEP:
+            self._by_domain.popitem(last=False)
+        return stats
+
+    def peek(self, domain: str) -> ModelStats:
+        return self._by_domain.get(domain) or ModelStats()
+
+
+def get_stats(request: Request) -> Statistics:
+    return request.app.state.oip_stats
+
+
+StatsDep = Annotated[Statistics, Depends(get_stats)]
+
+
+# ----- health and metadata -------------------------------------------------------------------
+
+@v2.get("", response_model=schemas.OipServer)
+async def server_metadata() -> schemas.OipServer:
+    return schemas.OipServer(name="residual-adapters", version="0.1.0", extensions=EXTENSIONS)
+
+
+@v2.get("/health/live")
+async def live() -> dict:
+    return {"live": True}
+
+
+@v2.get("/health/ready")
+async def ready(state: StateDep, response: Response) -> dict:
+    if not state.ready:
+        response.status_code = 503
+    return {"ready": state.ready}
+
+
+async def _model(state: ServiceState, domain: str, version: str | None) -> Entry:
+    """The domain as served here, at `version` if one is asked for."""
+    entry = await state.registry.describe(domain)
+    if version is not None and version != str(entry.version):
+        raise bad(f"Model {domain!r} is served at version {entry.version} here, not {version!r}; "
+                  "leave the version out to use the current one.", 404, "unknown_version")
+    return entry
+
+
+def _metadata(entry: Entry, state: ServiceState) -> schemas.OipModel:
+    s = state.backbone.config.input_size
+    k = entry.card.num_classes
+    return schemas.OipModel(
+        name=entry.domain, versions=[str(entry.version)], platform=PLATFORM,
+        inputs=[schemas.OipTensorMeta(name="IMAGE", datatype="BYTES", shape=[-1]),
+                schemas.OipTensorMeta(name="PIXELS", datatype="UINT8", shape=[-1, s, s, 3])],
+        outputs=[schemas.OipTensorMeta(name=name, datatype="FP32", shape=[-1, k]) for name in OUTPUTS])
+
+
+@v2.get("/models/{domain}", response_model=schemas.OipModel)
+@v2.get("/models/{domain}/versions/{version}", response_model=schemas.OipModel)
+async def model_metadata(domain: str, state: ReadyDep, version: str | None = None) -> schemas.OipModel:
+    """Inputs, outputs and versions of a domain (a model)."""
+    return _metadata(await _model(state, domain, version), state)
+
+
+@v2.get("/models/{domain}/ready")
+@v2.get("/models/{domain}/versions/{version}/ready")
+async def model_ready(domain: str, state: ReadyDep, version: str | None = None) -> dict:
+    """200 when the domain can be served here; 409 when it is unloaded, 404 when unknown."""
+    await _model(state, domain, version)
+    return {"name": domain, "ready": True}
+
+
+# ----- inference ---------------------------------------------------------------------------------
+
+def _split(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
+    """(JSON header, binary tail) of a request body."""
+    try:
+        if header_length is None:
+            return json.loads(body), b""
+        n = int(header_length)
+        if not 0 < n <= len(body):
+            raise ValueError(f"{HEADER} is {n} but the body has {len(body)} bytes")
+        return json.loads(body[:n]), body[n:]
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad(f"The request is not a valid inference request: {exc}.") from None
+
+
+def _bytes_elements(raw: bytes) -> list[bytes]:
+    """Decode the binary BYTES layout: each element a 4-byte little-endian length, then its bytes."""
+    out, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise bad("A BYTES tensor's binary data ends inside an element's length prefix.")
+        (n,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + n > len(raw):
+            raise bad("A BYTES tensor's element is longer than its binary data.")
+        out.append(raw[offset : offset + n])
+        offset += n
+    return out
+
+
+def _encode_bytes(elements: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
+
+
+def _input(header: dict, tail: bytes, state: ServiceState) -> tuple[str, list]:
+    """The one input: ("IMAGE", [encoded files]) or ("PIXELS", uint8 array [N, S, S, 3])."""
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise bad("Send exactly one input: IMAGE (BYTES) or PIXELS (UINT8).")
+    tensor = inputs[0]
+    name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or not shape:
+        raise bad(f"Input {name!r} needs a shape of non-negative integers, got {shape!r}.")
+    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    if size is not None and (not isinstance(size, int) or size < 0 or size > len(tail)):
+        raise bad(f"Input {name!r} claims binary_data_size {size!r} but {len(tail)} bytes follow the header.")
+    limit, s = state.settings.max_files, state.backbone.config.input_size
+    if shape[0] > limit:
+        raise bad(f"At most {limit} images per request (RA_MAX_FILES); got {shape[0]}.", 413, "too_many_files")
+    if name == "IMAGE":
+        if datatype != "BYTES" or shape not in ([shape[0]], [shape[0], 1]):
+            raise bad(f"IMAGE must be BYTES with shape [N] or [N, 1]; got {datatype} {shape}.")
+        if size is None:
+            raise bad("Send IMAGE as binary data (parameters.binary_data_size): encoded images are not JSON text.")
+        files = _bytes_elements(tail[:size])
+        if len(files) != shape[0]:
+            raise bad(f"IMAGE has shape {shape} but its binary data holds {len(files)} elements.")
+        for i, data in enumerate(files):
+            if len(data) > state.settings.max_image_bytes:
+                raise bad(f"Image {i} is larger than {state.settings.max_image_bytes} bytes.", 413, "image_too_large")
+            if not data:
+                raise bad(f"Image {i} is empty.", 400, "empty_file")
+        return name, files
+    if name == "PIXELS":
+        if datatype != "UINT8" or shape[1:] != [s, s, 3]:
+            raise bad(f"PIXELS must be UINT8 with shape [N, {s}, {s}, 3] (the backbone's input size); "
+                      f"got {datatype} {shape}.")
+        count = int(np.prod(shape))
+        if size is not None:
+            if size != count:
+                raise bad(f"PIXELS {shape} needs {count} bytes of binary data, got {size}.")
+            pixels = np.frombuffer(tail[:size], np.uint8)
+        else:
+            data = tensor.get("data")
+            try:
+                pixels = np.asarray(data, dtype=np.int64).reshape(-1)
+            except (TypeError, ValueError):
+                raise bad("PIXELS data must be a list of integers.") from None
+            if pixels.size != count or pixels.min(initial=0) < 0 or pixels.max(initial=0) > 255:
+                raise bad(f"PIXELS {shape} needs {count} integers in 0..255, got {pixels.size}.")
+            pixels = pixels.astype(np.uint8)
+        return name, pixels.reshape(shape)
+    raise bad(f"Unknown input {name!r}: send IMAGE (BYTES) or PIXELS (UINT8).")
+
+
+def _pixels_to_inputs(pixels: np.ndarray, entry: Entry) -> list[np.ndarray]:
+    prep = entry.card.preprocessing
+    if prep.grayscale:  # the same conversion as decoding an image for this domain
+        pixels = np.stack([np.asarray(Image.fromarray(p).convert("L").convert("RGB")) for p in pixels])
+    return list(normalize(pixels, prep))
+
+
+def _requested(header: dict) -> list[dict]:
+    outputs = header.get("outputs")
+    if outputs is None:
+        return [{"name": name} for name in OUTPUTS]
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) and o.get("name") in OUTPUTS for o in outputs):
+        raise bad(f"Requested outputs must be among {list(OUTPUTS)}.")
+    return outputs
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _outputs(header: dict, logits: np.ndarray, entry: Entry) -> tuple[list[dict], list[bytes]]:
+    """Output tensors (JSON descriptions) and the binary parts that follow the header, in order."""
+    default_binary = bool((header.get("parameters") or {}).get("binary_data_output", False))
+    described, binary = [], []
+    for request in _requested(header):
+        name, params = request["name"], request.get("parameters") or {}
+        values = logits if name == "LOGITS" else _softmax(logits)
+        k = params.get("classification")
+        if k is not None:
+            if not isinstance(k, int) or k < 1:
+                raise bad(f"classification must be a positive integer, got {k!r}.")
+            k = min(k, values.shape[1])
+            order = np.argsort(-values, axis=1, kind="stable")[:, :k]
+            strings = [[f"{values[i, j]:f}:{j}:{entry.card.labels[j]}" for j in row] for i, row in enumerate(order)]
+            tensor = {"name": name, "datatype": "BYTES", "shape": [len(strings), k]}
+            flat = [s.encode() for row in strings for s in row]
+            if params.get("binary_data", default_binary):
+                data = _encode_bytes(flat)
+                tensor["parameters"] = {"binary_data_size": len(data)}
+                binary.append(data)
+            else:
+                tensor["data"] = [s for row in strings for s in row]
+        else:
+            tensor = {"name": name, "datatype": "FP32", "shape": list(values.shape)}
+            if params.get("binary_data", default_binary):
+                data = np.ascontiguousarray(values, "<f4").tobytes()
+                tensor["parameters"] = {"binary_data_size": len(data)}
+                binary.append(data)
+            else:
+                tensor["data"] = values.reshape(-1).tolist()
+        described.append(tensor)
+    return described, binary
+
+
+@v2.post("/models/{domain}/infer", response_model=schemas.OipInferResponse)
+@v2.post("/models/{domain}/versions/{version}/infer", response_model=schemas.OipInferResponse)
+async def infer(domain: str, request: Request, state: ReadyDep, stats: StatsDep,
+                version: str | None = None) -> Response:
+    """Classify a batch of images (IMAGE) or pixel arrays (PIXELS) with one domain."""
+    start = time.perf_counter()
+    entry = await _model(state, domain, version)
+    record = stats.of(domain)
+    try:
+        header, tail = _split(await request.body(), request.headers.get(HEADER))
+        kind, data = _input(header, tail, state)
+        entry = await state.registry.acquire(domain)
+        try:
+            loop = asyncio.get_running_loop()
+            if kind == "IMAGE":
+                per_image = await asyncio.gather(*(loop.run_in_executor(
+                    state.preprocess_pool, decode_and_preprocess, raw, [entry.card], state.settings.max_image_pixels)
+                    for raw in data))
+                images = [x for (x,) in per_image]
+            else:
+                images = _pixels_to_inputs(data, entry)
+            prepared = time.perf_counter()
+            answers = await asyncio.wait_for(state.batcher.predict(images, [entry] * len(images)),
+                                             state.settings.request_timeout_s) if images else []
+        finally:
+            state.registry.release([entry], images=len(data))
+        computed = time.perf_counter()
+        k = entry.card.num_classes
+        logits = np.stack([a.logits for a in answers]) if answers else np.zeros((0, k), np.float32)
+        described, binary = _outputs(header, logits, entry)
+        body = {"model_name": domain, "model_version": str(answers[0].version if answers else entry.version),
+                "outputs": described}
+        if "id" in header:
+            body["id"] = header["id"]
+        text = json.dumps(body).encode()
+        response = (Response(text + b"".join(binary), media_type="application/octet-stream",
+                             headers={HEADER: str(len(text))}) if binary
+                    else Response(text, media_type="application/json"))
+    except BaseException:
+        record.fail.add(time.perf_counter() - start)
+        raise
+    done = time.perf_counter()
+    record.success.add(done - start)
+    record.inference_count += len(answers)
+    record.execution_count += 1
+    record.last_inference = int(time.time() * 1000)
+    record.compute_input.add(prepared - start)
+    record.queue.add(sum(a.queue_s for a in answers) / max(len(answers), 1))
+    record.compute_infer.add(sum(a.compute_s for a in answers) / max(len(answers), 1))
+    record.compute_output.add(done - computed)
+    for _ in answers:
+        state.metrics.predictions.labels(domain).inc()
+    return response
+
+
+# ----- statistics ------------------------------------------------------------------------------
+
+def _stats_json(domain: str, version: str, s: ModelStats) -> dict:
+    def d(x: Duration) -> dict:
+        return {"count": x.count, "ns": x.ns}
+
+    return {"name": domain, "version": version, "last_inference": s.last_inference,
+            "inference_count": s.inference_count, "execution_count": s.execution_count,
+            "inference_stats": {"success": d(s.success), "fail": d(s.fail), "queue": d(s.queue),
+                                "compute_input": d(s.compute_input), "compute_infer": d(s.compute_infer),
+                                "compute_output": d(s.compute_output)},
+            "batch_stats": []}
+
+
+@v2.get("/models/{domain}/stats")
+@v2.get("/models/{domain}/versions/{version}/stats")
+async def model_stats(domain: str, state: ReadyDep, stats: StatsDep, version: str | None = None) -> dict:
+    """Success and failure counts and cumulative queue, input, inference and output times."""
+    entry = await _model(state, domain, version)
+    return {"model_stats": [_stats_json(domain, str(entry.version), stats.peek(domain))]}
+
+
+# ----- model repository (admin token) -----------------------------------------------------------
+
+@v2.post("/repository/index")
+async def repository_index(state: ReadyDep) -> list[dict]:
+    """Every registered domain with its state: READY, or UNAVAILABLE when unloaded."""
+    out, cursor = [], None
+    while True:
+        page = await state.registry.list_page("", cursor, 1000)
+        for name, version, _ in page:
+            unloaded = state.registry.is_unloaded(name)
+            out.append({"name": name, "version": str(version), "state": "UNAVAILABLE" if unloaded else "READY",
+                        **({"reason": "unloaded"} if unloaded else {})})
+        if len(page) < 1000:
+            return out
+        cursor = page[-1][0]
+
+
+def _bundle_file(parameters: dict) -> bytes | None:
+    files = {k: v for k, v in parameters.items() if isinstance(k, str) and k.startswith("file:")}
+    if not files:
+        return None
+    if len(files) != 1 or not next(iter(files)).endswith(".safetensors"):
+        raise bad(f"Send one bundle as \"file:<name>.safetensors\"; got {sorted(files)}.", 422, "invalid_bundle")
+    try:
+        return base64.b64decode(next(iter(files.values())), validate=True)
+    except (binascii.Error, TypeError, ValueError):
+        raise bad("The bundle file is not valid base64.", 422, "invalid_bundle") from None
+
+
+@v2.post("/repository/models/{domain}/load")
+async def repository_load(domain: str, request: Request, state: ReadyDep) -> dict:
+    """With `"file:<name>.safetensors"`: register or replace the domain (POST /adapters' validation).
+    Without: serve an unloaded domain again."""
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except ValueError:
+        raise bad("The load request must be JSON.") from None
+    parameters = body.get("parameters") or {} if isinstance(body, dict) else None
+    if not isinstance(parameters, dict):
+        raise bad("The load request's parameters must be an object.")
+    data = _bundle_file(parameters)
+    if data is None:
+        entry = await state.registry.reload(domain)
+    else:
+        if len(data) > state.settings.max_bundle_bytes:
+            raise bad(f"The bundle is larger than {state.settings.max_bundle_bytes} bytes.", 413, "bundle_too_large")
+        entry = await state.registry.register(data, replace=True, domain=domain)
+        if state.registry.is_unloaded(domain):
+            entry = await state.registry.reload(domain)
+    return {"name": domain, "version": str(entry.version), "state": "READY"}
+
+
+@v2.post("/repository/models/{domain}/unload")
+async def repository_unload(domain: str, state: ReadyDep) -> dict:
+    """Stop serving the domain (on every replica); it stays in the registry and can be loaded again."""
+    await state.registry.unload(domain)
+    return {"name": domain, "state": "UNAVAILABLE"}
+
+
+def install(app) -> None:
+    """Mount the protocol's routes and their statistics on `app`."""
+    app.state.oip_stats = Statistics()
+    app.include_router(v2)
+
