@@ -137,8 +137,6 @@ def request_body(kind: str, images: list[bytes], files: int, input_size: int) ->
                         for i in range(files)) + f"--{boundary}--\r\n".encode()
         return body, {"prefix": "/predict/", "suffix": "", "content_type": f"multipart/form-data; boundary={boundary}",
                       "extra_header": ""}
-    from PIL import Image
-
     from model.preprocessing import center_crop, open_image, square, to_rgb
 
     if kind == "v2-image":

@@ -20,6 +20,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="RA_", env_file=None, extra="ignore")
 
+    host: str = Field("127.0.0.1", description="bind address (0.0.0.0 in the container image)")
+    port: int = Field(8000, ge=1, le=65535, description="port (the container's health check follows it)")
     admin_token: SecretStr | None = Field(None, description="bearer token for POST/DELETE /adapters; unset = disabled")
     store_dir: pathlib.Path = Field(pathlib.Path.home() / ".local/share/residual-adapters/store",
                                     description="the directory registry of record (used when registry_url is unset)")

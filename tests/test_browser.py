@@ -6,7 +6,6 @@ CI a missing browser fails instead of skipping).
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 

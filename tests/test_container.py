@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,7 +83,36 @@ def test_dockerfile_declares_what_the_service_needs():
     assert store, "RA_STORE_DIR must be set"
     assert any(store.group(1) in args for args in by_word.get("VOLUME", [])), "the store must be a VOLUME"
     assert any("8000" in args for args in by_word.get("EXPOSE", []))
-    assert any("service" in args and "0.0.0.0" in args for args in by_word.get("CMD", []))
+    assert any("service" in args for args in by_word.get("CMD", []))
+    env = " ".join(by_word.get("ENV", []))
+    assert "RA_HOST=0.0.0.0" in env and "RA_PORT=8000" in env, env
+
+
+def test_the_health_check_follows_ra_port(assets, tmp_path):
+    """The image's HEALTHCHECK command, run against `python -m service` started on another port by
+    RA_HOST / RA_PORT alone: healthy there, unhealthy when pointed at a port nothing serves."""
+    import json
+
+    from service_process import REPO as ROOT, free_port
+
+    healthcheck = next(args for word, args in dockerfile_instructions() if word == "HEALTHCHECK")
+    command = json.loads(healthcheck[healthcheck.index("CMD") + 3:].strip())
+    command[0] = sys.executable
+    port = free_port()
+    env = {**os.environ, "RA_HOST": "127.0.0.1", "RA_PORT": str(port), "RA_STORE_DIR": str(tmp_path / "store"),
+           "RA_BACKBONE": str(assets.backbone_path), "RA_DEMO_ADAPTERS": "false", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    server = subprocess.Popen([sys.executable, "-m", "service", "--log-level", "warning"], cwd=ROOT, env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while subprocess.run(command, env=env, capture_output=True, timeout=30).returncode != 0:
+            assert server.poll() is None, "the server exited"
+            assert time.monotonic() < deadline, "the health check never passed"
+            time.sleep(0.5)
+        other = {**env, "RA_PORT": str(free_port())}
+        assert subprocess.run(command, env=other, capture_output=True, timeout=30).returncode != 0
+    finally:
+        server.kill()
+        server.wait(30)
 
 
 def load_compose() -> dict | None:

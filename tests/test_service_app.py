@@ -16,7 +16,6 @@ from fastapi.testclient import TestClient
 
 import service.app
 from model.bundle import load_bundle
-from model.safetensors_io import InvalidFileError
 from service.app import DEMO_MARKER, create_app
 from service.settings import Settings
 from service.record.directory import DirectoryRecord
