@@ -253,8 +253,10 @@ async def register_adapter(
 @adapters.delete("/{domain}", response_model=schemas.AdapterSummary, responses=ERRORS)
 async def delete_adapter(domain: str, state: ReadyDep) -> schemas.AdapterSummary:
     """Stop serving the domain everywhere (needs the admin token)."""
-    entry = await state.registry.delete(domain)
-    return schemas.AdapterSummary(**_summary(entry, state))
+    version, entry = await state.registry.delete(domain)
+    if entry is not None:
+        return schemas.AdapterSummary(**_summary(entry, state))
+    return schemas.AdapterSummary(domain=domain, version=version, tier="registry")
 
 
 @adapters.post("/{domain}/rollback", response_model=schemas.AdapterInfo, responses=ERRORS)

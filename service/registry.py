@@ -569,18 +569,20 @@ class Registry:
             self.release([entry])
         return entry
 
-    async def delete(self, domain: str) -> Entry:
-        """Drop every version from the record and stop serving the domain here."""
-        entry = await self.describe(domain)  # what is deleted, for the answer (loaded if not cached)
-        async with self._lock(domain):
-            if not await self._call(self.record.delete, domain):  # deleted elsewhere meanwhile
+    async def delete(self, domain: str) -> tuple[int, Entry | None]:
+        """Drop every version from the record and stop serving the domain here. Returns the version
+        that was current and the cached entry, if this process had one (nothing is loaded for this)."""
+        async with self._lock(check_name(domain)):
+            versions = await self._call(self.record.live_versions, domain)
+            if not versions or not await self._call(self.record.delete, domain):
                 raise UnknownDomainError(domain)
             self._pinned.discard(domain)
-            cached = self._entries.get(domain)
-            if cached is not None:
-                self._retire(cached)
+            self._unloaded.discard(domain)
+            entry = self._entries.get(domain)
+            if entry is not None:
+                self._retire(entry)
             self._recorded.pop(domain, None)
-            return entry
+            return versions[-1].version, entry
 
     async def rollback(self, domain: str) -> Entry:
         """Serve the newest valid version older than the record's current one; drop the newer ones."""

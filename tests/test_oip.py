@@ -173,3 +173,14 @@ def test_repository_and_statistics(server, triton, assets):
     assert inference["success"]["count"] >= 2 and inference["fail"]["count"] >= 4
     for part in ("queue", "compute_input", "compute_infer", "compute_output"):
         assert inference[part]["count"] >= 2 and inference[part]["ns"] > 0, part
+
+
+def test_an_unloaded_domain_can_still_be_deleted(server, triton, assets):
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    triton.load_model("omega", headers=admin, files={"file:omega.safetensors": assets.data("alpha")})
+    triton.unload_model("omega", headers=admin)
+    with server.client() as client:
+        gone = client.delete("/adapters/omega", headers=AUTH)
+        assert gone.status_code == 200 and gone.json()["domain"] == "omega", gone.text
+        assert client.post("/predict/omega", files={"file": ("x.png", png_bytes(1))}).status_code == 404
+    assert "omega" not in {m["name"] for m in triton.get_model_repository_index(headers=admin)}
