@@ -38,7 +38,7 @@ StateDep = Annotated[ServiceState, Depends(get_state)]
 ReadyDep = Annotated[ServiceState, Depends(get_ready_state)]
 
 
-ERRORS = {code: {"model": schemas.Error} for code in (400, 401, 403, 404, 409, 413, 415, 422, 503, 504)}
+ERRORS = {code: {"model": schemas.Error} for code in (400, 401, 403, 404, 409, 413, 415, 422, 429, 503, 504)}
 
 health = APIRouter(tags=["health"])
 predict = APIRouter(prefix="/predict", tags=["predict"])

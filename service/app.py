@@ -179,8 +179,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await asyncio.to_thread(startup, state)
         registry = state.registry
         t0 = time.perf_counter()
+        share = max(settings.max_batch_size, int(settings.max_queue * settings.domain_queue_share))
         state.batcher = DynamicBatcher(state.engine, settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
-                                       state.metrics)
+                                       state.metrics, domain_share=min(share, settings.max_queue))
         await state.batcher.start()
         try:  # readiness needs the pinned domains only; the most used ones warm in the background
             await registry.refresh_flags()

@@ -1,13 +1,14 @@
-"""Dynamic batching: requests for any domains share engine calls.
+"""Dynamic batching: requests for any domains share engine calls, fairly.
 
 Requests put their images (each with the engine slot and version of its domain, leased from the
-registry for the request's lifetime) on one bounded queue; a dedicated engine thread takes up to
-`max_batch_size` at a time, waiting at most `max_wait_ms` after the oldest queued image arrived
-for the batch to fill, runs the engine, and hands each batch's answers back to the event loop in
-one callback. The engine thread never waits for the event loop, so under load it runs batch after
-batch while the loop parses and answers HTTP, and the next batch holds everything that queued up
-during the last one. A full queue refuses new work at once (`Overloaded`, which the API turns into
-503 + Retry-After).
+registry for the request's lifetime) on a bounded queue with one line per domain. A dedicated
+engine thread takes up to `max_batch_size` images at a time, one per waiting domain in turn
+(round-robin), as soon as the batch is full or `max_wait_ms` after the oldest queued image arrived;
+runs the engine; and hands each batch's answers back to the event loop in one callback. A domain
+flooding the service therefore cannot push the others' images out of the next batch, and it may
+hold at most `domain_share` queued images (`QueueShareExceeded`: 429 + Retry-After) before the
+whole queue fills (`Overloaded`: 503 + Retry-After). The engine thread never waits for the event
+loop, so under load the next batch holds everything that queued up during the last one.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from service.metrics import Metrics
 
 class Overloaded(Exception):
     """The queue is full; retry later."""
+
+
+class QueueShareExceeded(Exception):
+    """One domain holds its whole share of the queue; its requests wait for room (429), others go on."""
 
 
 class Answer(typing.NamedTuple):
@@ -62,6 +67,7 @@ class _Request:
 @dataclasses.dataclass
 class _Item:
     image: np.ndarray
+    domain: str
     slot: Slot
     version: int
     request: _Request
@@ -70,12 +76,18 @@ class _Item:
 
 
 class DynamicBatcher:
+    """Fair dynamic batching: one queue per domain, batches filled round-robin across the domains
+    that wait, so a flooded domain cannot push the others' images out of the next batch; a domain
+    may hold at most `domain_share` queued images (then `QueueShareExceeded`, a 429)."""
+
     def __init__(self, engine: InferenceEngine, max_batch_size: int, max_wait_ms: float, max_queue: int,
-                 metrics: Metrics):
+                 metrics: Metrics, domain_share: int | None = None):
         self.engine, self.metrics = engine, metrics
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000.0
         self.max_queue = max_queue
-        self._queue: collections.deque[_Item] = collections.deque()
+        self.domain_share = domain_share or max_queue
+        self._queues: collections.OrderedDict[str, collections.deque[_Item]] = collections.OrderedDict()
+        self._size = 0  # queued images over all domains
         self._ready = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -90,8 +102,9 @@ class DynamicBatcher:
         """Finish the batch in progress, fail what is still queued, and end the engine thread."""
         with self._ready:
             self._stopping = True
-            left = list(self._queue)
-            self._queue.clear()
+            left = [item for queue in self._queues.values() for item in queue]
+            self._queues.clear()
+            self._size = 0
             self._ready.notify()
         await asyncio.to_thread(self._thread.join)
         for item in left:
@@ -99,27 +112,35 @@ class DynamicBatcher:
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        return self._size
 
     async def predict(self, images: list[np.ndarray], entries: list) -> list[Answer]:
-        """(logits, adapter version) per image, each computed with its entry's `slot`; raises `Overloaded`.
+        """(logits, adapter version, timings) per image, each computed with its entry's `slot`; raises
+        `Overloaded` or `QueueShareExceeded`.
 
         The caller holds the entries (registry leases) until this returns, so their slots stay valid.
-
         Cancelling the call (e.g. a request timeout) drops its images that have not started yet.
         """
         request = _Request(self._loop, len(images))
         now = time.monotonic()
-        items = [_Item(image, entry.slot, entry.version, request, i, now)
+        items = [_Item(image, entry.domain, entry.slot, entry.version, request, i, now)
                  for i, (image, entry) in enumerate(zip(images, entries))]
+        adding = collections.Counter(item.domain for item in items)
         with self._ready:
             if self._stopping:
                 raise Overloaded("The service is shutting down.")
-            if len(self._queue) + len(items) > self.max_queue:
-                raise Overloaded(f"{len(self._queue)} images are queued (limit {self.max_queue}).")
-            self._queue.extend(items)
+            if self._size + len(items) > self.max_queue:
+                raise Overloaded(f"{self._size} images are queued (limit {self.max_queue}).")
+            for domain, n in adding.items():
+                queued = len(self._queues.get(domain, ()))
+                if queued + n > self.domain_share:
+                    raise QueueShareExceeded(f"{queued} images of {domain!r} are queued (its share is "
+                                             f"{self.domain_share}); retry shortly.")
+            for item in items:
+                self._queues.setdefault(item.domain, collections.deque()).append(item)
+            self._size += len(items)
             self._ready.notify()
-        self.metrics.queue_depth.set(len(self._queue))
+        self.metrics.queue_depth.set(self._size)
         try:
             return await request.future
         finally:
@@ -127,26 +148,47 @@ class DynamicBatcher:
 
     # ----- the engine thread -----------------------------------------------------------------
 
+    def _drop_finished(self) -> None:
+        """Hold `_ready`. Drop cancelled or failed requests' images from the heads of the queues."""
+        for domain in list(self._queues):
+            queue = self._queues[domain]
+            while queue and queue[0].request.future.done():
+                queue.popleft()
+                self._size -= 1
+            if not queue:
+                del self._queues[domain]
+
+    def _round_robin(self) -> list[_Item]:
+        """Hold `_ready`. Up to `max_batch_size` images, one per waiting domain in turn."""
+        batch = []
+        while len(batch) < self.max_batch_size and self._queues:
+            domain, queue = next(iter(self._queues.items()))
+            batch.append(queue.popleft())
+            self._size -= 1
+            self._queues.move_to_end(domain)  # the next domain's turn
+            if not queue:
+                del self._queues[domain]
+        return batch
+
     def _take(self) -> list[_Item] | None:
         """Block until a batch is due: full, or `max_wait` after its oldest image was queued."""
         with self._ready:
             while True:
-                while self._queue and self._queue[0].request.future.done():
-                    self._queue.popleft()  # cancelled or already failed
+                self._drop_finished()
                 if self._stopping:
                     return None
-                if self._queue:
-                    remaining = self._queue[0].queued_at + self.max_wait - time.monotonic()
-                    if len(self._queue) >= self.max_batch_size or remaining <= 0:
-                        n = min(len(self._queue), self.max_batch_size)
-                        return [self._queue.popleft() for _ in range(n)]
+                if self._size:
+                    oldest = min(queue[0].queued_at for queue in self._queues.values())
+                    remaining = oldest + self.max_wait - time.monotonic()
+                    if self._size >= self.max_batch_size or remaining <= 0:
+                        return self._round_robin()
                     self._ready.wait(remaining)
                 else:
                     self._ready.wait()
 
     def _run(self) -> None:
         while (batch := self._take()) is not None:
-            self.metrics.queue_depth.set(len(self._queue))
+            self.metrics.queue_depth.set(self._size)
             batch = [item for item in batch if not item.request.future.done()]
             if batch:
                 self._compute(batch)

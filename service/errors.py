@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.preprocessing import ImageDecodeError
 from model.safetensors_io import InvalidFileError
-from service.batcher import Overloaded
+from service.batcher import Overloaded, QueueShareExceeded
 from service.record import RecordUnavailable
 from service.registry import AdapterUnavailable, DomainExists, DomainUnloaded, NoPreviousVersion, UnknownDomainError
 
@@ -88,6 +88,7 @@ def install_error_handlers(app: FastAPI) -> None:
     handle(NoPreviousVersion, 409, "no_previous_version")
     handle(DomainUnloaded, 409, "domain_unloaded")
     handle(Overloaded, 503, "overloaded", {"Retry-After": "1"})
+    handle(QueueShareExceeded, 429, "domain_queue_full", {"Retry-After": "1"})
     handle(RecordUnavailable, 503, "registry_unavailable", {"Retry-After": "1"})
     handle(AdapterUnavailable, 503, "adapter_unavailable", {"Retry-After": "1"})
     handle(asyncio.TimeoutError, 504, "timeout")

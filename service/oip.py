@@ -40,7 +40,7 @@ EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "stati
 OUTPUTS = ("LOGITS", "PROBABILITIES")
 PLATFORM = "residual_adapters_tensorflow"
 STATS_KEEP = 10_000  # domains whose statistics are kept (least recently used dropped)
-ERRORS = {code: {"model": schemas.OipError} for code in (400, 401, 403, 404, 409, 413, 415, 422, 503, 504)}
+ERRORS = {code: {"model": schemas.OipError} for code in (400, 401, 403, 404, 409, 413, 415, 422, 429, 503, 504)}
 
 v2 = APIRouter(prefix="/v2", tags=["open inference protocol"], responses=ERRORS)
 

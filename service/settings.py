@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_wait_ms: float = Field(2.0, ge=0, le=1000, description="how long a batch waits to fill")
     max_queue: int = Field(512, ge=1, description="queued images before requests get 503")
+    domain_queue_share: float = Field(0.5, gt=0, le=1, description="fraction of the queue one domain may hold "
+                                                                   "before its requests get 429")
     request_timeout_s: float = Field(30.0, gt=0)
     capacity: int = Field(64, ge=1, description="initial engine slots (grows by doubling)")
     max_resident: int = Field(512, ge=1, description="domains on the device at most (least recently used out)")

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from service.batcher import DynamicBatcher, Overloaded
+from service.batcher import DynamicBatcher, Overloaded, QueueShareExceeded
 from service.metrics import Metrics
 
 
@@ -23,7 +23,7 @@ class FakeEntry:
     """What the registry leases: a slot and a version ("v-<domain>")."""
 
     def __init__(self, domain: str):
-        self.slot, self.version = FakeSlot(domain), f"v-{domain}"
+        self.domain, self.slot, self.version = domain, FakeSlot(domain), f"v-{domain}"
 
 
 def leased(*domains: str) -> list[FakeEntry]:
@@ -187,5 +187,42 @@ def test_a_full_queue_refuses_at_once_and_stop_fails_what_is_queued():
         await busy
         with pytest.raises(RuntimeError, match="shutting down"):
             await queued
+
+    run(main())
+
+
+def test_batches_take_waiting_domains_in_turn():
+    async def main():
+        engine = ScriptedEngine()
+        batcher = await started(engine, max_batch_size=4)
+        busy = await occupy(engine, batcher)
+        flood = asyncio.create_task(batcher.predict([image(10 + i) for i in range(12)], leased(*["a"] * 12)))
+        light = [asyncio.create_task(batcher.predict([image(v)], leased(d))) for v, d in ((1, "b"), (2, "c"))]
+        await wait_until(lambda: batcher.depth == 14)
+        engine.hold.set()
+        await asyncio.gather(busy, flood, *light)
+        await batcher.stop()
+        return engine.batches
+
+    batches = run(main())
+    # the flood queued first, yet b and c ride in the very next batch instead of after 12 a's
+    assert [d for _, d in batches[1]] == ["a", "b", "c", "a"]
+    assert all({d for _, d in b} == {"a"} for b in batches[2:])
+
+
+def test_a_domain_over_its_queue_share_is_refused_while_others_get_in():
+    async def main():
+        engine = ScriptedEngine()
+        batcher = await started(engine, max_queue=16, domain_share=4)
+        busy = await occupy(engine, batcher)
+        queued = asyncio.create_task(batcher.predict([image(i) for i in range(4)], leased(*["a"] * 4)))
+        await wait_until(lambda: batcher.depth == 4)
+        with pytest.raises(QueueShareExceeded, match="share is 4"):
+            await batcher.predict([image(5)], leased("a"))
+        other = asyncio.create_task(batcher.predict([image(6)], leased("b")))
+        await wait_until(lambda: batcher.depth == 5)
+        engine.hold.set()
+        await asyncio.gather(busy, queued, other)
+        await batcher.stop()
 
     run(main())
