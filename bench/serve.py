@@ -161,11 +161,14 @@ def _wrk_ms(text: str) -> float:
 
 
 def drive_wrk(url: str, domains: list[str], images: list[bytes], concurrency: int, seconds: float,
-              files: int, kind: str = "multipart", input_size: int = 32) -> dict:
-    """wrk (C, a separate process) as the load generator: it costs the server's CPUs far less than Python."""
+              files: int, kind: str = "multipart", input_size: int = 32, key: str | None = None) -> dict:
+    """wrk (C, a separate process) as the load generator: it costs the server's CPUs far less than Python.
+    `key` goes as `Authorization: Bearer`."""
     import re
 
     body, parts = request_body(kind, images, files, input_size)
+    if key is not None:
+        parts["extra_header"] += f', ["Authorization"] = "Bearer {key}"'
     with tempfile.TemporaryDirectory() as tmp:
         (pathlib.Path(tmp) / "body.bin").write_bytes(body)
         script = pathlib.Path(tmp) / "load.lua"

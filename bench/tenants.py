@@ -1,23 +1,28 @@
-"""A noisy neighbour: two well-behaved domains at a steady rate, alone and while a third domain is
-flooded far beyond what the service can classify.
+"""A noisy neighbour: two well-behaved tenants at a steady rate, alone and while a third tenant floods the
+service at many times what it can classify.
 
-    python -m bench.tenants [--rate 20] [--seconds 10] [--flood-connections 256]
+    python -m bench.tenants [--rate 20] [--seconds 10] [--flood-connections 32] [--flood-share 0.25]
 
-Starts `python -m service` (demo backbone) with three domains. The well-behaved clients send
-`--rate` requests per second each, on a fixed schedule (open loop, so a slow answer does not slow
-the sending), from a separate Python process; the flood comes from `wrk` at `--flood-connections`.
-Prints one JSON object last: the well-behaved domains' p50/p99 and errors alone and under the
-flood, their ratio, the flood's requests per second, and the share of them refused with 429
-(the flooded domain's share of the queue is full). Loopback only; it stops by itself.
+Starts `python -m service` (demo backbone) with three domains and a keys file (`RA_API_KEYS_FILE`): one
+key per tenant, each scoped to its own domain. First the service's capacity is measured (wrk saturating
+one domain); then the flooding tenant's key gets a rate limit of `--flood-share` of that capacity (the
+keys file is rewritten and reloaded while serving), and the flood starts: wrk with `--flood-connections`
+as fast as the answers come. The well-behaved tenants (a second wrk, one connection each) send a request,
+wait for the answer, pause 1/`--rate` s, and so on.
+
+Prints one JSON object last: the well-behaved tenants' p50/p99 and errors alone and under the flood, the
+ratio of their p99s (target <= 2), the flood's offered rate over the capacity, and the share of its
+requests refused with 429 (counted per key by the service's own metrics). Loopback only; it stops by
+itself.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import multiprocessing
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -29,66 +34,73 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import httpx
-import numpy as np
 
-from bench.serve import DEMO, TOKEN, drive_wrk, free_port, test_images, wait_ready
+from bench.serve import DEMO, TOKEN, _wrk_ms, drive_wrk, free_port, request_body, test_images, wait_ready
+from service.access import hash_key
 
-
-async def _steady(url: str, domains: list[str], image: bytes, rate: float, seconds: float) -> dict:
-    """Each domain gets a request every 1/rate s; returns latencies (ms) and errors per domain."""
-    results = {d: {"ms": [], "errors": 0} for d in domains}
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        async def one(domain: str) -> None:
-            start = time.perf_counter()
-            try:
-                response = await client.post(f"/predict/{domain}", files={"file": ("x.png", image, "image/png")})
-                ok = response.status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            if ok:
-                results[domain]["ms"].append((time.perf_counter() - start) * 1000)
-            else:
-                results[domain]["errors"] += 1
-
-        tasks, start = [], time.perf_counter()
-        for i in range(int(rate * seconds)):
-            await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
-            tasks += [asyncio.create_task(one(d)) for d in domains]
-        await asyncio.gather(*tasks)
-    return results
+TENANTS = ("calm1", "calm2", "flood")  # each tenant's key is scoped to the domain of its name
 
 
-def _steady_process(url, domains, image, rate, seconds, queue) -> None:
-    queue.put(asyncio.run(_steady(url, domains, image, rate, seconds)))
+def secret(tenant: str) -> str:
+    return f"bench-key-{tenant}"
 
 
-def steady(url: str, domains: list[str], image: bytes, rate: float, seconds: float) -> dict:
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    process = ctx.Process(target=_steady_process, args=(url, domains, image, rate, seconds, queue))
-    process.start()
-    result = queue.get(timeout=seconds + 120)
-    process.join(30)
-    return result
+def write_keys(path: pathlib.Path, flood_rate: float | None) -> None:
+    keys = [{"name": t, "key_sha256": hash_key(secret(t)), "domains": [t],
+             **({"rate_per_s": flood_rate} if t == "flood" and flood_rate else {})} for t in TENANTS]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"keys": keys}))
+    tmp.replace(path)  # the service never reads half a file
 
 
-def summary(results: dict) -> dict:
-    ms = np.concatenate([np.asarray(r["ms"]) for r in results.values()])
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
-            "requests": int(ms.size), "errors": sum(r["errors"] for r in results.values())}
+CALM_SCRIPT = """
+local f = io.open("%(body)s", "rb"); local body = f:read("*all"); f:close()
+local tenants = {%(tenants)s}
+local i = 0
+request = function()
+  i = i + 1
+  local t = tenants[(i %% #tenants) + 1]
+  return wrk.format("POST", "/predict/" .. t[1], {["Content-Type"] = "%(content_type)s",
+                    ["Authorization"] = "Bearer " .. t[2]}, body)
+end
+delay = function() return %(delay_ms)d end
+"""
 
 
-def refused(url: str) -> float:
-    text = httpx.get(url + "/metrics", timeout=10).text
-    match = re.search(r'^ra_requests_total\{route="/predict/\{domain\}",status="429"\} (\S+)$', text, re.M)
+def steady(url: str, tenants: list[str], image: bytes, rate: float, seconds: float) -> dict:
+    """The well-behaved tenants from wrk (C, so the figures are the server's, not a starved Python client's):
+    one connection per tenant, each pausing 1/rate s after every answer; wrk's latency percentiles."""
+    body, parts = request_body("multipart", [image], 1, 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        (pathlib.Path(tmp) / "body.bin").write_bytes(body)
+        script = pathlib.Path(tmp) / "calm.lua"
+        script.write_text(CALM_SCRIPT % {"body": pathlib.Path(tmp) / "body.bin", "content_type": parts["content_type"],
+                                         "tenants": ", ".join(f'{{"{t}", "{secret(t)}"}}' for t in tenants),
+                                         "delay_ms": round(1000 / rate)})
+        out = subprocess.run(["wrk", "-t1", f"-c{len(tenants)}", f"-d{max(1, round(seconds))}s", "--latency",
+                              "-s", str(script), url], capture_output=True, text=True, check=True).stdout
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {"p50_ms": _wrk_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),
+            "p99_ms": _wrk_ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),
+            "requests": int(re.search(r"(\d+) requests in", out).group(1)),
+            "errors": (int(errors.group(1)) if errors else 0) +
+                      (sum(map(int, socket_errors.groups())) if socket_errors else 0)}
+
+
+def key_count(url: str, key: str, status: str) -> float:
+    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).text
+    match = re.search(rf'^ra_key_requests_total\{{key="{key}",status="{status}"\}} (\S+)$', text, re.M)
     return float(match.group(1)) if match else 0.0
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rate", type=float, default=20.0, help="requests/s of each well-behaved domain")
+    parser.add_argument("--rate", type=float, default=20.0, help="requests/s of each well-behaved tenant")
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--flood-connections", type=int, default=256)
+    parser.add_argument("--flood-connections", type=int, default=32)
+    parser.add_argument("--flood-share", type=float, default=0.25,
+                        help="the flooding key's rate limit, as a share of the measured capacity (0: no limit)")
     args = parser.parse_args(argv)
     if not shutil.which("wrk"):
         sys.exit("the flood needs wrk (apt-get install wrk)")
@@ -97,43 +109,54 @@ def main(argv: list[str] | None = None) -> None:
     images = test_images(4, 48)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory() as store:
-        env = {**os.environ, "RA_STORE_DIR": store, "RA_ADMIN_TOKEN": TOKEN, "RA_DEMO_ADAPTERS": "false",
+    with tempfile.TemporaryDirectory() as tmp:
+        keys = pathlib.Path(tmp) / "keys.json"
+        write_keys(keys, None)
+        env = {**os.environ, "RA_STORE_DIR": str(pathlib.Path(tmp) / "store"), "RA_ADMIN_TOKEN": TOKEN,
+               "RA_DEMO_ADAPTERS": "false", "RA_API_KEYS_FILE": str(keys), "RA_API_KEYS_POLL_S": "0.2",
                "TF_CPP_MIN_LOG_LEVEL": "2"}
         server = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
                                   env=env, start_new_session=True)
         try:
             wait_ready(url)
             with httpx.Client(base_url=url, timeout=60) as client:
-                for name, path in zip(("flood", "calm1", "calm2"), demo):
+                for name, path in zip(TENANTS, demo):
                     client.post("/adapters", headers={"Authorization": f"Bearer {TOKEN}"},
                                 files={"bundle": ("b.safetensors", path.read_bytes())},
                                 data={"domain": name}).raise_for_status()
             calm = ["calm1", "calm2"]
+            capacity = drive_wrk(url, ["flood"], images, 32, 4, 1, key=secret("flood"))["img_s"]
+            flood_rate = round(capacity * args.flood_share, 1) if args.flood_share > 0 else None
+            write_keys(keys, flood_rate)
+            time.sleep(1.0)  # the service reloads the keys
             steady(url, calm, images[0], args.rate, 2.0)  # warm-up
-            alone = summary(steady(url, calm, images[0], args.rate, args.seconds))
-            flood_out: dict = {}
-            refused_before = refused(url)
+            alone = steady(url, calm, images[0], args.rate, args.seconds)
+            before = {s: key_count(url, "flood", s) for s in ("200", "429")}
             flooder = multiprocessing.get_context("spawn").Pool(1)
             pending = flooder.apply_async(drive_wrk, (url, ["flood"], images, args.flood_connections,
-                                                      args.seconds + 2, 1))
+                                                      args.seconds + 2, 1), {"key": secret("flood")})
             time.sleep(1.0)
-            under = summary(steady(url, calm, images[0], args.rate, args.seconds))
+            under = steady(url, calm, images[0], args.rate, args.seconds)
             flood_out = pending.get(timeout=args.seconds + 120)
             flooder.close()
-            refused_429 = refused(url) - refused_before
+            after = {s: key_count(url, "flood", s) for s in ("200", "429")}
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(60)
+    flood_s = args.seconds + 2
     flood_requests = flood_out["requests"]
+    refused_429 = after["429"] - before["429"]
     result = {
         "alone": alone,
         "under_flood": under,
         "p99_ratio": round(under["p99_ms"] / alone["p99_ms"], 2),
-        "flood": {"requests_s": round(flood_requests / (args.seconds + 2), 1),
+        "capacity_img_s": round(capacity, 1),
+        "flood": {"requests_s": round(flood_requests / flood_s, 1),
+                  "over_capacity": round(flood_requests / flood_s / capacity, 2),
+                  "rate_limit_per_s": flood_rate,
                   "refused_429_rate": round(refused_429 / max(flood_requests, 1), 3),
-                  "ok_img_s": round(flood_out["img_s"] * (1 - refused_429 / max(flood_requests, 1)), 1)},
-        "settings": {"rate_per_domain": args.rate, "seconds": args.seconds,
+                  "served_img_s": round((after["200"] - before["200"]) / flood_s, 1)},
+        "settings": {"rate_per_tenant": args.rate, "seconds": args.seconds,
                      "flood_connections": args.flood_connections, "cpus": os.cpu_count()},
     }
     print(json.dumps(result))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pathlib
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -25,6 +26,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    if os.environ.get("RA_API_KEYS_FILE"):  # refuse a bad keys file before any worker starts
+        from service.access import KeysFileError, load_keys
+
+        try:
+            load_keys(pathlib.Path(os.environ["RA_API_KEYS_FILE"]))
+        except KeysFileError as exc:
+            parser.exit(2, f"python -m service: {exc}\n")
     # every worker process reads its settings from the environment
     os.environ.update(RA_WORKERS=str(args.workers), RA_HOST=args.host, RA_PORT=str(args.port))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,18 +1,47 @@
 """Who may do what: the one place that decides access.
 
-Management (POST/DELETE under /adapters, and the Open Inference Protocol's model repository under
-/v2/repository) needs `Authorization: Bearer <RA_ADMIN_TOKEN>`, checked
-before the request body is received; with no token configured it is disabled (403), never open.
-Everything else is open.
+Without a keys file (the embedded default) predicting and listing are open, and management (POST/DELETE
+under /adapters, the Open Inference Protocol's /v2/repository) needs `Authorization: Bearer
+<RA_ADMIN_TOKEN>`; with no token configured management is disabled (403), never open.
+
+With `RA_API_KEYS_FILE` every request but health, docs and the page needs a key (401 without one). A key
+sees only the domains its glob patterns match: any other domain answers exactly as an unknown one does
+(404, same body), so keys cannot enumerate each other's domains. Management needs an admin key (or
+`RA_ADMIN_TOKEN`); a key may carry a request rate limit (token bucket, 429 with Retry-After).
+
+Everything here runs before the request body is received. Secrets are never stored: the file holds the
+sha256 of each key, a presented key is hashed first and then looked up and compared in constant time.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
+import hashlib
+import json
+import logging
+import math
+import os
+import pathlib
+import re
 import secrets
+import threading
+import time
 
-from pydantic import SecretStr
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from service.errors import ApiError
+from service.registry import UnknownDomainError
+
+_log = logging.getLogger(__name__)
+
+PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
+                          "/v2", "/v2/health/live", "/v2/health/ready"})
+PUBLIC_PREFIXES = ("/static/",)
+# paths that name one domain: the scope check answers 404 for a domain outside the key's patterns
+DOMAIN_PATHS = (re.compile(r"^/predict/([^/]+)$"), re.compile(r"^/adapters/([^/]+)(?:/rollback)?$"),
+                re.compile(r"^/v2/models/([^/]+)(?:/.*)?$"))
+PATTERN = re.compile(r"^[a-z0-9_\-*?\[\]!]{1,64}$")
 
 
 def is_management(method: str, path: str) -> bool:
@@ -21,14 +50,240 @@ def is_management(method: str, path: str) -> bool:
     return method in ("POST", "DELETE") and (path == "/adapters" or path.startswith("/adapters/"))
 
 
-def check_admin(authorization: str, token: SecretStr | None) -> None:
-    """Bearer token compared in constant time; raise `ApiError` 401/403 otherwise."""
-    if token is None:
-        raise ApiError(403, "management_disabled",
-                       "Adapter management is disabled: start the service with RA_ADMIN_TOKEN set.")
+def is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+def named_domain(path: str) -> str | None:
+    for pattern in DOMAIN_PATHS:
+        match = pattern.match(path)
+        if match:
+            return match.group(1)
+    return None
+
+
+class TokenBucket:
+    """`rate` requests a second on average, bursts of up to `burst`."""
+
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst = rate, burst
+        self.tokens, self.stamp = float(burst), time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self) -> float:
+        """0 if a request may go now, else the seconds until it may."""
+        with self._lock:
+            now = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return 0.0
+            return (1 - self.tokens) / self.rate
+
+
+@dataclasses.dataclass(frozen=True)
+class Principal:
+    """Who a request acts for: a key of the keys file, the admin token, or anyone (no keys file)."""
+
+    name: str
+    admin: bool
+    patterns: tuple[str, ...] = ("*",)
+    rate_per_s: float | None = None
+    burst: int | None = None
+
+    def __post_init__(self) -> None:
+        regex = "|".join(f"(?:{fnmatch.translate(p)})" for p in self.patterns) or r"(?!)"
+        object.__setattr__(self, "_match", re.compile(regex).match)
+
+    @property
+    def every_domain(self) -> bool:
+        return "*" in self.patterns
+
+    def may_use(self, domain: str) -> bool:
+        return self.every_domain or self._match(domain) is not None  # type: ignore[attr-defined]
+
+    @property
+    def prefix(self) -> str:
+        """What every domain this principal may use starts with (narrows listings)."""
+        literal = [re.split(r"[*?\[]", p, maxsplit=1)[0] for p in self.patterns]
+        return os.path.commonprefix(literal) if literal else ""
+
+
+ANYONE = Principal("anonymous", admin=False)
+ADMIN = Principal("admin", admin=True)
+
+
+class KeySpec(BaseModel):
+    """One entry of the keys file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    key_sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    domains: list[str] = Field(default_factory=list)
+    admin: bool = False
+    rate_per_s: float | None = Field(None, gt=0)
+    burst: int | None = Field(None, ge=1)
+
+    @field_validator("domains")
+    @classmethod
+    def _globs(cls, value: list[str]) -> list[str]:
+        bad = [p for p in value if not PATTERN.match(p)]
+        if bad:
+            raise ValueError(f"domain patterns are globs of domain-name characters and * ? [ ]: {bad}")
+        return value
+
+
+class KeysFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    keys: list[KeySpec]
+
+
+class KeysFileError(ValueError):
+    """The keys file cannot be used; the message says where and what to fix."""
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def load_keys(path: pathlib.Path) -> dict[str, Principal]:
+    """sha256 hex → principal, from the JSON keys file; raise `KeysFileError` with what to fix."""
+    try:
+        raw = json.loads(path.read_text())
+        parsed = KeysFile.model_validate(raw)
+    except OSError as exc:
+        raise KeysFileError(f"RA_API_KEYS_FILE {path}: cannot read it ({exc.strerror}).") from exc
+    except json.JSONDecodeError as exc:
+        raise KeysFileError(f"RA_API_KEYS_FILE {path}: not JSON ({exc}). Expected "
+                            '{"keys": [{"name": ..., "key_sha256": ..., "domains": [...], "admin": false}]}.') from exc
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise KeysFileError(f"RA_API_KEYS_FILE {path}: {problems}.") from exc
+    keys: dict[str, Principal] = {}
+    names: set[str] = set()
+    for spec in parsed.keys:
+        digest = spec.key_sha256.lower()
+        if digest in keys or spec.name in names:
+            raise KeysFileError(f"RA_API_KEYS_FILE {path}: key {spec.name!r} repeats a name or a key_sha256; "
+                                "each key needs its own.")
+        names.add(spec.name)
+        keys[digest] = Principal(spec.name, spec.admin, tuple(spec.domains), spec.rate_per_s,
+                                 spec.burst or (max(1, math.ceil(spec.rate_per_s)) if spec.rate_per_s else None))
+    return keys
+
+
+class KeyRing:
+    """The keys of `RA_API_KEYS_FILE`, reloaded when the file changes; a file that turns bad keeps the
+    last good keys (and the error is logged and counted)."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        self._signature = self._stat()
+        self.keys = load_keys(path)
+        self.last_error: str | None = None
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def _stat(self) -> tuple | None:
+        try:
+            s = self.path.stat()
+        except OSError:
+            return None
+        return s.st_mtime_ns, s.st_size, s.st_ino
+
+    def reload_if_changed(self) -> bool:
+        """True when new keys were loaded; raise `KeysFileError` (keeping the old keys) if the file is bad."""
+        signature = self._stat()
+        if signature == self._signature:
+            return False
+        self._signature = signature
+        try:
+            self.keys = load_keys(self.path)
+        except KeysFileError as exc:
+            self.last_error = str(exc)
+            raise
+        self.last_error = None
+        self._buckets = {name: b for name, b in self._buckets.items()
+                         if any(p.name == name for p in self.keys.values())}
+        return True
+
+    def find(self, secret: str) -> Principal | None:
+        """The key's principal. The lookup is by the sha256 of the presented key, which the caller cannot
+        steer towards a stored hash, so its timing reveals nothing of any stored key."""
+        return self.keys.get(hash_key(secret))
+
+    def bucket(self, principal: Principal) -> TokenBucket | None:
+        if principal.rate_per_s is None:
+            return None
+        bucket = self._buckets.get(principal.name)
+        if bucket is None or (bucket.rate, bucket.burst) != (principal.rate_per_s, principal.burst):
+            bucket = self._buckets[principal.name] = TokenBucket(principal.rate_per_s, principal.burst)
+        return bucket
+
+
+def _bearer(authorization: str) -> str | None:
     scheme, _, given = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not given:
-        raise ApiError(401, "unauthorized", "Send 'Authorization: Bearer <RA_ADMIN_TOKEN>'.",
-                       headers={"WWW-Authenticate": "Bearer"})
-    if not secrets.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
-        raise ApiError(401, "unauthorized", "The bearer token is wrong.", headers={"WWW-Authenticate": "Bearer"})
+    given = given.strip()
+    return given if scheme.lower() == "bearer" and given else None
+
+
+def _unauthorized(detail: str) -> ApiError:
+    return ApiError(401, "unauthorized", detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Denied(Exception):
+    """A refused request: the answer to give (`ApiError`, or `UnknownDomainError` for a domain the key may
+    not see) and who asked, when known (for the per-key metrics and the audit log)."""
+
+    def __init__(self, reason: ApiError | UnknownDomainError, principal: Principal | None = None):
+        super().__init__(str(reason))
+        self.reason, self.principal = reason, principal
+
+
+class Access:
+    """The decision for one request, from its method, path and Authorization header."""
+
+    def __init__(self, admin_token: str | None, keyring: KeyRing | None):
+        self.admin_token, self.keyring = admin_token, keyring
+
+    def _is_admin_token(self, given: str) -> bool:
+        return self.admin_token is not None and secrets.compare_digest(given.encode(), self.admin_token.encode())
+
+    def decide(self, method: str, path: str, authorization: str) -> Principal:
+        """The principal the request acts for, or raise `Denied`: 401/403/429, or an unknown domain (404)
+        for a domain the key may not see."""
+        if is_public(path):
+            return ANYONE
+        given = _bearer(authorization)
+        if self.keyring is None:
+            if not is_management(method, path):
+                return ANYONE
+            if self.admin_token is None:
+                raise Denied(ApiError(403, "management_disabled",
+                                      "Adapter management is disabled: start the service with RA_ADMIN_TOKEN set."))
+            if given is None:
+                raise Denied(_unauthorized("Send 'Authorization: Bearer <RA_ADMIN_TOKEN>'."))
+            if not self._is_admin_token(given):
+                raise Denied(_unauthorized("The bearer token is wrong."))
+            return ADMIN
+
+        if given is None:
+            raise Denied(_unauthorized("Send your API key as 'Authorization: Bearer <key>'."))
+        principal = ADMIN if self._is_admin_token(given) else self.keyring.find(given)
+        if principal is None:
+            raise Denied(_unauthorized("The API key is not known."))
+        bucket = self.keyring.bucket(principal)
+        wait = bucket.take() if bucket is not None else 0.0
+        if wait > 0:
+            raise Denied(ApiError(429, "rate_limited", f"Key {principal.name!r} is over its rate of "
+                                                       f"{principal.rate_per_s:g} requests/s; retry after the pause.",
+                                  headers={"Retry-After": str(max(1, math.ceil(wait)))}), principal)
+        if (is_management(method, path) or path == "/metrics") and not principal.admin:
+            raise Denied(ApiError(403, "forbidden", f"Key {principal.name!r} may not manage adapters or read "
+                                                    "the metrics; use an admin key."), principal)
+        domain = named_domain(path)
+        if domain is not None and not principal.may_use(domain):
+            raise Denied(UnknownDomainError(domain), principal)
+        return principal

@@ -7,6 +7,7 @@ Errors are raised as the model's and service's own exceptions and mapped to HTTP
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import time
 from typing import Annotated
@@ -18,8 +19,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from model.bundle import AdapterBundle
 from model.preprocessing import open_image, preprocess
 from service import schemas
+from service.access import ANYONE, Principal
 from service.errors import ApiError
-from service.registry import Entry
+from service.registry import Entry, UnknownDomainError
 from service.state import ServiceState
 
 
@@ -34,8 +36,40 @@ async def get_ready_state(request: Request) -> ServiceState:
     return state
 
 
+async def get_principal(request: Request) -> Principal:
+    """Who the request acts for, as the Gatekeeper decided (`service.access`)."""
+    return request.state.principal
+
+
 StateDep = Annotated[ServiceState, Depends(get_state)]
 ReadyDep = Annotated[ServiceState, Depends(get_ready_state)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def lane_of(principal: Principal) -> str | None:
+    """The batcher's fairness lane: the key, or (no keys file) each image's domain."""
+    return None if principal is ANYONE else principal.name
+
+
+async def visible_page(state: ServiceState, principal: Principal, prefix: str, cursor: str | None,
+                       count: int) -> list[tuple[str, int, Entry | None]]:
+    """Up to `count` (name, version, entry) of the domains the principal may see, in name order after
+    `cursor`; narrowed by the literal prefix every one of its patterns starts with."""
+    if principal.every_domain:
+        return await state.registry.list_page(prefix, cursor, count)
+    if principal.prefix.startswith(prefix):
+        prefix = principal.prefix
+    elif not prefix.startswith(principal.prefix):
+        return []
+    rows: list[tuple[str, int, Entry | None]] = []
+    step = max(count, 256)
+    while len(rows) < count:
+        page = await state.registry.list_page(prefix, cursor, step)
+        rows += [row for row in page if principal.may_use(row[0])]
+        if len(page) < step:
+            break
+        cursor = page[-1][0]
+    return rows[:count]
 
 
 ERRORS = {code: {"model": schemas.Error} for code in (400, 401, 403, 404, 409, 413, 415, 422, 429, 503, 504)}
@@ -109,7 +143,7 @@ def _top_k(logits: np.ndarray, labels: tuple[str, ...], k: int) -> list[schemas.
     return [schemas.Prediction(label=labels[i], index=int(i), score=float(p[i])) for i in order]
 
 
-async def _classify(state: ServiceState, uploads: list[UploadFile], entries: list[Entry]):
+async def _classify(state: ServiceState, uploads: list[UploadFile], entries: list[Entry], lane: str | None):
     """Decode every upload (in the pool), then run all (image, domain) pairs through the batcher.
 
     The entries are leased (see `Registry.acquire`); they are returned here, whatever happens."""
@@ -127,7 +161,8 @@ async def _classify(state: ServiceState, uploads: list[UploadFile], entries: lis
         decoded = time.perf_counter()
         images = [x for per_image in inputs for x in per_image]
         per_image = [e for _ in inputs for e in entries]
-        outputs = await asyncio.wait_for(state.batcher.predict(images, per_image), state.settings.request_timeout_s)
+        outputs = await asyncio.wait_for(state.batcher.predict(images, per_image, lane),
+                                         state.settings.request_timeout_s)
         done = time.perf_counter()
         timing = schemas.Timing(total_ms=(done - start) * 1000, preprocess_ms=(decoded - start) * 1000,
                                 inference_ms=(done - decoded) * 1000)
@@ -142,12 +177,12 @@ TopK = Annotated[int, Form(ge=1, le=1000, description="how many classes to retur
 
 
 @predict.post("/{domain}", response_model=schemas.PredictResponse, responses=ERRORS)
-async def predict_domain(domain: str, state: ReadyDep, file: Annotated[list[UploadFile], File()],
-                         top_k: TopK = 5) -> schemas.PredictResponse:
+async def predict_domain(domain: str, state: ReadyDep, principal: PrincipalDep,
+                         file: Annotated[list[UploadFile], File()], top_k: TopK = 5) -> schemas.PredictResponse:
     """Classify one image (or several `file` fields) with one domain's adapter (loaded first if it is not
     resident)."""
     entry = await state.registry.acquire(domain)
-    outputs, timing = await _classify(state, file, [entry])
+    outputs, timing = await _classify(state, file, [entry], lane_of(principal))
     results = [schemas.ImageResult(filename=u.filename, predictions=_top_k(logits, entry.card.labels, top_k))
                for u, (logits, *_) in zip(file, outputs)]
     return schemas.PredictResponse(domain=domain, version=outputs[0].version, predictions=results[0].predictions,
@@ -165,22 +200,26 @@ async def _acquire_all(state: ServiceState, names: list[str]) -> list[Entry]:
 
 
 @predict.post("", response_model=schemas.FanoutResponse, responses=ERRORS)
-async def predict_fanout(state: ReadyDep, file: Annotated[UploadFile, File()],
+async def predict_fanout(state: ReadyDep, principal: PrincipalDep, file: Annotated[UploadFile, File()],
                          domains: Annotated[str, Form(description="comma-separated domains, or 'all'")] = "all",
                          top_k: TopK = 5) -> schemas.FanoutResponse:
-    """Classify one image with several domains at once (one batch)."""
+    """Classify one image with several domains at once (one batch): the named ones, or every one the key
+    may see."""
     limit = state.settings.max_fanout
     if domains.strip() == "all":
-        names = [name for name, _, _ in await state.registry.list_page("", None, limit + 1)]
+        names = [name for name, _, _ in await visible_page(state, principal, "", None, limit + 1)]
     else:
         names = list(dict.fromkeys(d.strip() for d in domains.split(",") if d.strip()))
+        hidden = next((name for name in names if not principal.may_use(name)), None)
+        if hidden is not None:
+            raise UnknownDomainError(hidden)
     if not names:
         raise ApiError(400, "no_domains", "No domain is registered or named; GET /adapters lists them.")
     if len(names) > limit:
         raise ApiError(400, "too_many_domains", f"At most {limit} domains per request (RA_MAX_FANOUT); "
                                                 "name the domains you need instead of 'all'.")
     entries = await _acquire_all(state, names)
-    outputs, timing = await _classify(state, [file], entries)
+    outputs, timing = await _classify(state, [file], entries, lane_of(principal))
     results = [schemas.DomainResult(domain=e.domain, version=v, predictions=_top_k(logits, e.card.labels, top_k))
                for e, (logits, v, *_) in zip(entries, outputs)]
     return schemas.FanoutResponse(filename=file.filename, results=results, timing=timing)
@@ -209,12 +248,14 @@ def _info(entry: Entry, state: ServiceState) -> schemas.AdapterInfo:
 @adapters.get("", response_model=schemas.AdapterList, responses=ERRORS)
 async def list_adapters(
     state: ReadyDep,
+    principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=1000, description="domains per page")] = 100,
     cursor: Annotated[str | None, Query(max_length=63, description="`next_cursor` of the previous page")] = None,
     prefix: Annotated[str, Query(max_length=63, description="only domains whose name starts with this")] = "",
 ) -> schemas.AdapterList:
-    """Registered domains in name order, a page at a time; cached ones with their details and tier."""
-    rows = await state.registry.list_page(prefix, cursor, limit + 1)
+    """Registered domains (those the key may see) in name order, a page at a time; cached ones with their
+    details and tier."""
+    rows = await visible_page(state, principal, prefix, cursor, limit + 1)
     page = rows[:limit]
     items = [schemas.AdapterSummary(**_summary(entry, state)) if entry is not None else
              schemas.AdapterSummary(domain=name, version=version, tier="registry",
@@ -232,6 +273,7 @@ async def get_adapter(domain: str, state: ReadyDep) -> schemas.AdapterInfo:
 
 @adapters.post("", response_model=schemas.AdapterInfo, status_code=201, responses=ERRORS)
 async def register_adapter(
+    request: Request,
     state: ReadyDep,
     bundle: Annotated[UploadFile, File(description="the adapter bundle (.safetensors)")],
     replace: Annotated[bool, Form(description="replace an existing domain with a new version")] = False,
@@ -241,25 +283,31 @@ async def register_adapter(
 ) -> schemas.AdapterInfo:
     """Register a domain from its bundle: validated completely, recorded durably, then answered.
 
-    Needs `Authorization: Bearer <RA_ADMIN_TOKEN>`."""
+    Needs an admin key (or `RA_ADMIN_TOKEN`)."""
     limit = state.settings.max_bundle_bytes
+    audit = request.state.audit = {"action": "replace" if replace else "register", "domain": domain or None}
     data = await bundle.read(limit + 1)
     if len(data) > limit:
         raise ApiError(413, "bundle_too_large", f"The bundle is larger than {limit} bytes (RA_MAX_BUNDLE_BYTES).")
+    audit["sha256"] = hashlib.sha256(data).hexdigest()
     entry = await state.registry.register(data, replace=replace, domain=domain or None, pin=pin)
+    audit.update(domain=entry.domain, version=entry.version)
     return _info(entry, state)
 
 
 @adapters.delete("/{domain}", response_model=schemas.AdapterSummary, responses=ERRORS)
-async def delete_adapter(domain: str, state: ReadyDep) -> schemas.AdapterSummary:
-    """Stop serving the domain everywhere (needs the admin token)."""
+async def delete_adapter(domain: str, request: Request, state: ReadyDep) -> schemas.AdapterSummary:
+    """Stop serving the domain everywhere (needs an admin key)."""
     version, entry = await state.registry.delete(domain)
+    request.state.audit = {"version": version, "sha256": entry.sha256 if entry is not None else None}
     if entry is not None:
         return schemas.AdapterSummary(**_summary(entry, state))
     return schemas.AdapterSummary(domain=domain, version=version, tier="registry")
 
 
 @adapters.post("/{domain}/rollback", response_model=schemas.AdapterInfo, responses=ERRORS)
-async def rollback_adapter(domain: str, state: ReadyDep) -> schemas.AdapterInfo:
-    """Serve the previous version again; the newer ones are dropped (needs the admin token)."""
-    return _info(await state.registry.rollback(domain), state)
+async def rollback_adapter(domain: str, request: Request, state: ReadyDep) -> schemas.AdapterInfo:
+    """Serve the previous version again; the newer ones are dropped (needs an admin key)."""
+    entry = await state.registry.rollback(domain)
+    request.state.audit = {"version": entry.version, "sha256": entry.sha256}
+    return _info(entry, state)

@@ -25,13 +25,14 @@ from model.bundle import load_bundle
 from model.engine import InferenceEngine
 from model.safetensors_io import InvalidFileError
 from service import api, oip
-from service.access import check_admin, is_management
+from service import audit
+from service.access import Access, Denied, KeyRing, KeysFileError, Principal, is_management
 from service.batcher import DynamicBatcher
-from service.errors import ApiError, BodyTooLarge, error_response, install_error_handlers
+from service.errors import BodyTooLarge, error_response, install_error_handlers, unknown_domain_response
 from service.follower import Follower
 from service.metrics import Metrics
 from service.record import DomainExists, RecordStore, RecordUnavailable, open_record
-from service.registry import MB, Limits, Registry
+from service.registry import MB, Limits, Registry, UnknownDomainError
 from service.runtime import configure_tensorflow
 from service.settings import DEMO_DIR, Settings
 from service.state import ServiceState
@@ -69,8 +70,9 @@ class BodyLimit:
 
 
 class Gatekeeper:
-    """Refuse management calls without the admin token before their body is received, and record
-    every request's route, domain, status and latency (pure ASGI: no extra task per request)."""
+    """Decide access (`service.access`) before the request body is received, and record every request's
+    route, status, latency and key; write the audit line of every management call (pure ASGI: no extra
+    task per request)."""
 
     def __init__(self, app: ASGIApp, state: ServiceState):
         self.app, self.state = app, state
@@ -79,16 +81,20 @@ class Gatekeeper:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
+        method, path = scope["method"], scope["path"]
+        authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        try:
+            principal = self.state.access.decide(method, path, authorization)
+        except Denied as denied:
+            reason = denied.reason
+            refusal = (unknown_domain_response(reason, path) if isinstance(reason, UnknownDomainError) else
+                       error_response(reason.status, reason.code, reason.detail, reason.headers, path))
+            await refusal(scope, receive, send)
+            self._record(scope, refusal.status_code, start, denied.principal)
+            return
+        request_state = scope.setdefault("state", {})
+        request_state["principal"] = principal
         status = 500
-        if is_management(scope["method"], scope["path"]):
-            headers = dict(scope["headers"])
-            try:
-                check_admin(headers.get(b"authorization", b"").decode("latin-1"), self.state.settings.admin_token)
-            except ApiError as exc:
-                status = exc.status
-                await error_response(exc.status, exc.code, exc.detail, exc.headers, scope["path"])(scope, receive, send)
-                self._record(scope, status, start)
-                return
 
         async def send_and_watch(message: Message) -> None:
             nonlocal status
@@ -99,13 +105,31 @@ class Gatekeeper:
         try:
             await self.app(scope, receive, send_and_watch)
         finally:
-            self._record(scope, status, start)
+            self._record(scope, status, start, principal)
 
-    def _record(self, scope: Scope, status: int, start: float) -> None:
+    def _record(self, scope: Scope, status: int, start: float, principal: Principal | None) -> None:
         metrics = self.state.metrics
         path = getattr(scope.get("route"), "path", "unmatched")
         metrics.requests.labels(path, str(status)).inc()
         metrics.latency.labels(path).observe(time.perf_counter() - start)
+        key = principal.name if principal is not None else "-"
+        metrics.key_requests.labels(key, str(status)).inc()
+        if is_management(scope["method"], scope["path"]):
+            audit.write(key, scope["method"], scope["path"], status, scope.get("state", {}).get("audit"))
+
+
+async def follow_keys(state: ServiceState) -> None:
+    """Reload RA_API_KEYS_FILE when it changes; a bad file keeps the last good keys (logged, counted)."""
+    keyring = state.access.keyring
+    while True:
+        await asyncio.sleep(state.settings.api_keys_poll_s)
+        try:
+            if await asyncio.to_thread(keyring.reload_if_changed):
+                state.metrics.keys_loaded.set(len(keyring.keys))
+                _log.info("reloaded %d API keys from %s", len(keyring.keys), keyring.path)
+        except KeysFileError as exc:
+            state.metrics.keys_reload_errors.inc()
+            _log.error("%s Keeping the %d keys loaded before.", exc, len(keyring.keys))
 
 
 def seed_demo(record: RecordStore, backbone: Backbone) -> None:
@@ -170,7 +194,11 @@ async def warm_most_used(registry: Registry, count: int) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    state = ServiceState(settings=settings, metrics=Metrics())
+    keyring = KeyRing(settings.api_keys_file) if settings.api_keys_file is not None else None
+    admin_token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
+    state = ServiceState(settings=settings, metrics=Metrics(), access=Access(admin_token, keyring))
+    if keyring is not None:
+        state.metrics.keys_loaded.set(len(keyring.keys))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -193,6 +221,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.follower = Follower(registry, registry.record, settings.resync_interval_s)
         state.follower.start()
         warming = asyncio.create_task(warm_most_used(registry, settings.max_resident))
+        keys = asyncio.create_task(follow_keys(state)) if keyring is not None else None
         gc.collect()
         gc.freeze()  # the loaded framework's objects live forever: keep them out of full collections
         state.started = True
@@ -201,6 +230,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             state.started = False
             warming.cancel()
+            if keys is not None:
+                keys.cancel()
             await state.follower.stop()
             await state.batcher.stop()
             state.preprocess_pool.shutdown(wait=False, cancel_futures=True)

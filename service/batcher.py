@@ -1,13 +1,14 @@
 """Dynamic batching: requests for any domains share engine calls, fairly.
 
 Requests put their images (each with the engine slot and version of its domain, leased from the
-registry for the request's lifetime) on a bounded queue with one line per domain. A dedicated
-engine thread takes up to `max_batch_size` images at a time, one per waiting domain in turn
-(round-robin), as soon as the batch is full or `max_wait_ms` after the oldest queued image arrived;
-runs the engine; and hands each batch's answers back to the event loop in one callback. A domain
-flooding the service therefore cannot push the others' images out of the next batch, and it may
-hold at most `domain_share` queued images (`QueueShareExceeded`: 429 + Retry-After) before the
-whole queue fills (`Overloaded`: 503 + Retry-After). The engine thread never waits for the event
+registry for the request's lifetime) on a bounded queue with one line per lane: the API key the
+request came with, or its domain where there are no keys. A dedicated engine thread takes up to
+`max_batch_size` images at a time, one per waiting lane in turn (round-robin), as soon as the batch
+is full or `max_wait_ms` after the oldest queued image arrived; runs the engine; and hands each
+batch's answers back to the event loop in one callback. A tenant (or domain) flooding the service
+therefore cannot push the others' images out of the next batch, and it may hold at most
+`domain_share` queued images (`QueueShareExceeded`: 429 + Retry-After) before the whole queue fills
+(`Overloaded`: 503 + Retry-After). The engine thread never waits for the event
 loop, so under load the next batch holds everything that queued up during the last one.
 """
 
@@ -31,7 +32,8 @@ class Overloaded(Exception):
 
 
 class QueueShareExceeded(Exception):
-    """One domain holds its whole share of the queue; its requests wait for room (429), others go on."""
+    """One lane (key or domain) holds its whole share of the queue; its requests wait for room (429),
+    others go on."""
 
 
 class Answer(typing.NamedTuple):
@@ -67,7 +69,7 @@ class _Request:
 @dataclasses.dataclass
 class _Item:
     image: np.ndarray
-    domain: str
+    lane: str
     slot: Slot
     version: int
     request: _Request
@@ -76,8 +78,8 @@ class _Item:
 
 
 class DynamicBatcher:
-    """Fair dynamic batching: one queue per domain, batches filled round-robin across the domains
-    that wait, so a flooded domain cannot push the others' images out of the next batch; a domain
+    """Fair dynamic batching: one queue per lane (key or domain), batches filled round-robin across the
+    lanes that wait, so a flooding lane cannot push the others' images out of the next batch; a lane
     may hold at most `domain_share` queued images (then `QueueShareExceeded`, a 429)."""
 
     def __init__(self, engine: InferenceEngine, max_batch_size: int, max_wait_ms: float, max_queue: int,
@@ -114,30 +116,31 @@ class DynamicBatcher:
     def depth(self) -> int:
         return self._size
 
-    async def predict(self, images: list[np.ndarray], entries: list) -> list[Answer]:
+    async def predict(self, images: list[np.ndarray], entries: list, lane: str | None = None) -> list[Answer]:
         """(logits, adapter version, timings) per image, each computed with its entry's `slot`; raises
-        `Overloaded` or `QueueShareExceeded`.
+        `Overloaded` or `QueueShareExceeded`. The images wait in `lane` (an API key's name), or in their
+        domains' lanes when it is None.
 
         The caller holds the entries (registry leases) until this returns, so their slots stay valid.
         Cancelling the call (e.g. a request timeout) drops its images that have not started yet.
         """
         request = _Request(self._loop, len(images))
         now = time.monotonic()
-        items = [_Item(image, entry.domain, entry.slot, entry.version, request, i, now)
+        items = [_Item(image, lane or entry.domain, entry.slot, entry.version, request, i, now)
                  for i, (image, entry) in enumerate(zip(images, entries))]
-        adding = collections.Counter(item.domain for item in items)
+        adding = collections.Counter(item.lane for item in items)
         with self._ready:
             if self._stopping:
                 raise Overloaded("The service is shutting down.")
             if self._size + len(items) > self.max_queue:
                 raise Overloaded(f"{self._size} images are queued (limit {self.max_queue}).")
-            for domain, n in adding.items():
-                queued = len(self._queues.get(domain, ()))
+            for name, n in adding.items():
+                queued = len(self._queues.get(name, ()))
                 if queued + n > self.domain_share:
-                    raise QueueShareExceeded(f"{queued} images of {domain!r} are queued (its share is "
+                    raise QueueShareExceeded(f"{queued} images of {name!r} are queued (its share is "
                                              f"{self.domain_share}); retry shortly.")
             for item in items:
-                self._queues.setdefault(item.domain, collections.deque()).append(item)
+                self._queues.setdefault(item.lane, collections.deque()).append(item)
             self._size += len(items)
             self._ready.notify()
         self.metrics.queue_depth.set(self._size)
@@ -150,24 +153,24 @@ class DynamicBatcher:
 
     def _drop_finished(self) -> None:
         """Hold `_ready`. Drop cancelled or failed requests' images from the heads of the queues."""
-        for domain in list(self._queues):
-            queue = self._queues[domain]
+        for lane in list(self._queues):
+            queue = self._queues[lane]
             while queue and queue[0].request.future.done():
                 queue.popleft()
                 self._size -= 1
             if not queue:
-                del self._queues[domain]
+                del self._queues[lane]
 
     def _round_robin(self) -> list[_Item]:
-        """Hold `_ready`. Up to `max_batch_size` images, one per waiting domain in turn."""
+        """Hold `_ready`. Up to `max_batch_size` images, one per waiting lane in turn."""
         batch = []
         while len(batch) < self.max_batch_size and self._queues:
-            domain, queue = next(iter(self._queues.items()))
+            lane, queue = next(iter(self._queues.items()))
             batch.append(queue.popleft())
             self._size -= 1
-            self._queues.move_to_end(domain)  # the next domain's turn
+            self._queues.move_to_end(lane)  # the next lane's turn
             if not queue:
-                del self._queues[domain]
+                del self._queues[lane]
         return batch
 
     def _take(self) -> list[_Item] | None:

@@ -47,6 +47,11 @@ def error_response(status: int, code: str, detail: object, headers: dict[str, st
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
+def unknown_domain_response(exc: UnknownDomainError, path: str) -> JSONResponse:
+    """The one answer for a domain that does not exist, or that the caller's key may not see."""
+    return error_response(404, "unknown_domain", f"{exc}. GET /adapters lists the domains.", path=path)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     def handle(exc_type, status, code, headers=None):
         async def handler(request: Request, exc: Exception) -> JSONResponse:
@@ -60,7 +65,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(UnknownDomainError)
     async def unknown_domain(request: Request, exc: UnknownDomainError) -> JSONResponse:
-        return error_response(404, "unknown_domain", f"{exc}. GET /adapters lists the domains.", path=request.url.path)
+        return unknown_domain_response(exc, request.url.path)
 
     @app.exception_handler(ImageDecodeError)
     async def bad_image(request: Request, exc: ImageDecodeError) -> JSONResponse:

@@ -14,6 +14,12 @@ class Metrics:
                                 registry=r)
         self.latency = Histogram("ra_request_seconds", "Request latency by route", ["route"],
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
+        # per key name (never the secret): 'anonymous' without a keys file, 'admin' for RA_ADMIN_TOKEN
+        self.key_requests = Counter("ra_key_requests_total", "HTTP requests by API key name and status",
+                                    ["key", "status"], registry=r)
+        self.keys_loaded = Gauge("ra_api_keys", "Keys in force from RA_API_KEYS_FILE", registry=r)
+        self.keys_reload_errors = Counter("ra_api_keys_reload_errors_total",
+                                          "Reloads of RA_API_KEYS_FILE refused (the last good keys stay)", registry=r)
         self.predictions = Counter("ra_predictions_total", "Images classified, by domain", ["domain"], registry=r)
         self.batch_size = Histogram("ra_batch_size", "Images per engine call",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)

@@ -19,6 +19,7 @@ import base64
 import binascii
 import collections
 import dataclasses
+import hashlib
 import json
 import struct
 import time
@@ -30,7 +31,7 @@ from PIL import Image
 
 from model.preprocessing import normalize
 from service import schemas
-from service.api import ReadyDep, StateDep, decode_and_preprocess
+from service.api import PrincipalDep, ReadyDep, StateDep, decode_and_preprocess, lane_of
 from service.errors import ApiError
 from service.registry import Entry
 from service.state import ServiceState
@@ -294,7 +295,7 @@ def _outputs(header: dict, logits: np.ndarray, entry: Entry) -> tuple[list[dict]
 
 @v2.post("/models/{domain}/infer", response_model=schemas.OipInferResponse)
 @v2.post("/models/{domain}/versions/{version}/infer", response_model=schemas.OipInferResponse)
-async def infer(domain: str, request: Request, state: ReadyDep, stats: StatsDep,
+async def infer(domain: str, request: Request, state: ReadyDep, stats: StatsDep, principal: PrincipalDep,
                 version: str | None = None) -> Response:
     """Classify a batch of images (IMAGE) or pixel arrays (PIXELS) with one domain."""
     start = time.perf_counter()
@@ -314,7 +315,7 @@ async def infer(domain: str, request: Request, state: ReadyDep, stats: StatsDep,
             else:
                 images = _pixels_to_inputs(data, entry)
             prepared = time.perf_counter()
-            answers = await asyncio.wait_for(state.batcher.predict(images, [entry] * len(images)),
+            answers = await asyncio.wait_for(state.batcher.predict(images, [entry] * len(images), lane_of(principal)),
                                              state.settings.request_timeout_s) if images else []
         finally:
             state.registry.release([entry], images=len(data))
@@ -410,14 +411,17 @@ async def repository_load(domain: str, request: Request, state: ReadyDep) -> dic
     if not isinstance(parameters, dict):
         raise bad("The load request's parameters must be an object.")
     data = _bundle_file(parameters)
+    audit = request.state.audit = {"domain": domain}
     if data is None:
         entry = await state.registry.reload(domain)
     else:
         if len(data) > state.settings.max_bundle_bytes:
             raise bad(f"The bundle is larger than {state.settings.max_bundle_bytes} bytes.", 413, "bundle_too_large")
+        audit["sha256"] = hashlib.sha256(data).hexdigest()
         entry = await state.registry.register(data, replace=True, domain=domain)
         if state.registry.is_unloaded(domain):
             entry = await state.registry.reload(domain)
+    audit.update(version=entry.version, sha256=entry.sha256)
     return {"name": domain, "version": str(entry.version), "state": "READY"}
 
 

@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="bind address (0.0.0.0 in the container image)")
     port: int = Field(8000, ge=1, le=65535, description="port (the container's health check follows it)")
     admin_token: SecretStr | None = Field(None, description="bearer token for POST/DELETE /adapters; unset = disabled")
+    api_keys_file: pathlib.Path | None = Field(None, description="JSON keys with domain scopes, admin flags and "
+                                                                "rate limits; unset = predicting and listing open")
+    api_keys_poll_s: float = Field(1.0, gt=0, description="how often the keys file is checked for changes")
     store_dir: pathlib.Path = Field(pathlib.Path.home() / ".local/share/residual-adapters/store",
                                     description="the directory registry of record (used when registry_url is unset)")
     registry_url: SecretStr | None = Field(None, description="postgresql://user:pass@host:port/db: the registry of "

@@ -7,6 +7,7 @@ import dataclasses
 
 from model.backbone import Backbone
 from model.engine import InferenceEngine
+from service.access import Access
 from service.batcher import DynamicBatcher
 from service.follower import Follower
 from service.metrics import Metrics
@@ -18,6 +19,7 @@ from service.settings import Settings
 class ServiceState:
     settings: Settings
     metrics: Metrics
+    access: Access
     backbone: Backbone | None = None
     engine: InferenceEngine | None = None
     registry: Registry | None = None

@@ -73,3 +73,20 @@ def ref(assets):
     from service_helpers import reference_engine
 
     return reference_engine(assets)
+
+
+CONTAINER_FACTS = pytest.StashKey[list]()
+
+
+@pytest.fixture(scope="session")
+def container_facts(request) -> list[str]:
+    """Lines the container checks report (build time, image size, ...), printed at the end of the run."""
+    return request.config.stash.setdefault(CONTAINER_FACTS, [])
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    facts = config.stash.get(CONTAINER_FACTS, [])
+    if facts:
+        terminalreporter.section("container checks")
+        for line in facts:
+            terminalreporter.write_line(line)

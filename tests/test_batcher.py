@@ -226,3 +226,24 @@ def test_a_domain_over_its_queue_share_is_refused_while_others_get_in():
         await batcher.stop()
 
     run(main())
+
+
+def test_with_keys_the_lanes_are_tenants_so_many_domains_do_not_buy_more_turns():
+    async def main():
+        engine = ScriptedEngine()
+        batcher = await started(engine, max_batch_size=4, max_queue=64, domain_share=12)
+        busy = await occupy(engine, batcher)
+        domains = [chr(ord("d") + i) for i in range(12)]  # one tenant spreads its flood over 12 domains
+        flood = asyncio.create_task(batcher.predict([image(10 + i) for i in range(12)], leased(*domains), "noisy"))
+        light = [asyncio.create_task(batcher.predict([image(v)], leased(d), lane))
+                 for v, d, lane in ((1, "b", "calm-1"), (2, "c", "calm-2"))]
+        await wait_until(lambda: batcher.depth == 14)
+        with pytest.raises(QueueShareExceeded, match="'noisy'"):  # the share is the tenant's, over all its domains
+            await batcher.predict([image(30)], leased("z"), "noisy")
+        engine.hold.set()
+        await asyncio.gather(busy, flood, *light)
+        await batcher.stop()
+        return engine.batches
+
+    batches = run(main())
+    assert [d for _, d in batches[1]] == ["d", "b", "c", "e"]

@@ -140,3 +140,38 @@ def test_phone_width_has_no_horizontal_scroll(server, browser):
             assert label, f"#{field} has no label"
     finally:
         browser.set_window_size(1200, 1000)
+
+
+def test_with_keys_the_page_shows_only_the_keys_domains_and_keeps_the_key_for_the_tab(tmp_path_factory, browser):
+    import json
+
+    from service.access import hash_key
+
+    root = tmp_path_factory.mktemp("keyed")
+    keys = root / "keys.json"
+    keys.write_text(json.dumps({"keys": [
+        {"name": "fashion-team", "key_sha256": hash_key("key-fashion"), "domains": ["fashion", "digits"]},
+        {"name": "pets", "key_sha256": hash_key("key-pets"), "domains": ["cat*"]}]}))
+    with running_server(root / "store", {"RA_API_KEYS_FILE": str(keys)}) as url:
+        browser.get(url + "/")
+        wait = WebDriverWait(browser, 20)
+        error = wait.until(ec.visibility_of_element_located((By.ID, "predict-error")))
+        assert "401" in error.text  # no key yet: nothing listed
+
+        def use_key(key: str) -> list[str]:
+            field = browser.find_element(By.ID, "token")
+            field.clear()
+            field.send_keys(key)
+            browser.find_element(By.ID, "use-key").click()
+            wait.until(lambda d: len(Select(d.find_element(By.ID, "domain")).options) > 0)
+            return [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "domain")).options]
+
+        assert use_key("key-fashion") == ["digits", "fashion", "__all__"]
+        rows = browser.find_elements(By.CSS_SELECTOR, "#adapters tbody tr")
+        assert [r.find_element(By.TAG_NAME, "td").text for r in rows] == ["digits", "fashion"]
+        assert use_key("key-pets") == ["catsdogs"]
+
+        browser.refresh()  # the key stays for this tab (session storage), and the list with it
+        wait.until(lambda d: len(Select(d.find_element(By.ID, "domain")).options) > 0)
+        assert [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "domain")).options] == ["catsdogs"]
+        browser.execute_script("sessionStorage.clear()")

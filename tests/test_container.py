@@ -149,3 +149,75 @@ def test_compose_env_leaves_management_disabled():
     env = dict(line.split("=", 1) for line in (REPO / "service" / "compose.env").read_text().splitlines()
                if line.strip() and not line.startswith("#"))
     assert env.get("RA_ADMIN_TOKEN", "") == ""  # never ship a token
+
+
+FLEET = REPO / "docker-compose.fleet.yml"
+FLEET_GPU = REPO / "docker-compose.fleet.gpu.yml"
+KUBERNETES = REPO / "deploy" / "kubernetes"
+KUBERNETES_VERSION = "1.30.0"
+
+
+def test_the_fleet_compose_files_are_valid_and_need_the_database_password():
+    compose = require("docker-compose", "install docker-compose to check the compose file")
+    base = [compose, "-f", str(FLEET)]
+    env = {**os.environ, "RA_DB_PASSWORD": "x"}
+    for files in (base, base + ["-f", str(FLEET_GPU)]):
+        result = subprocess.run(files + ["config", "-q"], capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+    unset = {k: v for k, v in os.environ.items() if k != "RA_DB_PASSWORD"}
+    result = subprocess.run(base + ["config", "-q"], capture_output=True, text=True, cwd=REPO, env=unset, timeout=60)
+    assert result.returncode != 0 and "RA_DB_PASSWORD" in result.stdout + result.stderr
+
+
+def kubernetes_documents() -> list[tuple[Path, dict]]:
+    import yaml
+
+    return [(path, document) for path in sorted(KUBERNETES.glob("*.yaml"))
+            for document in yaml.safe_load_all(path.read_text()) if document]
+
+
+def test_the_kubernetes_manifests_validate_against_the_schemas():
+    import kubernetes_validate
+
+    documents = kubernetes_documents()
+    assert {d["kind"] for _, d in documents} == {"Deployment", "Service", "HorizontalPodAutoscaler", "Secret"}
+    for path, document in documents:
+        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+
+    # the validator does catch mistakes: a misspelled field and a wrong type
+    (_, deployment), = [(p, d) for p, d in documents if d["kind"] == "Deployment"]
+    import copy
+
+    misspelled = copy.deepcopy(deployment)
+    misspelled["spec"]["replica"] = misspelled["spec"].pop("replicas")
+    wrong_type = copy.deepcopy(deployment)
+    wrong_type["spec"]["replicas"] = "two"
+    for broken in (misspelled, wrong_type):
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_kubernetes_manifests_wire_probes_gpu_secrets_and_autoscaling():
+    by_kind = {d["kind"]: d for _, d in kubernetes_documents()}
+    deployment, service, hpa, secret = (by_kind[k] for k in ("Deployment", "Service", "HorizontalPodAutoscaler",
+                                                             "Secret"))
+    pod = deployment["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    from_secret = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    assert set(from_secret) == {"RA_ADMIN_TOKEN", "RA_REGISTRY_URL"}
+    assert all(ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+               for ref in from_secret.values())
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["RA_PORT"] == str(port[container["readinessProbe"]["httpGet"]["port"]])
+    labels = pod["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= set(port)
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    assert hpa["spec"]["minReplicas"] >= 2

@@ -9,8 +9,16 @@ function showError(box, message) {
   box.hidden = !message;
 }
 
+// The key (kept in this tab's session storage) goes with every call: with RA_API_KEYS_FILE the service
+// shows and serves only the key's domains; management needs an admin key or RA_ADMIN_TOKEN.
+function authHeaders() {
+  const token = $("token").value.trim();
+  sessionStorage.setItem("ra-token", token);
+  return token ? { Authorization: "Bearer " + token } : {};
+}
+
 async function api(path, options = {}) {
-  const response = await fetch(path, options);
+  const response = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
   let body = null;
   try { body = await response.json(); } catch (_) { /* not JSON */ }
   if (!response.ok) {
@@ -57,7 +65,11 @@ function renderPredictions(title, predictions) {
 async function loadAdapters() {
   const select = $("domain");
   const previous = select.value;
-  const list = await api("/adapters");
+  const list = await api("/adapters").catch((error) => {  // a key that sees nothing shows nothing
+    select.replaceChildren();
+    $("adapters").tBodies[0].replaceChildren();
+    throw error;
+  });
   select.replaceChildren();
   for (const a of list.adapters) select.add(new Option(`${a.domain} (v${a.version})`, a.domain));
   if (list.adapters.length > 1) select.add(new Option("All domains", "__all__"));
@@ -84,17 +96,11 @@ async function loadAdapters() {
   }
 }
 
-function authHeaders() {
-  const token = $("token").value.trim();
-  sessionStorage.setItem("ra-token", token);
-  return token ? { Authorization: "Bearer " + token } : {};
-}
-
 async function deleteAdapter(domain) {
   showError($("admin-error"), "");
   if (!window.confirm(`Delete the domain ${domain}?`)) return;
   try {
-    await api(`/adapters/${encodeURIComponent(domain)}`, { method: "DELETE", headers: authHeaders() });
+    await api(`/adapters/${encodeURIComponent(domain)}`, { method: "DELETE" });
     $("admin-status").textContent = `Deleted ${domain}.`;
     await loadAdapters();
   } catch (error) {
@@ -165,7 +171,7 @@ async function upload(event) {
   const button = $("upload");
   button.disabled = true;
   try {
-    const info = await api("/adapters", { method: "POST", body: form, headers: authHeaders() });
+    const info = await api("/adapters", { method: "POST", body: form });
     $("admin-status").textContent = `Registered ${info.domain} version ${info.version} (${info.num_classes} classes).`;
     await loadAdapters();
   } catch (error) {
@@ -180,5 +186,10 @@ document.addEventListener("DOMContentLoaded", () => {
   setUpDrop();
   $("predict-form").addEventListener("submit", classify);
   $("upload-form").addEventListener("submit", upload);
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    showError($("predict-error"), "");
+    loadAdapters().catch((error) => showError($("predict-error"), "Cannot list the adapters: " + error.message));
+  });
   loadAdapters().catch((error) => showError($("predict-error"), "Cannot list the adapters: " + error.message));
 });
