@@ -1,6 +1,7 @@
 """The service over HTTP against the bare engine, on this machine.
 
     python -m bench.serve [--concurrency 64] [--seconds 10] [--rounds 3] [--files-per-request 1]
+                          [--traffic uniform|zipf] [--domains 8] [--images tiny|camera]
 
 Starts `python -m service` on a free loopback port with the shipped demo backbone and its demo
 domains plus copies (`--domains`, renamed), drives it from a separate client process at a fixed
@@ -9,8 +10,10 @@ asyncio httpx client, which caps the figures at what Python can send), and print
 
 - `http_img_s` (saturating load, mixed domains) and `engine_img_s` (the same backbone and domains,
   in this process, batches of `RA_MAX_BATCH_SIZE`) measured in the same run; `http_over_engine`;
-- `mixed_over_single`: HTTP images/s with random domains over HTTP images/s with one domain
-  (medians of `--rounds` interleaved rounds of each);
+- `mixed_over_single`: HTTP images/s with the traffic's domains over HTTP images/s with one domain
+  (medians of `--rounds` interleaved rounds of each); `--traffic uniform` spreads requests evenly
+  over `--domains`, `--traffic zipf` draws them with probability ~ 1/rank (exponent
+  `--zipf-exponent`), as a few customers' domains take most requests; then also `zipf_over_single`;
 - p50/p99 latency at low load (concurrency 1) and at saturation;
 - `register_to_first_prediction_ms`: POST /adapters of a new domain, then its first prediction,
   while the saturating load runs;
@@ -19,6 +22,9 @@ asyncio httpx client, which caps the figures at what Python can send), and print
   work, `cpu_bound_http_over_engine` is the most `http_over_engine` can be on this machine.
 - `frontend_cpu_ms_per_img` (with wrk): server CPU per image minus the bare engine's, at saturation,
   for multipart `/predict`, Open Inference Protocol `IMAGE` (binary) and `PIXELS` (binary).
+- `camera_decode_ms`: decode + preprocess of one generated 12-megapixel JPEG (4000x3000, quality 90)
+  as the service does it, and `camera_decode_ratio`: that over a full decode + the same resize
+  (medians, same run). `--images camera` sends such photos over HTTP instead of tiny PNGs.
 The load generator only talks to 127.0.0.1 and stops by itself.
 """
 
@@ -66,6 +72,61 @@ def wait_ready(url: str, timeout: float = 120.0) -> None:
             pass
         time.sleep(0.3)
     raise TimeoutError(f"{url} was not ready within {timeout}s")
+
+
+def camera_jpeg(width: int = 4000, height: int = 3000, seed: int = 0) -> bytes:
+    """A photo-like JPEG (quality 90): smooth shapes and fine texture, a few MB at 12 megapixels (noise
+    alone would not compress like a photo, flat colour far better)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    smooth = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((width, height),
+                                                                                       Image.Resampling.BICUBIC)
+    pixels = np.asarray(smooth, np.int16) + rng.integers(-6, 7, (height, width, 1), dtype=np.int16)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def camera_decode(photo: bytes, bundle_data: bytes, backbone_path: pathlib.Path, repeats: int = 7) -> dict:
+    """Median ms to turn one camera JPEG into a domain's input as the service does, and with a full decode."""
+    from model.backbone import load_backbone
+    from model.bundle import load_bundle
+    from model.preprocessing import open_image, preprocess
+    from service.api import decode_and_preprocess
+
+    bundle = load_bundle(bundle_data, load_backbone(backbone_path))
+
+    def median_ms(work) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            work()
+            times.append((time.perf_counter() - start) * 1000)
+        return float(np.median(times))
+
+    served = median_ms(lambda: decode_and_preprocess(photo, [bundle], 40_000_000))
+    full = median_ms(lambda: preprocess(open_image(photo), bundle.preprocessing))
+    return {"camera_decode_ms": round(served, 2), "camera_full_decode_ms": round(full, 2),
+            "camera_decode_ratio": round(served / full, 3), "camera_jpeg_bytes": len(photo)}
+
+
+def zipf_sequence(names: list[str], exponent: float, length: int = 8192, seed: int = 3) -> list[str]:
+    """`length` domain names drawn with probability ~ 1/rank**exponent (names[0] is the hottest)."""
+    weights = 1.0 / np.arange(1, len(names) + 1) ** exponent
+    picks = np.random.default_rng(seed).choice(len(names), size=length, p=weights / weights.sum())
+    return [names[i] for i in picks]
+
+
+def wait_warm(url: str, timeout: float = 600.0) -> None:
+    """Until the service has loaded its most used domains in the background (so no round pays loads)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while httpx.get(url + "/readyz", timeout=5).json().get("registry", {}).get("warming"):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} was still warming after {timeout}s")
+        time.sleep(0.5)
 
 
 def test_images(n: int, size: int) -> list[bytes]:
@@ -217,7 +278,8 @@ def engine_img_s(backbone_path: pathlib.Path, bundles: dict[str, bytes], images:
     slots = {name: engine.load(bundle) for name, bundle in loaded.items()}
     rng = random.Random(2)
     names = [rng.choice(list(loaded)) for _ in range(batch)]
-    x = np.stack([preprocess(open_image(rng.choice(images)), loaded[n].preprocessing) for n in names])
+    x = np.stack([preprocess(open_image(rng.choice(images), min_side=loaded[n].preprocessing.resize),
+                             loaded[n].preprocessing) for n in names])
     held = [slots[n] for n in names]
     engine.predict(x, held)
     best = (0.0, 0.0)
@@ -244,6 +306,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--domains", type=int, default=8, help="domains served (demo bundles and renamed copies)")
+    parser.add_argument("--traffic", choices=("uniform", "zipf"), default="uniform")
+    parser.add_argument("--zipf-exponent", type=float, default=1.0)
+    parser.add_argument("--images", choices=("tiny", "camera"), default="tiny",
+                        help="tiny 48x48 PNGs, or 12-megapixel JPEGs (4000x3000, quality 90)")
     parser.add_argument("--files-per-request", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved mixed/single rounds; medians reported")
     parser.add_argument("--max-batch-size", type=int, default=32)
@@ -253,29 +319,37 @@ def main(argv: list[str] | None = None) -> None:
 
     demo_bundles = sorted(p for p in DEMO.glob("*.safetensors") if p.name != "backbone.safetensors")
     bundles = {f"bench{i}": demo_bundles[i % len(demo_bundles)].read_bytes() for i in range(args.domains)}
-    images = test_images(16, 48)
+    photo = camera_jpeg()
+    camera = camera_decode(photo, demo_bundles[0].read_bytes(), args.backbone)
+    images = [camera_jpeg(seed=i) for i in range(4)] if args.images == "camera" else test_images(16, 48)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as store:
+        from service.record.directory import DirectoryRecord
+
+        record = DirectoryRecord(pathlib.Path(store))  # the domains, written as POST /adapters would
+        for name, data in bundles.items():
+            record.add(name, data, replace=False)
+        record.close()
         env = {**os.environ, "RA_STORE_DIR": store, "RA_ADMIN_TOKEN": TOKEN, "RA_DEMO_ADAPTERS": "false",
                "RA_BACKBONE": str(args.backbone), "RA_MAX_BATCH_SIZE": str(args.max_batch_size),
-               "RA_MAX_WAIT_MS": str(args.max_wait_ms), "TF_CPP_MIN_LOG_LEVEL": "2"}
+               "RA_MAX_WAIT_MS": str(args.max_wait_ms), "RA_MAX_RESIDENT": str(max(512, args.domains + 64)),
+               "TF_CPP_MIN_LOG_LEVEL": "2"}
         server = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
                                   env=env)
         try:
             auth = {"Authorization": f"Bearer {TOKEN}"}
             wait_ready(url)
-            with httpx.Client(base_url=url, timeout=60) as client:
-                for name, data in bundles.items():
-                    client.post("/adapters", headers=auth, files={"bundle": ("b.safetensors", data)},
-                                data={"domain": name}).raise_for_status()
+            wait_warm(url)
             names = list(bundles)
-            drive(url, names, images, args.concurrency, 2.0, args.files_per_request)  # warm-up
-            low = drive(url, names, images, 1, args.seconds / 2, args.files_per_request)
+            traffic = zipf_sequence(names, args.zipf_exponent) if args.traffic == "zipf" else names
+            drive(url, traffic, images, args.concurrency, 2.0, args.files_per_request)  # warm-up
+            low = drive(url, traffic, images, 1, args.seconds / 2, args.files_per_request)
             mixed_rounds, single_rounds, server_cpu, server_wall = [], [], 0.0, 0.0
             for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits both alike
                 cpu_before, wall_before = process_cpu_s(server.pid), time.perf_counter()
-                mixed_rounds.append(drive(url, names, images, args.concurrency, args.seconds, args.files_per_request))
+                mixed_rounds.append(drive(url, traffic, images, args.concurrency, args.seconds,
+                                          args.files_per_request))
                 server_cpu += process_cpu_s(server.pid) - cpu_before
                 server_wall += time.perf_counter() - wall_before
                 single_rounds.append(drive(url, names[:1], images, args.concurrency, args.seconds,
@@ -315,13 +389,15 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             server.terminate()
             server.wait(30)
-    engine, engine_cpu_ms = engine_img_s(args.backbone, bundles, images, args.max_batch_size, args.seconds)
+    some = dict(list(bundles.items())[:64])  # a batch of 32 random domains is as mixed with 64 as with 1000
+    engine, engine_cpu_ms = engine_img_s(args.backbone, some, images, args.max_batch_size, args.seconds)
     server_cpu_ms = server_cpu * 1000 / mixed_images
     result = {
         "http_img_s": round(mixed["img_s"], 1),
         "engine_img_s": round(engine, 1),
         "http_over_engine": round(mixed["img_s"] / engine, 3),
         "mixed_over_single": round(mixed["img_s"] / single["img_s"], 3),
+        **({"zipf_over_single": round(mixed["img_s"] / single["img_s"], 3)} if args.traffic == "zipf" else {}),
         "single_http_img_s": round(single["img_s"], 1),
         "cpu": {"server_ms_per_img": round(server_cpu_ms, 3), "engine_ms_per_img": round(engine_cpu_ms, 3),
                 "server_busy": round(server_cpu / (server_wall * os.cpu_count()), 3),
@@ -331,9 +407,12 @@ def main(argv: list[str] | None = None) -> None:
         "saturation": {"p50_ms": round(mixed["p50_ms"], 2), "p99_ms": round(mixed["p99_ms"], 2)},
         "register_to_first_prediction_ms": round(register_ms, 1),
         "frontend_cpu_ms_per_img": {kind: round(ms - engine_cpu_ms, 3) for kind, ms in kind_cpu_ms.items()},
+        **camera,
         "errors": low["errors"] + sum(r["errors"] for r in mixed_rounds + single_rounds),
         "settings": {"load_generator": "wrk" if shutil.which("wrk") else "httpx", "concurrency": args.concurrency,
                      "seconds": args.seconds, "rounds": args.rounds, "domains": args.domains,
+                     "traffic": args.traffic, "zipf_exponent": args.zipf_exponent if args.traffic == "zipf" else None,
+                     "images": args.images,
                      "files_per_request": args.files_per_request, "max_batch_size": args.max_batch_size,
                      "max_wait_ms": args.max_wait_ms, "backbone": str(args.backbone), "cpus": os.cpu_count()},
     }

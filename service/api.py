@@ -13,6 +13,7 @@ import time
 from typing import Annotated
 
 import numpy as np
+from PIL import Image
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -131,8 +132,16 @@ async def _read_image(upload: UploadFile, state: ServiceState) -> bytes:
 
 
 def decode_and_preprocess(data: bytes, bundles: list[AdapterBundle], max_pixels: int) -> list[np.ndarray]:
-    image = open_image(data, max_pixels)
-    return [preprocess(image, b.preprocessing) for b in bundles]
+    """One input per bundle; the image is decoded once per distinct `resize` (a JPEG at the reduced scale
+    that size allows, exactly as training's evaluation decodes it)."""
+    decoded: dict[int, Image.Image] = {}
+    out = []
+    for bundle in bundles:
+        side = bundle.preprocessing.resize
+        if side not in decoded:
+            decoded[side] = open_image(data, max_pixels, min_side=side)
+        out.append(preprocess(decoded[side], bundle.preprocessing))
+    return out
 
 
 def _top_k(logits: np.ndarray, labels: tuple[str, ...], k: int) -> list[schemas.Prediction]:

@@ -419,3 +419,34 @@ def test_a_subset_may_miss_classes():
     images = np.zeros((4, SIDE, SIDE, 3), np.uint8)
     data = Dataset(images, np.asarray([0, 0, 1, 1]), ("cats", "dogs"), "image-folder")
     assert data.subset(np.arange(2)).labels.tolist() == [0, 0]
+
+
+def test_a_large_jpeg_is_decoded_reduced_and_served_exactly_as_evaluated(tmp_path):
+    """Training's evaluation input (cached squares, center crop, normalise) equals the service's input for
+    the same file, and both come from a draft (reduced-scale) decode close to a full one."""
+    from bench.serve import camera_jpeg
+    from model.bundle import Preprocessing
+    from model.preprocessing import open_image, square, to_rgb
+    from service.api import decode_and_preprocess
+    from training.pipeline import eval_inputs
+
+    photos = {name: camera_jpeg(1600, 1200, seed) for seed, name in enumerate(("a", "b"))}
+    for name, data in photos.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "photo.jpg").write_bytes(data)
+    prep = Preprocessing(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), resize=72, crop=64, grayscale=False)
+    data = load_data(str(tmp_path), side=prep.resize)
+    evaluated = eval_inputs(data, prep)
+
+    class Card:  # what decode_and_preprocess reads of a bundle
+        preprocessing = prep
+
+    for i, name in enumerate(data.class_names):
+        served = decode_and_preprocess(photos[name], [Card()], max_pixels=40_000_000)[0]
+        np.testing.assert_array_equal(served, evaluated[i])
+
+    reduced = open_image(photos["a"], min_side=prep.resize)
+    assert reduced.size == (200, 150)  # 1/8 scale: the smallest that keeps >= 72 px on the shorter side
+    full = square(to_rgb(open_image(photos["a"])), prep.resize).astype(np.float64)
+    assert np.abs(square(to_rgb(reduced), prep.resize) - full).mean() < 2.0  # out of 255
+    assert open_image(photos["a"], min_side=1200).size == (1600, 1200)  # no reduction below the size asked

@@ -132,7 +132,7 @@ def _decode_files(files: list[pathlib.Path], side: int,
 
     def decode(file: pathlib.Path) -> tuple[np.ndarray | None, str | None, bool]:
         try:
-            image = open_image(file)
+            image = open_image(file, min_side=side)  # as serving decodes it
             gray = image.mode in ("L", "LA", "I", "I;16", "F", "1")
             return square(to_rgb(image, grayscale), side), None, gray
         except ImageDecodeError as exc:
