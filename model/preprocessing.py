@@ -58,7 +58,8 @@ def open_image(source: bytes | str | os.PathLike, max_pixels: int = DEFAULT_MAX_
                 scale = min_side / min(width, height)
                 image.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))  # a no-op but for JPEG
             image.load()
-            return ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # no copy when there is nothing to turn
+            return image
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -103,10 +104,11 @@ def center_crop(squares: np.ndarray, crop: int) -> np.ndarray:
 
 
 def normalize(images: np.ndarray, prep: Preprocessing) -> np.ndarray:
-    """uint8 images -> float32 `(x / 255 - mean) / std`."""
-    mean = np.asarray(prep.mean, np.float32)
+    """uint8 images -> float32 `(x / 255 - mean) / std`, computed as `x * (1 / (255 std)) - mean / std`."""
     std = np.asarray(prep.std, np.float32)
-    return (images.astype(np.float32) / 255.0 - mean) / std
+    scale = np.float32(1 / 255.0) / std
+    offset = -np.asarray(prep.mean, np.float32) / std
+    return images.astype(np.float32) * scale + offset  # two passes, not three
 
 
 def preprocess(image: Image.Image, prep: Preprocessing) -> np.ndarray:

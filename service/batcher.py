@@ -8,7 +8,12 @@ is full or `max_wait_ms` after the oldest queued image arrived; runs the engine;
 batch's answers back to the event loop in one callback. A tenant (or domain) flooding the service
 therefore cannot push the others' images out of the next batch, and it may hold at most
 `domain_share` queued images (`QueueShareExceeded`: 429 + Retry-After) before the whole queue fills
-(`Overloaded`: 503 + Retry-After). The engine thread never waits for the event
+(`Overloaded`: 503 + Retry-After).
+
+Domain-aware: when one domain (one engine slot) has a whole batch queued, the next batch is that
+domain's alone, which the engine runs on its cheaper folded single-domain path. Such a batch is
+never followed by another one: the batch after it is formed round-robin again, so a grouped batch
+delays the other images by one batch at most and the tail is never starved. The engine thread never waits for the event
 loop, so under load the next batch holds everything that queued up during the last one.
 """
 
@@ -90,6 +95,8 @@ class DynamicBatcher:
         self.domain_share = domain_share or max_queue
         self._queues: collections.OrderedDict[str, collections.deque[_Item]] = collections.OrderedDict()
         self._size = 0  # queued images over all domains
+        self._per_slot: collections.Counter[Slot] = collections.Counter()  # queued images by engine slot
+        self._last_grouped = False
         self._ready = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -106,6 +113,7 @@ class DynamicBatcher:
             self._stopping = True
             left = [item for queue in self._queues.values() for item in queue]
             self._queues.clear()
+            self._per_slot.clear()
             self._size = 0
             self._ready.notify()
         await asyncio.to_thread(self._thread.join)
@@ -141,6 +149,7 @@ class DynamicBatcher:
                                              f"{self.domain_share}); retry shortly.")
             for item in items:
                 self._queues.setdefault(item.lane, collections.deque()).append(item)
+                self._per_slot[item.slot] += 1
             self._size += len(items)
             self._ready.notify()
         self.metrics.queue_depth.set(self._size)
@@ -156,20 +165,51 @@ class DynamicBatcher:
         for lane in list(self._queues):
             queue = self._queues[lane]
             while queue and queue[0].request.future.done():
-                queue.popleft()
-                self._size -= 1
+                self._forget(queue.popleft())
             if not queue:
                 del self._queues[lane]
 
-    def _round_robin(self) -> list[_Item]:
-        """Hold `_ready`. Up to `max_batch_size` images, one per waiting lane in turn."""
+    def _forget(self, item: _Item) -> None:
+        """Hold `_ready`. Count an image out of the queue."""
+        self._size -= 1
+        self._per_slot[item.slot] -= 1
+        if not self._per_slot[item.slot]:
+            del self._per_slot[item.slot]
+
+    def _form_batch(self) -> list[_Item]:
+        """Hold `_ready`. One domain's whole batch when it has one queued and the last batch was not
+        grouped; else up to `max_batch_size` images, one per waiting lane in turn."""
+        if not self._last_grouped and self._per_slot:
+            slot, queued = self._per_slot.most_common(1)[0]
+            if queued >= self.max_batch_size:
+                self._last_grouped = True
+                return self._take_slot(slot)
+        self._last_grouped = False
         batch = []
         while len(batch) < self.max_batch_size and self._queues:
             lane, queue = next(iter(self._queues.items()))
             batch.append(queue.popleft())
-            self._size -= 1
+            self._forget(batch[-1])
             self._queues.move_to_end(lane)  # the next lane's turn
             if not queue:
+                del self._queues[lane]
+        return batch
+
+    def _take_slot(self, slot: Slot) -> list[_Item]:
+        """Hold `_ready`. `max_batch_size` queued images of `slot`, lanes in their round-robin order,
+        each lane's oldest first."""
+        batch: list[_Item] = []
+        for lane in list(self._queues):
+            kept: collections.deque[_Item] = collections.deque()
+            for item in self._queues[lane]:
+                if item.slot is slot and len(batch) < self.max_batch_size:
+                    batch.append(item)
+                    self._forget(item)
+                else:
+                    kept.append(item)
+            if kept:
+                self._queues[lane] = kept
+            else:
                 del self._queues[lane]
         return batch
 
@@ -184,7 +224,7 @@ class DynamicBatcher:
                     oldest = min(queue[0].queued_at for queue in self._queues.values())
                     remaining = oldest + self.max_wait - time.monotonic()
                     if self._size >= self.max_batch_size or remaining <= 0:
-                        return self._round_robin()
+                        return self._form_batch()
                     self._ready.wait(remaining)
                 else:
                     self._ready.wait()

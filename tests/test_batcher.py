@@ -19,11 +19,14 @@ class FakeSlot:
         self.index = self.domain = domain
 
 
+SLOTS: dict[str, FakeSlot] = {}
+
+
 class FakeEntry:
-    """What the registry leases: a slot and a version ("v-<domain>")."""
+    """What the registry leases: the domain's one slot and a version ("v-<domain>")."""
 
     def __init__(self, domain: str):
-        self.domain, self.slot, self.version = domain, FakeSlot(domain), f"v-{domain}"
+        self.domain, self.slot, self.version = domain, SLOTS.setdefault(domain, FakeSlot(domain)), f"v-{domain}"
 
 
 def leased(*domains: str) -> list[FakeEntry]:
@@ -196,18 +199,18 @@ def test_batches_take_waiting_domains_in_turn():
         engine = ScriptedEngine()
         batcher = await started(engine, max_batch_size=4)
         busy = await occupy(engine, batcher)
-        flood = asyncio.create_task(batcher.predict([image(10 + i) for i in range(12)], leased(*["a"] * 12)))
+        flood = asyncio.create_task(batcher.predict([image(10 + i) for i in range(3)], leased(*["a"] * 3)))
         light = [asyncio.create_task(batcher.predict([image(v)], leased(d))) for v, d in ((1, "b"), (2, "c"))]
-        await wait_until(lambda: batcher.depth == 14)
+        await wait_until(lambda: batcher.depth == 5)
         engine.hold.set()
         await asyncio.gather(busy, flood, *light)
         await batcher.stop()
         return engine.batches
 
     batches = run(main())
-    # the flood queued first, yet b and c ride in the very next batch instead of after 12 a's
+    # a queued first (less than a batch of its own), yet b and c ride in the very next batch
     assert [d for _, d in batches[1]] == ["a", "b", "c", "a"]
-    assert all({d for _, d in b} == {"a"} for b in batches[2:])
+    assert [d for _, d in batches[2]] == ["a"]
 
 
 def test_a_domain_over_its_queue_share_is_refused_while_others_get_in():
@@ -247,3 +250,56 @@ def test_with_keys_the_lanes_are_tenants_so_many_domains_do_not_buy_more_turns()
 
     batches = run(main())
     assert [d for _, d in batches[1]] == ["d", "b", "c", "e"]
+
+
+def test_a_domain_with_a_whole_batch_queued_gets_a_batch_of_its_own_and_the_tail_the_next_one():
+    async def main():
+        engine = ScriptedEngine()
+        batcher = await started(engine, max_batch_size=4)
+        busy = await occupy(engine, batcher)
+        hot = [asyncio.create_task(batcher.predict([image(10 + i)], leased("h"))) for i in range(10)]
+        tail = [asyncio.create_task(batcher.predict([image(v)], leased(d))) for v, d in ((1, "b"), (2, "c"))]
+        await wait_until(lambda: batcher.depth == 12)
+        engine.hold.set()
+        answers = await asyncio.gather(*hot, *tail)
+        await busy
+        await batcher.stop()
+        return engine.batches, answers
+
+    batches, answers = run(main())
+    domains = [[d for _, d in b] for b in batches[1:]]
+    assert domains[0] == ["h"] * 4  # the hot domain's own batch (the engine's single-domain path)
+    assert set(domains[1]) >= {"b", "c"}  # the tail rides in the very next batch, formed round-robin
+    assert domains[2] == ["h"] * 4 or len(set(domains[2])) > 1
+    assert sorted(v for b in batches[1:] for v, _ in b) == sorted([10.0 + i for i in range(10)] + [1.0, 2.0])
+    for (value, domain), answer in zip([(10 + i, "h") for i in range(10)] + [(1, "b"), (2, "c")], answers):
+        assert float(answer[0].logits[0]) == value and answer[0].logits[1] == ord(domain)
+
+
+def test_grouping_keeps_every_answer_equal_to_the_engine_on_its_own(assets):
+    """The real engine: images of a hot domain (a batch of its own, the folded single-domain path) and of
+    others (mixed batches) answer as each image alone through `engine.predict` does."""
+    from model.engine import InferenceEngine
+
+    engine = InferenceEngine(assets.backbone, capacity=4, class_capacity=8)
+    slots = {d: engine.load(b, verify_golden=False) for d, b in assets.bundles.items()}
+    size = assets.backbone.config.input_size
+    rng = np.random.default_rng(5)
+    work = [("alpha", rng.normal(size=(size, size, 3)).astype(np.float32)) for _ in range(9)]
+    work += [(d, rng.normal(size=(size, size, 3)).astype(np.float32)) for d in ("beta", "gamma", "beta")]
+
+    class Entry:
+        def __init__(self, domain):
+            self.domain, self.slot, self.version = domain, slots[domain], 1
+
+    async def main():
+        batcher = DynamicBatcher(engine, max_batch_size=4, max_wait_ms=50, max_queue=64, metrics=Metrics())
+        await batcher.start()
+        answers = await asyncio.gather(*(batcher.predict([x], [Entry(d)]) for d, x in work))
+        await batcher.stop()
+        return answers
+
+    answers = run(main())
+    for (domain, x), (answer,) in zip(work, answers):
+        alone = engine.predict(x[None], slots[domain])[0]
+        np.testing.assert_allclose(answer.logits, alone, rtol=1e-5, atol=1e-5)
