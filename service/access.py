@@ -150,13 +150,19 @@ def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def load_keys(path: pathlib.Path) -> dict[str, Principal]:
-    """sha256 hex → principal, from the JSON keys file; raise `KeysFileError` with what to fix."""
+def read_keys_file(path: pathlib.Path) -> str:
     try:
-        raw = json.loads(path.read_text())
-        parsed = KeysFile.model_validate(raw)
+        return path.read_text()
     except OSError as exc:
         raise KeysFileError(f"RA_API_KEYS_FILE {path}: cannot read it ({exc.strerror}).") from exc
+
+
+def load_keys(path: pathlib.Path, text: str | None = None) -> dict[str, Principal]:
+    """sha256 hex → principal, from the JSON keys file (or its `text`, already read); raise
+    `KeysFileError` with what to fix."""
+    try:
+        raw = json.loads(read_keys_file(path) if text is None else text)
+        parsed = KeysFile.model_validate(raw)
     except json.JSONDecodeError as exc:
         raise KeysFileError(f"RA_API_KEYS_FILE {path}: not JSON ({exc}). Expected "
                             '{"keys": [{"name": ..., "key_sha256": ..., "domains": [...], "admin": false}]}.') from exc
@@ -182,26 +188,28 @@ class KeyRing:
 
     def __init__(self, path: pathlib.Path):
         self.path = path
-        self._signature = self._stat()
-        self.keys = load_keys(path)
+        self._text = read_keys_file(path)
+        self.keys = load_keys(path, self._text)
         self.last_error: str | None = None
         self._buckets: dict[str, TokenBucket] = {}
 
-    def _stat(self) -> tuple | None:
-        try:
-            s = self.path.stat()
-        except OSError:
-            return None
-        return s.st_mtime_ns, s.st_size, s.st_ino
-
     def reload_if_changed(self) -> bool:
-        """True when new keys were loaded; raise `KeysFileError` (keeping the old keys) if the file is bad."""
-        signature = self._stat()
-        if signature == self._signature:
-            return False
-        self._signature = signature
+        """True when new keys were loaded; raise `KeysFileError` (keeping the old keys) if the file is bad.
+
+        The file is small, so it is read whole and compared: a change is never missed, however quickly
+        it follows the last one or however it was written (timestamps are too coarse for that)."""
         try:
-            self.keys = load_keys(self.path)
+            text = read_keys_file(self.path)
+        except KeysFileError as exc:
+            if str(exc) == self.last_error:
+                return False  # said once already
+            self.last_error = str(exc)
+            raise
+        if text == self._text:
+            return False
+        self._text = text
+        try:
+            self.keys = load_keys(self.path, text)
         except KeysFileError as exc:
             self.last_error = str(exc)
             raise

@@ -192,6 +192,24 @@ async def warm_most_used(registry: Registry, count: int) -> None:
         registry.status.warming = False
 
 
+def document_bearer_auth(app: FastAPI) -> None:
+    """Declare the bearer key in the OpenAPI document, so /docs offers "Authorize". Documentation only:
+    the Gatekeeper (`service.access`) decides."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "An API key from RA_API_KEYS_FILE, or RA_ADMIN_TOKEN (management)"}}
+            schema["security"] = [{}, {"bearer": []}]  # optional without a keys file
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     keyring = KeyRing(settings.api_keys_file) if settings.api_keys_file is not None else None
@@ -255,6 +273,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """The web page: try domains, manage adapters."""
         return FileResponse(STATIC_DIR / "index.html")
 
+    document_bearer_auth(app)
     app.add_middleware(Gatekeeper, state=state)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     return app

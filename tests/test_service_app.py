@@ -108,6 +108,7 @@ def test_health_docs_and_metrics(served):
     spec = client.get("/openapi.json")
     assert spec.status_code == 200
     assert {"/predict/{domain}", "/predict", "/adapters", "/adapters/{domain}"} <= set(spec.json()["paths"])
+    assert spec.json()["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"  # /docs offers Authorize
     metrics = client.get("/metrics")
     assert metrics.status_code == 200
     assert metrics.headers["content-type"].startswith("text/plain")

@@ -225,6 +225,13 @@ def test_rate_limits_per_key_answer_429_and_are_counted_per_key_name(assets, tmp
     assert CALLERS["acme"] not in metrics and hash_key(CALLERS["acme"]) not in metrics
 
 
+def replace_file(path: pathlib.Path, text: str) -> None:
+    """Write the whole file at once (a reader never sees it half written)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def wait_for(condition, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -240,16 +247,16 @@ def test_the_keys_file_reloads_while_serving_and_a_bad_one_keeps_the_last_good_k
                     headers=auth("admin-token"))
         assert client.get("/adapters/acme-one", headers=auth("beta")).status_code == 401
 
-        keys_file.write_text(keys_json({"acme": KEYS["acme"], "beta": ("key-beta-0123456789", ["acme-one"], False)}))
+        replace_file(keys_file, keys_json({"acme": KEYS["acme"], "beta": ("key-beta-0123456789", ["acme-one"], False)}))
         wait_for(lambda: client.get("/adapters/acme-one", headers=auth("beta")).status_code == 200)
 
         with caplog.at_level(logging.ERROR, logger="service.app"):
-            keys_file.write_text('{"keys": [{"name": "broken"')
+            replace_file(keys_file, '{"keys": [{"name": "broken"')
             wait_for(lambda: any("RA_API_KEYS_FILE" in r.getMessage() for r in caplog.records))
         assert client.get("/adapters/acme-one", headers=auth("beta")).status_code == 200  # the last good keys
         assert "ra_api_keys_reload_errors_total 1.0" in client.get("/metrics", headers=auth("admin-token")).text
 
-        keys_file.write_text(keys_json({"acme": KEYS["acme"]}))  # the key is revoked
+        replace_file(keys_file, keys_json({"acme": KEYS["acme"]}))  # the key is revoked
         wait_for(lambda: client.get("/adapters/acme-one", headers=auth("beta")).status_code == 401)
 
 
@@ -276,3 +283,19 @@ def test_python_m_service_refuses_a_malformed_keys_file_before_serving(tmp_path)
                             text=True, timeout=120, env={"RA_API_KEYS_FILE": str(keys_file), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 2
     assert f"RA_API_KEYS_FILE {keys_file}: not JSON" in result.stderr
+
+
+def test_a_same_size_edit_right_after_the_last_is_seen_and_a_missing_file_is_reported_once(tmp_path):
+    from service.access import KeyRing
+
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(keys_json({"aaaa": KEYS["acme"]}))
+    ring = KeyRing(keys_file)
+    keys_file.write_text(keys_json({"bbbb": KEYS["acme"]}))  # in place, same size, same clock tick
+    assert ring.reload_if_changed() and [p.name for p in ring.keys.values()] == ["bbbb"]
+    assert not ring.reload_if_changed()
+    keys_file.unlink()
+    with pytest.raises(KeysFileError, match="cannot read"):
+        ring.reload_if_changed()
+    assert not ring.reload_if_changed()  # not logged again every poll
+    assert [p.name for p in ring.keys.values()] == ["bbbb"]  # the last good keys stay
