@@ -6,11 +6,12 @@ under /adapters, the Open Inference Protocol's /v2/repository) needs `Authorizat
 
 With `RA_API_KEYS_FILE` every request but health, docs and the page needs a key (401 without one). A key
 sees only the domains its glob patterns match: any other domain answers exactly as an unknown one does
-(404, same body), so keys cannot enumerate each other's domains. Management needs an admin key (or
-`RA_ADMIN_TOKEN`); a key may carry a request rate limit (token bucket, 429 with Retry-After).
+(404, same body), so keys cannot enumerate each other's domains. Management and /metrics need an admin
+key (or `RA_ADMIN_TOKEN`); a key may carry a request rate limit (token bucket, 429 with Retry-After).
 
 Everything here runs before the request body is received. Secrets are never stored: the file holds the
-sha256 of each key, a presented key is hashed first and then looked up and compared in constant time.
+sha256 of each key, and a presented key is hashed first, then looked up by that hash (which the caller
+cannot steer towards a stored one); `RA_ADMIN_TOKEN` is compared in constant time.
 """
 
 from __future__ import annotations
