@@ -221,28 +221,39 @@ def _wrk_ms(text: str) -> float:
     return value / 1000 if unit == "us" else value if unit == "ms" else value * 1000
 
 
+def run_wrk(url: str, script_for, body: bytes, connections: int, seconds: float) -> dict:
+    """Run wrk with the Lua script `script_for(body_file)` (the file holds `body`); its figures: requests/s,
+    requests, non-2xx answers, socket errors, p50 and p99 in ms."""
+    import re
+
+    with tempfile.TemporaryDirectory() as tmp:
+        body_file, script = pathlib.Path(tmp) / "body.bin", pathlib.Path(tmp) / "load.lua"
+        body_file.write_bytes(body)
+        script.write_text(script_for(body_file))
+        out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency",
+                              "-s", str(script), url], capture_output=True, text=True, check=True).stdout
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {"requests_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "requests": int(re.search(r"(\d+) requests in", out).group(1)),
+            "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
+            "socket_errors": sum(map(int, sockets.groups())) if sockets else 0,
+            "p50_ms": _wrk_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),
+            "p99_ms": _wrk_ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))}
+
+
 def drive_wrk(url: str, domains: list[str], images: list[bytes], concurrency: int, seconds: float,
               files: int, kind: str = "multipart", input_size: int = 32, key: str | None = None) -> dict:
     """wrk (C, a separate process) as the load generator: it costs the server's CPUs far less than Python.
     `key` goes as `Authorization: Bearer`."""
-    import re
-
     body, parts = request_body(kind, images, files, input_size)
     if key is not None:
         parts["extra_header"] += f', ["Authorization"] = "Bearer {key}"'
-    with tempfile.TemporaryDirectory() as tmp:
-        (pathlib.Path(tmp) / "body.bin").write_bytes(body)
-        script = pathlib.Path(tmp) / "load.lua"
-        script.write_text(WRK_SCRIPT % {"body": pathlib.Path(tmp) / "body.bin", **parts,
-                                        "domains": ", ".join(f'"{d}"' for d in domains)})
-        out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency",
-                              "-s", str(script), url], capture_output=True, text=True, check=True).stdout
-    requests_s = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"img_s": requests_s * files, "requests": int(re.search(r"(\d+) requests in", out).group(1)),
-            "errors": int(errors.group(1)) if errors else 0,
-            "p50_ms": _wrk_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),
-            "p99_ms": _wrk_ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))}
+    names = ", ".join(f'"{d}"' for d in domains)
+    run = run_wrk(url, lambda body_file: WRK_SCRIPT % {"body": body_file, **parts, "domains": names}, body,
+                  concurrency, seconds)
+    return {"img_s": run["requests_s"] * files, "requests": run["requests"], "errors": run["non_2xx"],
+            "p50_ms": run["p50_ms"], "p99_ms": run["p99_ms"]}
 
 
 def drive(url: str, domains: list[str], images: list[bytes], concurrency: int, seconds: float, files: int) -> dict:

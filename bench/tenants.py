@@ -35,7 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import httpx
 
-from bench.serve import DEMO, TOKEN, _wrk_ms, drive_wrk, free_port, request_body, test_images, wait_ready
+from bench.serve import DEMO, TOKEN, drive_wrk, free_port, request_body, run_wrk, test_images, wait_ready
 from service.access import hash_key
 
 TENANTS = ("calm1", "calm2", "flood")  # each tenant's key is scoped to the domain of its name
@@ -71,21 +71,12 @@ def steady(url: str, tenants: list[str], image: bytes, rate: float, seconds: flo
     """The well-behaved tenants from wrk (C, so the figures are the server's, not a starved Python client's):
     one connection per tenant, each pausing 1/rate s after every answer; wrk's latency percentiles."""
     body, parts = request_body("multipart", [image], 1, 0)
-    with tempfile.TemporaryDirectory() as tmp:
-        (pathlib.Path(tmp) / "body.bin").write_bytes(body)
-        script = pathlib.Path(tmp) / "calm.lua"
-        script.write_text(CALM_SCRIPT % {"body": pathlib.Path(tmp) / "body.bin", "content_type": parts["content_type"],
-                                         "tenants": ", ".join(f'{{"{t}", "{secret(t)}"}}' for t in tenants),
-                                         "delay_ms": round(1000 / rate)})
-        out = subprocess.run(["wrk", "-t1", f"-c{len(tenants)}", f"-d{max(1, round(seconds))}s", "--latency",
-                              "-s", str(script), url], capture_output=True, text=True, check=True).stdout
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    return {"p50_ms": _wrk_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),
-            "p99_ms": _wrk_ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),
-            "requests": int(re.search(r"(\d+) requests in", out).group(1)),
-            "errors": (int(errors.group(1)) if errors else 0) +
-                      (sum(map(int, socket_errors.groups())) if socket_errors else 0)}
+    pairs = ", ".join(f'{{"{t}", "{secret(t)}"}}' for t in tenants)
+    run = run_wrk(url, lambda body_file: CALM_SCRIPT % {"body": body_file, "content_type": parts["content_type"],
+                                                         "tenants": pairs, "delay_ms": round(1000 / rate)},
+                  body, len(tenants), seconds)
+    return {"p50_ms": run["p50_ms"], "p99_ms": run["p99_ms"], "requests": run["requests"],
+            "errors": run["non_2xx"] + run["socket_errors"]}
 
 
 def key_count(url: str, key: str, status: str) -> float:

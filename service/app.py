@@ -82,7 +82,7 @@ class Gatekeeper:
             return await self.app(scope, receive, send)
         start = time.perf_counter()
         method, path = scope["method"], scope["path"]
-        authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        authorization = next((v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")
         try:
             principal = self.state.access.decide(method, path, authorization)
         except Denied as denied:
