@@ -14,6 +14,8 @@ asyncio httpx client, which caps the figures at what Python can send), and print
   (medians of `--rounds` interleaved rounds of each); `--traffic uniform` spreads requests evenly
   over `--domains`, `--traffic zipf` draws them with probability ~ 1/rank (exponent
   `--zipf-exponent`), as a few customers' domains take most requests; then also `zipf_over_single`;
+- `one_domain_batch_share`: the share of the engine calls in the traffic's rounds that ran one domain
+  (the folded path), from the service's `ra_batch_domains` histogram;
 - p50/p99 latency at low load (concurrency 1) and at saturation;
 - `register_to_first_prediction_ms`: POST /adapters of a new domain, then its first prediction,
   while the saturating load runs;
@@ -38,6 +40,7 @@ import multiprocessing
 import os
 import pathlib
 import random
+import re
 import shutil
 import socket
 import struct
@@ -224,8 +227,6 @@ def _wrk_ms(text: str) -> float:
 def run_wrk(url: str, script_for, body: bytes, connections: int, seconds: float) -> dict:
     """Run wrk with the Lua script `script_for(body_file)` (the file holds `body`); its figures: requests/s,
     requests, non-2xx answers, socket errors, p50 and p99 in ms."""
-    import re
-
     with tempfile.TemporaryDirectory() as tmp:
         body_file, script = pathlib.Path(tmp) / "body.bin", pathlib.Path(tmp) / "load.lua"
         body_file.write_bytes(body)
@@ -310,6 +311,16 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def batch_counts(url: str) -> tuple[float, float]:
+    """The service's engine calls so far, and how many of them ran one domain (the folded path)."""
+    import httpx
+
+    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).text
+    total = re.search(r'^ra_batch_domains_count (\S+)$', text, re.M)
+    single = re.search(r'^ra_batch_domains_bucket\{le="1\.0"\} (\S+)$', text, re.M)
+    return float(total.group(1)), float(single.group(1))
+
+
 def main(argv: list[str] | None = None) -> None:
     import httpx
 
@@ -357,12 +368,16 @@ def main(argv: list[str] | None = None) -> None:
             drive(url, traffic, images, args.concurrency, 2.0, args.files_per_request)  # warm-up
             low = drive(url, traffic, images, 1, args.seconds / 2, args.files_per_request)
             mixed_rounds, single_rounds, server_cpu, server_wall = [], [], 0.0, 0.0
+            batches, one_domain = 0.0, 0.0
             for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits both alike
                 cpu_before, wall_before = process_cpu_s(server.pid), time.perf_counter()
+                counts = batch_counts(url)
                 mixed_rounds.append(drive(url, traffic, images, args.concurrency, args.seconds,
                                           args.files_per_request))
                 server_cpu += process_cpu_s(server.pid) - cpu_before
                 server_wall += time.perf_counter() - wall_before
+                batches, one_domain = (a + after - before for a, after, before in
+                                       zip((batches, one_domain), batch_counts(url), counts))
                 single_rounds.append(drive(url, names[:1], images, args.concurrency, args.seconds,
                                            args.files_per_request))
             mixed, single = median_round(mixed_rounds), median_round(single_rounds)
@@ -410,6 +425,7 @@ def main(argv: list[str] | None = None) -> None:
         "mixed_over_single": round(mixed["img_s"] / single["img_s"], 3),
         **({"zipf_over_single": round(mixed["img_s"] / single["img_s"], 3)} if args.traffic == "zipf" else {}),
         "single_http_img_s": round(single["img_s"], 1),
+        "one_domain_batch_share": round(one_domain / batches, 3) if batches else None,
         "cpu": {"server_ms_per_img": round(server_cpu_ms, 3), "engine_ms_per_img": round(engine_cpu_ms, 3),
                 "server_busy": round(server_cpu / (server_wall * os.cpu_count()), 3),
                 "cpu_bound_http_over_engine": round(engine_cpu_ms / server_cpu_ms, 3)},

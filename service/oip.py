@@ -31,7 +31,7 @@ from PIL import Image
 
 from model.preprocessing import normalize
 from service import schemas
-from service.api import PrincipalDep, ReadyDep, StateDep, decode_and_preprocess, lane_of
+from service.api import PrincipalDep, ReadyDep, StateDep, decode_inputs, lane_of
 from service.errors import ApiError
 from service.registry import Entry
 from service.state import ServiceState
@@ -306,17 +306,15 @@ async def infer(domain: str, request: Request, state: ReadyDep, stats: StatsDep,
         kind, data = _input(header, tail, state)
         entry = await state.registry.acquire(domain)
         try:
-            loop = asyncio.get_running_loop()
             if kind == "IMAGE":
-                per_image = await asyncio.gather(*(loop.run_in_executor(
-                    state.preprocess_pool, decode_and_preprocess, raw, [entry.card], state.settings.max_image_pixels)
-                    for raw in data))
-                images = [x for (x,) in per_image]
+                images = [x for (x,) in await decode_inputs(state, data, [entry.card])]
             else:
                 images = _pixels_to_inputs(data, entry)
             prepared = time.perf_counter()
-            answers = await asyncio.wait_for(state.batcher.predict(images, [entry] * len(images), lane_of(principal)),
-                                             state.settings.request_timeout_s) if images else []
+            answers = []
+            if images:
+                async with asyncio.timeout(state.settings.request_timeout_s):
+                    answers = await state.batcher.predict(images, [entry] * len(images), lane_of(principal))
         finally:
             state.registry.release([entry], images=len(data))
         computed = time.perf_counter()

@@ -193,6 +193,22 @@ def test_several_files_answer_in_upload_order(served, assets, ref):
     assert response.json()["predictions"] == results[0]["predictions"]
 
 
+def test_small_images_decode_inline_large_ones_in_the_pool(served, assets, ref, monkeypatch):
+    """A request mixing a tiny PNG with ones over `INLINE_PIXELS`: only the large ones go to the preprocess
+    pool, and every answer is still the engine's on the evaluation input."""
+    pool = served.client.app.state.service.preprocess_pool
+    handed = []
+    submit = pool.submit
+    monkeypatch.setattr(pool, "submit", lambda fn, *args: handed.append(args[0]) or submit(fn, *args))
+    images = [png_bytes(401), png_bytes(402, (300, 260)), png_bytes(403, (400, 300))]
+    response = predict(served.client, "beta", *images)
+    assert response.status_code == 200, response.text
+    assert handed == images[1:]
+    for image, result in zip(images, response.json()["results"]):
+        check_predictions(result["predictions"], reference_probs(ref, image, assets.bundles["beta"], "beta"),
+                          assets.bundles["beta"].labels)
+
+
 def test_fanout_answers_one_result_per_domain(served, assets, ref):
     image = png_bytes(300)
     response = served.client.post("/predict", files={"file": ("x.png", image)}, data={"domains": "gamma, alpha"})
