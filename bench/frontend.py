@@ -8,7 +8,10 @@
    routing, multipart, small images' decoding, the answer), `preprocess` the pool that decodes large
    images, `engine` the batcher's thread; the native threads that Python does not name are
    TensorFlow's (with its `tf_*` ones). Printed: CPU milliseconds per image by group.
-2. The floor: the same uvicorn, under the same wrk load, serving a FastAPI app with nothing but the
+2. The front end alone: the same service with the engine's computation replaced by zeros
+   (`--serve-without-engine`, run as a child process). Its CPU per request and requests/s are what the
+   event loop and its helpers cost, and the most one process can answer whatever the accelerator.
+3. The floor: the same uvicorn, under the same wrk load, serving a FastAPI app with nothing but the
    same route shape (a multipart upload in, a small JSON out), a route that reads the raw body, and a
    bare ASGI callable: CPU milliseconds per request. No service can spend less on HTTP per request
    with this stack.
@@ -83,8 +86,9 @@ def thread_groups(pid: int) -> dict[str, str]:
     return groups
 
 
-def service_by_thread(concurrency: int, seconds: float, files: int) -> dict:
-    """The service's CPU ms per image by thread group at saturation."""
+def service_by_thread(concurrency: int, seconds: float, files: int, engine: bool = True) -> dict:
+    """The service's CPU ms per image by thread group at saturation (`engine=False`: its computation
+    replaced by zeros)."""
     bundles = sorted(p for p in DEMO.glob("*.safetensors") if p.name != "backbone.safetensors")
     images = test_images(16, 48)
     port = free_port()
@@ -99,8 +103,9 @@ def service_by_thread(concurrency: int, seconds: float, files: int) -> dict:
         record.close()
         env = {**os.environ, "RA_STORE_DIR": store, "RA_ADMIN_TOKEN": TOKEN, "RA_DEMO_ADAPTERS": "false",
                "RA_BACKBONE": str(DEMO / "backbone.safetensors"), "TF_CPP_MIN_LOG_LEVEL": "2"}
-        server = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
-                                  env=env)
+        command = ["-m", "service"] if engine else ["-m", "bench.frontend", "--serve-without-engine"]
+        server = subprocess.Popen([sys.executable, *command, "--port", str(port), "--log-level", "warning"],
+                                  env=env, cwd=pathlib.Path(__file__).resolve().parents[1])
         try:
             wait_ready(url)
             wait_warm(url)
@@ -153,18 +158,37 @@ def floor_ms_per_request(app: str, prefix: str, concurrency: int, seconds: float
         server.wait(30)
 
 
+def serve_without_engine(argv: list[str]) -> None:
+    """`python -m service` with every engine call answered by zeros: only the front end computes."""
+    import numpy as np
+
+    from model.engine import InferenceEngine
+    from service.__main__ import main as serve
+
+    def zeros(self, images, slots) -> list:
+        held = [slots] * len(images) if hasattr(slots, "num_classes") else list(slots)
+        return [np.zeros(slot.num_classes, np.float32) for slot in held]
+
+    InferenceEngine.predict = zeros  # this child process only
+    serve(argv)
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--serve-without-engine"]:
+        return serve_without_engine(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--files-per-request", type=int, default=1)
     args = parser.parse_args(argv)
     service = service_by_thread(args.concurrency, args.seconds, args.files_per_request)
+    front_end = service_by_thread(args.concurrency, args.seconds, args.files_per_request, engine=False)
     floor = {name: floor_ms_per_request(app, path, args.concurrency, args.seconds)
              for name, app, path in (("fastapi_multipart", "bench.frontend:floor_app", "/predict/"),
                                      ("fastapi_raw_body", "bench.frontend:floor_app", "/body/"),
                                      ("bare_asgi", "bench.frontend:bare_asgi", "/"))}
-    print(json.dumps({"service": service, "floor_cpu_ms_per_request": floor,
+    print(json.dumps({"service": service, "without_engine": front_end, "floor_cpu_ms_per_request": floor,
                       "settings": {"concurrency": args.concurrency, "seconds": args.seconds,
                                    "files_per_request": args.files_per_request, "cpus": os.cpu_count()}}))
 
