@@ -145,9 +145,11 @@ def decode_and_preprocess(data: bytes, bundles: list[AdapterBundle], max_pixels:
 
 
 INLINE_PIXELS = 256 * 256
-"""An image of at most this many pixels (shared among the domains it is prepared for) is decoded on the
-event loop: handing it to a thread costs more CPU than decoding it (`python -m bench.serve`: 48x48 PNGs,
-609 -> 692 img/s). Larger ones, told apart by their header alone, go to the preprocess pool."""
+INLINE_BYTES = 256 * 1024
+"""An image of at most `INLINE_PIXELS` (shared among the domains it is prepared for) and `INLINE_BYTES`
+is decoded on the event loop: handing it to a thread costs more CPU than decoding it (`python -m
+bench.serve`, 48x48 PNGs: 608 -> 702 img/s). Larger ones, told apart by their size and header before
+any pixel is decoded, go to the preprocess pool, so that no upload holds the event loop for long."""
 
 
 async def decode_inputs(state: ServiceState, raw: list[bytes], bundles: list[AdapterBundle]) -> list[list[np.ndarray]]:
@@ -156,6 +158,9 @@ async def decode_inputs(state: ServiceState, raw: list[bytes], bundles: list[Ada
     inline_limit = min(limit, INLINE_PIXELS // len(bundles))
     inputs: list[list[np.ndarray] | None] = []
     for data in raw:
+        if len(data) > INLINE_BYTES:
+            inputs.append(None)
+            continue
         try:
             inputs.append(decode_and_preprocess(data, bundles, inline_limit))
         except ImageDecodeError as exc:  # a header over the inline limit: nothing was decoded yet

@@ -12,10 +12,12 @@ import types
 
 import numpy as np
 import pytest
+from PIL import Image, PngImagePlugin
 from fastapi.testclient import TestClient
 
 import service.app
 from model.bundle import load_bundle
+from service.api import INLINE_BYTES
 from service.app import DEMO_MARKER, create_app
 from service.settings import Settings
 from service.record.directory import DirectoryRecord
@@ -28,9 +30,11 @@ from service_helpers import (
     check_predictions,
     corrupt_png_body,
     corrupt_png_header_crc,
+    encode,
     image_variants,
     jpeg_bytes,
     live_versions,
+    noise,
     png_bytes,
     png_with_size,
     reference_probs,
@@ -194,13 +198,16 @@ def test_several_files_answer_in_upload_order(served, assets, ref):
 
 
 def test_small_images_decode_inline_large_ones_in_the_pool(served, assets, ref, monkeypatch):
-    """A request mixing a tiny PNG with ones over `INLINE_PIXELS`: only the large ones go to the preprocess
-    pool, and every answer is still the engine's on the evaluation input."""
+    """A request mixing a tiny PNG with ones over `INLINE_PIXELS` or `INLINE_BYTES`: only the large ones go
+    to the preprocess pool, and every answer is still the engine's on the evaluation input."""
     pool = served.client.app.state.service.preprocess_pool
     handed = []
     submit = pool.submit
     monkeypatch.setattr(pool, "submit", lambda fn, *args: handed.append(args[0]) or submit(fn, *args))
-    images = [png_bytes(401), png_bytes(402, (300, 260)), png_bytes(403, (400, 300))]
+    padded = PngImagePlugin.PngInfo()
+    padded.add_text("padding", "x" * INLINE_BYTES)  # few pixels, many bytes
+    small_but_heavy = encode(Image.fromarray(noise(404, (20, 20))), "PNG", pnginfo=padded)
+    images = [png_bytes(401), png_bytes(402, (300, 260)), png_bytes(403, (400, 300)), small_but_heavy]
     response = predict(served.client, "beta", *images)
     assert response.status_code == 200, response.text
     assert handed == images[1:]
