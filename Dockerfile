@@ -15,7 +15,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH \
     RA_STORE_DIR=/data/store \
     RA_HOST=0.0.0.0 \
-    RA_PORT=8000
+    RA_PORT=8000 \
+    RA_WORKERS=auto
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
@@ -39,7 +40,9 @@ RUN --mount=type=secret,id=ca_bundle,required=false \
 USER 10001
 VOLUME ["/data/store"]
 EXPOSE 8000
-# uvicorn stops on SIGTERM: it stops accepting, lets in-flight requests finish, then shuts the app down
+# one engine process and a front end per core (RA_WORKERS=auto). On SIGTERM the supervisor stops the front
+# ends (they stop accepting and let in-flight requests finish), then the engine. Front ends hand images to
+# the engine through /dev/shm: run with --shm-size of a few hundred MB (the compose files do).
 STOPSIGNAL SIGTERM
 # the health check follows RA_PORT, so a container started on another port reports its real state
 HEALTHCHECK --interval=15s --timeout=3s --start-period=90s --retries=3 \

@@ -158,18 +158,24 @@ def floor_ms_per_request(app: str, prefix: str, concurrency: int, seconds: float
         server.wait(30)
 
 
-def serve_without_engine(argv: list[str]) -> None:
-    """`python -m service` with every engine call answered by zeros: only the front end computes."""
+def answer_zeros() -> None:
+    """Replace the engine's computation by zeros in this process (a benchmark's child process only)."""
     import numpy as np
 
     from model.engine import InferenceEngine
-    from service.__main__ import main as serve
 
     def zeros(self, images, slots) -> list:
         held = [slots] * len(images) if hasattr(slots, "num_classes") else list(slots)
         return [np.zeros(slot.num_classes, np.float32) for slot in held]
 
-    InferenceEngine.predict = zeros  # this child process only
+    InferenceEngine.predict = zeros
+
+
+def serve_without_engine(argv: list[str]) -> None:
+    """`python -m service` with every engine call answered by zeros: only the front end computes."""
+    from service.__main__ import main as serve
+
+    answer_zeros()
     serve(argv)
 
 

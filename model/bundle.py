@@ -15,7 +15,6 @@ import collections
 import dataclasses
 import json
 import os
-import re
 from collections.abc import Mapping, Sequence
 
 import keras
@@ -30,6 +29,8 @@ from model.backbone import (
     parse_architecture,
 )
 from model.config import ArchConfig
+from model.names import check_domain_name
+from model.preprocessing import Preprocessing
 from model.resnet26 import build_resnet26
 from model.safetensors_io import (
     InvalidFileError,
@@ -42,79 +43,11 @@ from model.safetensors_io import (
 from model.weights import WeightsMismatchError, check_weights, expected_shapes, is_shared, set_weights
 
 BUNDLE_FORMAT = "residual-adapters.bundle"
-DOMAIN_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 MAX_LABEL_CHARS = 200
 MAX_GOLDEN = 16
 GOLDEN_INPUTS, GOLDEN_LOGITS = "golden.inputs", "golden.logits"
 _KNOWN_KEYS = {"format", "format_version", "adapter", "width_factor", "input_size", "backbone_fingerprint",
                "domain", "labels", "preprocessing", "metrics"}
-
-
-def check_domain_name(name: object) -> str:
-    """Return `name` if it is a valid domain name, else raise `InvalidFileError('domain_name')`."""
-    if not isinstance(name, str) or not DOMAIN_NAME.fullmatch(name):
-        raise InvalidFileError(
-            "domain_name",
-            f"Invalid domain name {name!r}: use 1-63 characters from a-z, 0-9, '_' and '-', "
-            "starting with a letter or digit.",
-        )
-    return name
-
-
-@dataclasses.dataclass(frozen=True)
-class Preprocessing:
-    """How an image becomes the model's input; training and serving both follow it.
-
-    RGB (or grayscale replicated to 3 channels when `grayscale`), shorter side resized to `resize`
-    with bilinear interpolation, center crop `crop` x `crop`, scaled to [0, 1], then
-    `(x - mean) / std` per channel.
-    """
-
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.25, 0.25, 0.25)
-    resize: int = 72
-    crop: int = 64
-    grayscale: bool = False
-
-    @classmethod
-    def for_input_size(cls, input_size: int, **changes: object) -> "Preprocessing":
-        """The reference's eval transform scaled to `input_size`: resize to 9/8 of it, center crop."""
-        return cls(resize=round(input_size * 9 / 8), crop=input_size, **changes)
-
-    @classmethod
-    def from_json(cls, value: object, input_size: int) -> "Preprocessing":
-        try:
-            if not isinstance(value, dict):
-                raise TypeError("it must be a JSON object")
-            unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
-            if unknown:
-                raise TypeError(f"unknown keys {unknown}")
-            prep = cls(
-                mean=tuple(float(v) for v in value["mean"]),
-                std=tuple(float(v) for v in value["std"]),
-                resize=int(value["resize"]),
-                crop=int(value["crop"]),
-                grayscale=value.get("grayscale", False),
-            )
-            if not isinstance(prep.grayscale, bool):
-                raise TypeError("grayscale must be true or false")
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidFileError("metadata", f"The bundle's preprocessing is malformed: {exc!r}.") from None
-        problems = []
-        if len(prep.mean) != 3 or len(prep.std) != 3:
-            problems.append("mean and std need 3 values each")
-        if not all(np.isfinite(prep.mean)) or not all(np.isfinite(s) and s > 0 for s in prep.std):
-            problems.append("mean must be finite and std positive")
-        if prep.crop != input_size:
-            problems.append(f"crop {prep.crop} must equal the input size {input_size}")
-        if not prep.crop <= prep.resize <= 4 * prep.crop:
-            problems.append(f"resize {prep.resize} must lie between crop and 4 x crop")
-        if problems:
-            raise InvalidFileError("metadata", "The bundle's preprocessing is invalid: " + "; ".join(problems) + ".")
-        return prep
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)

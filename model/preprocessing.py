@@ -13,17 +13,75 @@ equal.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
+import re
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from model.bundle import Preprocessing
+from model.safetensors_io import InvalidFileError
 
 DEFAULT_MAX_PIXELS = 40_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the model's input; training and serving both follow it.
+
+    RGB (or grayscale replicated to 3 channels when `grayscale`), shorter side resized to `resize`
+    with bilinear interpolation, center crop `crop` x `crop`, scaled to [0, 1], then
+    `(x - mean) / std` per channel.
+    """
+
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    resize: int = 72
+    crop: int = 64
+    grayscale: bool = False
+
+    @classmethod
+    def for_input_size(cls, input_size: int, **changes: object) -> "Preprocessing":
+        """The reference's eval transform scaled to `input_size`: resize to 9/8 of it, center crop."""
+        return cls(resize=round(input_size * 9 / 8), crop=input_size, **changes)
+
+    @classmethod
+    def from_json(cls, value: object, input_size: int) -> "Preprocessing":
+        try:
+            if not isinstance(value, dict):
+                raise TypeError("it must be a JSON object")
+            unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+            if unknown:
+                raise TypeError(f"unknown keys {unknown}")
+            prep = cls(
+                mean=tuple(float(v) for v in value["mean"]),
+                std=tuple(float(v) for v in value["std"]),
+                resize=int(value["resize"]),
+                crop=int(value["crop"]),
+                grayscale=value.get("grayscale", False),
+            )
+            if not isinstance(prep.grayscale, bool):
+                raise TypeError("grayscale must be true or false")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidFileError("metadata", f"The bundle's preprocessing is malformed: {exc!r}.") from None
+        problems = []
+        if len(prep.mean) != 3 or len(prep.std) != 3:
+            problems.append("mean and std need 3 values each")
+        if not all(np.isfinite(prep.mean)) or not all(np.isfinite(s) and s > 0 for s in prep.std):
+            problems.append("mean must be finite and std positive")
+        if prep.crop != input_size:
+            problems.append(f"crop {prep.crop} must equal the input size {input_size}")
+        if not prep.crop <= prep.resize <= 4 * prep.crop:
+            problems.append(f"resize {prep.resize} must lie between crop and 4 x crop")
+        if problems:
+            raise InvalidFileError("metadata", "The bundle's preprocessing is invalid: " + "; ".join(problems) + ".")
+        return prep
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 class ImageDecodeError(ValueError):
@@ -44,15 +102,13 @@ def open_image(source: bytes | str | os.PathLike, max_pixels: int = DEFAULT_MAX_
     """
     stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with warnings.catch_warnings():  # Pillow's own, higher limit warns first: the check below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(stream)
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageDecodeError(
-                    "too_many_pixels",
-                    f"The image is {width}x{height} pixels, more than the limit of {max_pixels}; send a smaller image.",
-                )
+                raise ImageDecodeError("too_many_pixels", f"The image is {width}x{height} pixels, more than the "
+                                                          f"limit of {max_pixels:,}; send a smaller image.")
             image.seek(0)
             if min_side is not None and min(width, height) > min_side:
                 scale = min_side / min(width, height)
@@ -62,8 +118,11 @@ def open_image(source: bytes | str | os.PathLike, max_pixels: int = DEFAULT_MAX_
             return image
     except ImageDecodeError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError("too_many_pixels", f"The image is too large to decode safely: {exc}") from None
+    except Image.DecompressionBombError as exc:  # Pillow refuses in `open` over twice its limit: say ours
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)):,} pixels" if found else f"more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels"
+        raise ImageDecodeError("too_many_pixels", f"The image is {size}, more than the limit of {max_pixels:,}; "
+                                                  "send a smaller image.") from None
     except Image.UnidentifiedImageError:
         raise ImageDecodeError(
             "not_image", "The file is not an image format we read (JPEG, PNG, WebP, BMP, GIF)."

@@ -37,10 +37,10 @@ def read_safetensors(data: bytes, what: str) -> tuple[dict[str, np.ndarray], dic
     if len(data) < 8:
         raise InvalidFileError("not_safetensors", f"{hint}: it has only {len(data)} bytes.")
     (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > min(MAX_HEADER_BYTES, len(data) - 8):
-        raise InvalidFileError(
-            "not_safetensors", f"{hint}: its header claims {header_len} bytes but the file holds {len(data) - 8}."
-        )
+    if header_len > min(MAX_HEADER_BYTES, len(data) - 8):  # what a file of another kind looks like
+        raise InvalidFileError("not_safetensors", f"The {what} is not a .safetensors file (it does not start with a "
+                                                  "safetensors header); send the .safetensors file that training "
+                                                  "wrote.")
     try:
         header = json.loads(data[8 : 8 + header_len])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -32,7 +32,7 @@ import time
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from service.errors import ApiError
-from service.registry import UnknownDomainError
+from service.exceptions import UnknownDomainError
 
 _log = logging.getLogger(__name__)
 
@@ -274,7 +274,8 @@ class Access:
                 raise Denied(ApiError(403, "management_disabled",
                                       "Adapter management is disabled: start the service with RA_ADMIN_TOKEN set."))
             if given is None:
-                raise Denied(_unauthorized("Send 'Authorization: Bearer <RA_ADMIN_TOKEN>'."))
+                raise Denied(_unauthorized("Managing adapters needs the admin token: send 'Authorization: Bearer "
+                                           "<RA_ADMIN_TOKEN>' (on the web page, enter it in the API key field)."))
             if not self._is_admin_token(given):
                 raise Denied(_unauthorized("The bearer token is wrong."))
             return ADMIN

@@ -1,4 +1,5 @@
-"""The HTTP routes. Thin: parse, call the registry / batcher, shape the answer.
+"""The REST routes: a codec over the inference path (`service.inference`) and the engine's operations
+(`service.client`). Parse the request, call, shape the answer.
 
 Errors are raised as the model's and service's own exceptions and mapped to HTTP once, in
 `service.errors`.
@@ -6,24 +7,23 @@ Errors are raised as the model's and service's own exceptions and mapped to HTTP
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import hashlib
 import os
-import time
 from typing import Annotated
 
+import msgspec
 import numpy as np
-from PIL import Image
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from model.bundle import AdapterBundle
-from model.preprocessing import ImageDecodeError, open_image, preprocess
 from service import schemas
 from service.access import ANYONE, Principal
 from service.errors import ApiError
-from service.registry import Entry, UnknownDomainError
+from service.exceptions import UnknownDomainError
+from service.inference import softmax
+from service.metrics import exposition
 from service.state import ServiceState
+from service.views import Card, Row
 
 
 async def get_state(request: Request) -> ServiceState:
@@ -53,23 +53,23 @@ def lane_of(principal: Principal) -> str | None:
 
 
 async def visible_page(state: ServiceState, principal: Principal, prefix: str, cursor: str | None,
-                       count: int) -> list[tuple[str, int, Entry | None]]:
-    """Up to `count` (name, version, entry) of the domains the principal may see, in name order after
-    `cursor`; narrowed by the literal prefix every one of its patterns starts with."""
+                       count: int) -> list[Row]:
+    """Up to `count` rows of the domains the principal may see, in name order after `cursor`; narrowed by
+    the literal prefix every one of its patterns starts with."""
     if principal.every_domain:
-        return await state.registry.list_page(prefix, cursor, count)
+        return await state.engine.list_page(prefix, cursor, count)
     if principal.prefix.startswith(prefix):
         prefix = principal.prefix
     elif not prefix.startswith(principal.prefix):
         return []
-    rows: list[tuple[str, int, Entry | None]] = []
+    rows: list[Row] = []
     step = max(count, 256)
     while len(rows) < count:
-        page = await state.registry.list_page(prefix, cursor, step)
-        rows += [row for row in page if principal.may_use(row[0])]
+        page = await state.engine.list_page(prefix, cursor, step)
+        rows += [row for row in page if principal.may_use(row.name)]
         if len(page) < step:
             break
-        cursor = page[-1][0]
+        cursor = page[-1].name
     return rows[:count]
 
 
@@ -87,128 +87,46 @@ async def healthz() -> schemas.Health:
     return schemas.Health(status="ok")
 
 
-def _sync(state: ServiceState) -> schemas.RegistrySync | None:
-    """How far behind the registry of record this process is; also refreshes the sync gauges."""
-    registry = state.registry
-    if registry is None:
-        return None
-    s = registry.status
-    lag = 0.0 if s.connected else (time.monotonic() - s.last_ok if s.last_ok else None)
-    behind = registry.behind()
-    state.metrics.sync_lag.set(lag if lag is not None else float("inf"))
-    state.metrics.sync_behind.set(len(behind))
-    return schemas.RegistrySync(record=registry.record.description, connected=s.connected, synced=s.synced_once,
-                                lag_s=lag, last_sync_at=s.last_ok_wall or None, domains_behind=behind[:20],
-                                errors=s.errors, last_error=s.last_error, warming=s.warming)
-
-
 @health.get("/readyz", response_model=schemas.Ready, responses={503: {"model": schemas.Ready}})
 async def readyz(state: StateDep, response: Response) -> schemas.Ready:
-    if not state.ready:
+    status = await state.engine_status()
+    ready = state.started and status is not None and status.ready
+    if not ready:
         response.status_code = 503
-    return schemas.Ready(ready=state.ready, pid=os.getpid(), workers=state.settings.workers,
-                         adapters=len(state.registry.entries()) if state.registry else 0,
-                         backbone_fingerprint=state.backbone.fingerprint if state.backbone else None,
-                         registry=_sync(state))
+    sync = status.sync if status is not None else None
+    return schemas.Ready(ready=ready, pid=os.getpid(), workers=state.settings.workers,
+                         engine_pid=status.pid if status is not None else None,
+                         adapters=status.adapters if status is not None else 0,
+                         backbone_fingerprint=status.backbone_fingerprint if status is not None else None,
+                         device=schemas.Device(**dataclasses.asdict(status.device))
+                         if status is not None and status.device else None,
+                         registry=schemas.RegistrySync(**msgspec.structs.asdict(sync)) if sync is not None else None)
 
 
 @health.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
 async def metrics(state: StateDep) -> Response:
-    state.metrics.queue_depth.set(state.batcher.depth if state.batcher else 0)
-    _sync(state)
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    await state.engine_status()  # refreshes the engine's gauges (queue depth, sync lag)
+    body, media_type = exposition(state.metrics)
+    return Response(body, media_type=media_type)
 
 
 # ----- prediction ---------------------------------------------------------------------------
 
-async def _read_image(upload: UploadFile, state: ServiceState) -> bytes:
+async def _read_images(uploads: list[UploadFile], state: ServiceState) -> list[bytes]:
+    """Each upload's bytes, read no further than one byte past the limit (the path checks the limits)."""
     limit = state.settings.max_image_bytes
-    data = await upload.read(limit + 1)
-    if len(data) > limit:
-        raise ApiError(413, "image_too_large", f"{upload.filename!r} is larger than {limit} bytes; send a smaller image.")
-    if not data:
-        raise ApiError(400, "empty_file", f"{upload.filename!r} is empty.")
-    return data
-
-
-def decode_and_preprocess(data: bytes, bundles: list[AdapterBundle], max_pixels: int) -> list[np.ndarray]:
-    """One input per bundle; the image is decoded once per distinct `resize` (a JPEG at the reduced scale
-    that size allows, exactly as training's evaluation decodes it)."""
-    decoded: dict[int, Image.Image] = {}
-    out = []
-    for bundle in bundles:
-        side = bundle.preprocessing.resize
-        if side not in decoded:
-            decoded[side] = open_image(data, max_pixels, min_side=side)
-        out.append(preprocess(decoded[side], bundle.preprocessing))
-    return out
-
-
-INLINE_PIXELS = 256 * 256
-INLINE_BYTES = 256 * 1024
-"""An image of at most `INLINE_PIXELS` (shared among the domains it is prepared for) and `INLINE_BYTES`
-is decoded on the event loop: handing it to a thread costs more CPU than decoding it (`python -m
-bench.serve`, 48x48 PNGs: 608 -> 702 img/s). Larger ones, told apart by their size and header before
-any pixel is decoded, go to the preprocess pool, so that no upload holds the event loop for long."""
-
-
-async def decode_inputs(state: ServiceState, raw: list[bytes], bundles: list[AdapterBundle]) -> list[list[np.ndarray]]:
-    """`decode_and_preprocess` of every image: small ones here, large ones in the pool, in parallel."""
-    limit = state.settings.max_image_pixels
-    inline_limit = min(limit, INLINE_PIXELS // len(bundles))
-    inputs: list[list[np.ndarray] | None] = []
-    for data in raw:
-        if len(data) > INLINE_BYTES:
-            inputs.append(None)
-            continue
-        try:
-            inputs.append(decode_and_preprocess(data, bundles, inline_limit))
-        except ImageDecodeError as exc:  # a header over the inline limit: nothing was decoded yet
-            if exc.code != "too_many_pixels" or inline_limit == limit:
-                raise
-            inputs.append(None)
-    large = [i for i, x in enumerate(inputs) if x is None]
-    loop = asyncio.get_running_loop()
-    done = await asyncio.gather(*(loop.run_in_executor(state.preprocess_pool, decode_and_preprocess, raw[i], bundles,
-                                                       limit) for i in large))
-    for i, x in zip(large, done):
-        inputs[i] = x
-    return inputs
+    return [await upload.read(limit + 1) for upload in uploads]
 
 
 def _top_k(logits: np.ndarray, labels: tuple[str, ...], k: int) -> list[schemas.Prediction]:
-    z = logits.astype(np.float64)
-    p = np.exp(z - z.max())
-    p /= p.sum()
+    p = softmax(logits)
     order = np.argsort(-p, kind="stable")[:k]
     return [schemas.Prediction(label=labels[i], index=int(i), score=float(p[i])) for i in order]
 
 
-async def _classify(state: ServiceState, uploads: list[UploadFile], entries: list[Entry], lane: str | None):
-    """Decode every upload, then run all (image, domain) pairs through the batcher.
-
-    The entries are leased (see `Registry.acquire`); they are returned here, whatever happens."""
-    try:
-        if not uploads:
-            raise ApiError(400, "no_file", "Send the image as the multipart field 'file'.")
-        if len(uploads) > state.settings.max_files:
-            raise ApiError(413, "too_many_files", f"At most {state.settings.max_files} images per request.")
-        start = time.perf_counter()
-        raw = [await _read_image(u, state) for u in uploads]
-        inputs = await decode_inputs(state, raw, [e.card for e in entries])
-        decoded = time.perf_counter()
-        images = [x for per_image in inputs for x in per_image]
-        per_image = [e for _ in inputs for e in entries]
-        async with asyncio.timeout(state.settings.request_timeout_s):  # no extra task, unlike wait_for
-            outputs = await state.batcher.predict(images, per_image, lane)
-        done = time.perf_counter()
-        timing = schemas.Timing(total_ms=(done - start) * 1000, preprocess_ms=(decoded - start) * 1000,
-                                inference_ms=(done - decoded) * 1000)
-        for entry in entries:
-            state.metrics.predictions.labels(entry.domain).inc(len(uploads))
-        return outputs, timing
-    finally:
-        state.registry.release(entries, images=len(uploads))
+def _timing(classified) -> schemas.Timing:
+    return schemas.Timing(total_ms=classified.total_ms, preprocess_ms=classified.prepare_s * 1000,
+                          inference_ms=classified.infer_s * 1000)
 
 
 TopK = Annotated[int, Form(ge=1, le=1000, description="how many classes to return")]
@@ -219,22 +137,16 @@ async def predict_domain(domain: str, state: ReadyDep, principal: PrincipalDep,
                          file: Annotated[list[UploadFile], File()], top_k: TopK = 5) -> schemas.PredictResponse:
     """Classify one image (or several `file` fields) with one domain's adapter (loaded first if it is not
     resident)."""
-    entry = await state.registry.acquire(domain)
-    outputs, timing = await _classify(state, file, [entry], lane_of(principal))
-    results = [schemas.ImageResult(filename=u.filename, predictions=_top_k(logits, entry.card.labels, top_k))
-               for u, (logits, *_) in zip(file, outputs)]
-    return schemas.PredictResponse(domain=domain, version=outputs[0].version, predictions=results[0].predictions,
-                                   results=results, timing=timing)
-
-
-async def _acquire_all(state: ServiceState, names: list[str]) -> list[Entry]:
-    """Lease every named domain (loading in parallel); on any failure return the leases taken."""
-    got = await asyncio.gather(*(state.registry.acquire(d) for d in names), return_exceptions=True)
-    failed = next((g for g in got if isinstance(g, BaseException)), None)
-    if failed is not None:
-        state.registry.release([g for g in got if not isinstance(g, BaseException)])
-        raise failed
-    return got
+    names = [u.filename for u in file]
+    raw = await _read_images(file, state)
+    state.inference.check_files(raw, names)
+    classified = await state.inference.classify([domain], lane_of(principal), files=raw)
+    (card,) = classified.cards
+    results = [schemas.ImageResult(filename=name, predictions=_top_k(answers[0].logits, card.labels, top_k))
+               for name, answers in zip(names, classified.answers)]
+    return schemas.PredictResponse(domain=domain, version=classified.answers[0][0].version, results=results,
+                                   timing=_timing(classified),
+                                   predictions=results[0].predictions if len(results) == 1 else None)
 
 
 @predict.post("", response_model=schemas.FanoutResponse, responses=ERRORS)
@@ -245,7 +157,7 @@ async def predict_fanout(state: ReadyDep, principal: PrincipalDep, file: Annotat
     may see."""
     limit = state.settings.max_fanout
     if domains.strip() == "all":
-        names = [name for name, _, _ in await visible_page(state, principal, "", None, limit + 1)]
+        names = [row.name for row in await visible_page(state, principal, "", None, limit + 1)]
     else:
         names = list(dict.fromkeys(d.strip() for d in domains.split(",") if d.strip()))
         hidden = next((name for name in names if not principal.may_use(name)), None)
@@ -256,31 +168,30 @@ async def predict_fanout(state: ReadyDep, principal: PrincipalDep, file: Annotat
     if len(names) > limit:
         raise ApiError(400, "too_many_domains", f"At most {limit} domains per request (RA_MAX_FANOUT); "
                                                 "name the domains you need instead of 'all'.")
-    entries = await _acquire_all(state, names)
-    outputs, timing = await _classify(state, [file], entries, lane_of(principal))
-    results = [schemas.DomainResult(domain=e.domain, version=v, predictions=_top_k(logits, e.card.labels, top_k))
-               for e, (logits, v, *_) in zip(entries, outputs)]
-    return schemas.FanoutResponse(filename=file.filename, results=results, timing=timing)
+    raw = await _read_images([file], state)
+    state.inference.check_files(raw, [file.filename])
+    classified = await state.inference.classify(names, lane_of(principal), files=raw)
+    results = [schemas.DomainResult(domain=card.domain, version=answer.version,
+                                    predictions=_top_k(answer.logits, card.labels, top_k))
+               for card, answer in zip(classified.cards, classified.answers[0])]
+    return schemas.FanoutResponse(filename=file.filename, results=results, timing=_timing(classified))
 
 
 # ----- adapters -----------------------------------------------------------------------------
 
-def _summary(entry: Entry, state: ServiceState) -> dict:
-    val = entry.card.metrics.get("val_top1")
-    return {"domain": entry.domain, "version": entry.version, "num_classes": entry.card.num_classes,
-            "val_top1": float(val) if isinstance(val, (int, float)) else None, "params": entry.params,
-            "served": entry.served, "tier": entry.tier, "pinned": state.registry.is_pinned(entry.domain)}
+def _summary(card: Card) -> dict:
+    return {"domain": card.domain, "version": card.version, "num_classes": card.num_classes,
+            "val_top1": card.val_top1, "params": card.params, "served": card.served, "tier": card.tier,
+            "pinned": card.pinned}
 
 
-def _info(entry: Entry, state: ServiceState) -> schemas.AdapterInfo:
-    b = entry.card
+def _info(card: Card) -> schemas.AdapterInfo:
     return schemas.AdapterInfo(
-        **_summary(entry, state), labels=list(b.labels), adapter=b.config.adapter, metrics=dict(b.metrics),
-        preprocessing=schemas.Preprocessing(**b.preprocessing.to_json()),
-        backbone_fingerprint=b.backbone_fingerprint, registered_at=entry.registered_at,
-        size_bytes=entry.size_bytes, sha256=entry.sha256, load_ms=entry.load_ms,
-        golden_self_test=entry.golden_self_test,
-        record_version=state.registry.recorded_version(entry.domain) or entry.version)
+        **_summary(card), labels=list(card.labels), adapter=card.adapter, metrics=dict(card.metrics),
+        preprocessing=schemas.Preprocessing(**card.preprocessing.to_json()),
+        backbone_fingerprint=card.backbone_fingerprint, registered_at=card.registered_at,
+        size_bytes=card.size_bytes, sha256=card.sha256, load_ms=card.load_ms,
+        golden_self_test=card.golden_self_test, record_version=card.record_version)
 
 
 @adapters.get("", response_model=schemas.AdapterList, responses=ERRORS)
@@ -295,18 +206,18 @@ async def list_adapters(
     details and tier."""
     rows = await visible_page(state, principal, prefix, cursor, limit + 1)
     page = rows[:limit]
-    items = [schemas.AdapterSummary(**_summary(entry, state)) if entry is not None else
-             schemas.AdapterSummary(domain=name, version=version, tier="registry",
-                                    pinned=state.registry.is_pinned(name))
-             for name, version, entry in page]
-    return schemas.AdapterList(adapters=items, next_cursor=page[-1][0] if len(rows) > limit else None,
-                               backbone_fingerprint=state.backbone.fingerprint)
+    items = [schemas.AdapterSummary(**_summary(row.card)) if row.card is not None else
+             schemas.AdapterSummary(domain=row.name, version=row.version, tier="registry", pinned=row.pinned)
+             for row in page]
+    status = await state.engine_status()
+    return schemas.AdapterList(adapters=items, next_cursor=page[-1].name if len(rows) > limit else None,
+                               backbone_fingerprint=status.backbone_fingerprint if status else None)
 
 
 @adapters.get("/{domain}", response_model=schemas.AdapterInfo, responses=ERRORS)
 async def get_adapter(domain: str, state: ReadyDep) -> schemas.AdapterInfo:
     """One domain: the version served here (and its tier) and the version in the registry of record."""
-    return _info(await state.registry.describe(domain), state)
+    return _info(await state.inference.refresh(domain))
 
 
 @adapters.post("", response_model=schemas.AdapterInfo, status_code=201, responses=ERRORS)
@@ -328,24 +239,22 @@ async def register_adapter(
     if len(data) > limit:
         raise ApiError(413, "bundle_too_large", f"The bundle is larger than {limit} bytes (RA_MAX_BUNDLE_BYTES).")
     audit["sha256"] = hashlib.sha256(data).hexdigest()
-    entry = await state.registry.register(data, replace=replace, domain=domain or None, pin=pin)
-    audit.update(domain=entry.domain, version=entry.version)
-    return _info(entry, state)
+    card = await state.engine.register(data, replace, domain or None, pin)
+    audit.update(domain=card.domain, version=card.version)
+    return _info(card)
 
 
-@adapters.delete("/{domain}", response_model=schemas.AdapterSummary, responses=ERRORS)
-async def delete_adapter(domain: str, request: Request, state: ReadyDep) -> schemas.AdapterSummary:
+@adapters.delete("/{domain}", response_model=schemas.DeletedAdapter, responses=ERRORS)
+async def delete_adapter(domain: str, request: Request, state: ReadyDep) -> schemas.DeletedAdapter:
     """Stop serving the domain everywhere (needs an admin key)."""
-    version, entry = await state.registry.delete(domain)
-    request.state.audit = {"version": version, "sha256": entry.sha256 if entry is not None else None}
-    if entry is not None:
-        return schemas.AdapterSummary(**_summary(entry, state))
-    return schemas.AdapterSummary(domain=domain, version=version, tier="registry")
+    deleted = await state.engine.delete(domain)
+    request.state.audit = {"version": deleted.version, "sha256": deleted.sha256}
+    return schemas.DeletedAdapter(domain=domain, version=deleted.version)
 
 
 @adapters.post("/{domain}/rollback", response_model=schemas.AdapterInfo, responses=ERRORS)
 async def rollback_adapter(domain: str, request: Request, state: ReadyDep) -> schemas.AdapterInfo:
     """Serve the previous version again; the newer ones are dropped (needs an admin key)."""
-    entry = await state.registry.rollback(domain)
-    request.state.audit = {"version": entry.version, "sha256": entry.sha256}
-    return _info(entry, state)
+    card = await state.engine.rollback(domain)
+    request.state.audit = {"version": card.version, "sha256": card.sha256}
+    return _info(card)

@@ -1,8 +1,9 @@
-"""The app factory: `create_app(settings)` wires routers, errors, limits and the lifespan.
+"""The app factory: `create_app(settings, engine)` wires routers, errors, limits and the lifespan.
 
-The lifespan loads the backbone, warms the engine, opens the registry of record (seeding it once
-with the demo bundles), syncs every domain from it, then starts the batcher and the follower that
-keeps this process in step with the record; /readyz answers 200 once the first sync is done.
+The app is a front end: HTTP, access, decoding and answers. Its engine is an `EngineClient`: with
+one worker the engine core runs in this process (`LocalEngine`, started by the lifespan); under the
+supervisor it is the engine process (`service.transport.RemoteEngine`), and this module imports no
+deep-learning framework. /readyz answers 200 once the engine is in step with the registry of record.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import gc
 import logging
 import pathlib
 import time
@@ -20,26 +20,19 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from model.backbone import Backbone, load_backbone
-from model.bundle import load_bundle
-from model.engine import InferenceEngine
-from model.safetensors_io import InvalidFileError
 from service import api, oip
 from service import audit
 from service.access import Access, Denied, KeyRing, KeysFileError, Principal, is_management
-from service.batcher import DynamicBatcher
+from service.client import EngineClient, LocalEngine
 from service.errors import BodyTooLarge, error_response, install_error_handlers, unknown_domain_response
-from service.follower import Follower
+from service.exceptions import UnknownDomainError
+from service.inference import Inference
 from service.metrics import Metrics
-from service.record import DomainExists, RecordStore, RecordUnavailable, open_record
-from service.registry import MB, Limits, Registry, UnknownDomainError
-from service.runtime import configure_tensorflow
-from service.settings import DEMO_DIR, Settings
+from service.settings import Settings
 from service.state import ServiceState
 
 _log = logging.getLogger(__name__)
 STATIC_DIR = pathlib.Path(__file__).resolve().parent / "static"
-DEMO_MARKER = "demo-seeded"
 
 
 class BodyLimit:
@@ -132,66 +125,6 @@ async def follow_keys(state: ServiceState) -> None:
             _log.error("%s Keeping the %d keys loaded before.", exc, len(keyring.keys))
 
 
-def seed_demo(record: RecordStore, backbone: Backbone) -> None:
-    """Register the shipped demo bundles in an empty record, once (a deleted demo stays deleted)."""
-    if record.has_marker(DEMO_MARKER):
-        return
-    for path in sorted(DEMO_DIR.glob("*.safetensors")):
-        if path.name == "backbone.safetensors":
-            continue
-        data = path.read_bytes()
-        try:
-            bundle = load_bundle(data, backbone)
-        except InvalidFileError as exc:
-            _log.info("not seeding demo bundle %s: %s", path.name, exc)
-            continue
-        try:
-            record.add(bundle.domain, data, replace=False)
-        except DomainExists:
-            pass
-    record.set_marker(DEMO_MARKER)
-
-
-def startup(state: ServiceState) -> None:
-    """Blocking start-up work: backbone, engine, warm-up, the registry of record."""
-    s = state.settings
-    t0 = time.perf_counter()
-    configure_tensorflow(s.workers)
-    state.backbone = load_backbone(s.backbone)
-    headroom = s.load_concurrency + s.max_batch_size + 8  # loads in flight; replaced slots still computing
-    state.engine = InferenceEngine(state.backbone, capacity=min(s.capacity, s.max_resident + headroom),
-                                   compute_dtype=s.compute_dtype, capacity_step=s.max_resident + headroom)
-    state.engine.warm_up(sorted({1, 2, s.max_batch_size}))
-    record = open_record(s)
-    limits = Limits(max_resident=s.max_resident, host_cache_bytes=int(s.host_cache_mb * MB),
-                    load_concurrency=s.load_concurrency, load_timeout_s=s.load_timeout_s, pinned=s.pinned_domains)
-    state.registry = Registry(state.backbone, state.engine, record, state.metrics, limits)
-    if s.demo_adapters:
-        try:
-            seed_demo(record, state.backbone)
-        except RecordUnavailable as exc:
-            _log.warning("could not seed the demo bundles now: %s", exc)
-    _log.info("engine warm in %.1fs; registry of record: %s", time.perf_counter() - t0, record.description)
-
-
-async def warm_most_used(registry: Registry, count: int) -> None:
-    """After start: load the most used domains (usage counts kept in the record), then, while room
-    is left, the first ones by name, so a small registry is entirely resident as before."""
-    registry.status.warming = True
-    try:
-        names = await asyncio.to_thread(registry.record.top_used, count)
-        if len(names) < count:
-            listed = await asyncio.to_thread(registry.record.list_domains, "", None, count)
-            names += [name for name, _ in listed if name not in names][: count - len(names)]
-        t0 = time.perf_counter()
-        loaded = await registry.warm(names)
-        _log.info("warmed %d domains in %.1fs", loaded, time.perf_counter() - t0)
-    except RecordUnavailable as exc:
-        _log.warning("not warming domains: %s", exc)
-    finally:
-        registry.status.warming = False
-
-
 def document_bearer_auth(app: FastAPI) -> None:
     """Declare the bearer key in the OpenAPI document, so /docs offers "Authorize". Documentation only:
     the Gatekeeper (`service.access`) decides."""
@@ -210,11 +143,21 @@ def document_bearer_auth(app: FastAPI) -> None:
     app.openapi = openapi
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def local_engine(settings: Settings, metrics: Metrics) -> EngineClient:
+    """The engine core in this process (one worker): the framework is imported here, not at import."""
+    from service.engine.core import EngineCore
+
+    return LocalEngine(EngineCore(settings, metrics))
+
+
+def create_app(settings: Settings | None = None, engine: EngineClient | None = None) -> FastAPI:
+    """A front end over `engine` (default: the engine core in this process, sharing its metrics)."""
     settings = settings or Settings()
     keyring = KeyRing(settings.api_keys_file) if settings.api_keys_file is not None else None
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
-    state = ServiceState(settings=settings, metrics=Metrics(), access=Access(admin_token, keyring))
+    metrics = Metrics()
+    state = ServiceState(settings=settings, metrics=metrics, access=Access(admin_token, keyring),
+                         engine=engine or local_engine(settings, metrics))
     if keyring is not None:
         state.metrics.keys_loaded.set(len(keyring.keys))
 
@@ -222,40 +165,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         state.preprocess_pool = concurrent.futures.ThreadPoolExecutor(settings.preprocess_threads,
                                                                       thread_name_prefix="preprocess")
-        await asyncio.to_thread(startup, state)
-        registry = state.registry
-        t0 = time.perf_counter()
-        share = max(settings.max_batch_size, int(settings.max_queue * settings.domain_queue_share))
-        state.batcher = DynamicBatcher(state.engine, settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
-                                       state.metrics, domain_share=min(share, settings.max_queue))
-        await state.batcher.start()
-        try:  # readiness needs the pinned domains only; the most used ones warm in the background
-            await registry.refresh_flags()
-            pinned = await registry.warm(registry.pinned_domains())
-            await registry.resync()
-            _log.info("ready: %d pinned domains loaded in %.1fs", pinned, time.perf_counter() - t0)
-        except RecordUnavailable:
-            _log.warning("not ready: the registry of record is unreachable; retrying in the background")
-        state.follower = Follower(registry, registry.record, settings.resync_interval_s)
-        state.follower.start()
-        warming = asyncio.create_task(warm_most_used(registry, settings.max_resident))
+        state.inference = Inference(state.engine, settings, state.preprocess_pool)
+        await state.engine.start()
         keys = asyncio.create_task(follow_keys(state)) if keyring is not None else None
-        gc.collect()
-        gc.freeze()  # the loaded framework's objects live forever: keep them out of full collections
         state.started = True
         try:
             yield
         finally:
             state.started = False
-            warming.cancel()
             if keys is not None:
                 keys.cancel()
-            await state.follower.stop()
-            await state.batcher.stop()
+            await state.engine.stop()
             state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
-            with contextlib.suppress(RecordUnavailable):
-                await registry.flush_usage()  # so that the next start warms what was used
-            registry.close()
 
     app = FastAPI(title="Residual adapters", version="0.1.0", lifespan=lifespan,
                   description="Many image classifiers served from one ResNet-26 backbone with per-domain "

@@ -24,30 +24,13 @@ import collections
 import dataclasses
 import threading
 import time
-import typing
 
 import numpy as np
 
 from model.engine import InferenceEngine, Slot
+from service.client import Answer
+from service.exceptions import Overloaded, QueueShareExceeded
 from service.metrics import Metrics
-
-
-class Overloaded(Exception):
-    """The queue is full; retry later."""
-
-
-class QueueShareExceeded(Exception):
-    """One lane (key or domain) holds its whole share of the queue; its requests wait for room (429),
-    others go on."""
-
-
-class Answer(typing.NamedTuple):
-    """One image's result: logits, the adapter version that computed them, and where the time went."""
-
-    logits: np.ndarray
-    version: int
-    queue_s: float  # waiting for its batch
-    compute_s: float  # its batch's engine call
 
 
 class _Request:

@@ -5,16 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.preprocessing import ImageDecodeError
-from model.safetensors_io import InvalidFileError
-from service.batcher import Overloaded, QueueShareExceeded
-from service.record import RecordUnavailable
-from service.registry import AdapterUnavailable, DomainExists, DomainUnloaded, NoPreviousVersion, UnknownDomainError
+from service.exceptions import (AdapterUnavailable, DomainExists, DomainUnloaded, EngineUnavailable, ImageDecodeError,
+                                InvalidFileError, NoPreviousVersion, Overloaded, QueueShareExceeded, RecordUnavailable,
+                                UnknownDomainError)
 
 _log = logging.getLogger(__name__)
 IMAGE_STATUS = {"not_image": 415, "too_many_pixels": 413, "corrupt": 400}
@@ -52,6 +50,17 @@ def unknown_domain_response(exc: UnknownDomainError, path: str) -> JSONResponse:
     return error_response(404, "unknown_domain", f"{exc}. GET /adapters lists the domains.", path=path)
 
 
+UPLOAD_EXAMPLES = {"file": "image.jpg", "bundle": "domain.safetensors"}
+
+
+def missing_uploads(request: Request, exc: RequestValidationError) -> list[str]:
+    """The route's file fields that the request lacks: a body sent raw, or under another field name."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    uploads = {p.alias for p in getattr(dependant, "body_params", ()) if isinstance(p.field_info, params.File)}
+    return [e["loc"][-1] for e in exc.errors()
+            if e.get("type") == "missing" and len(e.get("loc", ())) == 2 and e["loc"][-1] in uploads]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     def handle(exc_type, status, code, headers=None):
         async def handler(request: Request, exc: Exception) -> JSONResponse:
@@ -77,6 +86,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        missing = missing_uploads(request, exc)
+        if missing:
+            fields = " and ".join(f"'{name}'" for name in missing)
+            example = " ".join(f"-F {name}=@{UPLOAD_EXAMPLES.get(name, 'FILE')}" for name in missing)
+            ctype = request.headers.get("content-type", "").split(";")[0].strip()
+            if ctype != "multipart/form-data":
+                return error_response(415, "not_multipart", f"Send a multipart/form-data body with the file in the field "
+                                      f"{fields} (curl {example}); this body is {ctype or 'without a Content-Type'}.",
+                                      path=request.url.path)
+            return error_response(422, "missing_file", f"The multipart field {fields} is missing (curl {example}).",
+                                  path=request.url.path)
         details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
         return error_response(422, "invalid_request", details, path=request.url.path)
 
@@ -96,6 +116,7 @@ def install_error_handlers(app: FastAPI) -> None:
     handle(QueueShareExceeded, 429, "domain_queue_full", {"Retry-After": "1"})
     handle(RecordUnavailable, 503, "registry_unavailable", {"Retry-After": "1"})
     handle(AdapterUnavailable, 503, "adapter_unavailable", {"Retry-After": "1"})
+    handle(EngineUnavailable, 503, "engine_unavailable", {"Retry-After": "1"})
     handle(asyncio.TimeoutError, 504, "timeout")
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:

@@ -1,8 +1,29 @@
-"""Prometheus metrics, in a registry of the app's own (so several apps can live in one process)."""
+"""Prometheus metrics, in a registry of the app's own (so several apps can live in one process).
+
+Under the supervisor every process (front ends and the engine) writes its metrics to the files of
+prometheus-client's multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`, set before any process starts),
+and /metrics on any front end merges them: counters are summed over every process that ever ran,
+gauges over the live ones (`multiprocess_mode`).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess
+
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def exposition(metrics: "Metrics") -> tuple[bytes, str]:
+    """The text exposition: this process's metrics, or every process's when the supervisor runs them."""
+    path = os.environ.get(MULTIPROC_DIR)
+    if not path:
+        return generate_latest(metrics.registry), CONTENT_TYPE_LATEST
+    merged = CollectorRegistry()
+    multiprocess.MultiProcessCollector(merged, path)
+    return generate_latest(merged), CONTENT_TYPE_LATEST
 
 
 class Metrics:
@@ -17,7 +38,8 @@ class Metrics:
         # per key name (never the secret): 'anonymous' without a keys file, 'admin' for RA_ADMIN_TOKEN
         self.key_requests = Counter("ra_key_requests_total", "HTTP requests by API key name and status",
                                     ["key", "status"], registry=r)
-        self.keys_loaded = Gauge("ra_api_keys", "Keys in force from RA_API_KEYS_FILE", registry=r)
+        self.keys_loaded = Gauge("ra_api_keys", "Keys in force from RA_API_KEYS_FILE", registry=r,
+                                 multiprocess_mode="livemax")
         self.keys_reload_errors = Counter("ra_api_keys_reload_errors_total",
                                           "Reloads of RA_API_KEYS_FILE refused (the last good keys stay)", registry=r)
         self.predictions = Counter("ra_predictions_total", "Images classified, by domain", ["domain"], registry=r)
@@ -25,10 +47,12 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.batch_domains = Histogram("ra_batch_domains", "Distinct domains per engine call",
                                        buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
-        self.queue_depth = Gauge("ra_queue_depth", "Images waiting for the engine", registry=r)
+        self.queue_depth = Gauge("ra_queue_depth", "Images waiting for the engine", registry=r,
+                                 multiprocess_mode="livesum")
         self.resident = Gauge("ra_resident_domains", "Domains cached by this process, by tier (device, host)",
-                              ["tier"], registry=r)
-        self.host_bytes = Gauge("ra_host_cache_bytes", "Bytes of folded tables in the host tier", registry=r)
+                              ["tier"], registry=r, multiprocess_mode="livesum")
+        self.host_bytes = Gauge("ra_host_cache_bytes", "Bytes of folded tables in the host tier", registry=r,
+                                multiprocess_mode="livesum")
         self.lookups = Counter("ra_adapter_lookups_total", "Requests for a domain, by tier and hit or miss",
                                ["tier", "result"], registry=r)
         self.loads = Counter("ra_adapter_loads_total", "Domain loads onto the device, by source (host, registry) "
@@ -39,13 +63,20 @@ class Metrics:
                                       "(host: one table write; registry: read, validate, fold, self-test)",
                                       ["source"], buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
                                                            2.5), registry=r)
-        self.sync_connected = Gauge("ra_registry_connected", "1 while the registry of record answers", registry=r)
+        self.sync_connected = Gauge("ra_registry_connected", "1 while the registry of record answers", registry=r,
+                                    multiprocess_mode="livemax")
         self.last_sync = Gauge("ra_registry_last_sync_timestamp_seconds",
-                               "When the registry of record last answered (Unix time)", registry=r)
+                               "When the registry of record last answered (Unix time)", registry=r,
+                               multiprocess_mode="livemax")
         self.sync_lag = Gauge("ra_registry_sync_lag_seconds",
-                              "Seconds since this process was last known in step with the record", registry=r)
+                              "Seconds since this process was last known in step with the record", registry=r,
+                              multiprocess_mode="livemax")
         self.sync_behind = Gauge("ra_registry_domains_behind",
-                                 "Domains whose served version differs from the record's", registry=r)
+                                 "Domains whose served version differs from the record's", registry=r,
+                                 multiprocess_mode="livemax")
+        self.temporaries_removed = Counter("ra_registry_temporaries_removed_total",
+                                           "Temporary files of interrupted writes swept from the registry of record",
+                                           registry=r)
         self.sync_errors = Counter("ra_registry_sync_errors_total",
                                    "Failures while following the record, by kind (unavailable, invalid_bundle)",
                                    ["kind"], registry=r)

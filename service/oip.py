@@ -1,7 +1,8 @@
 """The Open Inference Protocol (KServe v2) over REST, beside the service's own routes: the same
-registry, engine, batcher, limits and errors, so Triton and KServe clients and tools work unchanged.
+inference path, engine, limits and errors, so Triton and KServe clients and tools work unchanged.
 
-A domain is a model; its adapter versions are the model's versions. Inputs (one per request):
+A codec over the inference path (`service.inference`), as REST is: a domain is a model; its adapter
+versions are the model's versions. Inputs (one per request):
 `IMAGE` (BYTES, shape [N] or [N, 1]: encoded image files, decoded and preprocessed exactly as
 /predict) or `PIXELS` (UINT8, [N, S, S, 3] at the backbone's input size, already resized and
 cropped: the server only applies the domain's grayscale conversion, mean and std). Outputs:
@@ -14,7 +15,6 @@ Extensions: binary_tensor_data, classification, model_repository (load a bundle 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import collections
@@ -27,14 +27,13 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
-from PIL import Image
 
-from model.preprocessing import normalize
 from service import schemas
-from service.api import PrincipalDep, ReadyDep, StateDep, decode_inputs, lane_of
+from service.api import PrincipalDep, ReadyDep, StateDep, lane_of
 from service.errors import ApiError
-from service.registry import Entry
+from service.inference import softmax
 from service.state import ServiceState
+from service.views import Card
 
 HEADER = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics"]
@@ -113,25 +112,27 @@ async def live() -> dict:
 
 @v2.get("/health/ready")
 async def ready(state: StateDep, response: Response) -> dict:
-    if not state.ready:
+    status = await state.engine_status()
+    ready = state.started and status is not None and status.ready
+    if not ready:
         response.status_code = 503
-    return {"ready": state.ready}
+    return {"ready": ready}
 
 
-async def _model(state: ServiceState, domain: str, version: str | None) -> Entry:
+async def _model(state: ServiceState, domain: str, version: str | None) -> Card:
     """The domain as served here, at `version` if one is asked for."""
-    entry = await state.registry.describe(domain)
-    if version is not None and version != str(entry.version):
-        raise bad(f"Model {domain!r} is served at version {entry.version} here, not {version!r}; "
+    card = await state.inference.refresh(domain)
+    if version is not None and version != str(card.version):
+        raise bad(f"Model {domain!r} is served at version {card.version} here, not {version!r}; "
                   "leave the version out to use the current one.", 404, "unknown_version")
-    return entry
+    return card
 
 
-def _metadata(entry: Entry, state: ServiceState) -> schemas.OipModel:
-    s = state.backbone.config.input_size
-    k = entry.card.num_classes
+def _metadata(card: Card) -> schemas.OipModel:
+    s = card.preprocessing.crop  # the backbone's input size
+    k = card.num_classes
     return schemas.OipModel(
-        name=entry.domain, versions=[str(entry.version)], platform=PLATFORM,
+        name=card.domain, versions=[str(card.version)], platform=PLATFORM,
         inputs=[schemas.OipTensorMeta(name="IMAGE", datatype="BYTES", shape=[-1]),
                 schemas.OipTensorMeta(name="PIXELS", datatype="UINT8", shape=[-1, s, s, 3])],
         outputs=[schemas.OipTensorMeta(name=name, datatype="FP32", shape=[-1, k]) for name in OUTPUTS])
@@ -141,7 +142,7 @@ def _metadata(entry: Entry, state: ServiceState) -> schemas.OipModel:
 @v2.get("/models/{domain}/versions/{version}", response_model=schemas.OipModel)
 async def model_metadata(domain: str, state: ReadyDep, version: str | None = None) -> schemas.OipModel:
     """Inputs, outputs and versions of a domain (a model)."""
-    return _metadata(await _model(state, domain, version), state)
+    return _metadata(await _model(state, domain, version))
 
 
 @v2.get("/models/{domain}/ready")
@@ -186,7 +187,7 @@ def _encode_bytes(elements: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(e)) + e for e in elements)
 
 
-def _input(header: dict, tail: bytes, state: ServiceState) -> tuple[str, list]:
+def _input(header: dict, tail: bytes, state: ServiceState, s: int) -> tuple[str, list]:
     """The one input: ("IMAGE", [encoded files]) or ("PIXELS", uint8 array [N, S, S, 3])."""
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
@@ -198,9 +199,7 @@ def _input(header: dict, tail: bytes, state: ServiceState) -> tuple[str, list]:
     size = (tensor.get("parameters") or {}).get("binary_data_size")
     if size is not None and (not isinstance(size, int) or size < 0 or size > len(tail)):
         raise bad(f"Input {name!r} claims binary_data_size {size!r} but {len(tail)} bytes follow the header.")
-    limit, s = state.settings.max_files, state.backbone.config.input_size
-    if shape[0] > limit:
-        raise bad(f"At most {limit} images per request (RA_MAX_FILES); got {shape[0]}.", 413, "too_many_files")
+    state.inference.check_count(shape[0])
     if name == "IMAGE":
         if datatype != "BYTES" or shape not in ([shape[0]], [shape[0], 1]):
             raise bad(f"IMAGE must be BYTES with shape [N] or [N, 1]; got {datatype} {shape}.")
@@ -209,11 +208,7 @@ def _input(header: dict, tail: bytes, state: ServiceState) -> tuple[str, list]:
         files = _bytes_elements(tail[:size])
         if len(files) != shape[0]:
             raise bad(f"IMAGE has shape {shape} but its binary data holds {len(files)} elements.")
-        for i, data in enumerate(files):
-            if len(data) > state.settings.max_image_bytes:
-                raise bad(f"Image {i} is larger than {state.settings.max_image_bytes} bytes.", 413, "image_too_large")
-            if not data:
-                raise bad(f"Image {i} is empty.", 400, "empty_file")
+        state.inference.check_files(files, [None] * len(files))
         return name, files
     if name == "PIXELS":
         if datatype != "UINT8" or shape[1:] != [s, s, 3]:
@@ -237,13 +232,6 @@ def _input(header: dict, tail: bytes, state: ServiceState) -> tuple[str, list]:
     raise bad(f"Unknown input {name!r}: send IMAGE (BYTES) or PIXELS (UINT8).")
 
 
-def _pixels_to_inputs(pixels: np.ndarray, entry: Entry) -> list[np.ndarray]:
-    prep = entry.card.preprocessing
-    if prep.grayscale:  # the same conversion as decoding an image for this domain
-        pixels = np.stack([np.asarray(Image.fromarray(p).convert("L").convert("RGB")) for p in pixels])
-    return list(normalize(pixels, prep))
-
-
 def _requested(header: dict) -> list[dict]:
     outputs = header.get("outputs")
     if outputs is None:
@@ -253,26 +241,20 @@ def _requested(header: dict) -> list[dict]:
     return outputs
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    p = np.exp(z - z.max(axis=1, keepdims=True))
-    return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def _outputs(header: dict, logits: np.ndarray, entry: Entry) -> tuple[list[dict], list[bytes]]:
+def _outputs(header: dict, logits: np.ndarray, card: Card) -> tuple[list[dict], list[bytes]]:
     """Output tensors (JSON descriptions) and the binary parts that follow the header, in order."""
     default_binary = bool((header.get("parameters") or {}).get("binary_data_output", False))
     described, binary = [], []
     for request in _requested(header):
         name, params = request["name"], request.get("parameters") or {}
-        values = logits if name == "LOGITS" else _softmax(logits)
+        values = logits if name == "LOGITS" else softmax(logits).astype(np.float32)
         k = params.get("classification")
         if k is not None:
             if not isinstance(k, int) or k < 1:
                 raise bad(f"classification must be a positive integer, got {k!r}.")
             k = min(k, values.shape[1])
             order = np.argsort(-values, axis=1, kind="stable")[:, :k]
-            strings = [[f"{values[i, j]:f}:{j}:{entry.card.labels[j]}" for j in row] for i, row in enumerate(order)]
+            strings = [[f"{values[i, j]:f}:{j}:{card.labels[j]}" for j in row] for i, row in enumerate(order)]
             tensor = {"name": name, "datatype": "BYTES", "shape": [len(strings), k]}
             flat = [s.encode() for row in strings for s in row]
             if params.get("binary_data", default_binary):
@@ -299,29 +281,22 @@ async def infer(domain: str, request: Request, state: ReadyDep, stats: StatsDep,
                 version: str | None = None) -> Response:
     """Classify a batch of images (IMAGE) or pixel arrays (PIXELS) with one domain."""
     start = time.perf_counter()
-    entry = await _model(state, domain, version)
+    card = await _model(state, domain, version)
     record = stats.of(domain)
     try:
         header, tail = _split(await request.body(), request.headers.get(HEADER))
-        kind, data = _input(header, tail, state)
-        entry = await state.registry.acquire(domain)
-        try:
-            if kind == "IMAGE":
-                images = [x for (x,) in await decode_inputs(state, data, [entry.card])]
-            else:
-                images = _pixels_to_inputs(data, entry)
-            prepared = time.perf_counter()
-            answers = []
-            if images:
-                async with asyncio.timeout(state.settings.request_timeout_s):
-                    answers = await state.batcher.predict(images, [entry] * len(images), lane_of(principal))
-        finally:
-            state.registry.release([entry], images=len(data))
+        kind, data = _input(header, tail, state, card.preprocessing.crop)
+        lane = lane_of(principal)
+        classified = await (state.inference.classify([domain], lane, files=data) if kind == "IMAGE"
+                            else state.inference.classify([domain], lane, pixels=data))
+        prepared = start + classified.prepare_s
         computed = time.perf_counter()
-        k = entry.card.num_classes
-        logits = np.stack([a.logits for a in answers]) if answers else np.zeros((0, k), np.float32)
-        described, binary = _outputs(header, logits, entry)
-        body = {"model_name": domain, "model_version": str(answers[0].version if answers else entry.version),
+        card = classified.cards[0]
+        answers = [row[0] for row in classified.answers]
+        logits = (np.stack([a.logits for a in answers]) if answers
+                  else np.zeros((0, card.num_classes), np.float32))
+        described, binary = _outputs(header, logits, card)
+        body = {"model_name": domain, "model_version": str(answers[0].version if answers else card.version),
                 "outputs": described}
         if "id" in header:
             body["id"] = header["id"]
@@ -341,8 +316,6 @@ async def infer(domain: str, request: Request, state: ReadyDep, stats: StatsDep,
     record.queue.add(sum(a.queue_s for a in answers) / max(len(answers), 1))
     record.compute_infer.add(sum(a.compute_s for a in answers) / max(len(answers), 1))
     record.compute_output.add(done - computed)
-    for _ in answers:
-        state.metrics.predictions.labels(domain).inc()
     return response
 
 
@@ -364,8 +337,8 @@ def _stats_json(domain: str, version: str, s: ModelStats) -> dict:
 @v2.get("/models/{domain}/versions/{version}/stats")
 async def model_stats(domain: str, state: ReadyDep, stats: StatsDep, version: str | None = None) -> dict:
     """Success and failure counts and cumulative queue, input, inference and output times."""
-    entry = await _model(state, domain, version)
-    return {"model_stats": [_stats_json(domain, str(entry.version), stats.peek(domain))]}
+    card = await _model(state, domain, version)
+    return {"model_stats": [_stats_json(domain, str(card.version), stats.peek(domain))]}
 
 
 # ----- model repository (admin token) -----------------------------------------------------------
@@ -375,14 +348,14 @@ async def repository_index(state: ReadyDep) -> list[dict]:
     """Every registered domain with its state: READY, or UNAVAILABLE when unloaded."""
     out, cursor = [], None
     while True:
-        page = await state.registry.list_page("", cursor, 1000)
-        for name, version, _ in page:
-            unloaded = state.registry.is_unloaded(name)
-            out.append({"name": name, "version": str(version), "state": "UNAVAILABLE" if unloaded else "READY",
-                        **({"reason": "unloaded"} if unloaded else {})})
+        page = await state.engine.list_page("", cursor, 1000)
+        for row in page:
+            out.append({"name": row.name, "version": str(row.version),
+                        "state": "UNAVAILABLE" if row.unloaded else "READY",
+                        **({"reason": "unloaded"} if row.unloaded else {})})
         if len(page) < 1000:
             return out
-        cursor = page[-1][0]
+        cursor = page[-1].name
 
 
 def _bundle_file(parameters: dict) -> bytes | None:
@@ -410,23 +383,19 @@ async def repository_load(domain: str, request: Request, state: ReadyDep) -> dic
         raise bad("The load request's parameters must be an object.")
     data = _bundle_file(parameters)
     audit = request.state.audit = {"domain": domain}
-    if data is None:
-        entry = await state.registry.reload(domain)
-    else:
+    if data is not None:
         if len(data) > state.settings.max_bundle_bytes:
             raise bad(f"The bundle is larger than {state.settings.max_bundle_bytes} bytes.", 413, "bundle_too_large")
         audit["sha256"] = hashlib.sha256(data).hexdigest()
-        entry = await state.registry.register(data, replace=True, domain=domain)
-        if state.registry.is_unloaded(domain):
-            entry = await state.registry.reload(domain)
-    audit.update(version=entry.version, sha256=entry.sha256)
-    return {"name": domain, "version": str(entry.version), "state": "READY"}
+    card = await state.engine.load(domain, data)
+    audit.update(version=card.version, sha256=card.sha256)
+    return {"name": domain, "version": str(card.version), "state": "READY"}
 
 
 @v2.post("/repository/models/{domain}/unload")
 async def repository_unload(domain: str, state: ReadyDep) -> dict:
     """Stop serving the domain (on every replica); it stays in the registry and can be loaded again."""
-    await state.registry.unload(domain)
+    await state.engine.unload(domain)
     return {"name": domain, "state": "UNAVAILABLE"}
 
 

@@ -35,6 +35,7 @@ from model.engine import InferenceEngine, Slot
 from model.folding import FoldedDomain
 from model.safetensors_io import InvalidFileError
 from model.weights import count_parameters
+from service.exceptions import AdapterUnavailable, DomainUnloaded, NoPreviousVersion, UnknownDomainError
 from service.metrics import Metrics
 from service.record import DomainExists, RecordStore, RecordUnavailable, Version
 
@@ -42,30 +43,6 @@ _log = logging.getLogger(__name__)
 __all__ = ["AdapterUnavailable", "DomainExists", "DomainUnloaded", "NoPreviousVersion", "Registry", "Entry", "UnknownDomainError"]
 MB = 1024 * 1024
 VERIFIED_KEEP = 20_000  # sha256s of bundles that passed the golden self-test here, remembered
-
-
-class UnknownDomainError(KeyError):
-    """The domain is not registered (or not visible to the caller)."""
-
-    def __init__(self, domain: str):
-        super().__init__(domain)
-        self.domain = domain
-
-    def __str__(self) -> str:
-        return f"Unknown domain {self.domain!r}"
-
-
-class AdapterUnavailable(Exception):
-    """A registered domain cannot be served now: no stored version passes validation, or loading it
-    took longer than the limit."""
-
-
-class DomainUnloaded(Exception):
-    """The domain is kept in the registry but not served (unloaded through the repository API)."""
-
-
-class NoPreviousVersion(Exception):
-    """Rollback asked for a domain that has no usable older version."""
 
 
 @dataclasses.dataclass(eq=False)

@@ -25,7 +25,8 @@ class Timing(BaseModel):
 class PredictResponse(BaseModel):
     domain: str
     version: int = Field(description="adapter version that computed the result")
-    predictions: list[Prediction] = Field(description="top-k of the first image")
+    predictions: list[Prediction] | None = Field(description="top-k of the image when one was sent; null with "
+                                                             "several (see `results`)")
     results: list[ImageResult] = Field(description="top-k of every image, in upload order")
     timing: Timing
 
@@ -60,6 +61,12 @@ class AdapterSummary(BaseModel):
     val_top1: float | None = None
     params: int | None = Field(None, description="parameters this domain owns (BatchNorms, adapters, head)")
     served: int = Field(0, description="images classified since it was loaded here")
+
+
+class DeletedAdapter(BaseModel):
+    domain: str
+    version: int = Field(description="the version that was current; every version is dropped from the record")
+    deleted: bool = Field(True, description="no longer served by any replica once they follow the record")
 
 
 class AdapterInfo(AdapterSummary):
@@ -101,12 +108,22 @@ class RegistrySync(BaseModel):
     warming: bool = Field(description="the most used domains are still being loaded in the background")
 
 
+class Device(BaseModel):
+    backend: str = Field(description="the framework the engine runs on, with its version")
+    devices: list[str] = Field(description="what the engine computes on, e.g. ['GPU:0 NVIDIA H200'] or ['CPU']")
+    gpu: bool
+    compute_dtype: str
+
+
 class Ready(BaseModel):
     ready: bool
-    pid: int = Field(description="this serving process (one of `workers` on the port)")
+    pid: int = Field(description="the process that answered (one of `workers` front ends on the port)")
     workers: int
+    engine_pid: int | None = Field(description="the engine process (the same as `pid` with one worker); null while "
+                                               "it is not answering")
     adapters: int = Field(description="domains cached by this process (device and host tiers)")
     backbone_fingerprint: str | None
+    device: Device | None = Field(description="null until the engine has started")
     registry: RegistrySync | None
 
 

@@ -30,7 +30,9 @@ class Settings(BaseSettings):
                                     description="the directory registry of record (used when registry_url is unset)")
     registry_url: SecretStr | None = Field(None, description="postgresql://user:pass@host:port/db: the registry of "
                                                              "record in PostgreSQL instead of store_dir")
-    workers: int = Field(1, ge=1, le=64, description="serving processes on one port (python -m service --workers)")
+    workers: int = Field(1, ge=1, le=64, description="front-end processes on one port, fed by one engine process "
+                                                      "(python -m service --workers); 1 serves from one process")
+    arena_mb: float = Field(64, gt=0, description="shared memory per front end for images on their way to the engine")
     resync_interval_s: float = Field(30.0, gt=0, description="full resync with the registry of record, as a safety net")
     poll_interval_ms: float = Field(20.0, gt=0, le=1000, description="directory registry: how often to look for changes")
     backbone: pathlib.Path = Field(DEMO_DIR / "backbone.safetensors", description="the backbone .safetensors")
@@ -49,9 +51,12 @@ class Settings(BaseSettings):
     load_timeout_s: float = Field(10.0, gt=0, description="longest a request waits for its domain to load")
     max_fanout: int = Field(64, ge=1, description="domains one POST /predict may name (or 'all' may mean)")
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    require_gpu: bool = Field(False, description="refuse to start without a GPU instead of running on the CPU "
+                                                 "(set in the GPU compose files)")
     max_bundle_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
-    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1, le=178_956_970,
+                                  description="largest image by its header; Pillow refuses over 178,956,970 itself")
     max_files: int = Field(32, ge=1, description="images per predict request")
     preprocess_threads: int = Field(4, ge=1)
 
@@ -70,7 +75,7 @@ class Settings(BaseSettings):
     @field_validator("pinned")
     @classmethod
     def _pinned_names(cls, value: str) -> str:
-        from model.bundle import DOMAIN_NAME
+        from model.names import DOMAIN_NAME
 
         bad = [d for d in (x.strip() for x in value.split(",")) if d and not DOMAIN_NAME.fullmatch(d)]
         if bad:

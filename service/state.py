@@ -1,18 +1,17 @@
-"""What the app holds while it runs, built in the lifespan (nothing at import)."""
+"""What a front end holds while it runs, built in the lifespan (nothing at import)."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
 
-from model.backbone import Backbone
-from model.engine import InferenceEngine
 from service.access import Access
-from service.batcher import DynamicBatcher
-from service.follower import Follower
+from service.client import EngineClient
+from service.exceptions import EngineUnavailable
+from service.inference import Inference
 from service.metrics import Metrics
-from service.registry import Registry
 from service.settings import Settings
+from service.views import EngineStatus
 
 
 @dataclasses.dataclass
@@ -20,15 +19,14 @@ class ServiceState:
     settings: Settings
     metrics: Metrics
     access: Access
-    backbone: Backbone | None = None
-    engine: InferenceEngine | None = None
-    registry: Registry | None = None
-    follower: Follower | None = None
-    batcher: DynamicBatcher | None = None
+    engine: EngineClient
+    inference: Inference | None = None
     preprocess_pool: concurrent.futures.ThreadPoolExecutor | None = None
-    started: bool = False  # backbone loaded, engine warm, batcher running
+    started: bool = False  # the lifespan ran: the engine answers (or is being waited for)
 
-    @property
-    def ready(self) -> bool:
-        """Started, and in step with the registry of record at least once."""
-        return self.started and self.registry is not None and self.registry.status.synced_once
+    async def engine_status(self) -> EngineStatus | None:
+        """The engine's status, or None while it is not answering."""
+        try:
+            return await self.engine.status()
+        except EngineUnavailable:
+            return None

@@ -22,6 +22,7 @@ from model.backbone import Backbone, save_backbone
 from model.bundle import AdapterBundle, bundle_to_bytes, save_bundle, to_keras_model
 from model.config import ArchConfig
 from model.preprocessing import open_image, preprocess
+from numeric import assert_logits_close
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ArchConfig(width_factor=0.125, input_size=16, adapter="series")
@@ -127,14 +128,19 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return p / p.sum()
 
 
-def reference_probs(engine, image: bytes, bundle: AdapterBundle, engine_domain: str) -> np.ndarray:
-    """What the service should answer: decode + preprocess exactly as the service does, then the engine."""
+def reference_logits(engine, image: bytes, bundle: AdapterBundle, engine_domain: str) -> np.ndarray:
+    """What the service computes: decode + preprocess exactly as the service does, then the engine (alone)."""
     x = preprocess(open_image(image), bundle.preprocessing)
-    return softmax(engine.predict(x[None], engine_domain)[0])
+    return engine.predict(x[None], engine_domain)[0]
 
 
-def check_predictions(predictions: list[dict], probs: np.ndarray, labels, atol: float = 1e-5) -> None:
-    """The service's top-k list against reference probabilities."""
+def reference_probs(engine, image: bytes, bundle: AdapterBundle, engine_domain: str) -> np.ndarray:
+    """What the service should answer: the softmax of `reference_logits`."""
+    return softmax(reference_logits(engine, image, bundle, engine_domain))
+
+
+def _check_top_k(predictions: list[dict], probs: np.ndarray, labels) -> list[float]:
+    """The top-k list's shape: sorted scores that sum to at most 1, the right top-1 index, the right labels."""
     assert predictions, "no predictions"
     scores = [p["score"] for p in predictions]
     assert scores == sorted(scores, reverse=True)
@@ -142,7 +148,19 @@ def check_predictions(predictions: list[dict], probs: np.ndarray, labels, atol: 
     assert predictions[0]["index"] == int(np.argmax(probs))
     for p in predictions:
         assert p["label"] == labels[p["index"]]
-        assert abs(p["score"] - probs[p["index"]]) <= atol, (p, probs)
+    return scores
+
+
+def check_scores(predictions: list[dict], logits: np.ndarray, labels) -> None:
+    """The service's top-k list against the softmax of the reference `logits` (see `reference_logits`).
+
+    The service batches the image with others, so its logits differ from the reference's (a batch of one)
+    by float32 rounding: the scores are compared within `assert_logits_close`'s bound for probabilities,
+    relative to the logits' scale."""
+    probs = softmax(logits)
+    scores = _check_top_k(predictions, probs, labels)
+    indices = [p["index"] for p in predictions]
+    assert_logits_close(scores, probs[indices], logits=logits, err_msg=f"scores of classes {indices}")
 
 
 # ----- images ----------------------------------------------------------------------------------

@@ -60,11 +60,15 @@ class ServiceProcess:
         raise TimeoutError(f"the server was not ready within {timeout}s:\n{self.log_tail()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
-        """Signal the whole process group (workers included) and wait."""
+        """Signal the server (the supervisor stops its processes in order) and wait; SIGKILL goes to the
+        whole process group."""
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, sig)
+            if sig == signal.SIGKILL:
+                os.killpg(self.proc.pid, sig)
+            else:
+                self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

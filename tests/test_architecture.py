@@ -11,6 +11,7 @@ import pytest
 from conftest import FIXTURES, random_weights
 from model.config import ArchConfig, conv_units
 from model.resnet26 import build_resnet26
+from numeric import assert_logits_close
 from model.weights import (
     WeightsMismatchError,
     count_parameters,
@@ -182,8 +183,10 @@ def test_set_get_weights_round_trip_by_part(adapter: str) -> None:
     set_weights(target, get_weights(source, "domain"), part="domain")
     for name, value in get_weights(target).items():
         np.testing.assert_array_equal(value, weights[name], err_msg=name)
-    np.testing.assert_allclose(np.asarray(target(x, training=False)), np.asarray(source(x, training=False)),
-                               rtol=1e-6, atol=1e-6)
+    # the same architecture, weights and batch: the same sums in the same order, so far tighter than the cross-batch
+    # 1e-4; one part left unset is off by the order of the scale (the assert above)
+    assert_logits_close(np.asarray(target(x, training=False)), np.asarray(source(x, training=False)),
+                        rtol_scale=1e-6, err_msg="weights set by part vs all at once")
 
 
 @pytest.fixture(scope="module")

@@ -175,3 +175,73 @@ def test_with_keys_the_page_shows_only_the_keys_domains_and_keeps_the_key_for_th
         wait.until(lambda d: len(Select(d.find_element(By.ID, "domain")).options) > 0)
         assert [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "domain")).options] == ["catsdogs"]
         browser.execute_script("sessionStorage.clear()")
+
+
+def load_page(browser, url: str) -> WebDriverWait:
+    browser.get(url + "/")
+    wait = WebDriverWait(browser, 20)
+    wait.until(lambda d: len(Select(d.find_element(By.ID, "domain")).options) > 0)
+    return wait
+
+
+def test_no_preview_before_an_image_is_chosen(server, browser):
+    load_page(browser, server)
+    preview = browser.find_element(By.ID, "preview")
+    assert preview.get_attribute("hidden") is not None
+    # the `hidden` attribute must win over the stylesheet (no broken-image icon with its alt text)
+    assert browser.execute_script("return getComputedStyle(arguments[0]).display", preview) == "none"
+    assert not preview.is_displayed()
+
+
+def test_adapters_table_fits_at_1280_with_the_delete_buttons_visible(server, browser):
+    import httpx
+
+    from service.settings import DEMO_DIR
+
+    long_name = "a-rather-long-domain-name-for-the-table"  # a long name is cut, not widening the table
+    response = httpx.post(server + "/adapters", headers={"Authorization": f"Bearer {TOKEN}"},
+                          data={"domain": long_name, "replace": "true"}, timeout=60,
+                          files={"bundle": ("d.safetensors", (DEMO_DIR / "digits.safetensors").read_bytes())})
+    assert response.status_code in (200, 201), response.text
+    browser.set_window_size(1280, 800)
+    try:
+        load_page(browser, server)
+        fit = browser.execute_script("""
+            const table = document.getElementById("adapters"), wrap = table.parentElement, box = wrap.getBoundingClientRect();
+            return {table: table.scrollWidth, wrap: wrap.clientWidth, wrapScroll: wrap.scrollWidth,
+                    page: document.documentElement.scrollWidth - document.documentElement.clientWidth,
+                    buttons: [...table.querySelectorAll("tbody button")].map((b) => {
+                      const r = b.getBoundingClientRect(), x = (r.left + r.right) / 2, y = (r.top + r.bottom) / 2;
+                      return {label: b.getAttribute("aria-label"), inViewport: r.left >= 0 && r.right <= innerWidth,
+                              inWrap: r.left >= box.left && r.right <= box.right,
+                              onTop: document.elementFromPoint(x, y) === b};
+                    })};""")
+        assert fit["table"] <= fit["wrap"] and fit["wrapScroll"] <= fit["wrap"], fit
+        assert fit["page"] <= 0, fit
+        assert len(fit["buttons"]) >= 2 and f"Delete {long_name}" in [b["label"] for b in fit["buttons"]], fit
+        for button in fit["buttons"]:
+            assert button["inViewport"] and button["inWrap"] and button["onTop"], button
+        cell = browser.find_element(By.CSS_SELECTOR, "#adapters tbody td[title='%s']" % long_name)
+        assert cell.text == long_name  # whole in the DOM (and its title), only cut on screen
+        assert browser.find_element(By.CSS_SELECTOR, f"button[aria-label='Delete {long_name}']").is_displayed()
+    finally:
+        browser.set_window_size(1200, 1000)
+        httpx.delete(f"{server}/adapters/{long_name}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+
+
+@pytest.mark.parametrize("key", ["", "not-the-token"])
+def test_an_upload_without_the_right_key_names_the_api_key_field(server, browser, key):
+    from service.settings import DEMO_DIR
+
+    wait = load_page(browser, server)
+    token = browser.find_element(By.ID, "token")
+    token.clear()  # the tab may still hold the key from an earlier test
+    token.send_keys(key)
+    browser.find_element(By.ID, "bundle").send_keys(str(DEMO_DIR / "digits.safetensors"))
+    browser.find_element(By.ID, "replace").click()
+    browser.find_element(By.ID, "upload").click()
+    error = wait.until(ec.visibility_of_element_located((By.ID, "admin-error")))
+    assert "401" in error.text and "unauthorized" in error.text
+    assert error.text.count("API key field") == 1, error.text
+    assert browser.find_element(By.ID, "admin-status").text == ""
+    browser.execute_script("sessionStorage.clear()")

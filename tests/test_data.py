@@ -119,6 +119,14 @@ def test_image_folder_default_split_is_train(tmp_path):
     assert len(data.labels) == 8 and data.class_names == ("a", "b")
 
 
+@pytest.mark.parametrize("beside", ["val", "test"])
+def test_a_train_folder_beside_val_or_test_is_a_split_not_a_class(tmp_path, beside):
+    for name, n in {"train": 4, beside: 1}.items():
+        rgb_class_folder(tmp_path / "ds" / name, {"a": n, "b": n})
+    data = load_data(str(tmp_path / "ds"), SIDE)
+    assert len(data.labels) == 8 and data.class_names == ("a", "b")
+
+
 def test_missing_split_folder(tmp_path):
     rgb_class_folder(tmp_path / "ds" / "train", {"a": 2, "b": 2})
     rgb_class_folder(tmp_path / "ds" / "test", {"a": 2, "b": 2})
@@ -427,7 +435,7 @@ def test_a_large_jpeg_is_decoded_reduced_and_served_exactly_as_evaluated(tmp_pat
     from bench.serve import camera_jpeg
     from model.bundle import Preprocessing
     from model.preprocessing import open_image, square, to_rgb
-    from service.api import decode_and_preprocess
+    from service.inference import decode_and_preprocess
     from training.pipeline import eval_inputs
 
     photos = {name: camera_jpeg(1600, 1200, seed) for seed, name in enumerate(("a", "b"))}
@@ -438,11 +446,8 @@ def test_a_large_jpeg_is_decoded_reduced_and_served_exactly_as_evaluated(tmp_pat
     data = load_data(str(tmp_path), side=prep.resize)
     evaluated = eval_inputs(data, prep)
 
-    class Card:  # what decode_and_preprocess reads of a bundle
-        preprocessing = prep
-
     for i, name in enumerate(data.class_names):
-        served = decode_and_preprocess(photos[name], [Card()], max_pixels=40_000_000)[0]
+        served = decode_and_preprocess(photos[name], [prep], max_pixels=40_000_000)[0]
         np.testing.assert_array_equal(served, evaluated[i])
 
     reduced = open_image(photos["a"], min_side=prep.resize)

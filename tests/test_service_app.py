@@ -15,10 +15,11 @@ import pytest
 from PIL import Image, PngImagePlugin
 from fastapi.testclient import TestClient
 
-import service.app
+import service.engine.core
 from model.bundle import load_bundle
-from service.api import INLINE_BYTES
-from service.app import DEMO_MARKER, create_app
+from service.app import create_app
+from service.engine.core import DEMO_MARKER
+from service.inference import INLINE_BYTES
 from service.settings import Settings
 from service.record.directory import DirectoryRecord
 from service_helpers import (
@@ -27,7 +28,7 @@ from service_helpers import (
     CLASSES,
     bad_bundles,
     bundle_file,
-    check_predictions,
+    check_scores,
     corrupt_png_body,
     corrupt_png_header_crc,
     encode,
@@ -37,6 +38,7 @@ from service_helpers import (
     noise,
     png_bytes,
     png_with_size,
+    reference_logits,
     reference_probs,
     store_snapshot,
     temp_files,
@@ -172,9 +174,9 @@ def test_predict_equals_the_engine(served, assets, ref, domain):
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["domain"] == domain and body["version"] == 1
-        probs = reference_probs(ref, image, bundle, domain)
+        logits = reference_logits(ref, image, bundle, domain)
         assert len(body["predictions"]) == min(5, CLASSES[domain])
-        check_predictions(body["predictions"], probs, bundle.labels)
+        check_scores(body["predictions"], logits, bundle.labels)
         assert body["results"][0]["predictions"] == body["predictions"]
         assert body["results"][0]["filename"] == "img0.png"
         assert set(body["timing"]) == {"total_ms", "preprocess_ms", "inference_ms"}
@@ -192,9 +194,9 @@ def test_several_files_answer_in_upload_order(served, assets, ref):
     assert [r["filename"] for r in results] == names
     for image, result in zip(images, results):
         assert len(result["predictions"]) == 2
-        check_predictions(result["predictions"], reference_probs(ref, image, assets.bundles["gamma"], "gamma"),
-                          assets.bundles["gamma"].labels)
-    assert response.json()["predictions"] == results[0]["predictions"]
+        check_scores(result["predictions"], reference_logits(ref, image, assets.bundles["gamma"], "gamma"),
+                     assets.bundles["gamma"].labels)
+    assert response.json()["predictions"] is None  # at the top only for a single image
 
 
 def test_small_images_decode_inline_large_ones_in_the_pool(served, assets, ref, monkeypatch):
@@ -212,8 +214,8 @@ def test_small_images_decode_inline_large_ones_in_the_pool(served, assets, ref, 
     assert response.status_code == 200, response.text
     assert handed == images[1:]
     for image, result in zip(images, response.json()["results"]):
-        check_predictions(result["predictions"], reference_probs(ref, image, assets.bundles["beta"], "beta"),
-                          assets.bundles["beta"].labels)
+        check_scores(result["predictions"], reference_logits(ref, image, assets.bundles["beta"], "beta"),
+                     assets.bundles["beta"].labels)
 
 
 def test_fanout_answers_one_result_per_domain(served, assets, ref):
@@ -226,7 +228,7 @@ def test_fanout_answers_one_result_per_domain(served, assets, ref):
     for result in body["results"]:
         bundle = assets.bundles[result["domain"]]
         assert result["version"] == 1
-        check_predictions(result["predictions"], reference_probs(ref, image, bundle, result["domain"]), bundle.labels)
+        check_scores(result["predictions"], reference_logits(ref, image, bundle, result["domain"]), bundle.labels)
 
     everything = served.client.post("/predict", files={"file": ("x.png", image)}, data={"domains": "all"}).json()
     listed = [a["domain"] for a in served.client.get("/adapters").json()["adapters"]]
@@ -245,7 +247,7 @@ def test_image_formats_and_modes_are_accepted(served, assets, ref, name):
     response = predict(served.client, "gamma", image, names=[name])
     assert response.status_code == 200, response.text
     bundle = assets.bundles["gamma"]
-    check_predictions(response.json()["predictions"], reference_probs(ref, image, bundle, "gamma"), bundle.labels)
+    check_scores(response.json()["predictions"], reference_logits(ref, image, bundle, "gamma"), bundle.labels)
 
 
 BAD_IMAGES = {
@@ -276,9 +278,9 @@ def test_bad_images_get_a_json_4xx(served, name):
 def test_request_errors(served):
     client = served.client
     assert_error(predict(client, "nope", png_bytes(1)), 404, "unknown_domain")
-    assert_error(client.post("/predict/alpha", data={"top_k": "2"}), 422, "invalid_request")
-    assert_error(client.post("/predict/alpha", files={"image": ("x.png", png_bytes(1))}), 422, "invalid_request")
-    assert_error(client.post("/predict"), 422, "invalid_request")
+    assert_error(client.post("/predict/alpha", data={"top_k": "2"}), 415, "not_multipart")
+    assert_error(client.post("/predict/alpha", files={"image": ("x.png", png_bytes(1))}), 422, "missing_file")
+    assert_error(client.post("/predict"), 415, "not_multipart")
     for top_k in ("0", "-1", "1001", "abc"):
         assert_error(predict(client, "alpha", png_bytes(1), top_k=top_k), 422, "invalid_request")
     assert_error(client.get("/adapters/nope"), 404, "unknown_domain")
@@ -304,8 +306,8 @@ def test_replace_rollback_delete(served, assets, ref):
     assert second.json()["version"] == 2
     body = predict(client, "life", image).json()
     assert body["version"] == 2
-    check_predictions(body["predictions"], reference_probs(ref, image, assets.alt["alpha"], "alt-alpha"),
-                      assets.bundles["alpha"].labels)
+    check_scores(body["predictions"], reference_logits(ref, image, assets.alt["alpha"], "alt-alpha"),
+                 assets.bundles["alpha"].labels)
     assert live_versions(store, "life") == [1, 2]
 
     back = client.post("/adapters/life/rollback", headers=AUTH)
@@ -313,8 +315,8 @@ def test_replace_rollback_delete(served, assets, ref):
     assert back.json()["version"] == 1
     body = predict(client, "life", image).json()
     assert body["version"] == 1
-    check_predictions(body["predictions"], reference_probs(ref, image, assets.bundles["alpha"], "alpha"),
-                      assets.bundles["alpha"].labels)
+    check_scores(body["predictions"], reference_logits(ref, image, assets.bundles["alpha"], "alpha"),
+                 assets.bundles["alpha"].labels)
     assert live_versions(store, "life") == [1]
     assert_error(client.post("/adapters/life/rollback", headers=AUTH), 409, "no_previous_version")
     assert client.get("/adapters/life").json()["version"] == 1
@@ -346,8 +348,8 @@ def test_replace_may_change_the_class_count(served, assets, ref):
     image = png_bytes(450)
     body = predict(client, "morph", image).json()
     assert len(body["predictions"]) == 5
-    check_predictions(body["predictions"], reference_probs(ref, image, assets.bundles["gamma"], "gamma"),
-                      assets.bundles["gamma"].labels)
+    check_scores(body["predictions"], reference_logits(ref, image, assets.bundles["gamma"], "gamma"),
+                 assets.bundles["gamma"].labels)
     assert client.delete("/adapters/morph", headers=AUTH).status_code == 200
 
 
@@ -535,8 +537,8 @@ def test_restart_keeps_the_registry(assets, ref, tmp_path):
         image = png_bytes(500)
         body = predict(client, "alpha", image).json()
         assert body["version"] == 2
-        check_predictions(body["predictions"], reference_probs(ref, image, assets.alt["alpha"], "alt-alpha"),
-                          assets.bundles["alpha"].labels)
+        check_scores(body["predictions"], reference_logits(ref, image, assets.alt["alpha"], "alt-alpha"),
+                     assets.bundles["alpha"].labels)
         assert client.get("/readyz").json()["adapters"] == 2
 
 
@@ -557,8 +559,8 @@ def test_store_recovers_from_a_crash(assets, ref, tmp_path):
         image = png_bytes(600)
         body = predict(client, "alpha", image).json()
         assert body["version"] == 1  # v3 is garbage and v2 dropped: v1 serves
-        check_predictions(body["predictions"], reference_probs(ref, image, assets.bundles["alpha"], "alpha"),
-                          assets.bundles["alpha"].labels)
+        check_scores(body["predictions"], reference_logits(ref, image, assets.bundles["alpha"], "alpha"),
+                     assets.bundles["alpha"].labels)
         listing = {a["domain"]: (a["version"], a["tier"]) for a in client.get("/adapters").json()["adapters"]}
         assert listing == {"alpha": (1, "device")}
         described = client.get("/adapters/alpha").json()
@@ -597,7 +599,7 @@ def test_demo_bundles_are_seeded_once(assets, tmp_path, monkeypatch):
     shutil.copy(assets.paths["gamma"], demo / "gamma.safetensors")
     shutil.copy(assets.paths["foreign"], demo / "foreign.safetensors")  # another backbone's: skipped
     shutil.copy(assets.backbone_path, demo / "backbone.safetensors")
-    monkeypatch.setattr(service.app, "DEMO_DIR", demo)
+    monkeypatch.setattr(service.engine.core, "DEMO_DIR", demo)
     store = tmp_path / "store"
     settings = make_settings(assets, store, demo_adapters=True)
     with running(settings) as client:

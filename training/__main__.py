@@ -1,6 +1,8 @@
 """`python -m training <command>`: pretrain, adapt, finetune, scratch, evaluate, decathlon-score.
 
 Examples:
+    python -m training adapt --data my-images --domain pets --backbone service/demo/backbone.safetensors \\
+        --source service/demo/fashion.safetensors --out out/pets      # a domain for the demo server
     python -m training pretrain --data /usr/share/datasets/fashion-mnist --domain fashion \\
         --width 0.5 --input-size 32 --epochs 12 --out demo
     python -m training adapt --backbone demo/backbone.safetensors --source demo/fashion.safetensors \\
@@ -50,7 +52,8 @@ def _add_training_options(p: argparse.ArgumentParser, full: bool) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--mixed-precision", action="store_true", help="bfloat16 compute (GPUs with bf16 support)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
-    p.add_argument("--json", action="store_true", help="print the final metrics as one JSON line last")
+    p.add_argument("--json", action="store_true",
+                   help="print the final metrics (and the bundle's path) as one JSON line last")
     if full:
         p.add_argument("--width", type=float, default=0.5, help="width factor (default 0.5)")
         p.add_argument("--input-size", type=int, default=64, help="input side, a multiple of 8 (default 64)")

@@ -110,7 +110,7 @@ def load_data(spec: str, side: int, domain: str | None = None, grayscale: bool =
     if path.is_dir() and _idx_file(path, "train", "images", required=False):
         return _load_idx(path, split or "train", side)
     if path.is_dir():
-        if split or all((path / s).is_dir() for s in ("train", "test")):
+        if split or (path / "train").is_dir() and any((path / s).is_dir() for s in ("val", "test")):
             path = path / (split or "train")
             if not path.is_dir():
                 raise DataError(f"{path} does not exist.")

@@ -99,5 +99,10 @@ class RecordStore(abc.ABC):
     @abc.abstractmethod
     def set_marker(self, name: str) -> None: ...
 
+    def sweep_temporaries(self, limit: int | None = None) -> int:
+        """Remove what crashed writes left behind (in the next `limit` domains, or all); returns how many
+        files. The default has nothing to sweep: a transactional store leaves no partial writes."""
+        return 0
+
     def close(self) -> None:
         """Release connections; the default has none."""

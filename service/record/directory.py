@@ -11,6 +11,8 @@ Layout under the root:
 - `.flags/<flag>/<domain>`: per-domain flags (pinned, unloaded); `.usage.json`: images classified per domain (a hint, merged by
   read-modify-write, so concurrent writers may lose a few counts).
 - `.<marker>`: one-time markers (e.g. `.demo-seeded`).
+- `.<name>.<random>.tmp`: a write in progress. A process killed mid-write leaves it behind; it is
+  never read, and `sweep_temporaries` removes it once it is older than `STALE_TMP_S`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import pathlib
 import time
 import uuid
 
-from model.bundle import DOMAIN_NAME, check_domain_name
+from model.names import DOMAIN_NAME, check_domain_name
 from model.safetensors_io import atomic_write_bytes
 from service.record.base import FLAGS, DomainExists, RecordStore, RecordUnavailable, Version
 
@@ -88,20 +90,34 @@ class DirectoryRecord(RecordStore):
             (self.root / FLAG_DIR / flag).mkdir(parents=True, exist_ok=True)
         self._seq_hint = 0
         self._names_cache: tuple[int, list[str]] = (-1, [])  # (root's mtime_ns, sorted domain folder names)
-        self._remove_stale_temporaries(self.root / JOURNAL)
+        self._sweep_after: str | None = None  # the last domain folder swept (see sweep_temporaries)
 
     @staticmethod
-    def _remove_stale_temporaries(folder: pathlib.Path) -> None:
-        """Temporary files of writes that crashed (other processes' running writes are younger).
-
-        Done per folder before writing there, not for the whole store at start: start-up must not
-        grow with the number of domains."""
-        now = time.time()
+    def _remove_stale_temporaries(folder: pathlib.Path) -> int:
+        """Remove the temporary files of writes that crashed in `folder` (other processes' running
+        writes are younger than `STALE_TMP_S`); returns how many."""
+        now, removed = time.time(), 0
         for leftover in folder.glob(".*.tmp"):
             with contextlib.suppress(OSError):
                 if now - leftover.stat().st_mtime > STALE_TMP_S:
                     _log.warning("removing %s, left by an interrupted write", leftover)
                     leftover.unlink()
+                    removed += 1
+        return removed
+
+    def sweep_temporaries(self, limit: int | None = None) -> int:
+        """Remove crashed writes' temporary files: in the store's own folders and in every domain folder,
+        or in the next `limit` of them after those the last sweep reached (a round, then again)."""
+        with _reachable(self.root):
+            folders = [self.root, self.root / JOURNAL, *(self.root / FLAG_DIR / flag for flag in FLAGS)]
+            names = self._names()
+            if limit is None:
+                chosen = names
+            else:
+                start = bisect.bisect_right(names, self._sweep_after) if self._sweep_after is not None else 0
+                chosen = names[start:start + limit]
+                self._sweep_after = chosen[-1] if chosen and start + len(chosen) < len(names) else None
+            return sum(self._remove_stale_temporaries(f) for f in [*folders, *(self.root / n for n in chosen)])
 
     # ----- reading ---------------------------------------------------------------------------
 

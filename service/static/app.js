@@ -25,12 +25,17 @@ async function api(path, options = {}) {
     const detail = body && body.detail !== undefined
       ? (typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail))
       : response.statusText;
-    throw new Error(`${response.status} ${body && body.error ? body.error + ": " : ""}${detail}`);
+    // A missing or wrong key: say where the page takes one (the server speaks of the Authorization header).
+    const hint = response.status === 401 && !/API key field/.test(detail)
+      ? " Enter a valid key in the API key field at the top of the page." : "";
+    throw new Error(`${response.status} ${body && body.error ? body.error + ": " : ""}${detail}${hint}`);
   }
   return body;
 }
 
 function percent(x) { return (x * 100).toFixed(1) + "%"; }
+const compact = new Intl.NumberFormat("en-US", { notation: "compact", maximumFractionDigits: 1 });
+const known = (x) => x !== null && x !== undefined;  // a domain not loaded yet may not know some
 
 function renderPredictions(title, predictions) {
   const block = document.createElement("div");
@@ -78,14 +83,24 @@ async function loadAdapters() {
   body.replaceChildren();
   for (const a of list.adapters) {
     const row = body.insertRow();
-    const cells = [a.domain, "v" + a.version, a.num_classes,
-      a.val_top1 === null ? "-" : percent(a.val_top1), a.params.toLocaleString("en-US"), a.served];
-    cells.forEach((value, i) => {
+    const cells = [  // [text, class, title]: the class matches the column's header (narrow tables hide some)
+      [a.domain, "domain", a.domain],
+      ["v" + a.version, "col-version", ""],
+      [known(a.num_classes) ? a.num_classes : "-", "num col-classes", ""],
+      [known(a.val_top1) ? percent(a.val_top1) : "-", "num", ""],
+      [known(a.params) ? compact.format(a.params) : "-", "num col-params",
+        known(a.params) ? a.params.toLocaleString("en-US") + " parameters" : ""],
+      [known(a.served) ? compact.format(a.served) : "-", "num",
+        known(a.served) ? a.served.toLocaleString("en-US") + " requests" : ""],
+    ];
+    for (const [text, className, title] of cells) {
       const cell = row.insertCell();
-      cell.textContent = value;
-      if (i >= 2) cell.className = "num";
-    });
+      cell.textContent = text;
+      if (className) cell.className = className;
+      if (title) cell.title = title;
+    }
     const action = row.insertCell();
+    action.className = "action";
     const remove = document.createElement("button");
     remove.className = "danger";
     remove.type = "button";

@@ -1,0 +1,180 @@
+"""The process split (`python -m service --workers N`): what the engine process costs per image, how the
+front ends scale, and the split against the single process, side by side in one run.
+
+    python -m bench.split [--seconds 6] [--concurrency 64]
+
+Each server serves 8 demo domains from a fresh directory store and is loaded by wrk (tiny PNGs,
+multipart `/predict/{domain}`, uniform over the domains); CPU is read from /proc per process.
+- Engine computing zeros (`InferenceEngine.predict` answers zeros in the engine process): the front
+  ends' own cost and ceiling, and the engine process's cost of dispatch and transport per image.
+  `engine_dispatch_us_per_img`: engine-process CPU per image; `engine_dispatch_over_frontend`: that
+  over the front end's CPU per image (how many front ends one engine process keeps up with is its
+  inverse); `frontend_cpu_ms_per_request` over `floor_cpu_ms_per_request` (the bare FastAPI multipart
+  route of `bench.frontend`, same load); `frontend_scaling_2_over_1`: requests/s with 2 front ends
+  over 1.
+- The real engine on this CPU: `workers2_over_single`, img/s of `--workers 2` over the single process;
+  `batch_size_4_over_1`, the mean batch size with 4 front ends over 1 at the same offered load (wrk's
+  connections, below saturation); `frontend_rss_mb` and `engine_rss_mb` with 4 front ends.
+Prints one JSON object last. Needs wrk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+from bench.frontend import answer_zeros, floor_ms_per_request
+from bench.serve import DEMO, TOKEN, drive_wrk, free_port, process_cpu_s, test_images, wait_ready, wait_warm
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NAMES = [f"bench{i}" for i in range(8)]
+
+
+def zero_engine_main(*args) -> None:
+    """The engine process with its computation replaced by zeros."""
+    from service.engine.process import main
+
+    answer_zeros()
+    main(*args)
+
+
+def supervise(argv: list[str]) -> None:
+    """`--supervise N PORT [--zero-engine]`: a supervisor with N front ends (1 included: still split)."""
+    import logging
+
+    from service.supervisor import Supervisor
+
+    workers, port = int(argv[0]), int(argv[1])
+    logging.basicConfig(level="WARNING")
+    supervisor = Supervisor("127.0.0.1", port, workers, "warning")
+    if "--zero-engine" in argv:
+        supervisor.engine.target = zero_engine_main
+    raise SystemExit(supervisor.run())
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def rss_mb(pid: int) -> float:
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def batch_mean(url: str) -> tuple[float, float]:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    total = float(re.search(r"^ra_batch_size_sum (\S+)$", text, re.M).group(1))
+    count = float(re.search(r"^ra_batch_size_count (\S+)$", text, re.M).group(1))
+    return total, count
+
+
+@contextlib.contextmanager
+def server(command: list[str], store: str, port: int):
+    env = {**os.environ, "RA_STORE_DIR": store, "RA_ADMIN_TOKEN": TOKEN, "RA_DEMO_ADAPTERS": "false",
+           "RA_BACKBONE": str(DEMO / "backbone.safetensors"), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    process = subprocess.Popen([sys.executable, *command], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url)
+        wait_warm(url)
+        yield process, url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+
+
+def measure(command: list[str], port: int, concurrency: int, seconds: float, split: bool) -> dict:
+    """Load one server with wrk; its img/s, errors, mean batch size and CPU ms per image by process role."""
+    bundles = sorted(p for p in DEMO.glob("*.safetensors") if p.name != "backbone.safetensors")
+    images = test_images(16, 48)
+    with tempfile.TemporaryDirectory() as store:
+        from service.record.directory import DirectoryRecord
+
+        record = DirectoryRecord(pathlib.Path(store))
+        for i, name in enumerate(NAMES):
+            record.add(name, bundles[i % len(bundles)].read_bytes(), replace=False)
+        with server(command, store, port) as (process, url):
+            drive_wrk(url, NAMES, images, concurrency, 2.0, 1)  # warm-up
+            pids = children(process.pid) if split else [process.pid]
+            engine_pid = httpx.get(url + "/readyz", timeout=10).json()["engine_pid"]
+            before = {pid: process_cpu_s(pid) for pid in pids}
+            batches = batch_mean(url)
+            run = drive_wrk(url, NAMES, images, concurrency, seconds, 1)
+            cpu = {pid: process_cpu_s(pid) - before[pid] for pid in pids}
+            batches_after = batch_mean(url)
+            rss = {pid: rss_mb(pid) for pid in pids}
+    images_done = max(run["requests"], 1)
+    frontend = [pid for pid in pids if pid != engine_pid]
+    mean_batch = (batches_after[0] - batches[0]) / max(batches_after[1] - batches[1], 1)
+    out = {"img_s": round(run["img_s"], 1), "errors": run["errors"], "p50_ms": run["p50_ms"],
+           "mean_batch_size": round(mean_batch, 2)}
+    if split:
+        out.update(engine_cpu_ms_per_img=round(cpu[engine_pid] * 1000 / images_done, 4),
+                   frontend_cpu_ms_per_img=round(sum(cpu[p] for p in frontend) * 1000 / images_done, 4),
+                   frontend_rss_mb=round(max(rss[p] for p in frontend), 1), engine_rss_mb=round(rss[engine_pid], 1))
+    else:
+        out.update(cpu_ms_per_img=round(cpu[process.pid] * 1000 / images_done, 4))
+    return out
+
+
+def run_split(workers: int, concurrency: int, seconds: float, zero: bool = False) -> dict:
+    port = free_port()
+    command = ["-m", "bench.split", "--supervise", str(workers), str(port), *(["--zero-engine"] if zero else [])]
+    return measure(command, port, concurrency, seconds, split=True)
+
+
+def run_single(concurrency: int, seconds: float) -> dict:
+    port = free_port()
+    command = ["-m", "service", "--port", str(port), "--log-level", "warning"]
+    return measure(command, port, concurrency, seconds, split=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--supervise"]:
+        return supervise(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--calm-concurrency", type=int, default=8, help="wrk connections for the batch-size figure")
+    args = parser.parse_args(argv)
+    c, s = args.concurrency, args.seconds
+    zero1, zero2 = run_split(1, c, s, zero=True), run_split(2, c, s, zero=True)
+    floor = floor_ms_per_request("bench.frontend:floor_app", "/predict/", c, s)
+    single, split2 = run_single(c, s), run_split(2, c, s)
+    calm1, calm4 = run_split(1, args.calm_concurrency, s), run_split(4, args.calm_concurrency, s)
+    figures = {
+        "engine_dispatch_us_per_img": round(zero1["engine_cpu_ms_per_img"] * 1000, 1),
+        "engine_dispatch_over_frontend": round(zero1["engine_cpu_ms_per_img"] / zero1["frontend_cpu_ms_per_img"], 3),
+        "frontend_cpu_ms_per_request": zero1["frontend_cpu_ms_per_img"],
+        "floor_cpu_ms_per_request": floor,
+        "frontend_over_floor": round(zero1["frontend_cpu_ms_per_img"] / floor, 2),
+        "frontend_scaling_2_over_1": round(zero2["img_s"] / zero1["img_s"], 3),
+        "workers2_over_single": round(split2["img_s"] / single["img_s"], 3),
+        "batch_size_4_over_1": round(calm4["mean_batch_size"] / calm1["mean_batch_size"], 3),
+        "frontend_rss_mb": calm4["frontend_rss_mb"],
+        "engine_rss_mb": calm4["engine_rss_mb"],
+    }
+    print(json.dumps({**figures, "runs": {"zero_engine_1": zero1, "zero_engine_2": zero2, "single": single,
+                                          "split_2": split2, "calm_1": calm1, "calm_4": calm4},
+                      "settings": {"concurrency": c, "calm_concurrency": args.calm_concurrency, "seconds": s,
+                                   "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%d")}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The engine process: one per device, the only process that imports the deep-learning framework.
+
+It runs the engine core (`service.engine.core`) and answers every front end's calls on one ROUTER
+socket: each call runs as its own task, so an `infer` waits in the batcher's one queue beside the
+images of every other front end, and a load or a registration never holds the others up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+
+import msgspec
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from service.client import OPERATIONS
+from service.engine.core import EngineCore
+from service.exceptions import TRANSPORTED
+from service.metrics import Metrics
+from service.settings import Settings
+from service.transport import CALL, ENCODER, Answers, Arena, Images, Reply, decode_args, error_of
+
+_log = logging.getLogger(__name__)
+ARENAS_KEEP = 256  # front ends' arenas kept mapped (a restarted front end brings a new one)
+EXPECTED = tuple(TRANSPORTED.values())  # failures that are answers (unknown domain, full queue), not bugs
+
+
+class EngineServer:
+    """Decode a call, run the engine core's operation, send the reply (and the logits frame)."""
+
+    def __init__(self, core: EngineCore, endpoint: str, arena_prefix: str):
+        self.core, self.endpoint, self.arena_prefix = core, endpoint, arena_prefix
+        self._arenas: dict[str, Arena] = {}
+        self._ops = {op: getattr(core, op) for op in OPERATIONS}
+
+    def _images(self, ref: Images) -> np.ndarray:
+        arena = self._arenas.get(ref.arena)
+        if arena is None:
+            if not ref.arena.startswith(self.arena_prefix):
+                raise ValueError(f"{ref.arena!r} is not an arena of this service")
+            if len(self._arenas) >= ARENAS_KEEP:
+                self._arenas.pop(next(iter(self._arenas))).close()
+            arena = self._arenas[ref.arena] = Arena.attach(ref.arena)
+        return arena.array(ref.offset, ref.shape)
+
+    async def serve(self) -> None:
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a reply to a front end that has gone is dropped
+        sock.bind(self.endpoint)
+        _log.info("engine process %d answers on %s", os.getpid(), self.endpoint)
+        tasks: set[asyncio.Task] = set()
+        try:
+            while True:
+                identity, header, *_ = await sock.recv_multipart(copy=False)
+                task = asyncio.create_task(self._handle(sock, identity.bytes, header.buffer))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        finally:
+            for task in tasks:
+                task.cancel()
+            sock.close(0)
+            ctx.term()
+
+    async def _handle(self, sock: zmq.asyncio.Socket, identity: bytes, header: memoryview) -> None:
+        try:
+            call = CALL.decode(header)
+        except msgspec.DecodeError as exc:
+            _log.error("dropped a call that could not be decoded: %s", exc)
+            return
+        if call.deadline < time.time():
+            return  # its caller no longer waits
+        frames: list[bytes] = []
+        try:
+            op = self._ops.get(call.op)
+            if op is None:
+                raise ValueError(f"unknown operation {call.op!r}")
+            args = decode_args(call.op, call.args)
+            if call.op == "infer":
+                args[2] = self._images(args[2])
+                answers = await op(*args)
+                result = Answers(classes=[len(a.logits) for a in answers], versions=[a.version for a in answers],
+                                 queue_s=[a.queue_s for a in answers], compute_s=[a.compute_s for a in answers])
+                frames = [np.concatenate([a.logits for a in answers]).astype(np.float32).tobytes()] if answers else []
+            else:
+                result = await op(*args)
+            reply = Reply(call.id, result=result)
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to its caller by name
+            if not isinstance(exc, EXPECTED):
+                _log.exception("operation %s failed", call.op)
+            reply = Reply(call.id, error=error_of(exc))
+        await sock.send_multipart([identity, ENCODER.encode(reply), *frames], copy=False)
+
+
+async def run(settings: Settings, endpoint: str, arena_prefix: str, cores: int | None) -> None:
+    core = EngineCore(settings, Metrics(), cores=cores)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)  # from the supervisor, once the front ends are done
+    await core.start()
+    server = asyncio.create_task(EngineServer(core, endpoint, arena_prefix).serve())
+    await stopping.wait()
+    _log.info("engine process %d stopping", os.getpid())
+    server.cancel()
+    await asyncio.gather(server, return_exceptions=True)
+    await core.stop()
+
+
+def main(endpoint: str, arena_prefix: str, cores: int | None, log_level: str) -> None:
+    """The engine process's entry point (started by `service.supervisor`; settings from `RA_*`)."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s engine %(name)s: %(message)s")
+    asyncio.run(run(Settings(), endpoint, arena_prefix, cores))

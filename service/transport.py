@@ -1,0 +1,322 @@
+"""Front ends to the engine process: ZeroMQ messages of typed msgpack (msgspec), pixels by shared memory.
+
+Why these: ZeroMQ (pyzmq) gives a ROUTER socket that many front ends' DEALERs connect to, with
+message framing, reconnection and asyncio support, and no broker; msgspec decodes msgpack into
+declared types only (never a pickle: nothing a client sent is ever unpickled). Pixels do not travel
+in messages: each front end owns an `Arena`, a file in /dev/shm that it writes preprocessed images
+into; a message names the arena, offset and shape, and the engine reads them in place (one copy,
+into the batch). Logits come back as one raw float32 frame beside the reply.
+
+Calls carry a deadline; the engine drops a call whose caller has given up. Sockets are set so that a
+message is never queued for an engine that is not connected (`IMMEDIATE`): while the engine process
+restarts, calls fail at once with `EngineUnavailable` instead of running late on the next engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import logging
+import mmap
+import os
+import pathlib
+import time
+import typing
+from typing import Any
+
+import msgspec
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from model.preprocessing import Preprocessing
+from service.client import OPERATIONS, Answer, Operations
+from service.exceptions import TRANSPORTED, EngineUnavailable, ImageDecodeError, InvalidFileError, Overloaded
+from service.exceptions import UnknownDomainError
+
+_log = logging.getLogger(__name__)
+SHM_DIR = pathlib.Path("/dev/shm")
+ALIGN = 64
+WATCH_S = 0.1  # how often a front end checks that the engine process is alive
+
+
+# ----- shared memory -------------------------------------------------------------------------------
+
+class Arena:
+    """A shared-memory file for one front end's images in flight; first-fit blocks of it."""
+
+    def __init__(self, name: str, size: int, create: bool):
+        self.name, self.size = name, size
+        path = SHM_DIR / name
+        fd = os.open(path, (os.O_RDWR | os.O_CREAT | os.O_EXCL) if create else os.O_RDWR, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, size)
+            else:
+                self.size = size = os.fstat(fd).st_size
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._free: list[tuple[int, int]] = [(0, size)]  # (offset, length), sorted by offset
+
+    @classmethod
+    def create(cls, name: str, size: int) -> "Arena":
+        return cls(name, size, create=True)
+
+    @classmethod
+    def attach(cls, name: str) -> "Arena":
+        return cls(name, 0, create=False)
+
+    def alloc(self, nbytes: int) -> int:
+        """The offset of a free block of `nbytes`; `Overloaded` when none is left."""
+        need = -(-max(nbytes, 1) // ALIGN) * ALIGN
+        for i, (offset, length) in enumerate(self._free):
+            if length >= need:
+                if length == need:
+                    del self._free[i]
+                else:
+                    self._free[i] = (offset + need, length - need)
+                return offset
+        raise Overloaded(f"This front end has {self.size} bytes of images in flight already; retry shortly.")
+
+    def free(self, offset: int, nbytes: int) -> None:
+        need = -(-max(nbytes, 1) // ALIGN) * ALIGN
+        i = bisect.bisect(self._free, (offset, 0))
+        self._free.insert(i, (offset, need))
+        if i + 1 < len(self._free) and offset + need == self._free[i + 1][0]:  # merge with the next
+            self._free[i] = (offset, need + self._free.pop(i + 1)[1])
+        if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == offset:  # and with the previous
+            prev = self._free.pop(i - 1)
+            self._free[i - 1] = (prev[0], prev[1] + self._free[i - 1][1])
+
+    def array(self, offset: int, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 view of the arena (no copy)."""
+        return np.frombuffer(self._map, np.float32, int(np.prod(shape)), offset).reshape(shape)
+
+    def close(self) -> None:
+        self._map.close()
+
+    def unlink(self) -> None:
+        (SHM_DIR / self.name).unlink(missing_ok=True)
+
+
+def remove_arenas(prefix: str) -> int:
+    """Unlink every arena named `prefix...` (a supervisor's, after its front ends are gone)."""
+    removed = 0
+    for path in SHM_DIR.glob(f"{prefix}*"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+# ----- messages --------------------------------------------------------------------------------------
+
+class Images(msgspec.Struct, frozen=True):
+    """Where a call's preprocessed images lie: float32 `shape` at `offset` of the arena `arena`."""
+
+    arena: str
+    offset: int
+    shape: tuple[int, ...]
+
+
+class Call(msgspec.Struct, frozen=True, array_like=True):
+    id: int
+    op: str
+    args: list[Any]
+    deadline: float  # time.time() after which the caller no longer waits
+
+
+class Reply(msgspec.Struct, frozen=True, array_like=True):
+    id: int
+    result: Any = None
+    error: tuple[str, list] | None = None  # (exception class name, its arguments)
+
+
+class Answers(msgspec.Struct, frozen=True, array_like=True):
+    """`infer`'s answers; their logits follow in one raw float32 frame, `classes[i]` values each."""
+
+    classes: list[int]
+    versions: list[int]
+    queue_s: list[float]
+    compute_s: list[float]
+
+
+def _hints(op: str) -> tuple[list[type], type]:
+    hints = typing.get_type_hints(getattr(Operations, op))
+    ret = hints.pop("return")
+    return list(hints.values()), ret
+
+
+ARG_TYPES = {op: _hints(op)[0] for op in OPERATIONS}
+RESULT_TYPES = {op: _hints(op)[1] for op in OPERATIONS}
+ARG_TYPES["infer"][2] = Images  # the pixels travel by reference
+ENCODER = msgspec.msgpack.Encoder()
+CALL, REPLY = msgspec.msgpack.Decoder(Call), msgspec.msgpack.Decoder(Reply)
+
+
+def decode_args(op: str, args: list[Any]) -> list[Any]:
+    """The call's arguments as the operation declares them (a malformed call raises ValidationError)."""
+    types = ARG_TYPES[op]
+    if len(args) != len(types):
+        raise msgspec.ValidationError(f"{op} takes {len(types)} arguments, got {len(args)}")
+    return [msgspec.convert(a, t) for a, t in zip(args, types)]
+
+
+def error_of(exc: BaseException) -> tuple[str, list]:
+    name = type(exc).__name__
+    if isinstance(exc, UnknownDomainError):
+        return name, [exc.domain]
+    if isinstance(exc, (InvalidFileError, ImageDecodeError)):
+        return name, [exc.code, str(exc)]
+    if name in TRANSPORTED and isinstance(exc, TRANSPORTED[name]):
+        return name, [str(exc)]
+    return "RuntimeError", [f"The engine failed: {type(exc).__name__}: {exc}"]
+
+
+def raise_error(error: tuple[str, list]) -> typing.NoReturn:
+    name, args = error
+    raise TRANSPORTED.get(name, RuntimeError)(*args)
+
+
+# ----- the front end's side ----------------------------------------------------------------------------
+
+class RemoteEngine:
+    """The engine process, seen from a front end: every operation of `Operations` as one message."""
+
+    def __init__(self, endpoint: str, arena_name: str, arena_bytes: int, call_timeout_s: float):
+        self.endpoint, self.call_timeout_s = endpoint, call_timeout_s
+        self._arena_spec = (arena_name, arena_bytes)
+        self.arena: Arena | None = None
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._engine_pid: int | None = None  # the engine process that answered last; None while down
+        self._tasks: list[asyncio.Task] = []
+        for op in OPERATIONS:
+            if op != "infer":
+                setattr(self, op, self._caller(op))
+
+    async def start(self) -> None:
+        self.arena = Arena.create(*self._arena_spec)
+        self._ctx = zmq.asyncio.Context()
+        sock = self._sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for an engine that is not connected
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 50)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        sock.connect(self.endpoint)
+        self._tasks = [asyncio.create_task(self._receive(), name="engine-replies"),
+                       asyncio.create_task(self._watch(), name="engine-watch")]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._fail_pending("This front end is shutting down.")
+        if self._sock is not None:
+            self._sock.close(0)
+            self._ctx.term()
+        if self.arena is not None:
+            self.arena.close()
+            self.arena.unlink()
+
+    @property
+    def connected(self) -> bool:
+        return self._engine_pid is not None
+
+    # ----- calls ------------------------------------------------------------------------------
+
+    async def _call(self, op: str, args: list[Any], frames: tuple[bytes, ...] = ()) -> tuple[Any, list]:
+        """Send one call and wait for its reply: (result, raw frames after it)."""
+        if self._sock is None:
+            raise EngineUnavailable("The engine is not connected yet; retry shortly.")
+        call_id = next(self._ids)
+        timeout = self.call_timeout_s
+        future = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = future
+        try:
+            try:
+                await self._sock.send_multipart([ENCODER.encode(Call(call_id, op, args, time.time() + timeout)),
+                                                 *frames], flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                raise EngineUnavailable("The engine process is not answering (restarting?); retry shortly.") from None
+            async with asyncio.timeout(timeout):
+                reply, rest = await future
+        finally:
+            self._pending.pop(call_id, None)
+        if reply.error is not None:
+            raise_error(reply.error)
+        return reply.result, rest
+
+    def _caller(self, op: str):
+        result_type = RESULT_TYPES[op]
+
+        async def call(*args):
+            result, _ = await self._call(op, list(args))
+            return msgspec.convert(result, result_type) if result is not None else None
+
+        call.__name__ = op
+        return call
+
+    async def infer(self, domains: list[str], preprocessing: list[Preprocessing], images: np.ndarray,
+                    which: list[int], lane: str | None) -> list[Answer]:
+        arena = self.arena
+        nbytes = images.nbytes
+        offset = arena.alloc(nbytes)
+        try:
+            arena.array(offset, images.shape)[...] = images
+            ref = Images(arena.name, offset, tuple(images.shape))
+            result, rest = await self._call("infer", [domains, preprocessing, ref, which, lane])
+        finally:
+            arena.free(offset, nbytes)
+        answers = msgspec.convert(result, Answers)
+        flat = np.frombuffer(rest[0], np.float32) if rest else np.zeros(0, np.float32)
+        ends = np.cumsum(answers.classes)
+        return [Answer(flat[end - k:end], v, q, c) for k, end, v, q, c in
+                zip(answers.classes, ends, answers.versions, answers.queue_s, answers.compute_s)]
+
+    # ----- replies and the engine's health -----------------------------------------------------
+
+    async def _receive(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart(copy=False)
+            try:
+                reply = REPLY.decode(frames[0].buffer)
+            except msgspec.DecodeError:
+                _log.error("an engine reply could not be decoded; dropped")
+                continue
+            future = self._pending.get(reply.id)
+            if future is not None and not future.done():
+                future.set_result((reply, [f.buffer for f in frames[1:]]))
+
+    def _fail_pending(self, why: str) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(EngineUnavailable(why))
+
+    async def _watch(self) -> None:
+        """Fail every waiting call at once when the engine process dies; find the next one."""
+        while True:
+            if self._engine_pid is not None and not _alive(self._engine_pid):
+                _log.error("the engine process %d is gone; failing %d calls", self._engine_pid, len(self._pending))
+                self._engine_pid = None
+                self._fail_pending("The engine process stopped; it is being restarted. Retry shortly.")
+            if self._engine_pid is None:
+                try:
+                    status = await asyncio.wait_for(self.status(), 1.0)
+                    self._engine_pid = status.pid
+                    _log.info("connected to the engine process %d", status.pid)
+                except (EngineUnavailable, TimeoutError):
+                    pass
+            await asyncio.sleep(WATCH_S)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
