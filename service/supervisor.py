@@ -33,11 +33,11 @@ STOP_GRACE_S = 30.0  # how long front ends may take to finish their requests on 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a child gets when its parent dies
 
 
-def _child(main: Callable[..., None], *args: object) -> None:
+def _child(supervisor: int, main: Callable[..., None], *args: object) -> None:
     """Every child's start: it dies with the supervisor (no orphan holds the device or the port), and the
     engine leaves Ctrl-C to the supervisor, which stops it once the front ends have finished."""
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() == 1:  # the supervisor died before the line above
+    if os.getppid() != supervisor:  # the supervisor died before the line above
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     main(*args)
@@ -109,7 +109,8 @@ class Supervisor:
         return [self.engine, *self.frontends]
 
     def _start(self, child: Child) -> None:
-        child.process = self._context.Process(target=_child, args=(child.target, *child.args()), name=child.name)
+        child.process = self._context.Process(target=_child, args=(os.getpid(), child.target, *child.args()),
+                                              name=child.name)
         child.process.start()
         child.started_at = time.monotonic()
         _log.info("started %s (pid %d)", child.name, child.process.pid)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import itertools
 import logging
 import mmap
@@ -230,8 +231,8 @@ class RemoteEngine:
 
     async def _call(self, op: str, args: list[Any], frames: tuple[bytes, ...] = ()) -> tuple[Any, list]:
         """Send one call and wait for its reply: (result, raw frames after it)."""
-        if self._sock is None:
-            raise EngineUnavailable("The engine is not connected yet; retry shortly.")
+        if self._sock is None or (self._engine_pid is None and op != "status"):  # only the watcher's probe
+            raise EngineUnavailable("The engine process is not answering (starting or restarting); retry shortly.")
         call_id = next(self._ids)
         timeout = self.call_timeout_s
         future = asyncio.get_running_loop().create_future()
@@ -241,7 +242,8 @@ class RemoteEngine:
                 await self._sock.send_multipart([ENCODER.encode(Call(call_id, op, args, time.time() + timeout)),
                                                  *frames], flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                raise EngineUnavailable("The engine process is not answering (restarting?); retry shortly.") from None
+                raise EngineUnavailable("The engine process is not answering (starting or restarting); "
+                                        "retry shortly.") from None
             async with asyncio.timeout(timeout):
                 reply, rest = await future
         finally:
@@ -255,7 +257,11 @@ class RemoteEngine:
 
         async def call(*args):
             result, _ = await self._call(op, list(args))
-            return msgspec.convert(result, result_type) if result is not None else None
+            result = msgspec.convert(result, result_type) if result is not None else None
+            if op == "status" and self._engine_pid != result.pid:  # the engine that answers now
+                self._engine_pid = result.pid
+                _log.info("connected to the engine process %d", result.pid)
+            return result
 
         call.__name__ = op
         return call
@@ -304,12 +310,8 @@ class RemoteEngine:
                 self._engine_pid = None
                 self._fail_pending("The engine process stopped; it is being restarted. Retry shortly.")
             if self._engine_pid is None:
-                try:
-                    status = await asyncio.wait_for(self.status(), 1.0)
-                    self._engine_pid = status.pid
-                    _log.info("connected to the engine process %d", status.pid)
-                except (EngineUnavailable, TimeoutError):
-                    pass
+                with contextlib.suppress(EngineUnavailable, TimeoutError):
+                    await asyncio.wait_for(self.status(), 1.0)  # sets the pid of the engine that answers
             await asyncio.sleep(WATCH_S)
 
 
