@@ -29,7 +29,6 @@ from typing import Any
 import msgspec
 import numpy as np
 import zmq
-import zmq.asyncio
 
 from model.preprocessing import Preprocessing
 from service.client import OPERATIONS, Answer, Operations
@@ -189,8 +188,9 @@ class RemoteEngine:
         self.endpoint, self.call_timeout_s = endpoint, call_timeout_s
         self._arena_spec = (arena_name, arena_bytes)
         self.arena: Arena | None = None
-        self._ctx: zmq.asyncio.Context | None = None
-        self._sock: zmq.asyncio.Socket | None = None
+        self._ctx: zmq.Context | None = None
+        self._sock: zmq.Socket | None = None
+        self._drain_due = False
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._engine_pid: int | None = None  # the engine process that answered last; None while down
@@ -201,15 +201,16 @@ class RemoteEngine:
 
     async def start(self) -> None:
         self.arena = Arena.create(*self._arena_spec)
-        self._ctx = zmq.asyncio.Context()
+        self._ctx = zmq.Context()
         sock = self._sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for an engine that is not connected
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 50)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
         sock.connect(self.endpoint)
-        self._tasks = [asyncio.create_task(self._receive(), name="engine-replies"),
-                       asyncio.create_task(self._watch(), name="engine-watch")]
+        loop = asyncio.get_running_loop()
+        loop.add_reader(sock.getsockopt(zmq.FD), self._drain)
+        self._tasks = [asyncio.create_task(self._watch(), name="engine-watch")]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -217,8 +218,10 @@ class RemoteEngine:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._fail_pending("This front end is shutting down.")
         if self._sock is not None:
+            asyncio.get_running_loop().remove_reader(self._sock.getsockopt(zmq.FD))
             self._sock.close(0)
             self._ctx.term()
+            self._sock = None
         if self.arena is not None:
             self.arena.close()
             self.arena.unlink()
@@ -239,8 +242,11 @@ class RemoteEngine:
         self._pending[call_id] = future
         try:
             try:
-                await self._sock.send_multipart([ENCODER.encode(Call(call_id, op, args, time.time() + timeout)),
-                                                 *frames], flags=zmq.NOBLOCK, copy=False)
+                self._sock.send_multipart([ENCODER.encode(Call(call_id, op, args, time.time() + timeout)), *frames],
+                                          zmq.NOBLOCK)
+                if not self._drain_due:  # a send can take the descriptor's signal of a reply: look again
+                    self._drain_due = True
+                    asyncio.get_running_loop().call_soon(self._drain)
             except zmq.Again:
                 raise EngineUnavailable("The engine process is not answering (starting or restarting); "
                                         "retry shortly.") from None
@@ -285,9 +291,18 @@ class RemoteEngine:
 
     # ----- replies and the engine's health -----------------------------------------------------
 
-    async def _receive(self) -> None:
-        while True:
-            frames = await self._sock.recv_multipart(copy=False)
+    def _drain(self) -> None:
+        """Resolve the calls whose replies wait on the socket (ZeroMQ's descriptor signals changes, not
+        levels: this runs after each send too)."""
+        self._drain_due = False
+        sock = self._sock
+        if sock is None:
+            return
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
             try:
                 reply = REPLY.decode(frames[0].buffer)
             except msgspec.DecodeError:

@@ -202,7 +202,13 @@ class EngineCore:
 
         `preprocessing[j]` is how the caller prepared the images of `domains[j]`; when the version now
         served prepares them otherwise, `StaleCard` asks the caller to prepare them again."""
-        got = await asyncio.gather(*(self.registry.acquire(d) for d in domains), return_exceptions=True)
+        if len(domains) == 1:  # no task per domain for the common case
+            try:
+                got = [await self.registry.acquire(domains[0])]
+            except Exception as exc:  # noqa: BLE001 - raised below, as for several domains
+                got = [exc]
+        else:
+            got = await asyncio.gather(*(self.registry.acquire(d) for d in domains), return_exceptions=True)
         entries = [g for g in got if not isinstance(g, BaseException)]
         try:
             failed = next((g for g in got if isinstance(g, BaseException)), None)

@@ -16,7 +16,6 @@ import time
 import msgspec
 import numpy as np
 import zmq
-import zmq.asyncio
 
 from service.client import OPERATIONS
 from service.engine.core import EngineCore
@@ -37,6 +36,9 @@ class EngineServer:
         self.core, self.endpoint, self.arena_prefix = core, endpoint, arena_prefix
         self._arenas: dict[str, Arena] = {}
         self._ops = {op: getattr(core, op) for op in OPERATIONS}
+        self._sock: zmq.Socket | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._drain_due = False
 
     def _images(self, ref: Images) -> np.ndarray:
         arena = self._arenas.get(ref.arena)
@@ -49,26 +51,47 @@ class EngineServer:
         return arena.array(ref.offset, ref.shape)
 
     async def serve(self) -> None:
-        ctx = zmq.asyncio.Context()
-        sock = ctx.socket(zmq.ROUTER)
+        """Answer calls until cancelled. The socket is a plain one read from the event loop: a readable
+        socket is drained at once (every call waiting), and replies are sent without a future each."""
+        ctx = zmq.Context()
+        sock = self._sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a reply to a front end that has gone is dropped
         sock.bind(self.endpoint)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(sock.getsockopt(zmq.FD), self._drain)
+        loop.call_soon(self._drain)
         _log.info("engine process %d answers on %s", os.getpid(), self.endpoint)
-        tasks: set[asyncio.Task] = set()
         try:
-            while True:
-                identity, header, *_ = await sock.recv_multipart(copy=False)
-                task = asyncio.create_task(self._handle(sock, identity.bytes, header.buffer))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+            await asyncio.Event().wait()
         finally:
-            for task in tasks:
+            loop.remove_reader(sock.getsockopt(zmq.FD))
+            for task in self._tasks:
                 task.cancel()
             sock.close(0)
             ctx.term()
 
-    async def _handle(self, sock: zmq.asyncio.Socket, identity: bytes, header: memoryview) -> None:
+    def _drain(self) -> None:
+        """Take every call waiting on the socket. ZeroMQ's descriptor signals changes, not levels, so
+        this runs again after each send too (`_send`)."""
+        self._drain_due = False
+        sock = self._sock
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                identity, header, *_ = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            task = asyncio.get_running_loop().create_task(self._handle(identity.bytes, header.buffer))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _send(self, frames: list) -> None:
+        self._sock.send_multipart(frames, zmq.NOBLOCK)  # a ROUTER drops rather than blocks
+        if not self._drain_due:
+            self._drain_due = True
+            asyncio.get_running_loop().call_soon(self._drain)
+
+    async def _handle(self, identity: bytes, header: memoryview) -> None:
         try:
             call = CALL.decode(header)
         except msgspec.DecodeError as exc:
@@ -95,7 +118,7 @@ class EngineServer:
             if not isinstance(exc, EXPECTED):
                 _log.exception("operation %s failed", call.op)
             reply = Reply(call.id, error=error_of(exc))
-        await sock.send_multipart([identity, ENCODER.encode(reply), *frames], copy=False)
+        self._send([identity, ENCODER.encode(reply), *frames])
 
 
 async def run(settings: Settings, endpoint: str, arena_prefix: str, cores: int | None) -> None:
