@@ -39,6 +39,7 @@ _log = logging.getLogger(__name__)
 SHM_DIR = pathlib.Path("/dev/shm")
 ALIGN = 64
 WATCH_S = 0.1  # how often a front end checks that the engine process is alive
+PROBE_TIMEOUT_S = 1.0  # how long a status call waits while the engine is not known to be up
 
 
 # ----- shared memory -------------------------------------------------------------------------------
@@ -237,7 +238,8 @@ class RemoteEngine:
         if self._sock is None or (self._engine_pid is None and op != "status"):  # only the watcher's probe
             raise EngineUnavailable("The engine process is not answering (starting or restarting); retry shortly.")
         call_id = next(self._ids)
-        timeout = self.call_timeout_s
+        probing = self._engine_pid is None  # a status call to an engine not known to be up: answer soon
+        timeout = PROBE_TIMEOUT_S if probing else self.call_timeout_s
         future = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
         try:
@@ -250,8 +252,14 @@ class RemoteEngine:
             except zmq.Again:
                 raise EngineUnavailable("The engine process is not answering (starting or restarting); "
                                         "retry shortly.") from None
-            async with asyncio.timeout(timeout):
-                reply, rest = await future
+            try:
+                async with asyncio.timeout(timeout):
+                    reply, rest = await future
+            except TimeoutError:
+                if probing:  # sent to a connection that died unnoticed, or to an engine still starting
+                    raise EngineUnavailable("The engine process is not answering (starting or restarting); "
+                                            "retry shortly.") from None
+                raise
         finally:
             self._pending.pop(call_id, None)
         if reply.error is not None:
@@ -325,8 +333,8 @@ class RemoteEngine:
                 self._engine_pid = None
                 self._fail_pending("The engine process stopped; it is being restarted. Retry shortly.")
             if self._engine_pid is None:
-                with contextlib.suppress(EngineUnavailable, TimeoutError):
-                    await asyncio.wait_for(self.status(), 1.0)  # sets the pid of the engine that answers
+                with contextlib.suppress(EngineUnavailable):
+                    await self.status()  # sets the pid of the engine that answers
             await asyncio.sleep(WATCH_S)
 
 
