@@ -32,12 +32,16 @@ def split_server(tmp_path_factory, name: str) -> ServiceProcess:
     env = {"RA_STORE_DIR": str(store), "RA_BACKBONE": str(assets.backbone_path), "RA_DEMO_ADAPTERS": "false",
            "RA_ADMIN_TOKEN": ADMIN_TOKEN, "RA_MAX_WAIT_MS": "2", "RA_PREPROCESS_THREADS": "1"}
     server = ServiceProcess(env, store.parent / f"{name}.log", workers=2)
-    server.start().wait_ready()
-    frontends(server.url)  # every front end answers
-    with server.client() as client:
-        for domain in DOMAINS:
-            response = client.post("/adapters", headers=AUTH, files=bundle_file(assets.data(domain)))
-            assert response.status_code == 201, response.text
+    try:
+        server.start().wait_ready()
+        frontends(server.url)  # every front end answers
+        with server.client() as client:
+            for domain in DOMAINS:
+                response = client.post("/adapters", headers=AUTH, files=bundle_file(assets.data(domain)))
+                assert response.status_code == 201, response.text
+    except BaseException:
+        server.stop()
+        raise
     return server
 
 
@@ -224,20 +228,23 @@ def test_front_end_kill_9_leaves_the_other_serving_and_is_restarted(tmp_path_fac
 def test_sigterm_finishes_in_flight_requests_and_leaves_nothing_behind(tmp_path_factory):
     server = split_server(tmp_path_factory, "sigterm-store")
     supervisor = server.proc.pid
-    children = processes_of(supervisor)
-    assert len(children) >= 3, children  # the engine, two front ends (and multiprocessing's resource tracker)
-    assert [n for n in os.listdir("/dev/shm") if n.startswith(f"ra-{supervisor}-")]
-    files = [("file", (f"{i}.png", png_bytes(i, (200, 200)), "image/png")) for i in range(16)]
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        sent = [pool.submit(fresh, "POST", f"{server.url}/predict/gamma", files=files) for _ in range(6)]
-        time.sleep(0.3)  # they are in flight
-        assert server.stop(signal.SIGTERM, timeout=60) == 0
+    try:
+        children = processes_of(supervisor)
+        assert len(children) >= 3, children  # the engine, two front ends (and multiprocessing's resource tracker)
+        assert [n for n in os.listdir("/dev/shm") if n.startswith(f"ra-{supervisor}-")]
+        files = [("file", (f"{i}.png", png_bytes(i, (200, 200)), "image/png")) for i in range(16)]
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            sent = [pool.submit(fresh, "POST", f"{server.url}/predict/gamma", files=files) for _ in range(6)]
+            time.sleep(0.3)  # they are in flight
+            assert server.stop(signal.SIGTERM, timeout=60) == 0
         outcomes = []
         for future in sent:
             try:
                 outcomes.append(future.result().status_code)
             except httpx.TransportError as exc:  # not yet accepted when the port closed
                 outcomes.append(type(exc).__name__)
+    finally:
+        server.stop(signal.SIGKILL)  # nothing left when an assertion above failed (a no-op after SIGTERM)
     assert 200 in outcomes and not [o for o in outcomes if isinstance(o, int) and o != 200], outcomes
     deadline = time.monotonic() + 10  # multiprocessing's resource tracker ends once the supervisor has
     while [p for p in children if alive(p)] and time.monotonic() < deadline:
