@@ -83,13 +83,19 @@ class Inference:
 
     # ----- cards ------------------------------------------------------------------------------
 
-    async def card(self, domain: str) -> Card:
-        """The domain's card as this front end knows it (asked of the engine the first time)."""
-        card = self._cards.get(domain)
-        if card is None:
-            return await self.refresh(domain)
-        self._cards.move_to_end(domain)
-        return card
+    async def cards(self, domains: list[str]) -> list[Card]:
+        """The domains' cards as this front end knows them (asked of the engine, in parallel, the first
+        time); no task is made when every card is known, as for almost every request."""
+        known = [self._cards.get(d) for d in domains]
+        missing = [i for i, card in enumerate(known) if card is None]
+        for i, card in enumerate(known):
+            if card is not None:
+                self._cards.move_to_end(domains[i])
+        if missing:
+            fetched = await asyncio.gather(*(self.refresh(domains[i]) for i in missing))
+            for i, card in zip(missing, fetched):
+                known[i] = card
+        return known
 
     async def refresh(self, domain: str) -> Card:
         """The domain's card as the engine serves it now (loading the domain if needed)."""
@@ -155,7 +161,7 @@ class Inference:
         submission to the engine."""
         start = time.perf_counter()
         for attempt in range(3):
-            cards = list(await asyncio.gather(*(self.card(d) for d in domains)))
+            cards = await self.cards(domains)
             preps = [c.preprocessing for c in cards]
             if files is not None:
                 per_image = await self._decode(files, preps)

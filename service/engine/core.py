@@ -225,7 +225,7 @@ class EngineCore:
             counts = collections.Counter(which) if len(entries) == len(domains) else {}
             for j, entry in enumerate(entries):
                 self.registry.release([entry], images=counts.get(j, 0))
-        for j, n in collections.Counter(which).items():
+        for j, n in counts.items():
             self.metrics.predictions.labels(domains[j]).inc(n)
         return answers
 
