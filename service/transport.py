@@ -40,6 +40,7 @@ SHM_DIR = pathlib.Path("/dev/shm")
 ALIGN = 64
 WATCH_S = 0.1  # how often a front end checks that the engine process is alive
 PROBE_TIMEOUT_S = 1.0  # how long a status call waits while the engine is not known to be up
+START_WAIT_S = 120.0  # how long a starting front end waits for the engine before it serves (503s) anyway
 
 
 # ----- shared memory -------------------------------------------------------------------------------
@@ -211,6 +212,12 @@ class RemoteEngine:
         sock.connect(self.endpoint)
         loop = asyncio.get_running_loop()
         loop.add_reader(sock.getsockopt(zmq.FD), self._drain)
+        deadline = time.monotonic() + START_WAIT_S  # a front end takes connections once the engine answers
+        while self._engine_pid is None and time.monotonic() < deadline:
+            with contextlib.suppress(EngineUnavailable):
+                await self.status()
+            if self._engine_pid is None:
+                await asyncio.sleep(WATCH_S)
         self._tasks = [asyncio.create_task(self._watch(), name="engine-watch")]
 
     async def stop(self) -> None:

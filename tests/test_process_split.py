@@ -221,6 +221,11 @@ def test_front_end_kill_9_leaves_the_other_serving_and_is_restarted(tmp_path_fac
         assert victim not in after and len(after) == 2
         arenas = [n for n in os.listdir("/dev/shm") if n.startswith(f"ra-{server.proc.pid}-fe")]
         assert len(arenas) == 2, arenas  # the killed one's arena was removed, its successor made its own
+        engine = next(iter(after.values()))["engine_pid"]
+        deadline = time.monotonic() + 20  # and the engine process lets go of the removed one's memory
+        while "(deleted)" in pathlib.Path(f"/proc/{engine}/maps").read_text():
+            assert time.monotonic() < deadline, "the engine still maps a removed arena"
+            time.sleep(0.5)
     finally:
         server.stop()
 

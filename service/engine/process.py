@@ -22,10 +22,11 @@ from service.engine.core import EngineCore
 from service.exceptions import TRANSPORTED
 from service.metrics import Metrics
 from service.settings import Settings
-from service.transport import CALL, ENCODER, Answers, Arena, Images, Reply, decode_args, error_of
+from service.transport import CALL, ENCODER, SHM_DIR, Answers, Arena, Images, Reply, decode_args, error_of
 
 _log = logging.getLogger(__name__)
 ARENAS_KEEP = 256  # front ends' arenas kept mapped (a restarted front end brings a new one)
+ARENA_SWEEP_S = 5.0  # how often the arenas of front ends that have gone are unmapped
 EXPECTED = tuple(TRANSPORTED.values())  # failures that are answers (unknown domain, full queue), not bugs
 
 
@@ -63,13 +64,25 @@ class EngineServer:
         loop.call_soon(self._drain)
         _log.info("engine process %d answers on %s", os.getpid(), self.endpoint)
         try:
-            await asyncio.Event().wait()
+            while True:
+                await asyncio.sleep(ARENA_SWEEP_S)
+                self._unmap_gone_arenas()
         finally:
             loop.remove_reader(sock.getsockopt(zmq.FD))
             for task in self._tasks:
                 task.cancel()
             sock.close(0)
             ctx.term()
+
+    def _unmap_gone_arenas(self) -> None:
+        """Unmap the arenas whose front end has gone (the supervisor removed the file); one that an image
+        in flight still points into waits for the next round."""
+        for name in [n for n in self._arenas if not (SHM_DIR / n).exists()]:
+            try:
+                self._arenas[name].close()
+            except BufferError:
+                continue
+            del self._arenas[name]
 
     def _drain(self) -> None:
         """Take every call waiting on the socket. ZeroMQ's descriptor signals changes, not levels, so
