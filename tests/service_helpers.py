@@ -163,6 +163,28 @@ def check_scores(predictions: list[dict], logits: np.ndarray, labels) -> None:
     assert_logits_close(scores, probs[indices], logits=logits, err_msg=f"scores of classes {indices}")
 
 
+# ----- an app in this process ---------------------------------------------------------------------
+
+def make_settings(assets: Assets, store: pathlib.Path, **changes):
+    """Settings of an in-process test app on the tiny assets and a store directory."""
+    from service.settings import Settings
+
+    values = dict(backbone=assets.backbone_path, store_dir=store, demo_adapters=False, admin_token=ADMIN_TOKEN,
+                  max_wait_ms=1, max_batch_size=4, capacity=4, preprocess_threads=2)
+    return Settings(**{**values, **changes})
+
+
+@contextlib.contextmanager
+def running(settings):
+    """A TestClient over the app (lifespan included)."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        yield client
+
+
 # ----- images ----------------------------------------------------------------------------------
 
 def noise(seed: int, size: tuple[int, int] = (24, 20), channels: int = 3) -> np.ndarray:

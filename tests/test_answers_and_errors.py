@@ -3,7 +3,6 @@ they hold, which device the engine runs on, and a store that cleans up after cra
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import pathlib
@@ -17,20 +16,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.record.directory import STALE_TMP_S, DirectoryRecord
 from service.runtime import NoGpuError
-from service.settings import Settings
-from service_helpers import ADMIN_TOKEN, AUTH, bundle_file, png_bytes, png_with_size
-
-
-def make_settings(assets, store: pathlib.Path, **changes) -> Settings:
-    values = dict(backbone=assets.backbone_path, store_dir=store, demo_adapters=False, admin_token=ADMIN_TOKEN,
-                  max_wait_ms=1, max_batch_size=4, capacity=4, preprocess_threads=2)
-    return Settings(**{**values, **changes})
-
-
-@contextlib.contextmanager
-def running(settings: Settings):
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-        yield client
+from service_helpers import AUTH, bundle_file, make_settings, png_bytes, png_with_size, running
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pathlib
 import re
@@ -20,9 +19,10 @@ from model.bundle import load_bundle
 from service.app import create_app
 from service.engine.core import DEMO_MARKER
 from service.inference import INLINE_BYTES
-from service.settings import Settings
 from service.record.directory import DirectoryRecord
 from service_helpers import (
+    make_settings,
+    running,
     ADMIN_TOKEN,
     AUTH,
     CLASSES,
@@ -43,19 +43,6 @@ from service_helpers import (
     store_snapshot,
     temp_files,
 )
-
-
-def make_settings(assets, store: pathlib.Path, **changes) -> Settings:
-    values = dict(backbone=assets.backbone_path, store_dir=store, demo_adapters=False, admin_token=ADMIN_TOKEN,
-                  max_wait_ms=1, max_batch_size=4, capacity=4, preprocess_threads=2)
-    values.update(changes)
-    return Settings(**values)
-
-
-@contextlib.contextmanager
-def running(settings: Settings):
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-        yield client
 
 
 def register(client, data: bytes, domain: str | None = None, replace: bool | None = None, headers=AUTH, **kw):
