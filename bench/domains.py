@@ -84,6 +84,7 @@ def cold_loads(store: pathlib.Path, names: list[str], n: int) -> dict:
     from model.engine import InferenceEngine
     from service.metrics import Metrics
     from service.record.directory import DirectoryRecord
+    from service.engine.loader import Loader
     from service.registry import Limits, Registry
 
     backbone = load_backbone(DEMO / "backbone.safetensors")
@@ -91,7 +92,7 @@ def cold_loads(store: pathlib.Path, names: list[str], n: int) -> dict:
     engine.warm_up((1, 2))
 
     async def main() -> dict:
-        registry = Registry(backbone, engine, DirectoryRecord(store), Metrics(),
+        registry = Registry(engine, DirectoryRecord(store), Metrics(), Loader(backbone),
                             Limits(max_resident=32, host_cache_bytes=4096 * 1024 * 1024))
         timings: dict[str, list[float]] = {"registry": [], "host": []}
         for source, batch in (("registry", names[:n]), ("host", names[: n - 32])):

@@ -3,8 +3,8 @@ front ends scale, and the split against the single process, side by side in one 
 
     python -m bench.split [--seconds 6] [--concurrency 64]
 
-Each server serves 8 demo domains from a fresh directory store and is loaded by wrk (tiny PNGs,
-multipart `/predict/{domain}`, uniform over the domains); CPU is read from /proc per process.
+Each server serves demo domains from a fresh directory store and is loaded by wrk (tiny PNGs,
+multipart `/predict/{domain}`, uniform over 8 domains unless said); CPU is read from /proc per process.
 - Engine computing zeros (`InferenceEngine.predict` answers zeros in the engine process): the front
   ends' own cost and ceiling, and the engine process's cost of dispatch and transport per image.
   `engine_dispatch_us_per_img`: engine-process CPU per image; `engine_dispatch_over_frontend`: that
@@ -12,7 +12,9 @@ multipart `/predict/{domain}`, uniform over the domains); CPU is read from /proc
   inverse); `frontend_cpu_ms_per_request` over `floor_cpu_ms_per_request` (the bare FastAPI multipart
   route of `bench.frontend`, same load); `frontend_scaling_2_over_1`: requests/s with 2 front ends
   over 1.
-- The real engine on this CPU: `workers2_over_single`, img/s of `--workers 2` over the single process;
+- The real engine on this CPU: `workers2_over_single`, img/s of `--workers 2` over the single process,
+  uniform over 8 domains, and `workers2_over_single_zipf`, the same under Zipf(1.0) over `--zipf-domains`
+  (1,000: more than the 512 resident, so domains load while others are served);
   `batch_size_4_over_1`, the mean batch size with 4 front ends over 1 at the same offered load (wrk's
   connections, below saturation); `frontend_rss_mb` and `engine_rss_mb` with 4 front ends.
 Prints one JSON object last. Needs wrk.
@@ -34,11 +36,12 @@ import time
 
 import httpx
 
+from bench.domains import seed
 from bench.frontend import answer_zeros, floor_ms_per_request
-from bench.serve import DEMO, TOKEN, drive_wrk, free_port, process_cpu_s, test_images, wait_ready, wait_warm
+from bench.serve import (DEMO, TOKEN, drive_wrk, free_port, process_cpu_s, test_images, wait_ready, wait_warm,
+                         zipf_sequence)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-NAMES = [f"bench{i}" for i in range(8)]
 
 
 def zero_engine_main(*args) -> None:
@@ -98,23 +101,20 @@ def server(command: list[str], store: str, port: int):
         process.wait(60)
 
 
-def measure(command: list[str], port: int, concurrency: int, seconds: float, split: bool) -> dict:
+def measure(command: list[str], port: int, concurrency: int, seconds: float, split: bool, domains: int = 8,
+            zipf: bool = False) -> dict:
     """Load one server with wrk; its img/s, errors, mean batch size and CPU ms per image by process role."""
-    bundles = sorted(p for p in DEMO.glob("*.safetensors") if p.name != "backbone.safetensors")
     images = test_images(16, 48)
     with tempfile.TemporaryDirectory() as store:
-        from service.record.directory import DirectoryRecord
-
-        record = DirectoryRecord(pathlib.Path(store))
-        for i, name in enumerate(NAMES):
-            record.add(name, bundles[i % len(bundles)].read_bytes(), replace=False)
+        names = seed(pathlib.Path(store), domains)
+        traffic = zipf_sequence(names, 1.0) if zipf else names
         with server(command, store, port) as (process, url):
-            drive_wrk(url, NAMES, images, concurrency, 2.0, 1)  # warm-up
+            drive_wrk(url, traffic, images, concurrency, 2.0, 1)  # warm-up
             pids = children(process.pid) if split else [process.pid]
             engine_pid = httpx.get(url + "/readyz", timeout=10).json()["engine_pid"]
             before = {pid: process_cpu_s(pid) for pid in pids}
             batches = batch_mean(url)
-            run = drive_wrk(url, NAMES, images, concurrency, seconds, 1)
+            run = drive_wrk(url, traffic, images, concurrency, seconds, 1)
             cpu = {pid: process_cpu_s(pid) - before[pid] for pid in pids}
             batches_after = batch_mean(url)
             rss = {pid: rss_mb(pid) for pid in pids}
@@ -132,16 +132,16 @@ def measure(command: list[str], port: int, concurrency: int, seconds: float, spl
     return out
 
 
-def run_split(workers: int, concurrency: int, seconds: float, zero: bool = False) -> dict:
+def run_split(workers: int, concurrency: int, seconds: float, zero: bool = False, **traffic) -> dict:
     port = free_port()
     command = ["-m", "bench.split", "--supervise", str(workers), str(port), *(["--zero-engine"] if zero else [])]
-    return measure(command, port, concurrency, seconds, split=True)
+    return measure(command, port, concurrency, seconds, split=True, **traffic)
 
 
-def run_single(concurrency: int, seconds: float) -> dict:
+def run_single(concurrency: int, seconds: float, **traffic) -> dict:
     port = free_port()
     command = ["-m", "service", "--port", str(port), "--log-level", "warning"]
-    return measure(command, port, concurrency, seconds, split=False)
+    return measure(command, port, concurrency, seconds, split=False, **traffic)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,11 +152,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--calm-concurrency", type=int, default=8, help="wrk connections for the batch-size figure")
+    parser.add_argument("--zipf-domains", type=int, default=1000, help="domains of the Zipf runs (0: skip them)")
     args = parser.parse_args(argv)
     c, s = args.concurrency, args.seconds
     zero1, zero2 = run_split(1, c, s, zero=True), run_split(2, c, s, zero=True)
     floor = floor_ms_per_request("bench.frontend:floor_app", "/predict/", c, s)
     single, split2 = run_single(c, s), run_split(2, c, s)
+    zipf = dict(domains=args.zipf_domains, zipf=True)
+    single_zipf, split2_zipf = (run_single(c, s, **zipf), run_split(2, c, s, **zipf)) if args.zipf_domains else ({}, {})
     calm1, calm4 = run_split(1, args.calm_concurrency, s), run_split(4, args.calm_concurrency, s)
     figures = {
         "engine_dispatch_us_per_img": round(zero1["engine_cpu_ms_per_img"] * 1000, 1),
@@ -166,13 +169,16 @@ def main(argv: list[str] | None = None) -> None:
         "frontend_over_floor": round(zero1["frontend_cpu_ms_per_img"] / floor, 2),
         "frontend_scaling_2_over_1": round(zero2["img_s"] / zero1["img_s"], 3),
         "workers2_over_single": round(split2["img_s"] / single["img_s"], 3),
+        **({"workers2_over_single_zipf": round(split2_zipf["img_s"] / single_zipf["img_s"], 3)} if single_zipf else {}),
         "batch_size_4_over_1": round(calm4["mean_batch_size"] / calm1["mean_batch_size"], 3),
         "frontend_rss_mb": calm4["frontend_rss_mb"],
         "engine_rss_mb": calm4["engine_rss_mb"],
     }
     print(json.dumps({**figures, "runs": {"zero_engine_1": zero1, "zero_engine_2": zero2, "single": single,
-                                          "split_2": split2, "calm_1": calm1, "calm_4": calm4},
+                                          "split_2": split2, "single_zipf": single_zipf, "split_2_zipf": split2_zipf,
+                                          "calm_1": calm1, "calm_4": calm4},
                       "settings": {"concurrency": c, "calm_concurrency": args.calm_concurrency, "seconds": s,
+                                   "zipf_domains": args.zipf_domains,
                                    "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%d")}}))
 
 

@@ -17,7 +17,6 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 
-import keras
 import numpy as np
 
 from model.backbone import (
@@ -31,7 +30,6 @@ from model.backbone import (
 from model.config import ArchConfig
 from model.names import check_domain_name
 from model.preprocessing import Preprocessing
-from model.resnet26 import build_resnet26
 from model.safetensors_io import (
     InvalidFileError,
     atomic_write_bytes,
@@ -40,7 +38,7 @@ from model.safetensors_io import (
     read_safetensors,
     write_safetensors,
 )
-from model.weights import WeightsMismatchError, check_weights, expected_shapes, is_shared, set_weights
+from model.weights import WeightsMismatchError, check_weights, expected_shapes, is_shared
 
 BUNDLE_FORMAT = "residual-adapters.bundle"
 MAX_LABEL_CHARS = 200
@@ -220,11 +218,3 @@ def check_compatible(bundle: AdapterBundle, backbone: Backbone) -> None:
             f"The bundle was trained on backbone {bundle.backbone_fingerprint}, not on the loaded backbone "
             f"{backbone.fingerprint}. Train the adapter on this backbone (or load the backbone it was made for).",
         )
-
-
-def to_keras_model(backbone: Backbone, bundle: AdapterBundle) -> keras.Model:
-    """The unfolded Keras ResNet-26 for one domain: the reference computation, for checks and training."""
-    check_compatible(bundle, backbone)
-    model = build_resnet26(bundle.config, name=f"resnet26_{bundle.domain}")
-    set_weights(model, {**backbone.weights, **bundle.weights})
-    return model

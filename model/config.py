@@ -11,6 +11,7 @@ ADAPTER_MODES: tuple[str, ...] = ("series", "parallel", "none")
 
 STAGE_WIDTHS = (64, 128, 256)  # times the width factor; the stem has 32
 BLOCKS_PER_STAGE = 4
+BN_EPSILON = 1e-5  # every BatchNorm's, as in the reference
 
 
 @dataclasses.dataclass(frozen=True)

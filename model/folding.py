@@ -18,8 +18,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from model.config import ArchConfig, conv_units
-from model.resnet26 import BN_EPSILON
+from model.config import BN_EPSILON, ArchConfig, conv_units
 
 
 @dataclasses.dataclass(frozen=True)

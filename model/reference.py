@@ -22,7 +22,8 @@ import numpy as np
 
 from model.config import ADAPTER_MODES, ArchConfig, conv_units
 from model.resnet26 import build_resnet26
-from model.weights import WeightsMismatchError, check_weights, expected_shapes, set_weights
+from model.keras_weights import set_weights
+from model.weights import WeightsMismatchError, check_weights, expected_shapes
 
 _BN_FROM_TORCH = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
 

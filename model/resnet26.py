@@ -19,9 +19,8 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
-from model.config import ArchConfig, Block, ConvUnit, topology
+from model.config import BN_EPSILON, ArchConfig, Block, ConvUnit, topology
 
-BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
 
 

@@ -30,6 +30,9 @@ class InvalidFileError(ValueError):
         super().__init__(message)
         self.code = code
 
+    def __reduce__(self):  # crosses process boundaries (the service's loader processes) whole
+        return type(self), (self.code, str(self))
+
 
 def read_safetensors(data: bytes, what: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Parse safetensors bytes into (float32 tensors, metadata); raise `InvalidFileError` if malformed."""

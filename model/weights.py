@@ -12,7 +12,6 @@ import hashlib
 from collections.abc import Mapping
 from typing import Literal
 
-import keras
 import numpy as np
 
 from model.config import ArchConfig, conv_units
@@ -63,19 +62,6 @@ def count_parameters(config: ArchConfig, part: Part | None = None) -> int:
     )
 
 
-def _variables(model: keras.Model) -> dict[str, keras.Variable]:
-    return {f"{layer.name}.{var.name}": var for layer in model.layers for var in layer.weights}
-
-
-def get_weights(model: keras.Model, part: Part | None = None) -> dict[str, np.ndarray]:
-    """The model's weights as float32 arrays under canonical names; `part` selects shared or domain."""
-    return {
-        name: np.asarray(keras.ops.convert_to_numpy(var), dtype=np.float32)
-        for name, var in _variables(model).items()
-        if part is None or is_shared(name) == (part == "shared")
-    }
-
-
 def check_weights(weights: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
     """Raise `WeightsMismatchError` listing every missing, unexpected and misshaped tensor, sorted."""
     missing = sorted(set(expected) - set(weights))
@@ -97,14 +83,6 @@ def check_weights(weights: Mapping[str, np.ndarray], expected: Mapping[str, tupl
             f"{what} do not fit the architecture: " + "; ".join(problems)
             + ". Check that the file was made for this adapter mode, width factor and class count."
         )
-
-
-def set_weights(model: keras.Model, weights: Mapping[str, np.ndarray], part: Part | None = None) -> None:
-    """Assign `weights` (canonical names) to `model`; every weight of `part` must be given, no more."""
-    variables = {k: v for k, v in _variables(model).items() if part is None or is_shared(k) == (part == "shared")}
-    check_weights(weights, {k: tuple(v.shape) for k, v in variables.items()}, f"The {part or 'model'} weights")
-    for name, var in variables.items():
-        var.assign(np.asarray(weights[name], dtype=np.float32))
 
 
 def fingerprint(shared: Mapping[str, np.ndarray]) -> str:

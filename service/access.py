@@ -7,7 +7,8 @@ under /adapters, the Open Inference Protocol's /v2/repository) needs `Authorizat
 With `RA_API_KEYS_FILE` every request but health, docs and the page needs a key (401 without one). A key
 sees only the domains its glob patterns match: any other domain answers exactly as an unknown one does
 (404, same body), so keys cannot enumerate each other's domains. Management and /metrics need an admin
-key (or `RA_ADMIN_TOKEN`); a key may carry a request rate limit (token bucket, 429 with Retry-After).
+key (or `RA_ADMIN_TOKEN`); a key may carry a request rate limit (token bucket, 429 with Retry-After),
+counted once per host (`RateLimits`, in a table every front end shares).
 
 Everything here runs before the request body is received. Secrets are never stored: the file holds the
 sha256 of each key, and a presented key is hashed first, then looked up by that hash (which the caller
@@ -26,13 +27,14 @@ import os
 import pathlib
 import re
 import secrets
-import threading
 import time
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from service.errors import ApiError
 from service.exceptions import UnknownDomainError
+from service.host_table import HostTable, Layout
 
 _log = logging.getLogger(__name__)
 
@@ -61,26 +63,6 @@ def named_domain(path: str) -> str | None:
         if match:
             return match.group(1)
     return None
-
-
-class TokenBucket:
-    """`rate` requests a second on average, bursts of up to `burst`."""
-
-    def __init__(self, rate: float, burst: int):
-        self.rate, self.burst = rate, burst
-        self.tokens, self.stamp = float(burst), time.monotonic()
-        self._lock = threading.Lock()
-
-    def take(self) -> float:
-        """0 if a request may go now, else the seconds until it may."""
-        with self._lock:
-            now = time.monotonic()
-            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-            self.stamp = now
-            if self.tokens >= 1:
-                self.tokens -= 1
-                return 0.0
-            return (1 - self.tokens) / self.rate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +174,6 @@ class KeyRing:
         self._text = read_keys_file(path)
         self.keys = load_keys(path, self._text)
         self.last_error: str | None = None
-        self._buckets: dict[str, TokenBucket] = {}
 
     def reload_if_changed(self) -> bool:
         """True when new keys were loaded; raise `KeysFileError` (keeping the old keys) if the file is bad.
@@ -215,8 +196,6 @@ class KeyRing:
             self.last_error = str(exc)
             raise
         self.last_error = None
-        self._buckets = {name: b for name, b in self._buckets.items()
-                         if any(p.name == name for p in self.keys.values())}
         return True
 
     def find(self, secret: str) -> Principal | None:
@@ -224,13 +203,47 @@ class KeyRing:
         steer towards a stored hash, so its timing reveals nothing of any stored key."""
         return self.keys.get(hash_key(secret))
 
-    def bucket(self, principal: Principal) -> TokenBucket | None:
-        if principal.rate_per_s is None:
-            return None
-        bucket = self._buckets.get(principal.name)
-        if bucket is None or (bucket.rate, bucket.burst) != (principal.rate_per_s, principal.burst):
-            bucket = self._buckets[principal.name] = TokenBucket(principal.rate_per_s, principal.burst)
-        return bucket
+
+BUCKETS = Layout(np.dtype([("key", "<u8"), ("stamp", "<f8"), ("tokens", "<f8"), ("rate", "<f8"), ("burst", "<i8")]),
+                 slots=4096)  # 1,000 keys fit with room to spare
+
+
+class RateLimits:
+    """A token bucket per key name (`rate_per_s` on average, bursts of up to `burst`), in a `HostTable` that
+    every front end of the host shares, so a key gets its rate once per host however the kernel spreads
+    its connections. `stamp` is the time the tokens were counted.
+
+    A bucket whose stored rate or burst differ from the key's (the keys file changed its limit) starts
+    full with the new ones. The table replaces the least recently touched bucket of a window when it
+    needs room; a bucket idle for (burst - tokens) / rate is full again, and a new one starts full,
+    so replacing it loses nothing."""
+
+    def __init__(self, table: HostTable):
+        if table.layout.dtype != BUCKETS.dtype:
+            raise ValueError(f"RateLimits needs a table of access.BUCKETS records. "
+                             f"Received: dtype={table.layout.dtype}")
+        self.table = table
+
+    def take(self, principal: Principal) -> float:
+        """0 if the principal's request may go now (a token is taken), else the seconds until it may."""
+        rate, burst = principal.rate_per_s, principal.burst
+        if rate is None:
+            return 0.0
+
+        def full(row: np.void) -> None:
+            row["tokens"], row["rate"], row["burst"] = burst, rate, burst
+
+        with self.table.row(principal.name, full) as row:
+            now = time.monotonic()
+            if (row["rate"], row["burst"]) != (rate, burst):
+                full(row)
+            tokens = min(burst, float(row["tokens"]) + max(0.0, now - float(row["stamp"])) * rate)
+            row["stamp"] = now
+            if tokens >= 1:
+                row["tokens"] = tokens - 1
+                return 0.0
+            row["tokens"] = tokens
+            return (1 - tokens) / rate
 
 
 def _bearer(authorization: str) -> str | None:
@@ -255,8 +268,8 @@ class Denied(Exception):
 class Access:
     """The decision for one request, from its method, path and Authorization header."""
 
-    def __init__(self, admin_token: str | None, keyring: KeyRing | None):
-        self.admin_token, self.keyring = admin_token, keyring
+    def __init__(self, admin_token: str | None, keyring: KeyRing | None, limits: RateLimits):
+        self.admin_token, self.keyring, self.limits = admin_token, keyring, limits
 
     def _is_admin_token(self, given: str) -> bool:
         return self.admin_token is not None and secrets.compare_digest(given.encode(), self.admin_token.encode())
@@ -285,8 +298,7 @@ class Access:
         principal = ADMIN if self._is_admin_token(given) else self.keyring.find(given)
         if principal is None:
             raise Denied(_unauthorized("The API key is not known."))
-        bucket = self.keyring.bucket(principal)
-        wait = bucket.take() if bucket is not None else 0.0
+        wait = self.limits.take(principal)
         if wait > 0:
             raise Denied(ApiError(429, "rate_limited", f"Key {principal.name!r} is over its rate of "
                                                        f"{principal.rate_per_s:g} requests/s; retry after the pause.",

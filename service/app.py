@@ -1,9 +1,11 @@
-"""The app factory: `create_app(settings, engine)` wires routers, errors, limits and the lifespan.
+"""The app factory: `create_app(settings, engine, tables_dir)` wires routers, errors, limits and the lifespan.
 
 The app is a front end: HTTP, access, decoding and answers. Its engine is an `EngineClient`: with
 one worker the engine core runs in this process (`LocalEngine`, started by the lifespan); under the
 supervisor it is the engine process (`service.transport.RemoteEngine`), and this module imports no
 deep-learning framework. /readyz answers 200 once the engine is in step with the registry of record.
+What every front end of a host must count once (rate limits, OIP statistics) lives in host tables:
+files in the supervisor's run directory (`create_host_tables`), or this process's memory with one worker.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import pathlib
 import time
 
@@ -22,10 +25,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import api, oip
 from service import audit
-from service.access import Access, Denied, KeyRing, KeysFileError, Principal, is_management
+from service.access import BUCKETS, Access, Denied, KeyRing, KeysFileError, Principal, RateLimits, is_management
 from service.client import EngineClient, LocalEngine
 from service.errors import BodyTooLarge, error_response, install_error_handlers, unknown_domain_response
 from service.exceptions import UnknownDomainError
+from service.host_table import HostTable, Layout
 from service.inference import Inference
 from service.metrics import Metrics
 from service.settings import Settings
@@ -33,6 +37,8 @@ from service.state import ServiceState
 
 _log = logging.getLogger(__name__)
 STATIC_DIR = pathlib.Path(__file__).resolve().parent / "static"
+RATE_LIMITS_TABLE, OIP_STATS_TABLE = "rate-limits.table", "oip-stats.table"
+HOST_TABLES: dict[str, Layout] = {RATE_LIMITS_TABLE: BUCKETS, OIP_STATS_TABLE: oip.STATS}
 
 
 class BodyLimit:
@@ -150,13 +156,29 @@ def local_engine(settings: Settings, metrics: Metrics) -> EngineClient:
     return LocalEngine(EngineCore(settings, metrics))
 
 
-def create_app(settings: Settings | None = None, engine: EngineClient | None = None) -> FastAPI:
-    """A front end over `engine` (default: the engine core in this process, sharing its metrics)."""
+def create_host_tables(directory: str | os.PathLike) -> None:
+    """Make the files of every host table in `directory`: the supervisor does, before any front end starts."""
+    for name, layout in HOST_TABLES.items():
+        HostTable.create(pathlib.Path(directory) / name, layout)
+
+
+def host_table(directory: str | os.PathLike | None, name: str) -> HostTable:
+    """The host table `name`: its file in `directory`, or this process's memory when `directory` is None."""
+    return HostTable(HOST_TABLES[name], None if directory is None else pathlib.Path(directory) / name)
+
+
+def create_app(settings: Settings | None = None, engine: EngineClient | None = None,
+               tables_dir: str | os.PathLike | None = None) -> FastAPI:
+    """A front end over `engine` (default: the engine core in this process, sharing its metrics), counting
+    rate limits and OIP statistics in the host tables of `tables_dir` (made by `create_host_tables`; shared
+    with the host's other front ends) or, when None, in this process."""
     settings = settings or Settings()
     keyring = KeyRing(settings.api_keys_file) if settings.api_keys_file is not None else None
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
+    access = Access(admin_token, keyring, RateLimits(host_table(tables_dir, RATE_LIMITS_TABLE)))
+    stats = oip.Statistics(host_table(tables_dir, OIP_STATS_TABLE))
     metrics = Metrics()
-    state = ServiceState(settings=settings, metrics=metrics, access=Access(admin_token, keyring),
+    state = ServiceState(settings=settings, metrics=metrics, access=access,
                          engine=engine or local_engine(settings, metrics))
     if keyring is not None:
         state.metrics.keys_loaded.set(len(keyring.keys))
@@ -186,7 +208,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
     app.include_router(api.health)
     app.include_router(api.predict)
     app.include_router(api.adapters)
-    oip.install(app)
+    oip.install(app, stats)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)

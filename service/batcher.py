@@ -81,6 +81,7 @@ class DynamicBatcher:
         self._per_slot: collections.Counter[Slot] = collections.Counter()  # queued images by engine slot
         self._last_grouped = False
         self._ready = threading.Condition()
+        self._waiting: str | None = None  # the engine thread waits: "empty" queue or "filling" a batch
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -134,8 +135,10 @@ class DynamicBatcher:
                 self._queues.setdefault(item.lane, collections.deque()).append(item)
                 self._per_slot[item.slot] += 1
             self._size += len(items)
-            self._ready.notify()
-        self.metrics.queue_depth.set(self._size)
+            # Wake the engine thread only when it would not look by itself: a notify per request hands
+            # the interpreter lock over and back for nothing while the thread computes or counts down.
+            if self._waiting == "empty" or (self._waiting == "filling" and self._size >= self.max_batch_size):
+                self._ready.notify()
         try:
             return await request.future
         finally:
@@ -208,9 +211,17 @@ class DynamicBatcher:
                     remaining = oldest + self.max_wait - time.monotonic()
                     if self._size >= self.max_batch_size or remaining <= 0:
                         return self._form_batch()
-                    self._ready.wait(remaining)
+                    self._wait("filling", remaining)
                 else:
-                    self._ready.wait()
+                    self._wait("empty", None)
+
+    def _wait(self, why: str, timeout: float | None) -> None:
+        """Hold `_ready`. Wait for a notify (see `predict`) or the timeout."""
+        self._waiting = why
+        try:
+            self._ready.wait(timeout)
+        finally:
+            self._waiting = None
 
     def _run(self) -> None:
         while (batch := self._take()) is not None:

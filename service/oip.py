@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import collections
 import dataclasses
 import hashlib
 import json
@@ -31,6 +30,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from service import schemas
 from service.api import PrincipalDep, ReadyDep, StateDep, lane_of
 from service.errors import ApiError
+from service.host_table import HostTable, Layout
 from service.inference import softmax
 from service.state import ServiceState
 from service.views import Card
@@ -39,7 +39,7 @@ HEADER = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics"]
 OUTPUTS = ("LOGITS", "PROBABILITIES")
 PLATFORM = "residual_adapters_tensorflow"
-STATS_KEEP = 10_000  # domains whose statistics are kept (least recently used dropped)
+STATS_KEEP = 10_000  # domains whose statistics are kept at least (the least recently used are forgotten first)
 ERRORS = {code: {"model": schemas.OipError} for code in (400, 401, 403, 404, 409, 413, 415, 422, 429, 503, 504)}
 
 v2 = APIRouter(prefix="/v2", tags=["open inference protocol"], responses=ERRORS)
@@ -51,18 +51,16 @@ def bad(detail: str, status: int = 400, code: str = "bad_request") -> ApiError:
 
 # ----- statistics ------------------------------------------------------------------------------
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Duration:
     count: int = 0
     ns: int = 0
 
-    def add(self, seconds: float, count: int = 1) -> None:
-        self.count += count
-        self.ns += int(seconds * 1e9)
 
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ModelStats:
+    """A domain's statistics as read from the table (a copy)."""
+
     last_inference: int = 0  # ms since the epoch
     inference_count: int = 0
     execution_count: int = 0
@@ -74,21 +72,55 @@ class ModelStats:
     compute_output: Duration = dataclasses.field(default_factory=Duration)
 
 
+DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+STATS = Layout(np.dtype([("key", "<u8"), ("stamp", "<f8"), ("last_inference", "<i8"), ("inference_count", "<i8"),
+                         ("execution_count", "<i8")]
+                        + [(f"{name}_{part}", "<i8") for name in DURATIONS for part in ("count", "ns")]),
+               slots=32_768)  # STATS_KEEP domains fit (about 0.3 full, so windows of 16 do not overflow)
+
+
 class Statistics:
-    """Per-domain counts and cumulative times of the infer route, for the statistics extension."""
+    """Per-domain counts and cumulative times of the infer route, for the statistics extension, in a
+    `HostTable` that every front end of the host shares: any front end answers for all of them. The
+    table forgets the least recently used domains first (per window of slots), keeping at least
+    STATS_KEEP."""
 
-    def __init__(self) -> None:
-        self._by_domain: collections.OrderedDict[str, ModelStats] = collections.OrderedDict()
+    def __init__(self, table: HostTable):
+        if table.layout.dtype != STATS.dtype:
+            raise ValueError(f"Statistics needs a table of oip.STATS records. Received: dtype={table.layout.dtype}")
+        self.table = table
 
-    def of(self, domain: str) -> ModelStats:
-        stats = self._by_domain.pop(domain, None) or ModelStats()
-        self._by_domain[domain] = stats
-        while len(self._by_domain) > STATS_KEEP:
-            self._by_domain.popitem(last=False)
-        return stats
+    def failed(self, domain: str, seconds: float) -> None:
+        with self.table.row(domain) as row:
+            row["stamp"] = time.monotonic()
+            _add(row, "fail", seconds)
+
+    def succeeded(self, domain: str, inferences: int, seconds: float, compute_input_s: float, queue_s: float,
+                  compute_infer_s: float, compute_output_s: float) -> None:
+        """One successful request of `inferences` images; queue and infer times are per image, on average."""
+        last = int(time.time() * 1000)
+        with self.table.row(domain) as row:
+            row["stamp"] = time.monotonic()
+            _add(row, "success", seconds)
+            row["inference_count"] += inferences
+            row["execution_count"] += 1
+            row["last_inference"] = last
+            _add(row, "compute_input", compute_input_s)
+            _add(row, "queue", queue_s)
+            _add(row, "compute_infer", compute_infer_s)
+            _add(row, "compute_output", compute_output_s)
 
     def peek(self, domain: str) -> ModelStats:
-        return self._by_domain.get(domain) or ModelStats()
+        row = self.table.peek(domain)
+        if row is None:
+            return ModelStats()
+        return ModelStats(int(row["last_inference"]), int(row["inference_count"]), int(row["execution_count"]),
+                          **{name: Duration(int(row[f"{name}_count"]), int(row[f"{name}_ns"])) for name in DURATIONS})
+
+
+def _add(row: np.void, name: str, seconds: float) -> None:
+    row[f"{name}_count"] += 1
+    row[f"{name}_ns"] += int(seconds * 1e9)
 
 
 def get_stats(request: Request) -> Statistics:
@@ -282,7 +314,6 @@ async def infer(domain: str, request: Request, state: ReadyDep, stats: StatsDep,
     """Classify a batch of images (IMAGE) or pixel arrays (PIXELS) with one domain."""
     start = time.perf_counter()
     card = await _model(state, domain, version)
-    record = stats.of(domain)
     try:
         header, tail = _split(await request.body(), request.headers.get(HEADER))
         kind, data = _input(header, tail, state, card.preprocessing.crop)
@@ -305,17 +336,12 @@ async def infer(domain: str, request: Request, state: ReadyDep, stats: StatsDep,
                              headers={HEADER: str(len(text))}) if binary
                     else Response(text, media_type="application/json"))
     except BaseException:
-        record.fail.add(time.perf_counter() - start)
+        stats.failed(domain, time.perf_counter() - start)
         raise
     done = time.perf_counter()
-    record.success.add(done - start)
-    record.inference_count += len(answers)
-    record.execution_count += 1
-    record.last_inference = int(time.time() * 1000)
-    record.compute_input.add(prepared - start)
-    record.queue.add(sum(a.queue_s for a in answers) / max(len(answers), 1))
-    record.compute_infer.add(sum(a.compute_s for a in answers) / max(len(answers), 1))
-    record.compute_output.add(done - computed)
+    n = max(len(answers), 1)
+    stats.succeeded(domain, len(answers), done - start, prepared - start, sum(a.queue_s for a in answers) / n,
+                    sum(a.compute_s for a in answers) / n, done - computed)
     return response
 
 
@@ -399,8 +425,8 @@ async def repository_unload(domain: str, state: ReadyDep) -> dict:
     return {"name": domain, "state": "UNAVAILABLE"}
 
 
-def install(app) -> None:
+def install(app, stats: Statistics) -> None:
     """Mount the protocol's routes and their statistics on `app`."""
-    app.state.oip_stats = Statistics()
+    app.state.oip_stats = stats
     app.include_router(v2)
 

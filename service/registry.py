@@ -7,10 +7,11 @@ bounded cache of them in two tiers:
   holds: requests lease the entries they use);
 - host: the folded tables of recently evicted domains in host memory, at most `host_cache_mb`,
   from which a domain returns to the device by one table write (no validation, no folding).
-Anything else is read from the record, validated (format, fingerprint, golden self-test) and
-folded when a request needs it. A request for a registered domain waits while it loads; loads are
-de-duplicated per domain, bounded in number (`load_concurrency`) and time (`load_timeout_s`), and run
-off the event loop and off the engine thread.
+Anything else is read from the record, validated (format, fingerprint) and folded by the loader
+(`service.engine.loader`: loader processes beside the engine process), then written to a slot and
+self-tested on its golden inputs, when a request needs it. A request for a registered domain waits
+while it loads; loads are de-duplicated per domain, bounded in number (`load_concurrency`) and time
+(`load_timeout_s`), and run off the event loop and off the engine thread.
 
 `sync(domain)` makes a cached domain match the record (a new version, a rollback, a delete) and
 `resync()` does it for every cached domain; the follower (`service.follower`) calls them when the
@@ -23,18 +24,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import hashlib
 import logging
-import threading
 import time
 from collections.abc import Callable
 
-from model.backbone import Backbone
-from model.bundle import AdapterBundle, check_domain_name, load_bundle
+from model.bundle import AdapterBundle, check_domain_name
 from model.engine import InferenceEngine, Slot
 from model.folding import FoldedDomain
 from model.safetensors_io import InvalidFileError
 from model.weights import count_parameters
+from service.engine.loader import Loader, Prepared
 from service.exceptions import AdapterUnavailable, DomainUnloaded, NoPreviousVersion, UnknownDomainError
 from service.metrics import Metrics
 from service.record import DomainExists, RecordStore, RecordUnavailable, Version
@@ -55,7 +54,7 @@ class Entry:
     sha256: str
     size_bytes: int
     registered_at: float  # when the version was recorded
-    load_ms: float  # validate + fold + self-test (or the host-to-device write) here
+    load_ms: float  # validate + fold (in the loader) + write + self-test (or the host-to-device write)
     golden_self_test: bool
     slot: Slot | None = None
     folded: FoldedDomain | None = None
@@ -104,9 +103,10 @@ class Limits:
 
 
 class Registry:
-    def __init__(self, backbone: Backbone, engine: InferenceEngine, record: RecordStore, metrics: Metrics,
+    def __init__(self, engine: InferenceEngine, record: RecordStore, metrics: Metrics, loader: Loader,
                  limits: Limits = Limits()):
-        self.backbone, self.engine, self.record, self.metrics, self.limits = backbone, engine, record, metrics, limits
+        self.engine, self.record, self.metrics, self.loader, self.limits = engine, record, metrics, loader, limits
+        self._device_hits = metrics.lookups.labels("device", "hit")  # counted per request: looked up once
         self._entries: dict[str, Entry] = {}  # every cached domain
         self._device: collections.OrderedDict[str, None] = collections.OrderedDict()  # LRU order, oldest first
         self._host: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -120,7 +120,6 @@ class Registry:
         self._load_slots = asyncio.Semaphore(limits.load_concurrency)
         self._usage: collections.Counter[str] = collections.Counter()  # not yet added to the record
         self._verified: collections.OrderedDict[str, None] = collections.OrderedDict()  # sha256s self-tested here
-        self._verified_lock = threading.Lock()  # loads run in several threads
         self.status = SyncStatus()
 
     # ----- reads -----------------------------------------------------------------------------
@@ -161,7 +160,7 @@ class Registry:
                                  f"/v2/repository/models/{domain}/load) to serve it.")
         entry = self._entries.get(domain)
         if entry is not None and entry.slot is not None and not entry.retired:
-            self.metrics.lookups.labels("device", "hit").inc()
+            self._device_hits.inc()
             return self._lease(entry)
         self.metrics.lookups.labels("device", "miss").inc()
         for _ in range(3):
@@ -259,7 +258,7 @@ class Registry:
                 continue
             self._make_room()
             try:
-                entry = await asyncio.to_thread(self._load, data, domain, v.version, v.created_at)
+                entry = await self._load(data, domain, v.version, v.created_at)
             except InvalidFileError as exc:
                 self._invalid[(domain, v.version)] = str(exc)
                 self.metrics.loads.labels("registry", "invalid").inc()
@@ -269,28 +268,26 @@ class Registry:
             return entry
         return None
 
-    def _load(self, data: bytes, domain: str, version: int, created_at: float,
-              bundle: AdapterBundle | None = None) -> Entry:
-        """Validate (unless `bundle` is given, already validated), fold and self-test on the engine.
+    async def _load(self, data: bytes, domain: str, version: int, created_at: float,
+                    prepared: Prepared | None = None) -> Entry:
+        """Validate and fold in the loader (unless `prepared` is given), then write and self-test on the engine.
 
         The golden self-test runs once per distinct bundle (by sha256) in this process: the same
         bytes on the same engine give the same result when the domain comes back after an eviction."""
         start = time.perf_counter()
-        sha = hashlib.sha256(data).hexdigest()
-        bundle = bundle or load_bundle(data, self.backbone, domain=domain)
-        with self._verified_lock:
-            verified = sha in self._verified
-        slot = self.engine.load(bundle, verify_golden=not verified)
-        with self._verified_lock:
-            self._verified[sha] = None
-            self._verified.move_to_end(sha)
-            if len(self._verified) > VERIFIED_KEEP:
-                self._verified.popitem(last=False)
+        prepared = prepared or await self.loader.prepare(data, domain)
+        card, sha = prepared.card, prepared.sha256
+        slot = await asyncio.to_thread(self.engine.load_folded, prepared.folded,
+                                       None if sha in self._verified else card)
+        self._verified[sha] = None
+        self._verified.move_to_end(sha)
+        if len(self._verified) > VERIFIED_KEEP:
+            self._verified.popitem(last=False)
         seconds = time.perf_counter() - start
         self.metrics.load_seconds.labels("registry").observe(seconds)
         self.metrics.loads.labels("registry", "ok").inc()
-        return Entry(_card(bundle), version, sha, len(data), created_at, seconds * 1000,
-                     golden_self_test=bundle.golden_inputs is not None, slot=slot)
+        return Entry(_card(card), version, sha, prepared.size_bytes, created_at, seconds * 1000,
+                     golden_self_test=card.golden_inputs is not None, slot=slot)
 
     def _publish(self, entry: Entry) -> None:
         """Serve `entry` (on the device) for its domain; the entry it replaces retires."""
@@ -513,14 +510,15 @@ class Registry:
         `DomainExists` or `RecordUnavailable`."""
         if domain is not None:
             check_domain_name(domain)
-        bundle = await asyncio.to_thread(load_bundle, data, self.backbone, domain)
+        prepared = await self.loader.prepare(data, domain)
+        bundle = prepared.card
         async with self._lock(bundle.domain):
             cached = self._entries.get(bundle.domain)
             if not replace and cached is not None:
                 raise DomainExists(f"Domain {bundle.domain!r} exists (version {cached.version}); "
                                    "send replace=true to upload a new version.")
             self._make_room()
-            entry = await asyncio.to_thread(self._load, data, bundle.domain, 0, 0.0, bundle)  # the self-test
+            entry = await self._load(data, bundle.domain, 0, 0.0, prepared)  # the self-test
             try:
                 version = await self._call(self.record.add, bundle.domain, data, replace)
                 if pin is not None:
@@ -571,7 +569,7 @@ class Registry:
                 try:
                     data = await self._call(self.record.read, domain, v.version)
                     self._make_room()
-                    entry = await asyncio.to_thread(self._load, data, domain, v.version, v.created_at)
+                    entry = await self._load(data, domain, v.version, v.created_at)
                 except (KeyError, InvalidFileError) as exc:
                     _log.error("stored bundle %s v%d is unusable, skipping it: %s", domain, v.version, exc)
                     continue

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     host_cache_mb: float = Field(1024, ge=0, description="host memory for the folded tables of evicted domains")
     pinned: str = Field("", description="comma-separated domains this process loads at start and never evicts")
     load_concurrency: int = Field(4, ge=1, description="domain loads at a time")
+    loader_processes: int = Field(2, ge=0, le=64, description="with several workers: processes beside the engine "
+                                  "process that validate and fold bundles (0: threads of the engine process)")
     load_timeout_s: float = Field(10.0, gt=0, description="longest a request waits for its domain to load")
     max_fanout: int = Field(64, ge=1, description="domains one POST /predict may name (or 'all' may mean)")
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -6,7 +6,8 @@ spreads connections over them, and reaches the engine over `service.transport`. 
 restarts a process that dies (front ends keep serving while the engine restarts: their requests get
 503 `engine_unavailable` meanwhile), and on SIGTERM or SIGINT stops the front ends first (in-flight
 requests finish), then the engine, then removes what they shared: the engine's socket, the front
-ends' shared-memory arenas and the metrics files.
+ends' shared-memory arenas, the metrics files and the host tables (rate limits and OIP statistics,
+`service.host_table`), which it makes in its run directory before any child starts.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def engine_main(endpoint: str, arena_prefix: str, cores: int | None, log_level: 
     main(endpoint, arena_prefix, cores, log_level)
 
 
-def frontend_main(host: str, port: int, endpoint: str, arena: str, log_level: str) -> None:
-    """A front end: the FastAPI app over a `RemoteEngine`, on a port it shares with the others."""
+def frontend_main(host: str, port: int, endpoint: str, arena: str, tables_dir: str, log_level: str) -> None:
+    """A front end: the FastAPI app over a `RemoteEngine`, on a port and host tables it shares with the others."""
     import uvicorn
 
     from service.app import create_app
@@ -67,7 +68,7 @@ def frontend_main(host: str, port: int, endpoint: str, arena: str, log_level: st
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     engine = RemoteEngine(endpoint, arena, int(settings.arena_mb * MB), settings.request_timeout_s + 5)
-    config = uvicorn.Config(create_app(settings, engine), log_level=log_level, access_log=False,
+    config = uvicorn.Config(create_app(settings, engine, tables_dir), log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=int(STOP_GRACE_S))
     uvicorn.Server(config).run(sockets=[sock])
 
@@ -100,7 +101,8 @@ class Supervisor:
     def _frontend_args(self, i: int) -> Callable[[], tuple]:
         def args() -> tuple:
             self._generation += 1
-            return self.host, self.port, self.endpoint, f"{self.prefix}fe{i}-{self._generation}", self.log_level
+            arena = f"{self.prefix}fe{i}-{self._generation}"
+            return self.host, self.port, self.endpoint, arena, self.rundir, self.log_level
 
         return args
 
@@ -143,6 +145,9 @@ class Supervisor:
         _log.info("supervisor %d: one engine process and %d front ends on %s:%d", os.getpid(), self.workers,
                   self.host, self.port)
         try:
+            from service.app import create_host_tables
+
+            create_host_tables(self.rundir)
             for child in self.children:
                 self._start(child)
             while not self._stopping.wait(0.1):

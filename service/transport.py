@@ -19,6 +19,7 @@ import bisect
 import contextlib
 import itertools
 import logging
+import math
 import mmap
 import os
 import pathlib
@@ -94,7 +95,7 @@ class Arena:
 
     def array(self, offset: int, shape: tuple[int, ...]) -> np.ndarray:
         """A float32 view of the arena (no copy)."""
-        return np.frombuffer(self._map, np.float32, int(np.prod(shape)), offset).reshape(shape)
+        return np.frombuffer(self._map, np.float32, math.prod(shape), offset).reshape(shape)
 
     def close(self) -> None:
         self._map.close()
@@ -129,6 +130,15 @@ class Call(msgspec.Struct, frozen=True, array_like=True):
     deadline: float  # time.time() after which the caller no longer waits
 
 
+class Received(msgspec.Struct, frozen=True, array_like=True):
+    """A `Call` as the engine decodes it: the arguments stay raw until their operation's types are known."""
+
+    id: int
+    op: str
+    args: msgspec.Raw
+    deadline: float
+
+
 class Reply(msgspec.Struct, frozen=True, array_like=True):
     id: int
     result: Any = None
@@ -154,15 +164,13 @@ ARG_TYPES = {op: _hints(op)[0] for op in OPERATIONS}
 RESULT_TYPES = {op: _hints(op)[1] for op in OPERATIONS}
 ARG_TYPES["infer"][2] = Images  # the pixels travel by reference
 ENCODER = msgspec.msgpack.Encoder()
-CALL, REPLY = msgspec.msgpack.Decoder(Call), msgspec.msgpack.Decoder(Reply)
+CALL, REPLY = msgspec.msgpack.Decoder(Received), msgspec.msgpack.Decoder(Reply)
+ARGS = {op: msgspec.msgpack.Decoder(tuple[tuple(types)]) for op, types in ARG_TYPES.items()}  # typed in one pass
 
 
-def decode_args(op: str, args: list[Any]) -> list[Any]:
+def decode_args(op: str, args: msgspec.Raw) -> list[Any]:
     """The call's arguments as the operation declares them (a malformed call raises ValidationError)."""
-    types = ARG_TYPES[op]
-    if len(args) != len(types):
-        raise msgspec.ValidationError(f"{op} takes {len(types)} arguments, got {len(args)}")
-    return [msgspec.convert(a, t) for a, t in zip(args, types)]
+    return list(ARGS[op].decode(args))
 
 
 def error_of(exc: BaseException) -> tuple[str, list]:
@@ -313,7 +321,7 @@ class RemoteEngine:
         sock = self._sock
         if sock is None:
             return
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while True:  # until the socket has nothing more (which also re-arms its descriptor)
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:

@@ -19,7 +19,8 @@ from PIL import Image
 
 from conftest import make_backbone, make_bundle
 from model.backbone import Backbone, save_backbone
-from model.bundle import AdapterBundle, bundle_to_bytes, save_bundle, to_keras_model
+from model.bundle import AdapterBundle, bundle_to_bytes, save_bundle
+from model.keras_weights import to_keras_model
 from model.config import ArchConfig
 from model.preprocessing import open_image, preprocess
 from numeric import assert_logits_close

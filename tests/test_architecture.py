@@ -16,10 +16,9 @@ from model.weights import (
     WeightsMismatchError,
     count_parameters,
     expected_shapes,
-    get_weights,
     is_shared,
-    set_weights,
 )
+from model.keras_weights import get_weights, set_weights
 
 MODES = ("series", "parallel", "none")
 REFERENCE_MODES = {"bn": "none", "series_adapters": "series", "parallel_adapters": "parallel"}

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from model.engine import InferenceEngine
 from model.preprocessing import open_image, preprocess
 from service.app import create_app
+from service.engine.loader import Loader
 from service.metrics import Metrics
 from service.record.directory import DirectoryRecord
 from model.folding import fold_domain
@@ -28,7 +29,7 @@ from service_helpers import ADMIN_TOKEN, AUTH, bundle_file, png_bytes
 def make_registry(assets, store, **limits) -> Registry:
     engine = InferenceEngine(assets.backbone, capacity=limits.pop("capacity", 16), class_capacity=8)
     engine.warm_up((1, 2))
-    return Registry(assets.backbone, engine, DirectoryRecord(store), Metrics(), Limits(**limits))
+    return Registry(engine, DirectoryRecord(store), Metrics(), Loader(assets.backbone), Limits(**limits))
 
 
 def fill(store, assets, names: list[str], source: str = "beta") -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import make_backbone, make_bundle
-from model.bundle import to_keras_model
+from model.keras_weights import to_keras_model
 from model.config import ArchConfig
 from model.engine import InferenceEngine, ReleasedSlotError
 from model.safetensors_io import InvalidFileError

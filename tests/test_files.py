@@ -27,8 +27,8 @@ from model.bundle import (
     check_domain_name,
     load_bundle,
     save_bundle,
-    to_keras_model,
 )
+from model.keras_weights import to_keras_model
 from model.config import ArchConfig
 from model.safetensors_io import InvalidFileError, atomic_write_bytes, read_safetensors, write_safetensors
 

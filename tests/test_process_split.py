@@ -1,13 +1,15 @@
 """`python -m service --workers 2`: one engine process fed by two front ends, as real processes on loopback.
 
 Answers through every front end equal the engine alone, a registration is served by every front end on
-the next request, bad input gets the same errors everywhere, the engine and a front end survive kill -9,
-and SIGTERM leaves no process and no shared-memory segment behind.
+the next request, bad input gets the same errors everywhere, a key's rate limit and the OIP statistics
+are counted once for the host, the engine and a front end survive kill -9, and SIGTERM leaves no process
+and no shared-memory segment behind.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import pathlib
 import signal
@@ -19,6 +21,7 @@ import time
 import httpx
 import pytest
 
+from service.access import hash_key
 from service_helpers import (ADMIN_TOKEN, AUTH, bundle_file, check_scores, get_assets, png_bytes, png_with_size,
                              reference_engine, reference_logits)
 from service_process import ServiceProcess
@@ -26,11 +29,11 @@ from service_process import ServiceProcess
 DOMAINS = ("alpha", "beta", "gamma")
 
 
-def split_server(tmp_path_factory, name: str) -> ServiceProcess:
+def split_server(tmp_path_factory, name: str, extra_env: dict[str, str] | None = None) -> ServiceProcess:
     assets = get_assets(tmp_path_factory)
     store = tmp_path_factory.mktemp(name)
     env = {"RA_STORE_DIR": str(store), "RA_BACKBONE": str(assets.backbone_path), "RA_DEMO_ADAPTERS": "false",
-           "RA_ADMIN_TOKEN": ADMIN_TOKEN, "RA_MAX_WAIT_MS": "2", "RA_PREPROCESS_THREADS": "1"}
+           "RA_ADMIN_TOKEN": ADMIN_TOKEN, "RA_MAX_WAIT_MS": "2", "RA_PREPROCESS_THREADS": "1", **(extra_env or {})}
     server = ServiceProcess(env, store.parent / f"{name}.log", workers=2)
     try:
         server.start().wait_ready()
@@ -89,8 +92,9 @@ def split(tmp_path_factory):
     server.stop()
 
 
-def test_front_ends_and_the_supervisor_import_no_framework():
-    code = ("import shutil, sys, service.app, service.supervisor, service.transport, service.inference\n"
+def test_front_ends_the_supervisor_and_the_loaders_import_no_framework():
+    code = ("import shutil, sys, service.app, service.supervisor, service.transport, service.inference, "
+            "service.engine.loader\n"
             "supervisor = service.supervisor.Supervisor('127.0.0.1', 0, 2, 'info')\n"
             "shutil.rmtree(supervisor.rundir)\n"
             "print(sorted(m for m in ('tensorflow', 'keras', 'jax', 'torch') if m in sys.modules))")
@@ -145,6 +149,46 @@ def test_a_registration_is_served_by_every_front_end_on_the_next_request(split, 
         assert len(answered) == 2
 
 
+def loaders_of(engine_pid: int) -> list[int]:
+    """The engine process's loader processes (its children but multiprocessing's resource tracker)."""
+    return [p for p in processes_of(engine_pid)
+            if b"resource_tracker" not in pathlib.Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def test_bundles_are_validated_and_folded_in_loader_processes_without_the_framework(split, tmp_path_factory):
+    assets = get_assets(tmp_path_factory)
+    engine_pid = next(iter(frontends(split.url).values()))["engine_pid"]
+    loaders = loaders_of(engine_pid)
+    assert len(loaders) == 2, loaders  # RA_LOADER_PROCESSES's default
+    for pid in loaders:
+        assert "libtensorflow" not in pathlib.Path(f"/proc/{pid}/maps").read_text()
+        assert rss_mb(pid) < 150, rss_mb(pid)
+    before = sum(cpu_ticks(p) for p in loaders)
+    for i in range(10):
+        created = fresh("POST", split.url + "/adapters", headers=AUTH, files=bundle_file(assets.data("gamma")),
+                        data={"domain": f"loaded-{i}"})
+        assert created.status_code == 201, created.text
+    assert sum(cpu_ticks(p) for p in loaders) > before  # they did the validation and folding
+
+    os.kill(loaders[0], signal.SIGKILL)  # a loader that dies is replaced; a registration is refused, not lost
+    outcomes = []
+    for i in range(6):
+        response = fresh("POST", split.url + "/adapters", headers=AUTH, files=bundle_file(assets.data("gamma")),
+                         data={"domain": f"after-kill-{i}"})
+        outcomes.append((response.status_code, response.json().get("error")))
+    assert set(outcomes) <= {(201, None), (503, "adapter_unavailable")}, outcomes
+    assert outcomes[-1] == (201, None), outcomes
+    replaced = loaders_of(engine_pid)
+    assert len(replaced) == 2 and loaders[0] not in replaced, (loaders, replaced)
+    listed = {a["domain"] for a in fresh("GET", split.url + "/adapters?limit=100").json()["adapters"]}
+    assert {f"after-kill-{i}" for i, o in enumerate(outcomes) if o[0] == 201} <= listed
+
+
 def test_bad_input_gets_the_same_errors_through_every_front_end(split):
     cases = [("POST", "/predict/alpha", {"files": {"file": ("big.png", png_with_size(9000, 9000))}}, 413),
              ("POST", "/predict/alpha", {"content": png_bytes(1), "headers": {"content-type": "image/png"}}, 415),
@@ -156,6 +200,43 @@ def test_bad_input_gets_the_same_errors_through_every_front_end(split):
         assert len(bodies) == 1, bodies  # the same answer from whichever front end took it
         response = fresh(method, split.url + path, **kwargs)
         assert response.status_code == status and set(response.json()) == {"error", "detail"}, response.text
+
+
+def test_oip_statistics_count_the_requests_of_every_front_end(split, tmp_path_factory):
+    size = get_assets(tmp_path_factory).backbone.config.input_size
+    url = f"{split.url}/v2/models/gamma"
+
+    def counts() -> set[tuple[int, int]]:  # (inferences, executions) as each answering front end tells them
+        answers = [fresh("GET", url + "/stats").json()["model_stats"][0] for _ in range(8)]
+        return {(a["inference_count"], a["execution_count"]) for a in answers}
+
+    before = counts()
+    assert len(before) == 1, before
+    (inferences, executions), = before
+    pixels = {"inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [2, size, size, 3],
+                          "data": [i % 256 for i in range(2 * size * size * 3)]}]}
+    for _ in range(10):  # each on a new connection: the kernel spreads them over both front ends
+        response = fresh("POST", url + "/infer", json=pixels)
+        assert response.status_code == 200, response.text
+    assert counts() == {(inferences + 20, executions + 10)}  # whichever front end answers
+
+
+def test_a_keys_rate_limit_holds_once_for_every_front_end(tmp_path_factory):
+    keys_file = tmp_path_factory.mktemp("split-keys") / "keys.json"
+    keys_file.write_text(json.dumps({"keys": [{"name": "slow", "key_sha256": hash_key("key-slow-0123456789"),
+                                               "domains": ["*"], "rate_per_s": 0.05, "burst": 3}]}))
+    server = split_server(tmp_path_factory, "rate-limit-store", {"RA_API_KEYS_FILE": str(keys_file)})
+    try:
+        frontends(server.url)  # both serve
+        # 12 new connections: with a bucket per front end, 3 + 3 would pass unless one front end got fewer
+        # than 3 of them (odds about 4%); with one per host, exactly the burst passes (no refill for 20 s)
+        answers = [fresh("GET", server.url + "/adapters", headers={"Authorization": "Bearer key-slow-0123456789"})
+                   for _ in range(12)]
+    finally:
+        server.stop()
+    assert [a.status_code for a in answers] == [200] * 3 + [429] * 9, [a.text for a in answers]
+    for refused in answers[3:]:
+        assert refused.json()["error"] == "rate_limited" and 1 <= int(refused.headers["retry-after"]) <= 20
 
 
 def load(url: str, stop: threading.Event, statuses: list, domain: str = "alpha") -> None:
@@ -223,7 +304,9 @@ def test_front_end_kill_9_leaves_the_other_serving_and_is_restarted(tmp_path_fac
         assert len(arenas) == 2, arenas  # the killed one's arena was removed, its successor made its own
         engine = next(iter(after.values()))["engine_pid"]
         deadline = time.monotonic() + 20  # and the engine process lets go of the removed one's memory
-        while "(deleted)" in pathlib.Path(f"/proc/{engine}/maps").read_text():
+        removed = f"/dev/shm/ra-{server.proc.pid}-fe"  # (not its loader pool's unlinked semaphores, /dev/shm/sem.*)
+        while [m for m in pathlib.Path(f"/proc/{engine}/maps").read_text().splitlines()
+               if removed in m and m.endswith("(deleted)")]:
             assert time.monotonic() < deadline, "the engine still maps a removed arena"
             time.sleep(0.5)
     finally:

@@ -11,10 +11,11 @@ import pytest
 from conftest import FIXTURES, random_weights
 from model import reference
 from model.backbone import load_backbone
-from model.bundle import load_bundle, to_keras_model
+from model.bundle import load_bundle
 from model.config import ArchConfig
 from model.resnet26 import build_resnet26
-from model.weights import WeightsMismatchError, get_weights, set_weights
+from model.keras_weights import get_weights, set_weights, to_keras_model
+from model.weights import WeightsMismatchError
 from numeric import assert_logits_close
 
 ADAPTERS = ("series", "parallel")

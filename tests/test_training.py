@@ -17,7 +17,8 @@ import tensorflow as tf
 from PIL import Image
 
 from model.backbone import load_backbone, save_backbone
-from model.bundle import Preprocessing, load_bundle, save_bundle, to_keras_model
+from model.bundle import Preprocessing, load_bundle, save_bundle
+from model.keras_weights import to_keras_model
 from model.config import ArchConfig
 from model.engine import InferenceEngine
 from model.preprocessing import center_crop, normalize, open_image, preprocess

@@ -21,7 +21,8 @@ from model.backbone import Backbone, load_backbone, save_backbone
 from model.bundle import AdapterBundle, Preprocessing, load_bundle, save_bundle
 from model.config import ArchConfig
 from model.resnet26 import build_resnet26
-from model.weights import count_parameters, get_weights, set_weights
+from model.keras_weights import get_weights, set_weights
+from model.weights import count_parameters
 from training.data import Dataset, DataError, load_data
 from training.pipeline import eval_inputs
 from training.recipe import PRESETS, Recipe, auto_adapter_decay

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from model.bundle import Preprocessing
 from model.safetensors_io import atomic_write_bytes, read_safetensors, write_safetensors
-from model.weights import get_weights, set_weights
+from model.keras_weights import get_weights, set_weights
 from training.data import Dataset
 from training.pipeline import eval_inputs, train_batches
 from training.recipe import MOMENTUM, Recipe, decay_group

@@ -26,6 +26,7 @@ from model.engine import InferenceEngine
 from model.preprocessing import Preprocessing
 from model.safetensors_io import InvalidFileError
 from service.batcher import DynamicBatcher
+from service.engine.loader import Loader
 from service.client import Answer
 from service.exceptions import StaleCard
 from service.follower import Follower
@@ -63,9 +64,11 @@ def seed_demo(record: RecordStore, backbone: Backbone) -> None:
 class EngineCore:
     """Everything that computes or holds a domain; its methods are the operations of `service.client`."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, cores: int | None = None):
+    def __init__(self, settings: Settings, metrics: Metrics, cores: int | None = None, loaders: int = 0):
         self.settings, self.metrics = settings, metrics
         self.cores = cores  # CPU cores for the framework's thread pools (None: all of them)
+        self.loaders = loaders  # loader processes (0: loads are prepared in threads of this process)
+        self.loader: Loader | None = None
         self.device: DeviceReport | None = None
         self.backbone: Backbone | None = None
         self.engine: InferenceEngine | None = None
@@ -92,7 +95,8 @@ class EngineCore:
         record = open_record(s)
         limits = Limits(max_resident=s.max_resident, host_cache_bytes=int(s.host_cache_mb * MB),
                         load_concurrency=s.load_concurrency, load_timeout_s=s.load_timeout_s, pinned=s.pinned_domains)
-        self.registry = Registry(self.backbone, self.engine, record, self.metrics, limits)
+        self.loader = Loader(self.backbone, s.backbone, self.loaders)
+        self.registry = Registry(self.engine, record, self.metrics, self.loader, limits)
         if s.demo_adapters:
             try:
                 seed_demo(record, self.backbone)
@@ -103,6 +107,7 @@ class EngineCore:
     async def start(self) -> None:
         s = self.settings
         await asyncio.to_thread(self._startup)
+        await self.loader.start()  # on this thread: the loaders' death signal follows it
         registry = self.registry
         t0 = time.perf_counter()
         share = max(s.max_batch_size, int(s.max_queue * s.domain_queue_share))
@@ -135,6 +140,8 @@ class EngineCore:
             with contextlib.suppress(RecordUnavailable):
                 await self.registry.flush_usage()  # so that the next start warms what was used
             self.registry.close()
+        if self.loader is not None:
+            self.loader.stop()
 
     async def _warm_most_used(self, count: int) -> None:
         """After start: load the most used domains (usage counts kept in the record), then, while room
@@ -222,7 +229,8 @@ class EngineCore:
             async with asyncio.timeout(self.settings.request_timeout_s):  # no extra task, unlike wait_for
                 answers = await self.batcher.predict(list(images), [entries[j] for j in which], lane)
         finally:
-            counts = collections.Counter(which) if len(entries) == len(domains) else {}
+            counts = ({} if len(entries) != len(domains) else {0: len(which)} if len(domains) == 1
+                      else collections.Counter(which))
             for j, entry in enumerate(entries):
                 self.registry.release([entry], images=counts.get(j, 0))
         for j, n in counts.items():

@@ -89,7 +89,7 @@ class EngineServer:
         this runs again after each send too (`_send`)."""
         self._drain_due = False
         sock = self._sock
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while True:  # until the socket has nothing more (which also re-arms its descriptor)
             try:
                 identity, header, *_ = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -135,7 +135,7 @@ class EngineServer:
 
 
 async def run(settings: Settings, endpoint: str, arena_prefix: str, cores: int | None) -> None:
-    core = EngineCore(settings, Metrics(), cores=cores)
+    core = EngineCore(settings, Metrics(), cores=cores, loaders=settings.loader_processes)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stopping.set)  # from the supervisor, once the front ends are done
