@@ -1,15 +1,17 @@
 """Many more registered domains than device slots: start-up, memory, Zipf traffic, cold loads.
 
-    python -m bench.domains [--domains 10000] [--max-resident 512] [--seconds 10] [--rounds 2]
+    python -m bench.domains [--domains 10000] [--max-resident N] [--host-cache-mb MB] [--seconds 10] [--rounds 2]
 
 With the demo backbone: registers `--domains` domains in a directory registry of record (copies of
 the three demo bundles under new names, hard-linked so that 100,000 of them fit any disk; the bytes
-are identical to uploaded copies), starts `python -m service` on it with `RA_MAX_RESIDENT`, and
+are identical to uploaded copies), starts `python -m service` on it (with `RA_MAX_RESIDENT` and
+`RA_HOST_CACHE_MB` when given; else the residency that the default memory budget gives), and
 drives Zipf(1.0) traffic over all of them over HTTP (wrk when installed), interleaved with the same
 load over 8 domains. Prints one JSON object last:
 
 - `startup_s`: from starting the process to /readyz 200; `rss_mb`: the server's resident memory
-  after start and after the run;
+  after start and after the run; `budget`: the residency budget (`budget_mb`, `bytes_per_domain`,
+  `fits`) from /readyz;
 - `zipf_img_s`, `eight_img_s` and `zipf_over_eight` (medians of interleaved rounds);
 - `hit_rate`: device and host tiers during the Zipf rounds (from the server's own counters);
 - `cold_ms`: p50/p99 of putting a domain on the device from host memory and from the record,
@@ -110,8 +112,8 @@ def cold_loads(store: pathlib.Path, names: list[str], n: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--domains", type=int, default=10_000)
-    parser.add_argument("--max-resident", type=int, default=512)
-    parser.add_argument("--host-cache-mb", type=float, default=1024)
+    parser.add_argument("--max-resident", type=int, default=None, help="RA_MAX_RESIDENT (default: the budget's)")
+    parser.add_argument("--host-cache-mb", type=float, default=None, help="RA_HOST_CACHE_MB (default: the service's)")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=64)
@@ -128,8 +130,9 @@ def main(argv: list[str] | None = None) -> None:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "RA_STORE_DIR": str(store), "RA_ADMIN_TOKEN": TOKEN, "RA_DEMO_ADAPTERS": "false",
-               "RA_MAX_RESIDENT": str(args.max_resident), "RA_HOST_CACHE_MB": str(args.host_cache_mb),
                "TF_CPP_MIN_LOG_LEVEL": "2"}
+        env.update({name: str(value) for name, value in (("RA_MAX_RESIDENT", args.max_resident),
+                                                         ("RA_HOST_CACHE_MB", args.host_cache_mb)) if value is not None})
         start = time.perf_counter()
         server = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
                                   env=env, start_new_session=True)
@@ -139,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             rss_start = rss_mb(server.pid)
             while httpx.get(url + "/readyz", timeout=10).json()["registry"]["warming"]:  # background warm-up
                 time.sleep(0.5)
+            residency = httpx.get(url + "/readyz", timeout=10).json()["residency"]
             warm_s = time.perf_counter() - start - startup_s
             with httpx.Client(timeout=60) as client:
                 list_ms = []
@@ -168,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         "startup_s": round(startup_s, 2),
         "warm_s": round(warm_s, 1),
         "rss_mb": {"after_start": round(rss_start, 1), "after_run": round(rss_end, 1)},
+        "budget": {key: residency[key] for key in ("budget_mb", "bytes_per_domain", "fits", "host_cache_mb")},
         "zipf_img_s": round(z["img_s"], 1),
         "eight_img_s": round(e["img_s"], 1),
         "zipf_over_eight": round(z["img_s"] / e["img_s"], 3),

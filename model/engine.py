@@ -280,6 +280,11 @@ class InferenceEngine:
         with self._lock:
             return len(self._used)
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes one loaded domain takes in the tables at their current head width."""
+        return sum(self._tables._sizes) * self.compute_dtype.size  # noqa: SLF001 - the engine's own tables
+
     def tracing_count(self) -> int:
         """How many times the forward functions were traced (to prove that loading never retraces)."""
         return self._retired_traces + self._tables.tracing_count()

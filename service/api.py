@@ -100,7 +100,9 @@ async def readyz(state: StateDep, response: Response) -> schemas.Ready:
                          backbone_fingerprint=status.backbone_fingerprint if status is not None else None,
                          device=schemas.Device(**dataclasses.asdict(status.device))
                          if status is not None and status.device else None,
-                         registry=schemas.RegistrySync(**msgspec.structs.asdict(sync)) if sync is not None else None)
+                         registry=schemas.RegistrySync(**msgspec.structs.asdict(sync)) if sync is not None else None,
+                         residency=schemas.Residency(**msgspec.structs.asdict(status.residency))
+                         if status is not None and status.residency is not None else None)
 
 
 @health.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})

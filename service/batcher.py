@@ -24,6 +24,7 @@ import collections
 import dataclasses
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -33,25 +34,40 @@ from service.exceptions import Overloaded, QueueShareExceeded
 from service.metrics import Metrics
 
 
-class _Request:
-    """One caller's images; its future resolves (on the event loop) once every image has an answer."""
+Done = Callable[["list[Answer] | BaseException"], None]
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, size: int):
-        self.future = loop.create_future()
+
+class _Request:
+    """One caller's images; `done` is called (on the event loop) once every image has an answer, or with
+    the first error. A closed request's images still queued are skipped."""
+
+    __slots__ = ("done", "results", "missing", "closed")
+
+    def __init__(self, size: int, done: Done):
+        self.done = done
         self.results: list = [None] * size
         self.missing = size
+        self.closed = False
 
     def deliver(self, index: int, result: "Answer | BaseException") -> None:
         """Event-loop side: record one image's answer; the first error fails the request."""
-        if self.future.done():
+        if self.closed:
             return
         if isinstance(result, BaseException):
-            self.future.set_exception(result)
+            self.closed = True
+            self.done(result)
             return
         self.results[index] = result
         self.missing -= 1
         if self.missing == 0:
-            self.future.set_result(self.results)
+            self.closed = True
+            self.done(self.results)
+
+    def cancel(self) -> None:
+        """Event-loop side: give up (a timeout). Images still queued are skipped; `done` hears of it once."""
+        if not self.closed:
+            self.closed = True
+            self.done(TimeoutError("The request was given up before its images were classified."))
 
 
 @dataclasses.dataclass
@@ -116,11 +132,27 @@ class DynamicBatcher:
         The caller holds the entries (registry leases) until this returns, so their slots stay valid.
         Cancelling the call (e.g. a request timeout) drops its images that have not started yet.
         """
-        request = _Request(self._loop, len(images))
+        future = self._loop.create_future()
+
+        def done(result: "list[Answer] | BaseException") -> None:
+            if not future.done():
+                future.set_exception(result) if isinstance(result, BaseException) else future.set_result(result)
+
+        request = self.submit(images, entries, lane, done)
+        try:
+            return await future
+        finally:
+            request.cancel()  # no-op when answered; queued images of a cancelled call are skipped
+
+    def submit(self, images: list[np.ndarray], entries: list, lane: str | None, done: Done) -> _Request:
+        """Queue the images and return at once; `done` gets the answers (or the first error) on the event
+        loop. Raises `Overloaded` or `QueueShareExceeded` (nothing queued). The caller holds the entries until
+        `done` is called; cancelling the returned request drops its images that have not started yet."""
+        request = _Request(len(images), done)
         now = time.monotonic()
         items = [_Item(image, lane or entry.domain, entry.slot, entry.version, request, i, now)
                  for i, (image, entry) in enumerate(zip(images, entries))]
-        adding = collections.Counter(item.lane for item in items)
+        adding = {items[0].lane: 1} if len(items) == 1 else collections.Counter(item.lane for item in items)
         with self._ready:
             if self._stopping:
                 raise Overloaded("The service is shutting down.")
@@ -139,10 +171,7 @@ class DynamicBatcher:
             # the interpreter lock over and back for nothing while the thread computes or counts down.
             if self._waiting == "empty" or (self._waiting == "filling" and self._size >= self.max_batch_size):
                 self._ready.notify()
-        try:
-            return await request.future
-        finally:
-            request.future.cancel()  # no-op when done; queued items of a cancelled request are skipped
+        return request
 
     # ----- the engine thread -----------------------------------------------------------------
 
@@ -150,7 +179,7 @@ class DynamicBatcher:
         """Hold `_ready`. Drop cancelled or failed requests' images from the heads of the queues."""
         for lane in list(self._queues):
             queue = self._queues[lane]
-            while queue and queue[0].request.future.done():
+            while queue and queue[0].request.closed:
                 self._forget(queue.popleft())
             if not queue:
                 del self._queues[lane]
@@ -226,7 +255,7 @@ class DynamicBatcher:
     def _run(self) -> None:
         while (batch := self._take()) is not None:
             self.metrics.queue_depth.set(self._size)
-            batch = [item for item in batch if not item.request.future.done()]
+            batch = [item for item in batch if not item.request.closed]
             if batch:
                 self._compute(batch)
 

@@ -51,6 +51,11 @@ class Metrics:
                                  multiprocess_mode="livesum")
         self.resident = Gauge("ra_resident_domains", "Domains cached by this process, by tier (device, host)",
                               ["tier"], registry=r, multiprocess_mode="livesum")
+        self.budget_bytes = Gauge("ra_device_budget_bytes", "Memory for the resident domains' tables", registry=r,
+                                  multiprocess_mode="livesum")
+        self.domain_bytes = Gauge("ra_domain_bytes", "One resident domain's table row", registry=r,
+                                  multiprocess_mode="livesum")
+        self.domains_fit = Gauge("ra_domains_fit", "Domains the budget holds", registry=r, multiprocess_mode="livesum")
         self.host_bytes = Gauge("ra_host_cache_bytes", "Bytes of folded tables in the host tier", registry=r,
                                 multiprocess_mode="livesum")
         self.lookups = Counter("ra_adapter_lookups_total", "Requests for a domain, by tier and hit or miss",

@@ -2,9 +2,9 @@
 
 Every registered domain lives in the registry of record (`service.record`); this process keeps a
 bounded cache of them in two tiers:
-- device: the domain's folded tables in an engine slot, at most `max_resident` domains, least
-  recently used first out (never a pinned domain, never one that a queued or running request
-  holds: requests lease the entries they use);
+- device: the domain's folded tables in an engine slot, as many domains as the memory budget fits
+  (`service.engine.residency`), least recently used first out (never a pinned domain, never one
+  that a queued or running request holds: requests lease the entries they use);
 - host: the folded tables of recently evicted domains in host memory, at most `host_cache_mb`,
   from which a domain returns to the device by one table write (no validation, no folding).
 Anything else is read from the record, validated (format, fingerprint) and folded by the loader
@@ -95,8 +95,9 @@ class SyncStatus:
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    max_resident: int = 512
+    max_resident: int | None = 512  # a cap on resident domains (None: what `device_bytes` fits)
     host_cache_bytes: int = 1024 * MB
+    device_bytes: int | None = None  # the budget for resident domains' table rows (None: no budget)
     load_concurrency: int = 4
     load_timeout_s: float = 10.0
     pinned: frozenset[str] = frozenset()  # pinned by this process's settings (the record has its own)
@@ -136,6 +137,15 @@ class Registry:
 
     def resident(self, tier: str) -> int:
         return len(self._device) if tier == "device" else len(self._host)
+
+    @property
+    def max_resident(self) -> int:
+        """Domains the device tier holds: what the budget fits at the tables' current row size, under the cap."""
+        limits = self.limits
+        fits = max(1, limits.device_bytes // self.engine.row_bytes) if limits.device_bytes is not None else None
+        if fits is None or limits.max_resident is None:
+            return fits or limits.max_resident or 1
+        return min(fits, limits.max_resident)
 
     def recorded_version(self, domain: str) -> int | None:
         return self._recorded.get(domain)
@@ -177,6 +187,18 @@ class Registry:
             if entry.slot is not None and not entry.retired:  # else evicted or replaced meanwhile: again
                 return self._lease(entry)
         raise AdapterUnavailable(f"{domain!r} kept being evicted before it could be used; retry.")
+
+    def try_acquire(self, domains: list[str]) -> list[Entry] | None:
+        """Every domain leased at once if all are on the device now, else None (nothing leased): the
+        engine process answers such calls without a task of their own."""
+        entries = []
+        for domain in domains:
+            entry = self._entries.get(domain)
+            if entry is None or entry.slot is None or entry.retired or domain in self._unloaded:
+                return None
+            entries.append(entry)
+        self._device_hits.inc(len(entries))
+        return [self._lease(entry) for entry in entries]
 
     def _load_done(self, task: asyncio.Task) -> None:
         for domain, running in list(self._loads.items()):
@@ -317,12 +339,12 @@ class Registry:
 
         Their tables are copied to host memory in the background: the engine keeps spare rows
         (loads in flight, replaced slots still computing), so the load that follows need not wait."""
-        while len(self._device) >= self.limits.max_resident:
+        while len(self._device) >= self.max_resident:
             victim = next((self._entries[d] for d in self._device
                            if self._entries[d].leases == 0 and d not in self._pinned), None)
             if victim is None:
-                _log.warning("every resident domain is pinned or in use: serving more than RA_MAX_RESIDENT=%d",
-                             self.limits.max_resident)
+                _log.warning("every resident domain is pinned or in use: serving more than the %d that fit",
+                             self.max_resident)
                 return
             self._evict(victim)
 
@@ -386,7 +408,7 @@ class Registry:
     def _lock(self, domain: str) -> asyncio.Lock:
         lock = self._locks.get(domain)
         if lock is None:
-            if len(self._locks) > 4 * (self.limits.max_resident + 64):  # keep the table bounded
+            if len(self._locks) > 4 * (len(self._entries) + 64):  # keep the table bounded
                 self._locks = {d: lk for d, lk in self._locks.items() if lk.locked() or d in self._entries}
             lock = self._locks[domain] = asyncio.Lock()
         return lock
@@ -466,7 +488,7 @@ class Registry:
         are resident afterwards; failures are logged, not raised."""
         loaded = 0
         for domain in domains:
-            if domain not in self._pinned and len(self._device) >= self.limits.max_resident:
+            if domain not in self._pinned and len(self._device) >= self.max_resident:
                 break
             try:
                 self.release([await self.acquire(domain)])

@@ -115,6 +115,15 @@ class Device(BaseModel):
     compute_dtype: str
 
 
+class Residency(BaseModel):
+    budget_mb: float = Field(description="memory for the resident domains' tables")
+    budget_source: str = Field(description="RA_DEVICE_MEMORY_MB, or how the default was found")
+    bytes_per_domain: int = Field(description="one resident domain's table row")
+    fits: int = Field(description="domains the budget holds (under RA_MAX_RESIDENT, when set)")
+    resident: int = Field(description="domains resident now")
+    host_cache_mb: float = Field(description="the host tier (none by default on a CPU host: one memory)")
+
+
 class Ready(BaseModel):
     ready: bool
     pid: int = Field(description="the process that answered (one of `workers` front ends on the port)")
@@ -125,6 +134,7 @@ class Ready(BaseModel):
     backbone_fingerprint: str | None
     device: Device | None = Field(description="null until the engine has started")
     registry: RegistrySync | None
+    residency: Residency | None = Field(None, description="null until the engine has started")
 
 
 class Error(BaseModel):

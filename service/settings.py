@@ -44,8 +44,15 @@ class Settings(BaseSettings):
                                                                    "before its requests get 429")
     request_timeout_s: float = Field(30.0, gt=0)
     capacity: int = Field(64, ge=1, description="initial engine slots (grows by doubling)")
-    max_resident: int = Field(512, ge=1, description="domains on the device at most (least recently used out)")
-    host_cache_mb: float = Field(1024, ge=0, description="host memory for the folded tables of evicted domains")
+    device_memory_mb: float | None = Field(None, gt=0, description="memory for the resident domains' tables "
+                                           "(default: RA_DEVICE_MEMORY_FRACTION of the memory available at start)")
+    device_memory_fraction: float = Field(0.5, gt=0, le=0.95, description="the default budget's share of the "
+                                          "available memory (host memory on a CPU host)")
+    max_resident: int | None = Field(None, ge=1, description="cap on resident domains below what the budget fits "
+                                     "(least recently used out)")
+    host_cache_mb: float | None = Field(None, ge=0, description="host memory for the folded tables of evicted "
+                                        "domains (default: none on a CPU host, where it would be a second copy; "
+                                        "1024 with a GPU)")
     pinned: str = Field("", description="comma-separated domains this process loads at start and never evicts")
     load_concurrency: int = Field(4, ge=1, description="domain loads at a time")
     loader_processes: int = Field(2, ge=0, le=64, description="with several workers: processes beside the engine "

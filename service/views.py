@@ -71,6 +71,17 @@ class Sync(msgspec.Struct, frozen=True):
     warming: bool
 
 
+class Residency(msgspec.Struct, frozen=True):
+    """How many domains the device tier holds, and why (`service.engine.residency`)."""
+
+    budget_mb: float
+    budget_source: str
+    bytes_per_domain: int
+    fits: int  # what the budget holds at this row size, under RA_MAX_RESIDENT
+    resident: int
+    host_cache_mb: float
+
+
 class EngineStatus(msgspec.Struct, frozen=True):
     pid: int
     started: bool
@@ -81,3 +92,4 @@ class EngineStatus(msgspec.Struct, frozen=True):
     device: DeviceReport | None
     sync: Sync | None
     queue_depth: int
+    residency: Residency | None = None

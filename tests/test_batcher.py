@@ -159,6 +159,30 @@ def test_cancelled_requests_are_not_computed():
     assert [v for b in batches for v, _ in b] == [0, 8]
 
 
+def test_submit_calls_back_once_with_the_answers_or_when_given_up():
+    """The engine process's path: no future per call. A cancelled request hears of it once (so that its
+    caller returns its leases) and its queued images are skipped; an answered one hears only its answers."""
+    async def main():
+        engine = ScriptedEngine()
+        batcher = await started(engine)
+        busy = await occupy(engine, batcher)
+        heard: dict[str, list] = {"given up": [], "kept": []}
+        given_up = batcher.submit([image(7)], leased("b"), None, heard["given up"].append)
+        batcher.submit([image(8), image(9)], leased("c", "c"), None, heard["kept"].append)
+        given_up.cancel()
+        given_up.cancel()  # a second cancel is not heard
+        engine.hold.set()
+        await busy
+        await wait_until(lambda: heard["kept"])
+        await batcher.stop()
+        return heard, engine.batches
+
+    heard, batches = run(main())
+    assert len(heard["given up"]) == 1 and isinstance(heard["given up"][0], TimeoutError)
+    assert len(heard["kept"]) == 1 and [float(a.logits[0]) for a in heard["kept"][0]] == [8, 9]
+    assert [v for b in batches for v, _ in b] == [0, 8, 9]  # the given-up image never reached the engine
+
+
 def test_an_engine_error_fails_its_batch_and_the_next_batch_still_runs():
     async def main():
         engine = ScriptedEngine()

@@ -8,6 +8,7 @@ slots, the host tier's exact round trip, a broken stored bundle, and pagination 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 
 import numpy as np
@@ -70,6 +71,60 @@ def test_least_recently_used_leaves_the_device_first(assets, tmp_path):
     assert counter(registry, "ra_adapter_loads_total", source="registry", outcome="ok") == 4
     assert counter(registry, "ra_adapter_loads_total", source="host", outcome="ok") == 1
     assert counter(registry, "ra_adapter_evictions_total", tier="device") == 2
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_budget_of_k_domains_holds_exactly_k_and_evicts_the_least_recently_used(assets, tmp_path, k):
+    names = [f"d{i}" for i in range(k + 1)]
+    fill(tmp_path, assets, names)
+
+    async def main():
+        registry = make_registry(assets, tmp_path, max_resident=None, host_cache_bytes=0)
+        row = registry.engine.row_bytes
+        registry.limits = dataclasses.replace(registry.limits, device_bytes=(k + 1) * row - 1)  # k, not k + 1
+        assert registry.max_resident == k
+        held = await registry.acquire(names[0]) if k > 1 else None  # the least recently used, but leased
+        await use(registry, *names[1 if held else 0:k])
+        full = tiers(registry)
+        await use(registry, names[k])  # one more than fits
+        after = tiers(registry)
+        if held is not None:
+            registry.release([held])
+        return full, after
+
+    full, after = asyncio.run(main())
+    assert full == {name: "device" for name in names[:k]}
+    evicted = names[1] if k > 1 else names[0]  # the least recently used that no request holds
+    assert after == {name: "device" for name in names if name != evicted}  # no host tier: it left the cache
+
+
+def test_the_budget_comes_from_the_setting_or_the_memory_available(tmp_path):
+    from service.engine import residency
+    from service.runtime import DeviceReport
+
+    cpu = DeviceReport("TensorFlow", ("CPU",), False, "float32")
+    gpu = DeviceReport("TensorFlow", ("GPU:0",), True, "float32")
+    given = residency.budget(Settings(device_memory_mb=10, max_resident=5), cpu)
+    assert (given.bytes, given.source, given.cap) == (10 * 1024 * 1024, "RA_DEVICE_MEMORY_MB", 5)
+    assert given.fits(1024 * 1024) == 5 and given.fits(4 * 1024 * 1024) == 2
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   2000000 kB\n")
+    assert residency.available_host_bytes(meminfo) == 2_048_000_000
+    default = residency.budget(Settings(), cpu)
+    assert default.source == "0.5 of the host memory available at start" and default.cap is None
+    assert residency.budget(Settings(), gpu).bytes == residency.GPU_DEFAULT_MB * 1024 * 1024
+    assert residency.host_cache_bytes(Settings(), cpu) == 0  # one memory on a CPU host: no second copy
+    assert residency.host_cache_bytes(Settings(), gpu) == 1024 * 1024 * 1024
+    assert residency.host_cache_bytes(Settings(host_cache_mb=8), cpu) == 8 * 1024 * 1024
+
+
+def test_without_a_budget_figure_the_cap_alone_counts_and_the_budget_follows_the_row_size(assets, tmp_path):
+    registry = make_registry(assets, tmp_path, max_resident=7)
+    assert registry.max_resident == 7  # no budget: RA_MAX_RESIDENT alone
+    registry.limits = dataclasses.replace(registry.limits, device_bytes=100 * registry.engine.row_bytes)
+    assert registry.max_resident == 7  # under the cap
+    registry.limits = dataclasses.replace(registry.limits, max_resident=None)
+    assert registry.max_resident == 100
 
 
 def test_host_tier_is_bounded_and_round_trips_exactly(assets, tmp_path):

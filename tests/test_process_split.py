@@ -257,6 +257,8 @@ def test_engine_kill_9_under_load_answers_503_then_recovers(tmp_path_factory):
     server = split_server(tmp_path_factory, "kill-engine-store")
     try:
         engine_pid = next(iter(frontends(server.url).values()))["engine_pid"]
+        loaders = loaders_of(engine_pid)
+        assert loaders
         stop, statuses = threading.Event(), []
         threads = [threading.Thread(target=load, args=(server.url, stop, statuses)) for _ in range(4)]
         for t in threads:
@@ -284,6 +286,7 @@ def test_engine_kill_9_under_load_answers_503_then_recovers(tmp_path_factory):
         assert saw_not_ready
         listed = {a["domain"] for a in fresh("GET", server.url + "/adapters").json()["adapters"]}
         assert listed >= set(DOMAINS)  # nothing recorded was lost
+        assert not [p for p in loaders if alive(p)], "a loader outlived its engine process"
         print(f"engine kill -9: {len(failed)} of {len(statuses)} requests got 503; ready again in {recovered:.1f} s")
     finally:
         server.stop()

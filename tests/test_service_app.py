@@ -109,6 +109,19 @@ def test_health_docs_and_metrics(served):
     assert re.search(r'^ra_resident_domains\{tier="device"\} \d', metrics.text, re.M)
 
 
+def test_readyz_and_metrics_report_the_residency_budget(served):
+    residency = served.client.get("/readyz").json()["residency"]
+    # the default on a CPU host: half the memory available at start, no host tier (one memory)
+    assert residency["budget_source"] == "0.5 of the host memory available at start"
+    assert residency["host_cache_mb"] == 0
+    assert 0 < residency["bytes_per_domain"] < 4 * 1024 * 1024
+    assert abs(residency["fits"] - residency["budget_mb"] * 1024 * 1024 / residency["bytes_per_domain"]) < 2
+    assert residency["resident"] >= 3
+    text = served.client.get("/metrics").text
+    assert re.search(rf'^ra_domains_fit {residency["fits"]}\.0$', text, re.M)
+    assert re.search(rf'^ra_domain_bytes {residency["bytes_per_domain"]}\.0$', text, re.M)
+
+
 def test_metrics_count_requests_by_route_and_keep_unknown_domains_out(served):
     client = served.client
     assert predict(client, "beta", png_bytes(1)).status_code == 200
@@ -506,6 +519,8 @@ def test_request_timeout_answers_504(assets, tmp_path):
     with running(make_settings(assets, store, request_timeout_s=1e-6)) as client:
         assert_error(predict(client, "alpha", png_bytes(1)), 504, "timeout")
         assert client.get("/readyz").status_code == 200
+        registry = client.app.state.service.engine.core.registry
+        assert registry.cached("alpha").leases == 0  # a request given up returns its lease (alpha may go)
 
 
 # ----- persistence -----------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from model.bundle import load_bundle
 from model.engine import InferenceEngine
 from model.preprocessing import Preprocessing
 from model.safetensors_io import InvalidFileError
-from service.batcher import DynamicBatcher
+from service.batcher import Done, DynamicBatcher
+from service.engine import residency
 from service.engine.loader import Loader
 from service.client import Answer
 from service.exceptions import StaleCard
@@ -35,10 +36,11 @@ from service.record import DomainExists, RecordStore, RecordUnavailable, open_re
 from service.registry import MB, Entry, Limits, Registry
 from service.runtime import DeviceReport, configure_tensorflow, device_report
 from service.settings import DEMO_DIR, Settings
-from service.views import Card, Deleted, EngineStatus, Row, Sync
+from service.views import Card, Deleted, EngineStatus, Residency, Row, Sync
 
 _log = logging.getLogger(__name__)
 DEMO_MARKER = "demo-seeded"
+WARM_AT_MOST = 1000  # domains loaded in the background at start (more would load for minutes)
 
 
 def seed_demo(record: RecordStore, backbone: Backbone) -> None:
@@ -70,6 +72,7 @@ class EngineCore:
         self.loaders = loaders  # loader processes (0: loads are prepared in threads of this process)
         self.loader: Loader | None = None
         self.device: DeviceReport | None = None
+        self.budget: residency.Budget | None = None
         self.backbone: Backbone | None = None
         self.engine: InferenceEngine | None = None
         self.registry: Registry | None = None
@@ -89,11 +92,17 @@ class EngineCore:
         _log.info("%s", self.device.describe())
         self.backbone = load_backbone(s.backbone)
         headroom = s.load_concurrency + s.max_batch_size + 8  # loads in flight; replaced slots still computing
-        self.engine = InferenceEngine(self.backbone, capacity=min(s.capacity, s.max_resident + headroom),
-                                      compute_dtype=s.compute_dtype, capacity_step=s.max_resident + headroom)
+        self.budget = residency.budget(s, self.device)
+        self.engine = InferenceEngine(self.backbone, capacity=min(s.capacity, (s.max_resident or s.capacity) + headroom),
+                                      compute_dtype=s.compute_dtype)
+        fits = self.budget.fits(self.engine.row_bytes)
+        self.engine.capacity_step = fits + headroom  # the tables grow by doubling up to what the budget fits
+        _log.info("residency: %d domains of %.2f MB fit in %.0f MB (%s)", fits, self.engine.row_bytes / MB,
+                  self.budget.bytes / MB, self.budget.source)
         self.engine.warm_up(sorted({1, 2, s.max_batch_size}))
         record = open_record(s)
-        limits = Limits(max_resident=s.max_resident, host_cache_bytes=int(s.host_cache_mb * MB),
+        limits = Limits(max_resident=s.max_resident, device_bytes=self.budget.bytes,
+                        host_cache_bytes=residency.host_cache_bytes(s, self.device),
                         load_concurrency=s.load_concurrency, load_timeout_s=s.load_timeout_s, pinned=s.pinned_domains)
         self.loader = Loader(self.backbone, s.backbone, self.loaders)
         self.registry = Registry(self.engine, record, self.metrics, self.loader, limits)
@@ -123,7 +132,7 @@ class EngineCore:
             _log.warning("not ready: the registry of record is unreachable; retrying in the background")
         self.follower = Follower(registry, registry.record, s.resync_interval_s)
         self.follower.start()
-        self._tasks.append(asyncio.create_task(self._warm_most_used(s.max_resident)))
+        self._tasks.append(asyncio.create_task(self._warm_most_used(min(registry.max_resident, WARM_AT_MOST))))
         gc.collect()
         gc.freeze()  # the loaded framework's objects live forever: keep them out of full collections
         self.started = True
@@ -187,6 +196,19 @@ class EngineCore:
                     last_sync_at=s.last_ok_wall or None, domains_behind=behind[:20], errors=s.errors,
                     last_error=s.last_error, warming=s.warming)
 
+    def _residency(self) -> Residency | None:
+        """The budget and what it holds; also refreshes the residency gauges."""
+        registry = self.registry
+        if registry is None:
+            return None
+        row, fits = self.engine.row_bytes, registry.max_resident
+        self.metrics.budget_bytes.set(self.budget.bytes)
+        self.metrics.domain_bytes.set(row)
+        self.metrics.domains_fit.set(fits)
+        return Residency(budget_mb=round(self.budget.bytes / MB, 1), budget_source=self.budget.source,
+                         bytes_per_domain=row, fits=fits, resident=registry.resident("device"),
+                         host_cache_mb=round(registry.limits.host_cache_bytes / MB, 1))
+
     # ----- operations -------------------------------------------------------------------------
 
     async def status(self) -> EngineStatus:
@@ -197,7 +219,7 @@ class EngineCore:
                             adapters=len(self.registry.entries()) if self.registry else 0,
                             input_size=self.backbone.config.input_size if self.backbone else 0,
                             backbone_fingerprint=self.backbone.fingerprint if self.backbone else None,
-                            device=self.device, sync=self._sync(), queue_depth=depth)
+                            device=self.device, sync=self._sync(), queue_depth=depth, residency=self._residency())
 
     async def card(self, domain: str) -> Card:
         """The domain as it is served (loaded first if it is not cached)."""
@@ -208,7 +230,8 @@ class EngineCore:
         """Classify `images[i]` with `domains[which[i]]`, every image in the batcher's shared batches.
 
         `preprocessing[j]` is how the caller prepared the images of `domains[j]`; when the version now
-        served prepares them otherwise, `StaleCard` asks the caller to prepare them again."""
+        served prepares them otherwise, `StaleCard` asks the caller to prepare them again. Domains not
+        on the device are loaded first (see `submit` for the calls that need no wait)."""
         if len(domains) == 1:  # no task per domain for the common case
             try:
                 got = [await self.registry.acquire(domains[0])]
@@ -216,26 +239,62 @@ class EngineCore:
                 got = [exc]
         else:
             got = await asyncio.gather(*(self.registry.acquire(d) for d in domains), return_exceptions=True)
-        entries = [g for g in got if not isinstance(g, BaseException)]
+        failed = next((g for g in got if isinstance(g, BaseException)), None)
+        if failed is not None:
+            self.registry.release([g for g in got if not isinstance(g, BaseException)])
+            raise failed
+        future = asyncio.get_running_loop().create_future()
+
+        def done(result: list[Answer] | BaseException) -> None:
+            if not future.done():
+                future.set_exception(result) if isinstance(result, BaseException) else future.set_result(result)
+
+        request = self._submit(domains, got, preprocessing, images, which, lane, done)
         try:
-            failed = next((g for g in got if isinstance(g, BaseException)), None)
-            if failed is not None:
-                raise failed
+            async with asyncio.timeout(self.settings.request_timeout_s):  # no extra task, unlike wait_for
+                return await future
+        finally:
+            if request is not None:
+                request.cancel()  # no-op when answered; a timed-out call's leases go back, its queued images are skipped
+
+    def submit(self, domains: list[str], preprocessing: list[Preprocessing], images: np.ndarray, which: list[int],
+               lane: str | None, done: Done) -> bool:
+        """`infer` without waiting, when every domain is on the device now: queue the images and return
+        True (`done` gets the answers or the error on the event loop), or False, having done nothing,
+        when a domain must load first (then call `infer`). Raises what `infer` raises before queueing."""
+        entries = self.registry.try_acquire(domains)
+        if entries is None:
+            return False
+        self._submit(domains, entries, preprocessing, images, which, lane, done)
+        return True
+
+    def _submit(self, domains: list[str], entries: list[Entry], preprocessing: list[Preprocessing], images: np.ndarray,
+                which: list[int], lane: str | None, done: Done):
+        """Holding the leases of `entries`: check the cards, queue the images, and once they are answered (or
+        failed) return the leases, count the images and call `done`. Returns the batcher's request (None when
+        there was nothing to queue)."""
+        registry = self.registry
+
+        def finish(result: list[Answer] | BaseException) -> None:
+            counts = ({} if isinstance(result, BaseException) else {0: len(which)} if len(domains) == 1
+                      else collections.Counter(which))
+            for j, entry in enumerate(entries):
+                registry.release([entry], images=counts.get(j, 0))
+            for j, n in counts.items():
+                self.metrics.predictions.labels(domains[j]).inc(n)
+            done(result)
+
+        try:
             stale = next((e.domain for e, p in zip(entries, preprocessing) if e.card.preprocessing != p), None)
             if stale is not None:
                 raise StaleCard(f"{stale!r} now prepares images otherwise; fetch its card again.")
             if not len(images):
-                return []
-            async with asyncio.timeout(self.settings.request_timeout_s):  # no extra task, unlike wait_for
-                answers = await self.batcher.predict(list(images), [entries[j] for j in which], lane)
-        finally:
-            counts = ({} if len(entries) != len(domains) else {0: len(which)} if len(domains) == 1
-                      else collections.Counter(which))
-            for j, entry in enumerate(entries):
-                self.registry.release([entry], images=counts.get(j, 0))
-        for j, n in counts.items():
-            self.metrics.predictions.labels(domains[j]).inc(n)
-        return answers
+                finish([])
+                return None
+            return self.batcher.submit(list(images), [entries[j] for j in which], lane, finish)
+        except BaseException:
+            registry.release(entries)
+            raise
 
     async def list_page(self, prefix: str, cursor: str | None, count: int) -> list[Row]:
         """A page of the record's domains in name order after `cursor`, with the cards of cached ones."""

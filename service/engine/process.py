@@ -1,13 +1,16 @@
 """The engine process: one per device, the only process that imports the deep-learning framework.
 
 It runs the engine core (`service.engine.core`) and answers every front end's calls on one ROUTER
-socket: each call runs as its own task, so an `infer` waits in the batcher's one queue beside the
-images of every other front end, and a load or a registration never holds the others up.
+socket. An `infer` whose domains are on the device goes straight into the batcher's one queue, beside
+the images of every other front end, and its reply is sent from the batch's callback: no task, no
+future per call. Every other call (and an `infer` that must wait for a load) runs as its own task, so
+a load or a registration never holds the others up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -17,12 +20,13 @@ import msgspec
 import numpy as np
 import zmq
 
-from service.client import OPERATIONS
+from service.client import OPERATIONS, Answer
 from service.engine.core import EngineCore
 from service.exceptions import TRANSPORTED
 from service.metrics import Metrics
 from service.settings import Settings
-from service.transport import CALL, ENCODER, SHM_DIR, Answers, Arena, Images, Reply, decode_args, error_of
+from service.transport import (CALL, ENCODER, SHM_DIR, Answers, Arena, Images, Received, Reply, decode_args,
+                               error_of)
 
 _log = logging.getLogger(__name__)
 ARENAS_KEEP = 256  # front ends' arenas kept mapped (a restarted front end brings a new one)
@@ -94,9 +98,7 @@ class EngineServer:
                 identity, header, *_ = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            task = asyncio.get_running_loop().create_task(self._handle(identity.bytes, header.buffer))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._dispatch(identity.bytes, header.buffer)
 
     def _send(self, frames: list) -> None:
         self._sock.send_multipart(frames, zmq.NOBLOCK)  # a ROUTER drops rather than blocks
@@ -104,7 +106,8 @@ class EngineServer:
             self._drain_due = True
             asyncio.get_running_loop().call_soon(self._drain)
 
-    async def _handle(self, identity: bytes, header: memoryview) -> None:
+    def _dispatch(self, identity: bytes, header: memoryview) -> None:
+        """Decode a call; queue an `infer` for resident domains at once, run anything else as a task."""
         try:
             call = CALL.decode(header)
         except msgspec.DecodeError as exc:
@@ -112,25 +115,47 @@ class EngineServer:
             return
         if call.deadline < time.time():
             return  # its caller no longer waits
-        frames: list[bytes] = []
+        args = None
+        if call.op == "infer":
+            try:
+                args = decode_args(call.op, call.args)
+                args[2] = self._images(args[2])
+                if self.core.submit(*args, done=functools.partial(self._answered, identity, call.id)):
+                    return
+            except Exception as exc:  # noqa: BLE001 - every failure goes back to its caller by name
+                self._answered(identity, call.id, exc)
+                return
+        task = asyncio.get_running_loop().create_task(self._handle(identity, call, args))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, identity: bytes, call: Received, args: list | None) -> None:
         try:
             op = self._ops.get(call.op)
             if op is None:
                 raise ValueError(f"unknown operation {call.op!r}")
-            args = decode_args(call.op, call.args)
-            if call.op == "infer":
-                args[2] = self._images(args[2])
-                answers = await op(*args)
-                result = Answers(classes=[len(a.logits) for a in answers], versions=[a.version for a in answers],
-                                 queue_s=[a.queue_s for a in answers], compute_s=[a.compute_s for a in answers])
-                frames = [np.concatenate([a.logits for a in answers]).astype(np.float32).tobytes()] if answers else []
-            else:
-                result = await op(*args)
-            reply = Reply(call.id, result=result)
+            if call.op == "infer":  # its domains were not all on the device: they load first
+                self._answered(identity, call.id, await op(*args))
+                return
+            reply = Reply(call.id, result=await op(*decode_args(call.op, call.args)))
         except Exception as exc:  # noqa: BLE001 - every failure goes back to its caller by name
-            if not isinstance(exc, EXPECTED):
-                _log.exception("operation %s failed", call.op)
-            reply = Reply(call.id, error=error_of(exc))
+            self._answered(identity, call.id, exc, call.op)
+            return
+        self._send([identity, ENCODER.encode(reply)])
+
+    def _answered(self, identity: bytes, call_id: int, result: list[Answer] | BaseException, op: str = "infer") -> None:
+        """Send an `infer`'s answers (logits in one raw frame after the reply), or any call's failure."""
+        frames: list[bytes] = []
+        if isinstance(result, BaseException):
+            if not isinstance(result, EXPECTED):
+                _log.error("operation %s failed", op, exc_info=result)
+            reply = Reply(call_id, error=error_of(result))
+        else:
+            reply = Reply(call_id, result=Answers(classes=[len(a.logits) for a in result],
+                                                  versions=[a.version for a in result],
+                                                  queue_s=[a.queue_s for a in result],
+                                                  compute_s=[a.compute_s for a in result]))
+            frames = [np.concatenate([a.logits for a in result]).astype(np.float32).tobytes()] if result else []
         self._send([identity, ENCODER.encode(reply), *frames])
 
 

@@ -1,0 +1,59 @@
+"""How many domains stay resident: what a memory budget fits, not a fixed count.
+
+A resident domain is one row of the engine's tables (`InferenceEngine.row_bytes`: under 1 MB for the
+demo backbone, about 3 MB for the paper's ResNet-26 in float32). The budget is `RA_DEVICE_MEMORY_MB`
+or, by default, `RA_DEVICE_MEMORY_FRACTION` of the memory available when the engine starts: on a CPU
+host the "device" is host memory, so that is MemAvailable (and the host tier defaults to nothing: it
+would copy the same bytes a second time). `RA_MAX_RESIDENT`, when set, caps the count below what fits.
+Spare rows beyond it (loads in flight, replaced versions still computing) are outside the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+from service.runtime import DeviceReport
+from service.settings import Settings
+
+MB = 1024 * 1024
+GPU_DEFAULT_MB = 4096  # without RA_DEVICE_MEMORY_MB on a GPU: free device memory is not probed here
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """The memory the resident domains' tables may take, and where the figure came from."""
+
+    bytes: int
+    source: str  # "RA_DEVICE_MEMORY_MB", or how the default was found
+    cap: int | None  # RA_MAX_RESIDENT
+
+    def fits(self, row_bytes: int) -> int:
+        """Domains of `row_bytes` each that the budget holds (at least one), under the cap."""
+        fits = max(1, self.bytes // max(row_bytes, 1))
+        return min(fits, self.cap) if self.cap is not None else fits
+
+
+def available_host_bytes(meminfo: pathlib.Path = pathlib.Path("/proc/meminfo")) -> int:
+    """MemAvailable: what the kernel can give without swapping (free memory plus reclaimable caches)."""
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{meminfo} has no MemAvailable line: set RA_DEVICE_MEMORY_MB.")
+
+
+def budget(settings: Settings, device: DeviceReport | None) -> Budget:
+    cap = settings.max_resident
+    if settings.device_memory_mb is not None:
+        return Budget(int(settings.device_memory_mb * MB), "RA_DEVICE_MEMORY_MB", cap)
+    if device is not None and device.gpu:
+        return Budget(GPU_DEFAULT_MB * MB, f"{GPU_DEFAULT_MB} MB (a GPU: set RA_DEVICE_MEMORY_MB)", cap)
+    fraction = settings.device_memory_fraction
+    return Budget(int(available_host_bytes() * fraction), f"{fraction:g} of the host memory available at start", cap)
+
+
+def host_cache_bytes(settings: Settings, device: DeviceReport | None) -> int:
+    """The host tier's size: `RA_HOST_CACHE_MB`, by default nothing on a CPU host (one memory), 1 GB with a GPU."""
+    if settings.host_cache_mb is not None:
+        return int(settings.host_cache_mb * MB)
+    return 1024 * MB if device is not None and device.gpu else 0
