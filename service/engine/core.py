@@ -104,7 +104,7 @@ class EngineCore:
         limits = Limits(max_resident=s.max_resident, device_bytes=self.budget.bytes,
                         host_cache_bytes=residency.host_cache_bytes(s, self.device),
                         load_concurrency=s.load_concurrency, load_timeout_s=s.load_timeout_s, pinned=s.pinned_domains)
-        self.loader = Loader(self.backbone, s.backbone, self.loaders)
+        self.loader.backbone = self.backbone
         self.registry = Registry(self.engine, record, self.metrics, self.loader, limits)
         if s.demo_adapters:
             try:
@@ -115,8 +115,10 @@ class EngineCore:
 
     async def start(self) -> None:
         s = self.settings
-        await asyncio.to_thread(self._startup)
-        await self.loader.start()  # on this thread: the loaders' death signal follows it
+        self.loader = Loader(None, s.backbone, self.loaders)
+        loaders = asyncio.create_task(self.loader.start())  # on this thread (their death signal follows it),
+        await asyncio.to_thread(self._startup)  # beside the framework's start-up
+        await loaders
         registry = self.registry
         t0 = time.perf_counter()
         share = max(s.max_batch_size, int(s.max_queue * s.domain_queue_share))

@@ -73,22 +73,23 @@ def _ready() -> int:
 class Loader:
     """Prepares bundles in `processes` loader processes (0: in a thread of this process)."""
 
-    def __init__(self, backbone: Backbone, backbone_path: pathlib.Path | None = None, processes: int = 0):
+    def __init__(self, backbone: Backbone | None, backbone_path: pathlib.Path | None = None, processes: int = 0):
+        """`backbone` is what threads validate against (it may be set later, before the first `prepare`);
+        loader processes read their own from `backbone_path`."""
         self.backbone, self.backbone_path, self.processes = backbone, backbone_path, processes
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
 
     async def start(self) -> None:
-        """Start the loader processes and wait until each has its backbone (so no request pays for that).
-
-        Called on the event loop's thread: a child's death signal follows the thread that started it."""
+        """Start the loader processes and wait until they answer (so the first load does not pay for the
+        imports). Called on the event loop's thread: a child's death signal follows the thread that started it."""
         if self.processes == 0:
             return
         self._pool = concurrent.futures.ProcessPoolExecutor(
             self.processes, mp_context=multiprocessing.get_context("spawn"), initializer=_init,
             initargs=(str(self.backbone_path),))
         loop = asyncio.get_running_loop()
-        pids = await asyncio.gather(*(loop.run_in_executor(self._pool, _ready) for _ in range(self.processes)))
-        _log.info("%d loader processes: %s", self.processes, sorted(set(pids)))
+        await asyncio.gather(*(loop.run_in_executor(self._pool, _ready) for _ in range(self.processes)))
+        _log.info("%d loader processes started", self.processes)
 
     async def prepare(self, data: bytes, domain: str | None) -> Prepared:
         """The bundle prepared; raise `InvalidFileError` for a bad one, `AdapterUnavailable` if a loader died."""
