@@ -37,6 +37,19 @@ from service.metrics import Metrics
 Done = Callable[["list[Answer] | BaseException"], None]
 
 
+def settle(future: asyncio.Future) -> Done:
+    """A `Done` that resolves `future` with the answers or the error (unless it is already done)."""
+    def done(result: "list[Answer] | BaseException") -> None:
+        if future.done():
+            return
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+    return done
+
+
 class _Request:
     """One caller's images; `done` is called (on the event loop) once every image has an answer, or with
     the first error. A closed request's images still queued are skipped."""
@@ -133,12 +146,7 @@ class DynamicBatcher:
         Cancelling the call (e.g. a request timeout) drops its images that have not started yet.
         """
         future = self._loop.create_future()
-
-        def done(result: "list[Answer] | BaseException") -> None:
-            if not future.done():
-                future.set_exception(result) if isinstance(result, BaseException) else future.set_result(result)
-
-        request = self.submit(images, entries, lane, done)
+        request = self.submit(images, entries, lane, settle(future))
         try:
             return await future
         finally:

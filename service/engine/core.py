@@ -25,7 +25,7 @@ from model.bundle import load_bundle
 from model.engine import InferenceEngine
 from model.preprocessing import Preprocessing
 from model.safetensors_io import InvalidFileError
-from service.batcher import Done, DynamicBatcher
+from service.batcher import Done, DynamicBatcher, settle
 from service.engine import residency
 from service.engine.loader import Loader
 from service.client import Answer
@@ -246,12 +246,7 @@ class EngineCore:
             self.registry.release([g for g in got if not isinstance(g, BaseException)])
             raise failed
         future = asyncio.get_running_loop().create_future()
-
-        def done(result: list[Answer] | BaseException) -> None:
-            if not future.done():
-                future.set_exception(result) if isinstance(result, BaseException) else future.set_result(result)
-
-        request = self._submit(domains, got, preprocessing, images, which, lane, done)
+        request = self._submit(domains, got, preprocessing, images, which, lane, settle(future))
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):  # no extra task, unlike wait_for
                 return await future
