@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -54,13 +55,17 @@ class _Request:
     """One caller's images; `done` is called (on the event loop) once every image has an answer, or with
     the first error. A closed request's images still queued are skipped."""
 
-    __slots__ = ("done", "results", "missing", "closed")
+    __slots__ = ("done", "results", "missing", "closed", "deadline")
 
-    def __init__(self, size: int, done: Done):
+    def __init__(self, size: int, done: Done, deadline: float):
         self.done = done
         self.results: list = [None] * size
         self.missing = size
         self.closed = False
+        self.deadline = deadline  # time.monotonic() after which its caller no longer waits
+
+    def given_up(self, now: float) -> bool:
+        return self.closed or self.deadline < now
 
     def deliver(self, index: int, result: "Answer | BaseException") -> None:
         """Event-loop side: record one image's answer; the first error fails the request."""
@@ -152,11 +157,13 @@ class DynamicBatcher:
         finally:
             request.cancel()  # no-op when answered; queued images of a cancelled call are skipped
 
-    def submit(self, images: list[np.ndarray], entries: list, lane: str | None, done: Done) -> _Request:
+    def submit(self, images: list[np.ndarray], entries: list, lane: str | None, done: Done,
+               deadline: float = math.inf) -> _Request:
         """Queue the images and return at once; `done` gets the answers (or the first error) on the event
         loop. Raises `Overloaded` or `QueueShareExceeded` (nothing queued). The caller holds the entries until
-        `done` is called; cancelling the returned request drops its images that have not started yet."""
-        request = _Request(len(images), done)
+        `done` is called; cancelling the returned request, or its `deadline` (time.monotonic()) passing,
+        drops its images that have not started yet (and `done` gets a TimeoutError)."""
+        request = _Request(len(images), done, deadline)
         now = time.monotonic()
         items = [_Item(image, lane or entry.domain, entry.slot, entry.version, request, i, now)
                  for i, (image, entry) in enumerate(zip(images, entries))]
@@ -184,13 +191,21 @@ class DynamicBatcher:
     # ----- the engine thread -----------------------------------------------------------------
 
     def _drop_finished(self) -> None:
-        """Hold `_ready`. Drop cancelled or failed requests' images from the heads of the queues."""
+        """Hold `_ready`. Drop the images of requests given up (cancelled, failed or past their deadline)
+        from the heads of the queues."""
+        now = time.monotonic()
         for lane in list(self._queues):
             queue = self._queues[lane]
-            while queue and queue[0].request.closed:
+            while queue and queue[0].request.given_up(now):
+                self._expire(queue[0].request)
                 self._forget(queue.popleft())
             if not queue:
                 del self._queues[lane]
+
+    def _expire(self, request: _Request) -> None:
+        """Engine thread: a request past its deadline hears of it on the event loop (once: `cancel`)."""
+        if not request.closed:
+            self._loop.call_soon_threadsafe(request.cancel)
 
     def _forget(self, item: _Item) -> None:
         """Hold `_ready`. Count an image out of the queue."""
@@ -263,7 +278,11 @@ class DynamicBatcher:
     def _run(self) -> None:
         while (batch := self._take()) is not None:
             self.metrics.queue_depth.set(self._size)
-            batch = [item for item in batch if not item.request.closed]
+            now = time.monotonic()
+            for item in batch:
+                if item.request.given_up(now):
+                    self._expire(item.request)
+            batch = [item for item in batch if not item.request.given_up(now)]
             if batch:
                 self._compute(batch)
 

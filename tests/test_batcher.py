@@ -183,6 +183,28 @@ def test_submit_calls_back_once_with_the_answers_or_when_given_up():
     assert [v for b in batches for v, _ in b] == [0, 8, 9]  # the given-up image never reached the engine
 
 
+def test_images_queued_past_their_callers_deadline_are_not_computed_and_the_caller_hears_once():
+    async def main():
+        engine = ScriptedEngine()
+        batcher = await started(engine)
+        busy = await occupy(engine, batcher)
+        heard: dict[str, list] = {"late": [], "on time": []}
+        batcher.submit([image(7), image(6)], leased("b", "b"), None, heard["late"].append, time.monotonic() + 0.05)
+        batcher.submit([image(8)], leased("c"), None, heard["on time"].append, time.monotonic() + 30)
+        await asyncio.sleep(0.1)  # the first one's caller gives up while the engine is busy
+        engine.hold.set()
+        await busy
+        await wait_until(lambda: heard["on time"] and heard["late"])
+        await asyncio.sleep(0.05)
+        await batcher.stop()
+        return heard, engine.batches
+
+    heard, batches = run(main())
+    assert len(heard["late"]) == 1 and isinstance(heard["late"][0], TimeoutError)
+    assert [float(a.logits[0]) for a in heard["on time"][0]] == [8]
+    assert [v for b in batches for v, _ in b] == [0, 8]
+
+
 def test_an_engine_error_fails_its_batch_and_the_next_batch_still_runs():
     async def main():
         engine = ScriptedEngine()

@@ -127,6 +127,29 @@ def test_without_a_budget_figure_the_cap_alone_counts_and_the_budget_follows_the
     assert registry.max_resident == 100
 
 
+def test_without_a_host_tier_an_evicted_domain_reloads_from_the_record_with_the_same_answers(assets, tmp_path):
+    fill(tmp_path, assets, ["d0", "d1"])
+    x = preprocess(open_image(png_bytes(5)), assets.bundles["beta"].preprocessing)[None]
+
+    async def main():
+        registry = make_registry(assets, tmp_path, max_resident=1, host_cache_bytes=0)  # a CPU host's default
+        entry = await registry.acquire("d0")
+        before = registry.engine.predict(x, entry.slot)[0]
+        registry.release([entry])
+        await use(registry, "d1")  # d0 leaves the cache entirely
+        await asyncio.sleep(0.1)
+        gone = "d0" not in registry
+        entry = await registry.acquire("d0")  # read, validated and folded again
+        after = registry.engine.predict(x, entry.slot)[0]
+        registry.release([entry])
+        return gone, before, after, registry
+
+    gone, before, after, registry = asyncio.run(main())
+    assert gone and registry.resident("host") == 0
+    np.testing.assert_array_equal(before, after)
+    assert counter(registry, "ra_adapter_loads_total", source="registry", outcome="ok") == 3
+
+
 def test_host_tier_is_bounded_and_round_trips_exactly(assets, tmp_path):
     fill(tmp_path, assets, [f"d{i}" for i in range(6)])
     x = preprocess(open_image(png_bytes(3)), assets.bundles["beta"].preprocessing)[None]

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import gc
 import logging
+import math
 import os
 import time
 
@@ -255,18 +256,19 @@ class EngineCore:
                 request.cancel()  # no-op when answered; a timed-out call's leases go back, its queued images are skipped
 
     def submit(self, domains: list[str], preprocessing: list[Preprocessing], images: np.ndarray, which: list[int],
-               lane: str | None, done: Done) -> bool:
+               lane: str | None, done: Done, deadline: float) -> bool:
         """`infer` without waiting, when every domain is on the device now: queue the images and return
-        True (`done` gets the answers or the error on the event loop), or False, having done nothing,
-        when a domain must load first (then call `infer`). Raises what `infer` raises before queueing."""
+        True (`done` gets the answers or the error on the event loop; a TimeoutError once `deadline`,
+        time.monotonic(), has passed with images still queued), or False, having done nothing, when a
+        domain must load first (then call `infer`). Raises what `infer` raises before queueing."""
         entries = self.registry.try_acquire(domains)
         if entries is None:
             return False
-        self._submit(domains, entries, preprocessing, images, which, lane, done)
+        self._submit(domains, entries, preprocessing, images, which, lane, done, deadline)
         return True
 
     def _submit(self, domains: list[str], entries: list[Entry], preprocessing: list[Preprocessing], images: np.ndarray,
-                which: list[int], lane: str | None, done: Done):
+                which: list[int], lane: str | None, done: Done, deadline: float = math.inf):
         """Holding the leases of `entries`: check the cards, queue the images, and once they are answered (or
         failed) return the leases, count the images and call `done`. Returns the batcher's request (None when
         there was nothing to queue)."""
@@ -288,7 +290,7 @@ class EngineCore:
             if not len(images):
                 finish([])
                 return None
-            return self.batcher.submit(list(images), [entries[j] for j in which], lane, finish)
+            return self.batcher.submit(list(images), [entries[j] for j in which], lane, finish, deadline)
         except BaseException:
             registry.release(entries)
             raise

@@ -120,7 +120,8 @@ class EngineServer:
             try:
                 args = decode_args(call.op, call.args)
                 args[2] = self._images(args[2])
-                if self.core.submit(*args, done=functools.partial(self._answered, identity, call.id)):
+                deadline = time.monotonic() + (call.deadline - time.time())  # the caller's, on this host's clock
+                if self.core.submit(*args, done=functools.partial(self._answered, identity, call.id), deadline=deadline):
                     return
             except Exception as exc:  # noqa: BLE001 - every failure goes back to its caller by name
                 self._answered(identity, call.id, exc)
