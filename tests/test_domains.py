@@ -109,7 +109,17 @@ def test_the_budget_comes_from_the_setting_or_the_memory_available(tmp_path):
     assert given.fits(1024 * 1024) == 5 and given.fits(4 * 1024 * 1024) == 2
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   2000000 kB\n")
-    assert residency.available_host_bytes(meminfo) == 2_048_000_000
+    assert residency.available_host_bytes(meminfo, tmp_path / "no-cgroup") == 2_048_000_000
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "memory.max").write_text("1073741824\n")  # a container limited to 1 GiB, 256 MiB used
+    (tmp_path / "v2" / "memory.current").write_text("268435456\n")
+    assert residency.available_host_bytes(meminfo, tmp_path / "v2") == 805_306_368
+    (tmp_path / "v2" / "memory.max").write_text("max\n")
+    assert residency.available_host_bytes(meminfo, tmp_path / "v2") == 2_048_000_000
+    (tmp_path / "v1" / "memory").mkdir(parents=True)
+    (tmp_path / "v1" / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # unlimited
+    (tmp_path / "v1" / "memory" / "memory.usage_in_bytes").write_text("1\n")
+    assert residency.available_host_bytes(meminfo, tmp_path / "v1") == 2_048_000_000
     default = residency.budget(Settings(), cpu)
     assert default.source == "0.5 of the host memory available at start" and default.cap is None
     assert residency.budget(Settings(), gpu).bytes == residency.GPU_DEFAULT_MB * 1024 * 1024

@@ -3,8 +3,9 @@
 A resident domain is one row of the engine's tables (`InferenceEngine.row_bytes`: under 1 MB for the
 demo backbone, about 3 MB for the paper's ResNet-26 in float32). The budget is `RA_DEVICE_MEMORY_MB`
 or, by default, `RA_DEVICE_MEMORY_FRACTION` of the memory available when the engine starts: on a CPU
-host the "device" is host memory, so that is MemAvailable (and the host tier defaults to nothing: it
-would copy the same bytes a second time). `RA_MAX_RESIDENT`, when set, caps the count below what fits.
+host the "device" is host memory, so that is MemAvailable, or the container's memory limit less its
+use when that is smaller (and the host tier defaults to nothing: it would copy the same bytes a
+second time). `RA_MAX_RESIDENT`, when set, caps the count below what fits.
 Spare rows beyond it (loads in flight, replaced versions still computing) are outside the budget.
 """
 
@@ -34,12 +35,32 @@ class Budget:
         return min(fits, self.cap) if self.cap is not None else fits
 
 
-def available_host_bytes(meminfo: pathlib.Path = pathlib.Path("/proc/meminfo")) -> int:
-    """MemAvailable: what the kernel can give without swapping (free memory plus reclaimable caches)."""
+def available_host_bytes(meminfo: pathlib.Path = pathlib.Path("/proc/meminfo"),
+                         cgroup: pathlib.Path = pathlib.Path("/sys/fs/cgroup")) -> int:
+    """What this process may still use: MemAvailable (free memory plus reclaimable caches), or less when
+    its container's memory limit leaves less (/proc/meminfo shows the whole machine inside a container)."""
+    available = None
     for line in meminfo.read_text().splitlines():
         if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{meminfo} has no MemAvailable line: set RA_DEVICE_MEMORY_MB.")
+            available = int(line.split()[1]) * 1024
+    if available is None:
+        raise RuntimeError(f"{meminfo} has no MemAvailable line: set RA_DEVICE_MEMORY_MB.")
+    headroom = cgroup_headroom(cgroup)
+    return min(available, headroom) if headroom is not None else available
+
+
+def cgroup_headroom(root: pathlib.Path) -> int | None:
+    """The memory limit of this process's cgroup (v2, else v1) minus what it uses now; None without a limit."""
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            limit, usage = (root / limit_file).read_text().strip(), (root / usage_file).read_text().strip()
+        except OSError:
+            continue
+        if limit == "max" or int(limit) >= 1 << 60:  # unlimited
+            return None
+        return max(0, int(limit) - int(usage))
+    return None
 
 
 def budget(settings: Settings, device: DeviceReport | None) -> Budget:
