@@ -1,21 +1,27 @@
 """Many more registered domains than device slots: start-up, memory, Zipf traffic, cold loads.
 
-    python -m bench.domains [--domains 10000] [--max-resident N] [--host-cache-mb MB] [--seconds 10] [--rounds 2]
+    python -m bench.domains [--domains 10000] [--max-resident N] [--host-cache-mb MB] [--workers N]
+                            [--seconds 10] [--rounds 2] [--warm-seconds S]
 
 With the demo backbone: registers `--domains` domains in a directory registry of record (copies of
 the three demo bundles under new names, hard-linked so that 100,000 of them fit any disk; the bytes
-are identical to uploaded copies), starts `python -m service` on it (with `RA_MAX_RESIDENT` and
-`RA_HOST_CACHE_MB` when given; else the residency that the default memory budget gives), and
-drives Zipf(1.0) traffic over all of them over HTTP (wrk when installed), interleaved with the same
-load over 8 domains. Prints one JSON object last:
+are identical to uploaded copies), starts `python -m service` on it (`--workers`: front ends and an
+engine process; with `RA_MAX_RESIDENT` and `RA_HOST_CACHE_MB` when given, else the residency that
+the default memory budget gives), drives the Zipf traffic for `--warm-seconds` (the domains its
+first requests touch load then), and then Zipf(1.0) traffic over all of them over HTTP (wrk when
+installed), interleaved with the same load over 8 domains. Prints one JSON object last:
 
-- `startup_s`: from starting the process to /readyz 200; `rss_mb`: the server's resident memory
+- `startup_s`: from starting the process to /readyz 200; `rss_mb`: the engine's resident memory
   after start and after the run; `budget`: the residency budget (`budget_mb`, `bytes_per_domain`,
   `fits`) from /readyz;
 - `zipf_img_s`, `eight_img_s` and `zipf_over_eight` (medians of interleaved rounds);
-- `hit_rate`: device and host tiers during the Zipf rounds (from the server's own counters);
-- `cold_ms`: p50/p99 of putting a domain on the device from host memory and from the record,
-  timed in this process on the same store with the same registry code;
+- `hit_rate`: device and host tiers during the Zipf rounds (from the server's own counters), and
+  `ideal`: the share of requests for the domains an ideal cache of the device tier's size would
+  hold (the most requested ones that fit);
+- `load_cpu_ms`: p50 CPU (all threads) of putting a domain on the device from host memory
+  (`host_p50`) and from the record (`record_p50`: read, validate, fold, write), one load at a
+  time, in this process on the same store with the same registry code (loader in a thread);
+  `cold_ms`: the same loads' wall time;
 - `list_page_ms`: GET /adapters?limit=100, first page and one far into the listing.
 Loopback only; it stops by itself.
 """
@@ -28,6 +34,7 @@ import json
 import os
 import pathlib
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -80,8 +87,15 @@ def rate(before: dict, after: dict, tier: str) -> float | None:
     return round(hit / (hit + miss), 4) if hit + miss else None
 
 
+def ideal_hit_rate(count: int, fits: int) -> float:
+    """The share of Zipf(1.0) requests over `count` domains that go to the `fits` most requested."""
+    weights = 1.0 / np.arange(1, count + 1)
+    return round(float(weights[:fits].sum() / weights.sum()), 4)
+
+
 def cold_loads(store: pathlib.Path, names: list[str], n: int) -> dict:
-    """Time putting domains on the device from the record, then from host memory (same registry code)."""
+    """Put domains on the device from the record, then from host memory (same registry code), one at a
+    time: the CPU (all of this process's threads) and wall time of each."""
     from model.backbone import load_backbone
     from model.engine import InferenceEngine
     from service.metrics import Metrics
@@ -96,17 +110,26 @@ def cold_loads(store: pathlib.Path, names: list[str], n: int) -> dict:
     async def main() -> dict:
         registry = Registry(engine, DirectoryRecord(store), Metrics(), Loader(backbone),
                             Limits(max_resident=32, host_cache_bytes=4096 * 1024 * 1024))
-        timings: dict[str, list[float]] = {"registry": [], "host": []}
-        for source, batch in (("registry", names[:n]), ("host", names[: n - 32])):
+        await registry.acquire(names[0])  # the golden self-test of each distinct bundle runs once
+        cpu: dict[str, list[float]] = {"record": [], "host": []}
+        wall: dict[str, list[float]] = {"record": [], "host": []}
+        for source, batch in (("record", names[:n]), ("host", names[: n - 32])):
             for name in batch:
-                await asyncio.sleep(0.01)  # let the previous eviction's copy to host memory finish
-                start = time.perf_counter()
+                start, used = time.perf_counter(), process_cpu()
                 registry.release([await registry.acquire(name)])
-                timings[source].append((time.perf_counter() - start) * 1000)
-        return {source: {"p50": round(float(np.percentile(ms, 50)), 2), "p99": round(float(np.percentile(ms, 99)), 2),
-                         "n": len(ms)} for source, ms in timings.items()}
+                cpu[source].append((process_cpu() - used) * 1000)
+                wall[source].append((time.perf_counter() - start) * 1000)
+        p50 = lambda ms: round(float(np.percentile(ms, 50)), 3)  # noqa: E731
+        return {"load_cpu_ms": {f"{source}_p50": p50(ms) for source, ms in (("host", cpu["host"]), ("record", cpu["record"]))},
+                "cold_ms": {source: {"p50": p50(ms), "p99": round(float(np.percentile(ms, 99)), 2), "n": len(ms)}
+                            for source, ms in wall.items()}}
 
     return asyncio.run(main())
+
+
+def process_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,7 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--domains", type=int, default=10_000)
     parser.add_argument("--max-resident", type=int, default=None, help="RA_MAX_RESIDENT (default: the budget's)")
     parser.add_argument("--host-cache-mb", type=float, default=None, help="RA_HOST_CACHE_MB (default: the service's)")
+    parser.add_argument("--workers", type=int, default=1, help="front-end processes (2 or more: the process split)")
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--warm-seconds", type=float, default=None, help="Zipf traffic before measuring (default: --seconds)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--cold", type=int, default=200, help="domains timed per cold-load source (0: none)")
@@ -134,12 +159,13 @@ def main(argv: list[str] | None = None) -> None:
         env.update({name: str(value) for name, value in (("RA_MAX_RESIDENT", args.max_resident),
                                                          ("RA_HOST_CACHE_MB", args.host_cache_mb)) if value is not None})
         start = time.perf_counter()
-        server = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
-                                  env=env, start_new_session=True)
+        server = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning",
+                                   "--workers", str(args.workers)], env=env, start_new_session=True)
         try:
             wait_ready(url, timeout=300)
             startup_s = time.perf_counter() - start
-            rss_start = rss_mb(server.pid)
+            engine_pid = httpx.get(url + "/readyz", timeout=10).json()["engine_pid"]
+            rss_start = rss_mb(engine_pid)
             while httpx.get(url + "/readyz", timeout=10).json()["registry"]["warming"]:  # background warm-up
                 time.sleep(0.5)
             residency = httpx.get(url + "/readyz", timeout=10).json()["residency"]
@@ -154,18 +180,21 @@ def main(argv: list[str] | None = None) -> None:
             zipf = zipf_sequence(names, 50_000)
             eight = names[:8]
             drive(url, eight, images, args.concurrency, 2.0, 1)  # warm-up
+            warm = drive(url, zipf, images, args.concurrency,
+                         args.seconds if args.warm_seconds is None else args.warm_seconds, 1)
             zipf_rounds, eight_rounds, lookups = [], [], []
             for _ in range(args.rounds):
                 before = counters(url)
                 zipf_rounds.append(drive(url, zipf, images, args.concurrency, args.seconds, 1))
                 lookups.append((before, counters(url)))
                 eight_rounds.append(drive(url, eight, images, args.concurrency, args.seconds, 1))
-            rss_end = rss_mb(server.pid)
+            rss_end = rss_mb(engine_pid)
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(60)
-        cold = cold_loads(store, names[len(names) // 2:], args.cold) if args.cold > 32 else None
+        cold = cold_loads(store, names[len(names) // 2:], args.cold) if args.cold > 32 else {}
     z, e = median_round(zipf_rounds), median_round(eight_rounds)
+    warm_seconds = args.seconds if args.warm_seconds is None else args.warm_seconds
     first, last = lookups[0][0], lookups[-1][1]
     result = {
         "domains": args.domains,
@@ -177,11 +206,15 @@ def main(argv: list[str] | None = None) -> None:
         "eight_img_s": round(e["img_s"], 1),
         "zipf_over_eight": round(z["img_s"] / e["img_s"], 3),
         "zipf_p99_ms": round(z["p99_ms"], 1), "eight_p99_ms": round(e["p99_ms"], 1),
-        "hit_rate": {"device": rate(first, last, "device"), "host": rate(first, last, "host")},
-        "cold_ms": cold,
+        "hit_rate": {"device": rate(first, last, "device"), "host": rate(first, last, "host"),
+                     "ideal": ideal_hit_rate(args.domains, min(residency["fits"], args.max_resident or residency["fits"]))},
+        "load_cpu_ms": cold.get("load_cpu_ms"),
+        "cold_ms": cold.get("cold_ms"),
+        "warm_round": {"img_s": round(warm["img_s"], 1), "seconds": warm_seconds},
         "list_page_ms": {"first": list_ms[0], "far": list_ms[1]},
         "errors": sum(r["errors"] for r in zipf_rounds + eight_rounds),
-        "settings": {"max_resident": args.max_resident, "host_cache_mb": args.host_cache_mb, "seconds": args.seconds,
+        "settings": {"workers": args.workers, "max_resident": args.max_resident, "host_cache_mb": args.host_cache_mb,
+                     "seconds": args.seconds,
                      "rounds": args.rounds, "concurrency": args.concurrency, "seed_s": round(seed_s, 1),
                      "load_generator": "wrk" if shutil.which("wrk") else "httpx", "cpus": os.cpu_count()},
     }

@@ -1,7 +1,7 @@
 """The inference engine: one backbone in device memory serving any mix of domains in one call.
 
-Per-domain folded tables (see `model.folding`) are stacked in `tf.Variable`s with a fixed number of
-slots. A call gathers each sample's rows by slot index, so a batch of 32 requests for 32 domains is
+Each domain's folded tables are one row (`model.folding.RowLayout`) of one table variable with a
+fixed number of slots. A call gathers each sample's row by slot index, so a batch of 32 requests for 32 domains is
 one forward pass: the shared 3x3 convolutions run once for the whole batch, the adapters as a
 per-sample batched matmul, the head with a per-sample class mask (`-inf` logits past a domain's
 class count). A batch that is all one domain takes a cheaper path that folds the domain into the
@@ -9,9 +9,9 @@ class count). A batch that is all one domain takes a cheaper path that folds the
 
 The engine knows no domain names: `load` writes a bundle into a free slot and returns a `Slot`
 handle, `predict` computes over handles, `release` gives a slot back. Who owns which handle (and
-under which name and version) is the caller's business: the service's registry. Loading and
-releasing write table rows only: the compiled functions never retrace unless the slots or the
-class width must grow (then once). A released slot is not reused until every call that holds it
+under which name and version) is the caller's business: the service's registry. Loading writes
+one row with one op (a copy), releasing writes nothing: the compiled functions never retrace
+unless the slots or the class width must grow (then once). A released slot is not reused until every call that holds it
 has finished.
 
 This module is TensorFlow-specific (tf.function, tf.Variable); the service runs on TensorFlow.
@@ -29,12 +29,13 @@ import tensorflow as tf
 from model.backbone import Backbone
 from model.bundle import AdapterBundle, check_compatible
 from model.config import ConvUnit, topology
-from model.folding import FoldedDomain, FoldedUnit, fold_domain
+from model.folding import RowLayout, fold_domain
 from model.safetensors_io import InvalidFileError
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 GOLDEN_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 1e-2}  # relative to max |logit|
 NOMINAL_BATCH = 8  # the single-domain path folds into the kernel when that is cheaper at this batch
+GROW_CHUNK_ROWS = 256  # rows copied at a time when the table grows
 
 
 class ReleasedSlotError(RuntimeError):
@@ -73,26 +74,17 @@ class Slot:
 
 
 class _Tables:
-    """The stacked per-domain tables and the two compiled forward functions that read them."""
+    """Every slot's row (see `model.folding.RowLayout`) in one table, and the two compiled forward
+    functions that read it. A load is one row written by one op; a call gathers its slots' rows."""
 
     def __init__(self, engine: "InferenceEngine", capacity: int, class_capacity: int):
         self.capacity, self.class_capacity = capacity, class_capacity
-        dt, mode = engine.compute_dtype, engine.adapter
-        c = engine.backbone.config.feature_width
-
-        def table(shape, fill=0.0):
-            return tf.Variable(tf.fill((capacity, *shape), tf.constant(fill, dt)), trainable=False)
-
-        self.bias = {p.unit.name: table((p.unit.out_channels,)) for p in engine.plan}
-        if mode == "series":
-            self.matrix = {p.unit.name: table((p.unit.out_channels, p.unit.out_channels)) for p in engine.plan}
-        else:
-            self.scale = {p.unit.name: table((p.unit.out_channels,)) for p in engine.plan}
-        if mode == "parallel":
-            self.side = {p.unit.name: table((p.unit.in_channels, p.unit.out_channels)) for p in engine.plan}
-        self.head_scale, self.head_bias = table((c,)), table((c,))
-        self.kernel = table((c, class_capacity))
-        self.logit_bias = table((class_capacity,), -np.inf)
+        self.layout, self.dtype = engine.layout, engine.compute_dtype
+        self.width = self.layout.length(class_capacity)
+        # uninitialised: a slot's row is written before any call reads it, and untouched pages cost no memory
+        self.rows = tf.Variable(tf.raw_ops.Empty(shape=(capacity, self.width), dtype=self.dtype, init=False),
+                                trainable=False)
+        self._padding = self.layout.padding(class_capacity)
         image = tf.TensorSpec((None, engine.input_size, engine.input_size, 3), tf.float32)
         self.mixed = tf.function(lambda x, slots: engine._forward(self, x, slots, single=False),
                                  input_signature=[image, tf.TensorSpec((None,), tf.int32)],
@@ -100,55 +92,31 @@ class _Tables:
         self.single = tf.function(lambda x, slot: engine._forward(self, x, slot, single=True),
                                   input_signature=[image, tf.TensorSpec((), tf.int32)],
                                   jit_compile=engine.jit_compile, reduce_retracing=True)
-        self.variables = self._ordered()
-        self._shapes = [tuple(v.shape[1:]) for v in self.variables]
-        self._sizes = [int(np.prod(shape)) for shape in self._shapes]
-        # A domain's rows travel as one flat vector through one compiled call each way: dozens of
-        # eager ops, or a call with dozens of arguments, cost milliseconds of Python.
-        slot_spec = tf.TensorSpec((), tf.int32)
-        self._write_flat = tf.function(self._scatter, input_signature=[slot_spec, tf.TensorSpec((sum(self._sizes),), dt)])
-        self._read_flat = tf.function(
-            lambda slot: tf.concat([tf.reshape(tf.gather(v, slot), [-1]) for v in self.variables], 0),
-            input_signature=[slot_spec])
 
-    def _ordered(self) -> list[tf.Variable]:
-        groups = [self.bias, getattr(self, "matrix", {}), getattr(self, "scale", {}), getattr(self, "side", {})]
-        return [g[k] for g in groups for k in sorted(g)] + [self.head_scale, self.head_bias, self.kernel,
-                                                            self.logit_bias]
+    def parts(self, slots: tf.Tensor, single: bool) -> dict[tuple[str, str], tf.Tensor]:
+        """(unit, part) -> the slots' tables (one slot: the table; else one per sample, batch first)."""
+        rows = tf.gather(self.rows, slots)
+        lead = () if single else (-1,)
+        out = {(unit, part): tf.reshape(rows[..., a:b], (*lead, *shape))
+               for unit, part, shape, a, b in self.layout.offsets}
+        c = self.layout.feature_width
+        classes = tf.reshape(rows[..., self.layout.base:], (*lead, self.class_capacity, c + 1))
+        out["head", "kernel"], out["head", "logit_bias"] = classes[..., :c], classes[..., c]  # (K, C), (K,)
+        return out
 
-    def _scatter(self, slot: tf.Tensor, flat: tf.Tensor) -> None:
-        for var, part, shape in zip(self.variables, tf.split(flat, self._sizes), self._shapes):
-            var.scatter_nd_update([[slot]], tf.reshape(part, (1, *shape)))
+    def write(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        """Write `rows` (each at most `width` long: narrower heads are padded) into `slots`."""
+        if rows.shape[1] < self.width:
+            pad = np.broadcast_to(self._padding[: self.width - rows.shape[1]], (len(rows), self.width - rows.shape[1]))
+            rows = np.concatenate([rows, pad], axis=1)
+        tf.raw_ops.ResourceScatterUpdate(resource=self.rows.handle, indices=tf.constant(slots, tf.int32),
+                                         updates=tf.constant(rows, self.dtype))
 
-    def write(self, slot: int, folded: FoldedDomain, dtype: tf.DType) -> None:
-        """Write one domain's folded tables into row `slot` (in `self.variables` order)."""
-        units = folded.units
-        groups = [{n: u.bias for n, u in units.items()}, {n: u.matrix for n, u in units.items() if u.matrix is not None},
-                  {n: u.scale for n, u in units.items() if u.scale is not None},
-                  {n: u.side for n, u in units.items() if u.side is not None}]
-        k = folded.kernel.shape[1]
-        kernel = np.zeros((folded.kernel.shape[0], self.class_capacity), np.float32)
-        kernel[:, :k] = folded.kernel
-        logit_bias = np.full((self.class_capacity,), -np.inf, np.float32)
-        logit_bias[:k] = folded.logit_bias
-        rows = [g[n] for g in groups for n in sorted(g)] + [folded.head_scale, folded.head_bias, kernel, logit_bias]
-        flat = np.concatenate([np.ravel(r) for r in rows])
-        self._write_flat(tf.constant(slot, tf.int32), tf.constant(flat, dtype))
-
-    def read(self, slot: int, num_classes: int, adapter: str) -> FoldedDomain:
-        """The folded tables in row `slot` (the inverse of `write`)."""
-        flat = np.asarray(self._read_flat(tf.constant(slot, tf.int32)), np.float32)
-        rows = [part.reshape(shape) for part, shape in zip(np.split(flat, np.cumsum(self._sizes)[:-1]), self._shapes)]
-        names = sorted(self.bias)
-        it = iter(rows)
-        bias = {n: next(it) for n in names}
-        matrix = {n: next(it) for n in names} if adapter == "series" else {}
-        scale = {n: next(it) for n in names} if adapter != "series" else {}
-        side = {n: next(it) for n in names} if adapter == "parallel" else {}
-        head_scale, head_bias, kernel, logit_bias = it
-        units = {n: FoldedUnit(bias=bias[n], matrix=matrix.get(n), scale=scale.get(n), side=side.get(n)) for n in names}
-        return FoldedDomain(units=units, head_scale=head_scale, head_bias=head_bias,
-                            kernel=kernel[:, :num_classes], logit_bias=logit_bias[:num_classes])
+    def read(self, slots: np.ndarray) -> np.ndarray:
+        """The rows of `slots`, full width, as float32."""
+        rows = tf.raw_ops.ResourceGather(resource=self.rows.handle, indices=tf.constant(slots, tf.int32),
+                                         dtype=self.dtype)
+        return np.asarray(rows.numpy(), np.float32)
 
     def tracing_count(self) -> int:
         return self.mixed.experimental_get_tracing_count() + self.single.experimental_get_tracing_count()
@@ -186,6 +154,7 @@ class InferenceEngine:
         self.compute_dtype = tf.as_dtype(compute_dtype)
         self.jit_compile = jit_compile
         self.capacity_step = capacity_step
+        self.layout = RowLayout.of(backbone.config)
         self.stem, self.blocks = self._make_plan()
         self.plan = [self.stem] + [p for b in self.blocks for p in (b.conv1, b.conv2)]
         self._kernels = {p.unit.name: tf.Variable(tf.constant(backbone.weights[f"{p.unit.name}_conv3x3.kernel"],
@@ -218,54 +187,54 @@ class InferenceEngine:
             return tf.nn.conv2d(x, kernel, 1, "SAME")
         return tf.nn.conv2d(x, kernel, stride, [[0, 0], [1, 1], [1, 1], [0, 0]])
 
-    def _unit(self, t: _Tables, p: _UnitPlan, x: tf.Tensor, slots: tf.Tensor, single: bool) -> tf.Tensor:
-        """One conv unit; `slots` is a scalar slot (single) or one slot per sample (mixed)."""
+    def _unit(self, parts: dict, p: _UnitPlan, x: tf.Tensor, single: bool) -> tf.Tensor:
+        """One conv unit; `parts` holds its tables for one slot (single) or one slot per sample (mixed)."""
         name, u = p.unit.name, p.unit
         kernel = self._kernels[name]
-        bias = tf.gather(t.bias[name], slots)
+        bias = parts[name, "bias"]
         if single:
             if self.adapter == "series":
-                matrix = tf.gather(t.matrix[name], slots)
+                matrix = parts[name, "matrix"]
                 if p.fold_single:
                     kernel = tf.reshape(tf.reshape(kernel, (-1, u.out_channels)) @ matrix, kernel.shape)
                     return self._conv(x, kernel, u.stride) + bias
                 z = self._conv(x, kernel, u.stride)
                 return tf.reshape(tf.reshape(z, (-1, u.out_channels)) @ matrix + bias, tf.shape(z))
-            kernel = kernel * tf.gather(t.scale[name], slots)
+            kernel = kernel * parts[name, "scale"]
             if self.adapter == "parallel":  # the strided 1x1 reads the 3x3's centre tap: fold it there
-                side = tf.gather(t.side[name], slots)
-                kernel = kernel + tf.pad(side[None, None], [[1, 1], [1, 1], [0, 0], [0, 0]])
+                kernel = kernel + tf.pad(parts[name, "side"][None, None], [[1, 1], [1, 1], [0, 0], [0, 0]])
             return self._conv(x, kernel, u.stride) + bias
 
         n, hw = tf.shape(x)[0], p.out_size * p.out_size
         z = self._conv(x, kernel, u.stride)
         if self.adapter == "series":
-            z = tf.reshape(z, (n, hw, u.out_channels)) @ tf.gather(t.matrix[name], slots)
+            z = tf.reshape(z, (n, hw, u.out_channels)) @ parts[name, "matrix"]
             return tf.reshape(z + bias[:, None, :], (n, p.out_size, p.out_size, u.out_channels))
-        z = z * tf.gather(t.scale[name], slots)[:, None, None, :] + bias[:, None, None, :]
+        z = z * parts[name, "scale"][:, None, None, :] + bias[:, None, None, :]
         if self.adapter == "parallel":
             xs = x[:, :: u.stride, :: u.stride, :]
-            side = tf.reshape(xs, (n, hw, u.in_channels)) @ tf.gather(t.side[name], slots)
+            side = tf.reshape(xs, (n, hw, u.in_channels)) @ parts[name, "side"]
             z = z + tf.reshape(side, (n, p.out_size, p.out_size, u.out_channels))
         return z
 
     def _forward(self, t: _Tables, x: tf.Tensor, slots: tf.Tensor, single: bool) -> tf.Tensor:
+        parts = t.parts(slots, single)
         x = tf.cast(x, self.compute_dtype)
-        x = self._unit(t, self.stem, x, slots, single)  # the stem: no ReLU after it
+        x = self._unit(parts, self.stem, x, single)  # the stem: no ReLU after it
         for block in self.blocks:
-            y = tf.nn.relu(self._unit(t, block.conv1, x, slots, single))
-            y = self._unit(t, block.conv2, y, slots, single)
+            y = tf.nn.relu(self._unit(parts, block.conv1, x, single))
+            y = self._unit(parts, block.conv2, y, single)
             if block.projects:
                 unit = block.conv1.unit
                 x = tf.nn.avg_pool2d(x, 2, 2, "VALID")
                 x = tf.pad(x, [[0, 0], [0, 0], [0, 0], [0, unit.out_channels - unit.in_channels]])
             x = tf.nn.relu(y + x)
-        scale, shift = tf.gather(t.head_scale, slots), tf.gather(t.head_bias, slots)
-        kernel, logit_bias = tf.gather(t.kernel, slots), tf.gather(t.logit_bias, slots)
+        scale, shift = parts["head", "scale"], parts["head", "bias"]
+        kernel, logit_bias = parts["head", "kernel"], parts["head", "logit_bias"]  # (K, C) per slot, (K,)
         if not single:
             scale, shift = scale[:, None, None, :], shift[:, None, None, :]
         pooled = tf.reduce_mean(tf.nn.relu(x * scale + shift), axis=(1, 2))
-        logits = pooled @ kernel if single else tf.einsum("bc,bck->bk", pooled, kernel)
+        logits = tf.matmul(pooled, kernel, transpose_b=True) if single else tf.einsum("bc,bkc->bk", pooled, kernel)
         return tf.cast(logits + logit_bias, tf.float32)
 
     # ----- slots -----------------------------------------------------------------------------
@@ -282,53 +251,72 @@ class InferenceEngine:
 
     @property
     def row_bytes(self) -> int:
-        """Bytes one loaded domain takes in the tables at their current head width."""
-        return sum(self._tables._sizes) * self.compute_dtype.size  # noqa: SLF001 - the engine's own tables
+        """Bytes one loaded domain takes in the table at its current head width."""
+        return self._tables.width * self.compute_dtype.size
 
     def tracing_count(self) -> int:
         """How many times the forward functions were traced (to prove that loading never retraces)."""
         return self._retired_traces + self._tables.tracing_count()
 
-    def fold(self, bundle: AdapterBundle) -> FoldedDomain:
-        """The bundle in the form the tables hold (see `model.folding`); keep it to `load_folded` it again."""
+    def fold(self, bundle: AdapterBundle) -> np.ndarray:
+        """The bundle as the table holds it: its row (see `model.folding`); keep it to `load_row` it again."""
         check_compatible(bundle, self.backbone)
-        return fold_domain(bundle.config, bundle.weights)
+        return self.layout.pack(fold_domain(bundle.config, bundle.weights))
 
     def load(self, bundle: AdapterBundle, verify_golden: bool = True) -> Slot:
         """Write `bundle` into a free slot, self-test it on its golden inputs, and return its handle.
 
         On failure (`InvalidFileError`) the slot goes back to the free list and nothing changes.
         """
-        return self.load_folded(self.fold(bundle), bundle if verify_golden else None)
+        return self.load_row(self.fold(bundle), bundle if verify_golden else None)
 
-    def load_folded(self, folded: FoldedDomain, golden: AdapterBundle | None = None) -> Slot:
-        """Write already folded tables into a free slot (self-tested against `golden`'s tensors if given)."""
-        num_classes = folded.kernel.shape[1]
-        with self._write_lock:
-            self._ensure_room(num_classes)
+    def load_row(self, row: np.ndarray, golden: AdapterBundle | None = None, wait: bool = True) -> Slot | None:
+        """Write a folded row into a free slot (self-tested against `golden`'s tensors if given).
+
+        With `wait=False` it returns None instead of waiting: when another write holds the table or
+        the table would have to grow first (the caller then calls again where it may wait).
+        """
+        num_classes = self.layout.num_classes(row)
+        if not self._write_lock.acquire(blocking=wait):
+            return None
+        try:
+            if not self._has_room(num_classes):
+                if not wait:
+                    return None
+                self._ensure_room(num_classes)
             with self._lock:
                 slot = Slot(self._free.pop(), num_classes)
                 self._used[slot.index] = slot
             try:
-                self._tables.write(slot.index, folded, self.compute_dtype)
-                if golden is not None and golden.golden_inputs is not None:
-                    self._verify_golden(golden, slot.index)
+                self._tables.write(np.array([slot.index]), row[None])
             except BaseException:
-                self.release(slot)
-                self._unref([slot])
+                self._discard(slot)
+                raise
+        finally:
+            self._write_lock.release()
+        if golden is not None and golden.golden_inputs is not None:
+            try:
+                self._verify_golden(golden, slot)
+            except BaseException:
+                self._discard(slot)
                 raise
         self._unref([slot])
         return slot
 
-    def read_back(self, slot: Slot) -> FoldedDomain:
-        """A live slot's folded tables, copied to host memory (to `load_folded` them again later)."""
+    def _discard(self, slot: Slot) -> None:
+        """A slot whose load failed goes back to the free list."""
+        self.release(slot)
+        self._unref([slot])
+
+    def read_back(self, slot: Slot) -> np.ndarray:
+        """A live slot's row, copied to host memory (to `load_row` it again later)."""
         with self._lock:
             if slot.released:
                 raise ReleasedSlotError(f"{slot!r} was released")
             slot.refs += 1
             tables = self._tables
         try:
-            return tables.read(slot.index, slot.num_classes, self.adapter)
+            return tables.read(np.array([slot.index]))[0, : self.layout.length(slot.num_classes)].copy()
         finally:
             self._unref([slot])
 
@@ -353,8 +341,13 @@ class InferenceEngine:
                 slot.refs -= 1
                 self._free_if_unused(slot)
 
+    def _has_room(self, num_classes: int) -> bool:
+        with self._lock:
+            return bool(self._free) and num_classes <= self._tables.class_capacity
+
     def _ensure_room(self, num_classes: int) -> None:
-        """Grow the tables (doubling) when no slot is free or the head is too narrow; retraces once."""
+        """Hold `_write_lock`. Grow the table (doubling) when no slot is free or the head is too narrow;
+        retraces once. Rows are copied in chunks, so growing needs little memory beyond both tables."""
         old = self._tables
         with self._lock:
             full = not self._free
@@ -365,24 +358,18 @@ class InferenceEngine:
             capacity *= 2
             if self.capacity_step is not None and old.capacity < self.capacity_step < capacity:
                 capacity = self.capacity_step
-        class_capacity = max(old.class_capacity, num_classes)
-        new = _Tables(self, capacity, class_capacity)
-        for src, dst in zip(old.variables, new.variables):
-            if src is old.kernel:
-                dst[: old.capacity, :, : old.class_capacity].assign(src)
-            elif src is old.logit_bias:
-                dst[: old.capacity, : old.class_capacity].assign(src)
-            else:
-                dst[: old.capacity].assign(src)
+        new = _Tables(self, capacity, max(old.class_capacity, num_classes))
+        for start in range(0, old.capacity, GROW_CHUNK_ROWS):
+            slots = np.arange(start, min(start + GROW_CHUNK_ROWS, old.capacity))
+            new.write(slots, old.read(slots))
         with self._lock:
             self._retired_traces += old.tracing_count()
             self._tables = new
             self._free = list(range(capacity - 1, old.capacity - 1, -1)) + self._free
 
-    def _verify_golden(self, bundle: AdapterBundle, slot: int) -> None:
+    def _verify_golden(self, bundle: AdapterBundle, slot: Slot) -> None:
         """Compare the slot's logits on the bundle's golden inputs with the logits it was made with."""
-        got = self._tables.single(tf.constant(bundle.golden_inputs), tf.constant(slot, tf.int32)).numpy()
-        got = got[:, : bundle.num_classes]
+        got = np.stack(self.predict(bundle.golden_inputs, slot))
         want = bundle.golden_logits
         error = float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-6))
         tolerance = GOLDEN_TOLERANCE[self.compute_dtype.name]
@@ -432,7 +419,7 @@ class InferenceEngine:
         """Trace and run both paths (and the table copy to host) once so that no request pays a compilation."""
         s = self.input_size
         slot = tf.constant(0, tf.int32)
-        self._tables.read(0, 1, self.adapter)
+        self._tables.read(np.array([0]))
         for n in batch_sizes:
             x = tf.zeros((n, s, s, 3), tf.float32)
             self._tables.single(x, slot)

@@ -5,11 +5,13 @@ bounded cache of them in two tiers:
 - device: the domain's folded tables in an engine slot, as many domains as the memory budget fits
   (`service.engine.residency`), least recently used first out (never a pinned domain, never one
   that a queued or running request holds: requests lease the entries they use);
-- host: the folded tables of recently evicted domains in host memory, at most `host_cache_mb`,
-  from which a domain returns to the device by one table write (no validation, no folding).
+- host: the folded rows of recently evicted domains in host memory, at most `host_cache_mb`,
+  from which a domain returns to the device by one row write (no validation, no folding).
 Anything else is read from the record, validated (format, fingerprint) and folded by the loader
 (`service.engine.loader`: loader processes beside the engine process), then written to a slot and
-self-tested on its golden inputs, when a request needs it. A request for a registered domain waits
+self-tested on its golden inputs (once per distinct bundle), when a request needs it. Row writes
+and read-backs are copies: they run on the event loop, in a thread only when they must wait (the
+table grows, or a self-test runs). A request for a registered domain waits
 while it loads; loads are de-duplicated per domain, bounded in number (`load_concurrency`) and time
 (`load_timeout_s`), and run off the event loop and off the engine thread.
 
@@ -28,9 +30,10 @@ import logging
 import time
 from collections.abc import Callable
 
+import numpy as np
+
 from model.bundle import AdapterBundle, check_domain_name
 from model.engine import InferenceEngine, Slot
-from model.folding import FoldedDomain
 from model.safetensors_io import InvalidFileError
 from model.weights import count_parameters
 from service.engine.loader import Loader, Prepared
@@ -47,7 +50,7 @@ VERIFIED_KEEP = 20_000  # sha256s of bundles that passed the golden self-test he
 @dataclasses.dataclass(eq=False)
 class Entry:
     """One domain as this process holds it. `card` is the bundle without its weights (labels,
-    preprocessing, metrics); the tables live in `slot` (device tier) or `folded` (host tier)."""
+    preprocessing, metrics); the tables live in `slot` (device tier) or `row` (host tier)."""
 
     card: AdapterBundle
     version: int
@@ -57,8 +60,7 @@ class Entry:
     load_ms: float  # validate + fold (in the loader) + write + self-test (or the host-to-device write)
     golden_self_test: bool
     slot: Slot | None = None
-    folded: FoldedDomain | None = None
-    evicting: asyncio.Future | None = None  # the read-back of its tables to host memory, while it runs
+    row: np.ndarray | None = None  # the folded row, in host memory
     leases: int = 0  # requests holding it (queued or computing)
     retired: bool = False  # replaced or deleted: its slot goes once the last lease is returned
     served: int = 0  # images classified since it was cached here
@@ -73,7 +75,7 @@ class Entry:
 
     @property
     def tier(self) -> str:
-        return "device" if self.slot is not None else "host" if self.folded is not None else "registry"
+        return "device" if self.slot is not None else "host" if self.row is not None else "registry"
 
 
 def _card(bundle: AdapterBundle) -> AdapterBundle:
@@ -98,7 +100,7 @@ class Limits:
     max_resident: int | None = 512  # a cap on resident domains (None: what `device_bytes` fits)
     host_cache_bytes: int = 1024 * MB
     device_bytes: int | None = None  # the budget for resident domains' table rows (None: no budget)
-    load_concurrency: int = 4
+    load_concurrency: int = 8
     load_timeout_s: float = 10.0
     pinned: frozenset[str] = frozenset()  # pinned by this process's settings (the record has its own)
 
@@ -231,9 +233,7 @@ class Registry:
             if entry is not None and entry.slot is not None:
                 return entry
             async with self._load_slots:
-                if entry is not None and entry.evicting is not None:
-                    await entry.evicting
-                if entry is not None and entry.folded is not None:
+                if entry is not None and entry.row is not None:
                     self.metrics.lookups.labels("host", "hit").inc()
                     return await self._to_device(entry)
                 self.metrics.lookups.labels("host", "miss").inc()
@@ -249,13 +249,13 @@ class Registry:
                 return loaded
 
     async def _to_device(self, entry: Entry) -> Entry:
-        """Host tier -> device tier: one table write."""
+        """Host tier -> device tier: one row write."""
         self._make_room()
-        folded = entry.folded
+        row = entry.row
         self._drop_host(entry)  # out of the host tier first: trimming it must not touch this entry
         start = time.perf_counter()
         try:
-            entry.slot = await asyncio.to_thread(self.engine.load_folded, folded)
+            entry.slot = await self._write(row)
         except BaseException:
             self._forget(entry)
             raise
@@ -299,8 +299,7 @@ class Registry:
         start = time.perf_counter()
         prepared = prepared or await self.loader.prepare(data, domain)
         card, sha = prepared.card, prepared.sha256
-        slot = await asyncio.to_thread(self.engine.load_folded, prepared.folded,
-                                       None if sha in self._verified else card)
+        slot = await self._write(prepared.row, None if sha in self._verified else card)
         self._verified[sha] = None
         self._verified.move_to_end(sha)
         if len(self._verified) > VERIFIED_KEEP:
@@ -310,6 +309,11 @@ class Registry:
         self.metrics.loads.labels("registry", "ok").inc()
         return Entry(_card(card), version, sha, prepared.size_bytes, created_at, seconds * 1000,
                      golden_self_test=card.golden_inputs is not None, slot=slot)
+
+    async def _write(self, row: np.ndarray, golden: AdapterBundle | None = None) -> Slot:
+        """The row in a free slot: written here when that is a copy, else in a thread."""
+        slot = self.engine.load_row(row, wait=False) if golden is None else None
+        return slot if slot is not None else await asyncio.to_thread(self.engine.load_row, row, golden)
 
     def _publish(self, entry: Entry) -> None:
         """Serve `entry` (on the device) for its domain; the entry it replaces retires."""
@@ -337,8 +341,7 @@ class Registry:
     def _make_room(self) -> None:
         """Evict least recently used device entries until a slot is free under `max_resident`.
 
-        Their tables are copied to host memory in the background: the engine keeps spare rows
-        (loads in flight, replaced slots still computing), so the load that follows need not wait."""
+        Their rows are copied to host memory when the host tier has room for any (`host_cache_mb`)."""
         while len(self._device) >= self.max_resident:
             victim = next((self._entries[d] for d in self._device
                            if self._entries[d].leases == 0 and d not in self._pinned), None)
@@ -348,36 +351,22 @@ class Registry:
                 return
             self._evict(victim)
 
-    def _evict(self, entry: Entry) -> asyncio.Future:
-        """Device -> host: copy the tables back to host memory (in a thread), then free the slot."""
+    def _evict(self, entry: Entry) -> None:
+        """Device -> host (a row copy), or out of this process's cache when the host tier is off."""
         slot, entry.slot = entry.slot, None
         del self._device[entry.domain]
         self.metrics.evictions.labels("device").inc()
-        keep = self.limits.host_cache_bytes > 0
-
-        def read_back() -> FoldedDomain | None:
-            try:
-                return self.engine.read_back(slot) if keep else None
-            finally:
-                self.engine.release(slot)
-
-        future = asyncio.get_running_loop().run_in_executor(None, read_back)
-        entry.evicting = future
-
-        def done(f: asyncio.Future) -> None:
-            entry.evicting = None
-            folded = None if f.cancelled() or f.exception() is not None else f.result()
-            if folded is None or entry.retired:
-                self._forget(entry)
-            else:
-                entry.folded = folded
+        try:
+            if self.limits.host_cache_bytes > 0 and not entry.retired:
+                entry.row = self.engine.read_back(slot)
                 self._host[entry.domain] = None
-                self._host_bytes += folded.nbytes
-                self._trim_host()
-            self._gauges()
-
-        future.add_done_callback(done)
-        return future
+                self._host_bytes += entry.row.nbytes
+        finally:
+            self.engine.release(slot)
+        if entry.row is None:
+            self._forget(entry)
+        self._trim_host()
+        self._gauges()
 
     def _forget(self, entry: Entry) -> None:
         """`entry` leaves this process's cache (its domain stays in the record)."""
@@ -386,10 +375,10 @@ class Registry:
             self._recorded.pop(entry.domain, None)
 
     def _drop_host(self, entry: Entry) -> None:
-        if entry.domain in self._host and entry.folded is not None:
+        if entry.domain in self._host and entry.row is not None:
             del self._host[entry.domain]
-            self._host_bytes -= entry.folded.nbytes
-        entry.folded = None
+            self._host_bytes -= entry.row.nbytes
+        entry.row = None
 
     def _trim_host(self) -> None:
         while self._host_bytes > self.limits.host_cache_bytes and self._host:
@@ -474,9 +463,7 @@ class Registry:
             if entry is not None and entry.version == versions[-1].version:
                 self._recorded[domain] = versions[-1].version
                 return
-            if entry is None or entry.slot is None:  # not cached, host tier or being evicted: load on demand
-                if entry is not None and entry.evicting is not None:
-                    await entry.evicting
+            if entry is None or entry.slot is None:  # not cached or in the host tier: load on demand
                 if entry is not None:
                     self._retire(entry)
                 self._recorded.pop(domain, None)

@@ -54,7 +54,7 @@ class Settings(BaseSettings):
                                         "domains (default: none on a CPU host, where it would be a second copy; "
                                         "1024 with a GPU)")
     pinned: str = Field("", description="comma-separated domains this process loads at start and never evicts")
-    load_concurrency: int = Field(4, ge=1, description="domain loads at a time")
+    load_concurrency: int = Field(8, ge=1, description="domain loads at a time")
     loader_processes: int = Field(2, ge=0, le=64, description="with several workers: processes beside the engine "
                                   "process that validate and fold bundles (0: threads of the engine process)")
     load_timeout_s: float = Field(10.0, gt=0, description="longest a request waits for its domain to load")

@@ -219,12 +219,12 @@ def test_release_does_not_affect_a_running_batch(tiny):
     assert_logits_close(np.stack(engine.predict(x, a2)), keras_logits(backbone, new, x), err_msg="new version")
 
 
-def test_read_back_then_load_folded_serves_the_same_logits(setup):
+def test_read_back_then_load_row_serves_the_same_logits(setup):
     _, _, engine, slots = setup
     x = images(3, 32, seed=4)
     want = np.stack(engine.predict(x, slots["b"]))
     copy = engine.read_back(slots["b"])
-    again = engine.load_folded(copy)
+    again = engine.load_row(copy)
     assert again.index != slots["b"].index and again.num_classes == CLASSES["b"]
     # the same path, batch shape and folded numbers, only another slot: the same sums in the same order (bit-equal
     # here), so much tighter than the cross-batch 1e-4; a lossy read-back (bf16/fp16: 1e-3 or more) fails it

@@ -41,7 +41,7 @@ from service.views import Card, Deleted, EngineStatus, Residency, Row, Sync
 
 _log = logging.getLogger(__name__)
 DEMO_MARKER = "demo-seeded"
-WARM_AT_MOST = 1000  # domains loaded in the background at start (more would load for minutes)
+WARM_BY_NAME = 1000  # at start, domains never used yet that are loaded while room is left
 
 
 def seed_demo(record: RecordStore, backbone: Backbone) -> None:
@@ -135,7 +135,7 @@ class EngineCore:
             _log.warning("not ready: the registry of record is unreachable; retrying in the background")
         self.follower = Follower(registry, registry.record, s.resync_interval_s)
         self.follower.start()
-        self._tasks.append(asyncio.create_task(self._warm_most_used(min(registry.max_resident, WARM_AT_MOST))))
+        self._tasks.append(asyncio.create_task(self._warm_most_used(registry.max_resident)))
         gc.collect()
         gc.freeze()  # the loaded framework's objects live forever: keep them out of full collections
         self.started = True
@@ -156,15 +156,17 @@ class EngineCore:
             self.loader.stop()
 
     async def _warm_most_used(self, count: int) -> None:
-        """After start: load the most used domains (usage counts kept in the record), then, while room
-        is left, the first ones by name, so a small registry is entirely resident as before."""
+        """After start: load as many of the most used domains (usage counts kept in the record) as
+        fit, then, while room is left, the first `WARM_BY_NAME` by name, so that a small registry is
+        entirely resident."""
         registry = self.registry
         registry.status.warming = True
         try:
             names = await asyncio.to_thread(registry.record.top_used, count)
             if len(names) < count:
-                listed = await asyncio.to_thread(registry.record.list_domains, "", None, count)
-                names += [name for name, _ in listed if name not in names][: count - len(names)]
+                by_name = min(count - len(names), WARM_BY_NAME)
+                listed = await asyncio.to_thread(registry.record.list_domains, "", None, by_name + len(names))
+                names += [name for name, _ in listed if name not in names][:by_name]
             t0 = time.perf_counter()
             loaded = await registry.warm(names)
             _log.info("warmed %d domains in %.1fs", loaded, time.perf_counter() - t0)

@@ -7,7 +7,7 @@ engine: the write of the folded rows into its tables and the golden self-test. W
 (one worker: the single serving process) the same work runs in a thread.
 
 What crosses the pool's pipes: the bundle's bytes as a bytes object (parsed as safetensors in the
-loader, never unpickled) and, back, the folded arrays and card that the loader computed itself.
+loader, never unpickled) and, back, the folded row and card that the loader computed itself.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ import pathlib
 import signal
 import time
 
+import numpy as np
+
 from model.backbone import Backbone, load_backbone
 from model.bundle import AdapterBundle, load_bundle
-from model.folding import FoldedDomain, fold_domain
+from model.folding import RowLayout, fold_domain
 from service.exceptions import AdapterUnavailable
 
 _log = logging.getLogger(__name__)
@@ -35,21 +37,21 @@ PR_SET_PDEATHSIG = 1  # prctl(2): a loader dies with the engine process that sta
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-    """A validated bundle, ready for the engine: its card and golden tensors, and its folded tables."""
+    """A validated bundle, ready for the engine: its card and golden tensors, and its folded row."""
 
     card: AdapterBundle  # without its weights; golden tensors kept for the self-test
-    folded: FoldedDomain
+    row: np.ndarray  # the folded tables in the engine's row layout (`model.folding.RowLayout`)
     sha256: str
     size_bytes: int
     cpu_s: float  # CPU time the preparation took (in the loader)
 
 
 def prepare(backbone: Backbone, data: bytes, domain: str | None) -> Prepared:
-    """Parse and validate `data` for `backbone` (raise `InvalidFileError`), then fold it."""
+    """Parse and validate `data` for `backbone` (raise `InvalidFileError`), then fold it into its row."""
     start = time.thread_time()
     bundle = load_bundle(data, backbone, domain=domain)
-    folded = fold_domain(bundle.config, bundle.weights)
-    return Prepared(dataclasses.replace(bundle, weights={}), folded, hashlib.sha256(data).hexdigest(), len(data),
+    row = RowLayout.of(bundle.config).pack(fold_domain(bundle.config, bundle.weights))
+    return Prepared(dataclasses.replace(bundle, weights={}), row, hashlib.sha256(data).hexdigest(), len(data),
                     time.thread_time() - start)
 
 
