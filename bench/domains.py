@@ -60,13 +60,15 @@ def seed(store: pathlib.Path, count: int) -> list[str]:
     return names
 
 
-def zipf_sequence(names: list[str], length: int, seed_: int = 0) -> list[str]:
-    """Requests drawn from Zipf(1.0) over `names` (rank 1 the most popular), in random order."""
+def zipf_sequence(names: list[str], length: int, draw: int = 0) -> list[str]:
+    """Requests drawn from Zipf(1.0) over `names` (rank 1 the most popular), in random order. Which
+    name holds which rank is fixed; `draw` picks another sequence of draws from the same popularity."""
     ranks = np.arange(1, len(names) + 1)
     p = 1.0 / ranks
     p /= p.sum()
-    rng = np.random.default_rng(seed_)
+    rng = np.random.default_rng(0)
     order = rng.permutation(len(names))  # which name holds which rank
+    rng = rng if draw == 0 else np.random.default_rng(draw)
     return [names[order[r]] for r in rng.choice(len(names), size=length, p=p)]
 
 
@@ -177,15 +179,16 @@ def main(argv: list[str] | None = None) -> None:
                     page = client.get(url + "/adapters", params={"limit": 100, **({"cursor": cursor} if cursor else {})})
                     page.raise_for_status()
                     list_ms.append(round((time.perf_counter() - t) * 1000, 1))
-            zipf = zipf_sequence(names, 50_000)
             eight = names[:8]
             drive(url, eight, images, args.concurrency, 2.0, 1)  # warm-up
-            warm = drive(url, zipf, images, args.concurrency,
+            # each drive walks its list from the start: a fresh draw each time, so that no round replays another
+            warm = drive(url, zipf_sequence(names, 50_000, 0), images, args.concurrency,
                          args.seconds if args.warm_seconds is None else args.warm_seconds, 1)
             zipf_rounds, eight_rounds, lookups = [], [], []
-            for _ in range(args.rounds):
+            for i in range(args.rounds):
                 before = counters(url)
-                zipf_rounds.append(drive(url, zipf, images, args.concurrency, args.seconds, 1))
+                zipf_rounds.append(drive(url, zipf_sequence(names, 50_000, 1 + i), images, args.concurrency,
+                                         args.seconds, 1))
                 lookups.append((before, counters(url)))
                 eight_rounds.append(drive(url, eight, images, args.concurrency, args.seconds, 1))
             rss_end = rss_mb(engine_pid)

@@ -36,6 +36,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 GOLDEN_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 1e-2}  # relative to max |logit|
 NOMINAL_BATCH = 8  # the single-domain path folds into the kernel when that is cheaper at this batch
 GROW_CHUNK_ROWS = 256  # rows copied at a time when the table grows
+CLASS_CAPACITY = 16  # the head width an engine starts with
 
 
 class ReleasedSlotError(RuntimeError):
@@ -127,9 +128,9 @@ class InferenceEngine:
 
     Args:
         backbone: the shared weights; every bundle must carry its fingerprint.
-        capacity: initial number of domain slots (grows by doubling, retracing once each time).
-        capacity_step: when doubling would pass this number of slots, grow to it instead (the most
-            a caller expects to hold; past it, doubling resumes).
+        capacity: domain slots: allocated at once (pages untouched until rows are written), so
+            give what the memory budget fits; when every slot is taken the table doubles (a copy,
+            retracing once).
         class_capacity: initial head width; a domain with more classes grows it (retracing once).
         compute_dtype: "float32" (default, and the only sensible choice on CPU), or "bfloat16" /
             "float16" on a GPU.
@@ -142,8 +143,8 @@ class InferenceEngine:
         >>> engine.release(cars)
     """
 
-    def __init__(self, backbone: Backbone, capacity: int = 16, class_capacity: int = 16,
-                 compute_dtype: str = "float32", jit_compile: bool = False, capacity_step: int | None = None):
+    def __init__(self, backbone: Backbone, capacity: int = 16, class_capacity: int = CLASS_CAPACITY,
+                 compute_dtype: str = "float32", jit_compile: bool = False):
         if compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}. Received: compute_dtype={compute_dtype!r}")
         if capacity < 1 or class_capacity < 1:
@@ -153,7 +154,6 @@ class InferenceEngine:
         self.input_size = backbone.config.input_size
         self.compute_dtype = tf.as_dtype(compute_dtype)
         self.jit_compile = jit_compile
-        self.capacity_step = capacity_step
         self.layout = RowLayout.of(backbone.config)
         self.stem, self.blocks = self._make_plan()
         self.plan = [self.stem] + [p for b in self.blocks for p in (b.conv1, b.conv2)]
@@ -254,6 +254,11 @@ class InferenceEngine:
         """Bytes one loaded domain takes in the table at its current head width."""
         return self._tables.width * self.compute_dtype.size
 
+    @staticmethod
+    def row_bytes_for(backbone: Backbone, compute_dtype: str = "float32", class_capacity: int = CLASS_CAPACITY) -> int:
+        """`row_bytes` of an engine not made yet (to size its capacity from a memory budget)."""
+        return RowLayout.of(backbone.config).length(class_capacity) * tf.as_dtype(compute_dtype).size
+
     def tracing_count(self) -> int:
         """How many times the forward functions were traced (to prove that loading never retraces)."""
         return self._retired_traces + self._tables.tracing_count()
@@ -353,11 +358,7 @@ class InferenceEngine:
             full = not self._free
         if not full and num_classes <= old.class_capacity:
             return
-        capacity = old.capacity
-        if full:
-            capacity *= 2
-            if self.capacity_step is not None and old.capacity < self.capacity_step < capacity:
-                capacity = self.capacity_step
+        capacity = old.capacity * 2 if full else old.capacity
         new = _Tables(self, capacity, max(old.class_capacity, num_classes))
         for start in range(0, old.capacity, GROW_CHUNK_ROWS):
             slots = np.arange(start, min(start + GROW_CHUNK_ROWS, old.capacity))

@@ -1,19 +1,20 @@
 """Reading and writing `.safetensors` files safely: validated headers, atomic writes.
 
-Uploads are untrusted: the header is parsed and checked (size, JSON, dtypes, offsets) before any
-tensor is materialised, and only float32 tensors are accepted.
+Uploads are untrusted: the header is parsed and checked (size, JSON, dtypes, offsets that cover
+the data exactly) before any tensor is read, and only float32 tensors are accepted. Tensors are
+read-only views into the file's bytes (no copy); files are written by the `safetensors` library.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import struct
 import tempfile
 
 import numpy as np
-import safetensors
 import safetensors.numpy
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024
@@ -56,11 +57,33 @@ def read_safetensors(data: bytes, what: str) -> tuple[dict[str, np.ndarray], dic
     bad_dtypes = sorted(k for k, v in header.items() if not isinstance(v, dict) or v.get("dtype") != "F32")
     if bad_dtypes:
         raise InvalidFileError("tensors", f"The {what} must hold float32 tensors only; these are not: {bad_dtypes}.")
-    try:
-        tensors = safetensors.numpy.load(data)
-    except Exception as exc:  # the Rust parser raises SafetensorError and others for bad offsets
-        raise InvalidFileError("not_safetensors", f"{hint}: {exc}.") from None
+    start, size = 8 + header_len, len(data) - 8 - header_len
+    spans = sorted((_span(name, info, size, hint), name) for name, info in header.items())
+    position = 0
+    for (begin, end, _), name in spans:  # the buffer is covered exactly: no overlap, no hole
+        if begin != position:
+            raise InvalidFileError("not_safetensors", f"{hint}: the data of tensor {name!r} starts at byte {begin}, "
+                                                      f"not at {position} where the previous one ends.")
+        position = end
+    if position != size:
+        raise InvalidFileError("not_safetensors", f"{hint}: {size - position} bytes after the last tensor's data.")
+    # views into `data`, not copies: a bundle's tensors are read once and folded (read-only arrays)
+    tensors = {name: np.frombuffer(data, np.float32, (end - begin) // 4, start + begin).reshape(shape)
+               for (begin, end, shape), name in spans}
     return tensors, dict(metadata)
+
+
+def _span(name: str, info: dict, size: int, hint: str) -> tuple[int, int, tuple[int, ...]]:
+    """(begin, end, shape) of one tensor's entry, checked against the data's `size` in bytes."""
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape) and isinstance(offsets, list)
+            and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise InvalidFileError("not_safetensors", f"{hint}: tensor {name!r} has no valid shape and data_offsets.")
+    begin, end = offsets
+    if not 0 <= begin <= end <= size or end - begin != 4 * math.prod(shape):
+        raise InvalidFileError("not_safetensors", f"{hint}: tensor {name!r} has data_offsets {offsets}, which do not "
+                                                  f"hold its shape {shape} inside the file's {size} bytes of data.")
+    return begin, end, tuple(shape)
 
 
 def parse_json_metadata(metadata: dict[str, str], key: str, what: str) -> object:

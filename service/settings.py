@@ -43,7 +43,6 @@ class Settings(BaseSettings):
     domain_queue_share: float = Field(0.5, gt=0, le=1, description="fraction of the queue one domain may hold "
                                                                    "before its requests get 429")
     request_timeout_s: float = Field(30.0, gt=0)
-    capacity: int = Field(64, ge=1, description="initial engine slots (grows by doubling)")
     device_memory_mb: float | None = Field(None, gt=0, description="memory for the resident domains' tables "
                                            "(default: RA_DEVICE_MEMORY_FRACTION of the memory available at start)")
     device_memory_fraction: float = Field(0.5, gt=0, le=0.95, description="the default budget's share of the "

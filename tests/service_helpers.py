@@ -171,7 +171,7 @@ def make_settings(assets: Assets, store: pathlib.Path, **changes):
     from service.settings import Settings
 
     values = dict(backbone=assets.backbone_path, store_dir=store, demo_adapters=False, admin_token=ADMIN_TOKEN,
-                  max_wait_ms=1, max_batch_size=4, capacity=4, preprocess_threads=2)
+                  max_wait_ms=1, max_batch_size=4, device_memory_mb=64, preprocess_threads=2)
     return Settings(**{**values, **changes})
 
 

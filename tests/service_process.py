@@ -26,7 +26,8 @@ class ServiceProcess:
     """One `python -m service` process (or a group of `--workers`) on its own port, logging to a file."""
 
     def __init__(self, env: dict[str, str], log_path: pathlib.Path, workers: int = 1):
-        self.env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "", **env}
+        self.env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "",
+                    "RA_DEVICE_MEMORY_MB": "256", **env}  # several engines on one machine: a modest table each
         self.log_path, self.workers = log_path, workers
         self.proc: subprocess.Popen | None = None
         self.port = free_port()

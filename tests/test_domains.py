@@ -226,6 +226,63 @@ def test_a_hundred_requests_for_one_cold_domain_cause_one_load(assets, tmp_path)
     assert counter(registry, "ra_adapter_lookups_total", tier="host", result="miss") == 1
 
 
+class GatedLoader(Loader):
+    """The real loader, made to wait for `gate` before it prepares a bundle (a slow load in progress)."""
+
+    def __init__(self, backbone):
+        super().__init__(backbone)
+        self.gate, self.waiting = asyncio.Event(), asyncio.Event()
+
+    async def prepare(self, data, domain):
+        self.waiting.set()
+        await self.gate.wait()
+        return await super().prepare(data, domain)
+
+
+def test_resident_domains_are_served_while_a_cold_domain_loads(assets, tmp_path):
+    fill(tmp_path, assets, ["hot", "cold"])
+    x = preprocess(open_image(png_bytes(6)), assets.bundles["beta"].preprocessing)[None]
+
+    async def main():
+        registry = make_registry(assets, tmp_path, max_resident=4)
+        await use(registry, "hot")
+        loader = registry.loader = GatedLoader(assets.backbone)
+        cold = asyncio.create_task(registry.acquire("cold"))  # its load starts at once and waits
+        await asyncio.wait_for(loader.waiting.wait(), 10)
+        served = []
+        for _ in range(3):  # meanwhile the resident domain is leased and computed at once
+            entry = await asyncio.wait_for(registry.acquire("hot"), 1)
+            served.append(registry.engine.predict(x, entry.slot)[0])
+            registry.release([entry])
+        still_loading = not cold.done()
+        loader.gate.set()
+        entry = await asyncio.wait_for(cold, 10)
+        registry.release([entry])
+        return served, still_loading, entry.tier
+
+    served, still_loading, tier = asyncio.run(main())
+    assert still_loading and len(served) == 3 and tier == "device"
+
+
+def test_a_load_that_fails_answers_every_waiting_request_with_the_same_503(assets, tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "000001.safetensors").write_bytes(np.random.default_rng(1).bytes(3000))
+
+    async def main():
+        registry = make_registry(assets, tmp_path, max_resident=4)
+        loader = registry.loader = GatedLoader(assets.backbone)
+        waiting = [asyncio.create_task(registry.acquire("broken")) for _ in range(20)]
+        await asyncio.wait_for(loader.waiting.wait(), 10)  # all 20 wait on the one load
+        loader.gate.set()
+        outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+        return registry, outcomes
+
+    registry, outcomes = asyncio.run(main())
+    assert all(isinstance(o, AdapterUnavailable) for o in outcomes)
+    assert len({str(o) for o in outcomes}) == 1 and "passes validation" in str(outcomes[0])
+    assert counter(registry, "ra_adapter_loads_total", source="registry", outcome="invalid") == 1
+
+
 def test_cycling_many_domains_through_few_slots_never_retraces(assets, tmp_path):
     names = [f"d{i:02d}" for i in range(30)]
     fill(tmp_path, assets, names)
@@ -277,7 +334,7 @@ def test_listing_pages_and_a_broken_bundle_over_http(assets, tmp_path):
     (tmp_path / "zeta-c").mkdir()
     (tmp_path / "zeta-c" / "000001.safetensors").write_bytes(b"\x00" * 100)
     settings = Settings(backbone=assets.backbone_path, store_dir=tmp_path, demo_adapters=False,
-                        admin_token=ADMIN_TOKEN, max_resident=4, capacity=8, preprocess_threads=1, max_fanout=3)
+                        admin_token=ADMIN_TOKEN, max_resident=4, preprocess_threads=1, max_fanout=3)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         seen, cursor, pages = [], None, 0
         while True:
@@ -313,7 +370,7 @@ def test_listing_pages_and_a_broken_bundle_over_http(assets, tmp_path):
 def test_start_up_loads_pinned_domains_and_warms_the_most_used(assets, tmp_path):
     fill(tmp_path, assets, [f"d{i}" for i in range(6)])
     settings = Settings(backbone=assets.backbone_path, store_dir=tmp_path, demo_adapters=False,
-                        admin_token=ADMIN_TOKEN, max_resident=4, capacity=8, preprocess_threads=1, pinned="d5")
+                        admin_token=ADMIN_TOKEN, max_resident=4, preprocess_threads=1, pinned="d5")
     with TestClient(create_app(settings)) as client:
         for domain in ("d2", "d2", "d3"):
             assert client.post(f"/predict/{domain}", files={"file": ("x.png", png_bytes(1))}).status_code == 200

@@ -111,8 +111,8 @@ def test_health_docs_and_metrics(served):
 
 def test_readyz_and_metrics_report_the_residency_budget(served):
     residency = served.client.get("/readyz").json()["residency"]
-    # the default on a CPU host: half the memory available at start, no host tier (one memory)
-    assert residency["budget_source"] == "0.5 of the host memory available at start"
+    # the tests' budget (the default's sources: test_domains.py); no host tier on a CPU host by default (one memory)
+    assert residency["budget_source"] == "RA_DEVICE_MEMORY_MB" and residency["budget_mb"] == 64
     assert residency["host_cache_mb"] == 0
     assert 0 < residency["bytes_per_domain"] < 4 * 1024 * 1024
     assert abs(residency["fits"] - residency["budget_mb"] * 1024 * 1024 / residency["bytes_per_domain"]) < 2

@@ -55,7 +55,7 @@ def sees(caller: str, domain: str) -> bool:
 
 def settings_for(assets, tmp: pathlib.Path, keys_file: pathlib.Path, **changes) -> Settings:
     values = dict(backbone=assets.backbone_path, store_dir=tmp / "store", demo_adapters=False, admin_token=ADMIN_TOKEN,
-                  api_keys_file=keys_file, api_keys_poll_s=0.05, max_wait_ms=1, max_batch_size=4, capacity=8,
+                  api_keys_file=keys_file, api_keys_poll_s=0.05, max_wait_ms=1, max_batch_size=4, device_memory_mb=64,
                   preprocess_threads=2)
     values.update(changes)
     return Settings(**values)

@@ -41,7 +41,6 @@ from service.views import Card, Deleted, EngineStatus, Residency, Row, Sync
 
 _log = logging.getLogger(__name__)
 DEMO_MARKER = "demo-seeded"
-WARM_BY_NAME = 1000  # at start, domains never used yet that are loaded while room is left
 
 
 def seed_demo(record: RecordStore, backbone: Backbone) -> None:
@@ -94,11 +93,12 @@ class EngineCore:
         self.backbone = load_backbone(s.backbone)
         headroom = s.load_concurrency + s.max_batch_size + 8  # loads in flight; replaced slots still computing
         self.budget = residency.budget(s, self.device)
-        self.engine = InferenceEngine(self.backbone, capacity=min(s.capacity, (s.max_resident or s.capacity) + headroom),
-                                      compute_dtype=s.compute_dtype)
-        fits = self.budget.fits(self.engine.row_bytes)
-        self.engine.capacity_step = fits + headroom  # the tables grow by doubling up to what the budget fits
-        _log.info("residency: %d domains of %.2f MB fit in %.0f MB (%s)", fits, self.engine.row_bytes / MB,
+        row_bytes = InferenceEngine.row_bytes_for(self.backbone, s.compute_dtype)
+        fits = self.budget.fits(row_bytes)
+        # every slot the budget fits, allocated now: a table that grew later would copy itself (and
+        # need twice its memory) while serving
+        self.engine = InferenceEngine(self.backbone, capacity=fits + headroom, compute_dtype=s.compute_dtype)
+        _log.info("residency: %d domains of %.2f MB fit in %.0f MB (%s)", fits, row_bytes / MB,
                   self.budget.bytes / MB, self.budget.source)
         self.engine.warm_up(sorted({1, 2, s.max_batch_size}))
         record = open_record(s)
@@ -157,16 +157,15 @@ class EngineCore:
 
     async def _warm_most_used(self, count: int) -> None:
         """After start: load as many of the most used domains (usage counts kept in the record) as
-        fit, then, while room is left, the first `WARM_BY_NAME` by name, so that a small registry is
-        entirely resident."""
+        fit, then, while room is left, others by name: memory the budget holds for domains serves
+        better full."""
         registry = self.registry
         registry.status.warming = True
         try:
             names = await asyncio.to_thread(registry.record.top_used, count)
             if len(names) < count:
-                by_name = min(count - len(names), WARM_BY_NAME)
-                listed = await asyncio.to_thread(registry.record.list_domains, "", None, by_name + len(names))
-                names += [name for name, _ in listed if name not in names][:by_name]
+                listed = await asyncio.to_thread(registry.record.list_domains, "", None, count)
+                names += [name for name, _ in listed if name not in names][: count - len(names)]
             t0 = time.perf_counter()
             loaded = await registry.warm(names)
             _log.info("warmed %d domains in %.1fs", loaded, time.perf_counter() - t0)
