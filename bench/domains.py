@@ -15,7 +15,8 @@ installed), interleaved with the same load over 8 domains. Prints one JSON objec
   after start and after the run; `budget`: the residency budget (`budget_mb`, `bytes_per_domain`,
   `fits`) from /readyz;
 - `zipf_img_s`, `eight_img_s` and `zipf_over_eight` (medians of interleaved rounds);
-- `hit_rate`: device and host tiers during the Zipf rounds (from the server's own counters), and
+- `hit_rate`: during the Zipf rounds, the share of requests served without a load (`device`; from
+  the server's load counters) and of the loads, those from host memory (`host`); and
   `ideal`: the share of requests for the domains an ideal cache of the device tier's size would
   hold (the most requested ones that fit);
 - `load_cpu_ms`: p50 CPU (all threads) of putting a domain on the device from host memory
@@ -77,16 +78,24 @@ def rss_mb(pid: int) -> float:
     return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) / 1024
 
 
-def counters(url: str) -> dict[tuple[str, str], float]:
+def counters(url: str) -> dict[str, float]:
+    """The server's loads so far, by source (`host`, `registry`)."""
     text = httpx.get(url + "/metrics", timeout=10).text
-    return {(m[0], m[1]): float(m[2]) for m in
-            re.findall(r'^ra_adapter_lookups_total\{result="(\w+)",tier="(\w+)"\} (\S+)$', text, re.M)}
+    loads = {}
+    for labels, value in re.findall(r"^ra_adapter_loads_total\{([^}]*)\} (\S+)$", text, re.M):
+        label = dict(re.findall(r'(\w+)="(\w*)"', labels))
+        if label.get("outcome") == "ok":
+            loads[label["source"]] = float(value)
+    return loads
 
 
-def rate(before: dict, after: dict, tier: str) -> float | None:
-    hit = after.get(("hit", tier), 0) - before.get(("hit", tier), 0)
-    miss = after.get(("miss", tier), 0) - before.get(("miss", tier), 0)
-    return round(hit / (hit + miss), 4) if hit + miss else None
+def hit_rates(loads: list[tuple[dict, dict]], requests: int) -> dict[str, float | None]:
+    """Per request: the share answered from the device tier (no load), and of the rest from host memory."""
+    loaded = {tier: sum(after.get(tier, 0) - before.get(tier, 0) for before, after in loads)
+              for tier in ("host", "registry")}
+    misses = loaded["host"] + loaded["registry"]
+    return {"device": round(1 - misses / requests, 4) if requests else None,
+            "host": round(loaded["host"] / misses, 4) if misses else None}
 
 
 def ideal_hit_rate(count: int, fits: int) -> float:
@@ -198,7 +207,6 @@ def main(argv: list[str] | None = None) -> None:
         cold = cold_loads(store, names[len(names) // 2:], args.cold) if args.cold > 32 else {}
     z, e = median_round(zipf_rounds), median_round(eight_rounds)
     warm_seconds = args.seconds if args.warm_seconds is None else args.warm_seconds
-    first, last = lookups[0][0], lookups[-1][1]
     result = {
         "domains": args.domains,
         "startup_s": round(startup_s, 2),
@@ -209,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         "eight_img_s": round(e["img_s"], 1),
         "zipf_over_eight": round(z["img_s"] / e["img_s"], 3),
         "zipf_p99_ms": round(z["p99_ms"], 1), "eight_p99_ms": round(e["p99_ms"], 1),
-        "hit_rate": {"device": rate(first, last, "device"), "host": rate(first, last, "host"),
+        "hit_rate": {**hit_rates(lookups, sum(r["requests"] for r in zipf_rounds)),
                      "ideal": ideal_hit_rate(args.domains, min(residency["fits"], args.max_resident or residency["fits"]))},
         "load_cpu_ms": cold.get("load_cpu_ms"),
         "cold_ms": cold.get("cold_ms"),
