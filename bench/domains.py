@@ -1,11 +1,13 @@
 """Many more registered domains than device slots: start-up, memory, Zipf traffic, cold loads.
 
     python -m bench.domains [--domains 10000] [--max-resident N] [--host-cache-mb MB] [--workers N]
-                            [--seconds 10] [--rounds 2] [--warm-seconds S]
+                            [--seconds 10] [--rounds 2] [--warm-seconds S] [--history N]
 
 With the demo backbone: registers `--domains` domains in a directory registry of record (copies of
 the three demo bundles under new names, hard-linked so that 100,000 of them fit any disk; the bytes
-are identical to uploaded copies), starts `python -m service` on it (`--workers`: front ends and an
+are identical to uploaded copies) with the usage a service that had already served `--history`
+requests of the same traffic would have left in the record (so the warm-up loads the most used, as
+after a restart; 0: a new record), starts `python -m service` on it (`--workers`: front ends and an
 engine process; with `RA_MAX_RESIDENT` and `RA_HOST_CACHE_MB` when given, else the residency that
 the default memory budget gives), drives the Zipf traffic for `--warm-seconds` (the domains its
 first requests touch load then), and then Zipf(1.0) traffic over all of them over HTTP (wrk when
@@ -30,6 +32,7 @@ Loopback only; it stops by itself.
 from __future__ import annotations
 
 import argparse
+import collections
 import asyncio
 import json
 import os
@@ -154,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--cold", type=int, default=200, help="domains timed per cold-load source (0: none)")
+    parser.add_argument("--history", type=int, default=1_000_000,
+                        help="requests of this traffic already served, as usage in the record (0: a new record)")
     args = parser.parse_args(argv)
 
     images = test_images(16, 48)
@@ -162,6 +167,10 @@ def main(argv: list[str] | None = None) -> None:
         store.mkdir()
         t0 = time.perf_counter()
         names = seed(store, args.domains)
+        if args.history:
+            from service.record.directory import DirectoryRecord
+
+            DirectoryRecord(store).add_usage(collections.Counter(zipf_sequence(names, args.history, 999)))
         seed_s = time.perf_counter() - t0
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -225,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         "list_page_ms": {"first": list_ms[0], "far": list_ms[1]},
         "errors": sum(r["errors"] for r in zipf_rounds + eight_rounds),
         "settings": {"workers": args.workers, "max_resident": args.max_resident, "host_cache_mb": args.host_cache_mb,
-                     "seconds": args.seconds,
+                     "seconds": args.seconds, "history": args.history,
                      "rounds": args.rounds, "concurrency": args.concurrency, "seed_s": round(seed_s, 1),
                      "load_generator": "wrk" if shutil.which("wrk") else "httpx", "cpus": os.cpu_count()},
     }

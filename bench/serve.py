@@ -224,14 +224,14 @@ def _wrk_ms(text: str) -> float:
     return value / 1000 if unit == "us" else value if unit == "ms" else value * 1000
 
 
-def run_wrk(url: str, script_for, body: bytes, connections: int, seconds: float) -> dict:
+def run_wrk(url: str, script_for, body: bytes, connections: int, seconds: float, threads: int = 1) -> dict:
     """Run wrk with the Lua script `script_for(body_file)` (the file holds `body`); its figures: requests/s,
     requests, non-2xx answers, socket errors, p50 and p99 in ms."""
     with tempfile.TemporaryDirectory() as tmp:
         body_file, script = pathlib.Path(tmp) / "body.bin", pathlib.Path(tmp) / "load.lua"
         body_file.write_bytes(body)
         script.write_text(script_for(body_file))
-        out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency",
+        out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency",
                               "-s", str(script), url], capture_output=True, text=True, check=True).stdout
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
@@ -244,15 +244,16 @@ def run_wrk(url: str, script_for, body: bytes, connections: int, seconds: float)
 
 
 def drive_wrk(url: str, domains: list[str], images: list[bytes], concurrency: int, seconds: float,
-              files: int, kind: str = "multipart", input_size: int = 32, key: str | None = None) -> dict:
+              files: int, kind: str = "multipart", input_size: int = 32, key: str | None = None,
+              threads: int = 1) -> dict:
     """wrk (C, a separate process) as the load generator: it costs the server's CPUs far less than Python.
-    `key` goes as `Authorization: Bearer`."""
+    `key` goes as `Authorization: Bearer`; `threads`: wrk's threads (one keeps up with 2 server cores)."""
     body, parts = request_body(kind, images, files, input_size)
     if key is not None:
         parts["extra_header"] += f', ["Authorization"] = "Bearer {key}"'
     names = ", ".join(f'"{d}"' for d in domains)
     run = run_wrk(url, lambda body_file: WRK_SCRIPT % {"body": body_file, **parts, "domains": names}, body,
-                  concurrency, seconds)
+                  concurrency, seconds, threads)
     return {"img_s": run["requests_s"] * files, "requests": run["requests"], "errors": run["non_2xx"],
             "p50_ms": run["p50_ms"], "p99_ms": run["p99_ms"]}
 

@@ -14,18 +14,22 @@ one row with one op (a copy), releasing writes nothing: the compiled functions n
 unless the slots or the class width must grow (then once). A released slot is not reused until every call that holds it
 has finished.
 
-This module is TensorFlow-specific (tf.function, tf.Variable); the service runs on TensorFlow.
+The arithmetic is written once in `keras.ops` and runs on the framework Keras runs on in this process
+(TensorFlow, JAX or PyTorch: `KERAS_BACKEND`); the table, its writes and the compiled calls are the
+backend's (`model.backends`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
+from model import backends
 from model.backbone import Backbone
 from model.bundle import AdapterBundle, check_compatible
 from model.config import ConvUnit, topology
@@ -75,33 +79,27 @@ class Slot:
 
 
 class _Tables:
-    """Every slot's row (see `model.folding.RowLayout`) in one table, and the two compiled forward
-    functions that read it. A load is one row written by one op; a call gathers its slots' rows."""
+    """Every slot's row (see `model.folding.RowLayout`) in one backend table (`model.backends`) with
+    its head `class_capacity` wide, and the two compiled forward functions that read it. A load is one
+    row written by one op; a call gathers its slots' rows."""
 
     def __init__(self, engine: "InferenceEngine", capacity: int, class_capacity: int):
         self.capacity, self.class_capacity = capacity, class_capacity
-        self.layout, self.dtype = engine.layout, engine.compute_dtype
+        self.layout = engine.layout
         self.width = self.layout.length(class_capacity)
-        # uninitialised: a slot's row is written before any call reads it, and untouched pages cost no memory
-        self.rows = tf.Variable(tf.raw_ops.Empty(shape=(capacity, self.width), dtype=self.dtype, init=False),
-                                trainable=False)
         self._padding = self.layout.padding(class_capacity)
-        image = tf.TensorSpec((None, engine.input_size, engine.input_size, 3), tf.float32)
-        self.mixed = tf.function(lambda x, slots: engine._forward(self, x, slots, single=False),
-                                 input_signature=[image, tf.TensorSpec((None,), tf.int32)],
-                                 jit_compile=engine.jit_compile, reduce_retracing=True)
-        self.single = tf.function(lambda x, slot: engine._forward(self, x, slot, single=True),
-                                  input_signature=[image, tf.TensorSpec((), tf.int32)],
-                                  jit_compile=engine.jit_compile, reduce_retracing=True)
+        self.store = engine.backend.Table(capacity, self.width, engine.compute_dtype, engine._kernels,
+                                          functools.partial(engine._forward, self), engine.input_size,
+                                          engine.jit_compile)
+        self.mixed, self.single = self.store.mixed, self.store.single  # (images, slots) / (images, slot) -> logits
 
-    def parts(self, slots: tf.Tensor, single: bool) -> dict[tuple[str, str], tf.Tensor]:
-        """(unit, part) -> the slots' tables (one slot: the table; else one per sample, batch first)."""
-        rows = tf.gather(self.rows, slots)
+    def parts(self, rows, single: bool) -> dict[tuple[str, str], object]:
+        """(unit, part) -> the tables in the gathered `rows` (one slot: its table; else one per sample, batch first)."""
         lead = () if single else (-1,)
-        out = {(unit, part): tf.reshape(rows[..., a:b], (*lead, *shape))
+        out = {(unit, part): ops.reshape(rows[..., a:b], (*lead, *shape))
                for unit, part, shape, a, b in self.layout.offsets}
         c = self.layout.feature_width
-        classes = tf.reshape(rows[..., self.layout.base:], (*lead, self.class_capacity, c + 1))
+        classes = ops.reshape(rows[..., self.layout.base:], (*lead, self.class_capacity, c + 1))
         out["head", "kernel"], out["head", "logit_bias"] = classes[..., :c], classes[..., c]  # (K, C), (K,)
         return out
 
@@ -110,17 +108,14 @@ class _Tables:
         if rows.shape[1] < self.width:
             pad = np.broadcast_to(self._padding[: self.width - rows.shape[1]], (len(rows), self.width - rows.shape[1]))
             rows = np.concatenate([rows, pad], axis=1)
-        tf.raw_ops.ResourceScatterUpdate(resource=self.rows.handle, indices=tf.constant(slots, tf.int32),
-                                         updates=tf.constant(rows, self.dtype))
+        self.store.write(slots, rows)
 
     def read(self, slots: np.ndarray) -> np.ndarray:
         """The rows of `slots`, full width, as float32."""
-        rows = tf.raw_ops.ResourceGather(resource=self.rows.handle, indices=tf.constant(slots, tf.int32),
-                                         dtype=self.dtype)
-        return np.asarray(rows.numpy(), np.float32)
+        return self.store.read(slots)
 
     def tracing_count(self) -> int:
-        return self.mixed.experimental_get_tracing_count() + self.single.experimental_get_tracing_count()
+        return self.store.tracing_count()
 
 
 class InferenceEngine:
@@ -134,7 +129,8 @@ class InferenceEngine:
         class_capacity: initial head width; a domain with more classes grows it (retracing once).
         compute_dtype: "float32" (default, and the only sensible choice on CPU), or "bfloat16" /
             "float16" on a GPU.
-        jit_compile: compile with XLA (only if it measures faster on the target machine).
+        jit_compile: on TensorFlow, compile with XLA (only if it measures faster on the target
+            machine); JAX always compiles with XLA, PyTorch runs eagerly.
 
     Example:
         >>> engine = InferenceEngine(backbone, capacity=64)
@@ -152,14 +148,14 @@ class InferenceEngine:
         self.backbone = backbone
         self.adapter = backbone.config.adapter
         self.input_size = backbone.config.input_size
-        self.compute_dtype = tf.as_dtype(compute_dtype)
+        self.backend = backends.current()
+        self.compute_dtype = compute_dtype
         self.jit_compile = jit_compile
         self.layout = RowLayout.of(backbone.config)
         self.stem, self.blocks = self._make_plan()
         self.plan = [self.stem] + [p for b in self.blocks for p in (b.conv1, b.conv2)]
-        self._kernels = {p.unit.name: tf.Variable(tf.constant(backbone.weights[f"{p.unit.name}_conv3x3.kernel"],
-                                                              self.compute_dtype), trainable=False)
-                         for p in self.plan}
+        self._kernels = self.backend.constants(
+            {p.unit.name: backbone.weights[f"{p.unit.name}_conv3x3.kernel"] for p in self.plan}, compute_dtype)
         self._lock = threading.Lock()  # guards the slot bookkeeping below (never held while computing)
         self._write_lock = threading.Lock()  # serialises table writes and growth
         self._used: dict[int, Slot] = {}  # rows held by a live or a still-referenced released slot
@@ -182,60 +178,64 @@ class InferenceEngine:
         stem_plan = unit_plan(stem)
         return stem_plan, [_BlockPlan(unit_plan(b.conv1), unit_plan(b.conv2), b.projects) for b in blocks]
 
-    def _conv(self, x: tf.Tensor, kernel: tf.Tensor, stride: int) -> tf.Tensor:
+    @staticmethod
+    def _conv(x, kernel, stride: int):
         if stride == 1:
-            return tf.nn.conv2d(x, kernel, 1, "SAME")
-        return tf.nn.conv2d(x, kernel, stride, [[0, 0], [1, 1], [1, 1], [0, 0]])
+            return ops.conv(x, kernel, 1, "same")
+        return ops.conv(ops.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]]), kernel, stride, "valid")  # PyTorch's padding=1
 
-    def _unit(self, parts: dict, p: _UnitPlan, x: tf.Tensor, single: bool) -> tf.Tensor:
+    def _unit(self, kernels: Mapping, parts: dict, p: _UnitPlan, x, single: bool):
         """One conv unit; `parts` holds its tables for one slot (single) or one slot per sample (mixed)."""
         name, u = p.unit.name, p.unit
-        kernel = self._kernels[name]
+        kernel = kernels[name]
         bias = parts[name, "bias"]
+        out_shape = (-1, p.out_size, p.out_size, u.out_channels)
         if single:
             if self.adapter == "series":
                 matrix = parts[name, "matrix"]
                 if p.fold_single:
-                    kernel = tf.reshape(tf.reshape(kernel, (-1, u.out_channels)) @ matrix, kernel.shape)
+                    kernel = ops.reshape(ops.reshape(kernel, (-1, u.out_channels)) @ matrix,
+                                         (3, 3, u.in_channels, u.out_channels))
                     return self._conv(x, kernel, u.stride) + bias
                 z = self._conv(x, kernel, u.stride)
-                return tf.reshape(tf.reshape(z, (-1, u.out_channels)) @ matrix + bias, tf.shape(z))
+                return ops.reshape(ops.reshape(z, (-1, u.out_channels)) @ matrix + bias, out_shape)
             kernel = kernel * parts[name, "scale"]
             if self.adapter == "parallel":  # the strided 1x1 reads the 3x3's centre tap: fold it there
-                kernel = kernel + tf.pad(parts[name, "side"][None, None], [[1, 1], [1, 1], [0, 0], [0, 0]])
+                kernel = kernel + ops.pad(parts[name, "side"][None, None], [[1, 1], [1, 1], [0, 0], [0, 0]])
             return self._conv(x, kernel, u.stride) + bias
 
-        n, hw = tf.shape(x)[0], p.out_size * p.out_size
+        hw = p.out_size * p.out_size
         z = self._conv(x, kernel, u.stride)
         if self.adapter == "series":
-            z = tf.reshape(z, (n, hw, u.out_channels)) @ parts[name, "matrix"]
-            return tf.reshape(z + bias[:, None, :], (n, p.out_size, p.out_size, u.out_channels))
+            z = ops.reshape(z, (-1, hw, u.out_channels)) @ parts[name, "matrix"]
+            return ops.reshape(z + bias[:, None, :], out_shape)
         z = z * parts[name, "scale"][:, None, None, :] + bias[:, None, None, :]
         if self.adapter == "parallel":
             xs = x[:, :: u.stride, :: u.stride, :]
-            side = tf.reshape(xs, (n, hw, u.in_channels)) @ parts[name, "side"]
-            z = z + tf.reshape(side, (n, p.out_size, p.out_size, u.out_channels))
+            side = ops.reshape(xs, (-1, hw, u.in_channels)) @ parts[name, "side"]
+            z = z + ops.reshape(side, out_shape)
         return z
 
-    def _forward(self, t: _Tables, x: tf.Tensor, slots: tf.Tensor, single: bool) -> tf.Tensor:
-        parts = t.parts(slots, single)
-        x = tf.cast(x, self.compute_dtype)
-        x = self._unit(parts, self.stem, x, single)  # the stem: no ReLU after it
+    def _forward(self, t: _Tables, kernels: Mapping, rows, x, single: bool):
+        """Logits (float32, `t.class_capacity` wide) of images `x` under the gathered `rows` (`model.backends`)."""
+        parts = t.parts(rows, single)
+        x = ops.cast(x, self.compute_dtype)
+        x = self._unit(kernels, parts, self.stem, x, single)  # the stem: no ReLU after it
         for block in self.blocks:
-            y = tf.nn.relu(self._unit(parts, block.conv1, x, single))
-            y = self._unit(parts, block.conv2, y, single)
+            y = ops.relu(self._unit(kernels, parts, block.conv1, x, single))
+            y = self._unit(kernels, parts, block.conv2, y, single)
             if block.projects:
                 unit = block.conv1.unit
-                x = tf.nn.avg_pool2d(x, 2, 2, "VALID")
-                x = tf.pad(x, [[0, 0], [0, 0], [0, 0], [0, unit.out_channels - unit.in_channels]])
-            x = tf.nn.relu(y + x)
+                x = ops.average_pool(x, 2, 2, "valid")
+                x = ops.pad(x, [[0, 0], [0, 0], [0, 0], [0, unit.out_channels - unit.in_channels]])
+            x = ops.relu(y + x)
         scale, shift = parts["head", "scale"], parts["head", "bias"]
         kernel, logit_bias = parts["head", "kernel"], parts["head", "logit_bias"]  # (K, C) per slot, (K,)
         if not single:
             scale, shift = scale[:, None, None, :], shift[:, None, None, :]
-        pooled = tf.reduce_mean(tf.nn.relu(x * scale + shift), axis=(1, 2))
-        logits = tf.matmul(pooled, kernel, transpose_b=True) if single else tf.einsum("bc,bkc->bk", pooled, kernel)
-        return tf.cast(logits + logit_bias, tf.float32)
+        pooled = ops.mean(ops.relu(x * scale + shift), axis=(1, 2))
+        logits = pooled @ ops.transpose(kernel) if single else ops.einsum("bc,bkc->bk", pooled, kernel)
+        return ops.cast(logits + logit_bias, "float32")
 
     # ----- slots -----------------------------------------------------------------------------
 
@@ -252,12 +252,12 @@ class InferenceEngine:
     @property
     def row_bytes(self) -> int:
         """Bytes one loaded domain takes in the table at its current head width."""
-        return self._tables.width * self.compute_dtype.size
+        return self._tables.width * backends.DTYPE_BYTES[self.compute_dtype]
 
     @staticmethod
     def row_bytes_for(backbone: Backbone, compute_dtype: str = "float32", class_capacity: int = CLASS_CAPACITY) -> int:
         """`row_bytes` of an engine not made yet (to size its capacity from a memory budget)."""
-        return RowLayout.of(backbone.config).length(class_capacity) * tf.as_dtype(compute_dtype).size
+        return RowLayout.of(backbone.config).length(class_capacity) * backends.DTYPE_BYTES[compute_dtype]
 
     def tracing_count(self) -> int:
         """How many times the forward functions were traced (to prove that loading never retraces)."""
@@ -373,7 +373,7 @@ class InferenceEngine:
         got = np.stack(self.predict(bundle.golden_inputs, slot))
         want = bundle.golden_logits
         error = float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-6))
-        tolerance = GOLDEN_TOLERANCE[self.compute_dtype.name]
+        tolerance = GOLDEN_TOLERANCE[self.compute_dtype]
         if not error <= tolerance:
             raise InvalidFileError(
                 "golden",
@@ -408,20 +408,14 @@ class InferenceEngine:
         try:
             indices = [slot.index for slot in held]
             if len(set(indices)) == 1:
-                logits = tables.single(tf.constant(images), tf.constant(indices[0], tf.int32))
+                logits = tables.single(images, indices[0])
             else:
-                logits = tables.mixed(tf.constant(images), tf.constant(indices, tf.int32))
-            logits = logits.numpy()
+                logits = tables.mixed(images, np.array(indices, np.int32))
         finally:
             self._unref(held)
         return [row[: slot.num_classes] for row, slot in zip(logits, held)]
 
     def warm_up(self, batch_sizes: Sequence[int] = (1, 2)) -> None:
-        """Trace and run both paths (and the table copy to host) once so that no request pays a compilation."""
-        s = self.input_size
-        slot = tf.constant(0, tf.int32)
+        """Compile and run both paths (and the table copy to host) once so that no request pays a compilation."""
         self._tables.read(np.array([0]))
-        for n in batch_sizes:
-            x = tf.zeros((n, s, s, 3), tf.float32)
-            self._tables.single(x, slot)
-            self._tables.mixed(x, tf.zeros((n,), tf.int32))
+        self._tables.store.warm_up(batch_sizes, self.input_size)

@@ -26,13 +26,16 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from model.engine import InferenceEngine, Slot
 from service.client import Answer
 from service.exceptions import Overloaded, QueueShareExceeded
 from service.metrics import Metrics
+
+if TYPE_CHECKING:  # the framework is imported by the engine core, after it picks the backend
+    from model.engine import InferenceEngine, Slot
 
 
 Done = Callable[["list[Answer] | BaseException"], None]

@@ -38,7 +38,6 @@ from service.views import Card
 HEADER = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics"]
 OUTPUTS = ("LOGITS", "PROBABILITIES")
-PLATFORM = "residual_adapters_tensorflow"
 STATS_KEEP = 10_000  # domains whose statistics are kept at least (the least recently used are forgotten first)
 ERRORS = {code: {"model": schemas.OipError} for code in (400, 401, 403, 404, 409, 413, 415, 422, 429, 503, 504)}
 
@@ -160,11 +159,11 @@ async def _model(state: ServiceState, domain: str, version: str | None) -> Card:
     return card
 
 
-def _metadata(card: Card) -> schemas.OipModel:
+def _metadata(card: Card, backend: str) -> schemas.OipModel:
     s = card.preprocessing.crop  # the backbone's input size
     k = card.num_classes
     return schemas.OipModel(
-        name=card.domain, versions=[str(card.version)], platform=PLATFORM,
+        name=card.domain, versions=[str(card.version)], platform=f"residual_adapters_{backend}",
         inputs=[schemas.OipTensorMeta(name="IMAGE", datatype="BYTES", shape=[-1]),
                 schemas.OipTensorMeta(name="PIXELS", datatype="UINT8", shape=[-1, s, s, 3])],
         outputs=[schemas.OipTensorMeta(name=name, datatype="FP32", shape=[-1, k]) for name in OUTPUTS])
@@ -174,7 +173,7 @@ def _metadata(card: Card) -> schemas.OipModel:
 @v2.get("/models/{domain}/versions/{version}", response_model=schemas.OipModel)
 async def model_metadata(domain: str, state: ReadyDep, version: str | None = None) -> schemas.OipModel:
     """Inputs, outputs and versions of a domain (a model)."""
-    return _metadata(await _model(state, domain, version))
+    return _metadata(await _model(state, domain, version), state.settings.backend)
 
 
 @v2.get("/models/{domain}/ready")

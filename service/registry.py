@@ -29,17 +29,21 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from model.bundle import AdapterBundle, check_domain_name
-from model.engine import InferenceEngine, Slot
 from model.safetensors_io import InvalidFileError
 from model.weights import count_parameters
 from service.engine.loader import Loader, Prepared
+from service.eviction import SegmentedLru
 from service.exceptions import AdapterUnavailable, DomainUnloaded, NoPreviousVersion, UnknownDomainError
 from service.metrics import Metrics
 from service.record import DomainExists, RecordStore, RecordUnavailable, Version
+
+if TYPE_CHECKING:  # the framework is imported by the engine core, after it picks the backend
+    from model.engine import InferenceEngine, Slot
 
 _log = logging.getLogger(__name__)
 __all__ = ["AdapterUnavailable", "DomainExists", "DomainUnloaded", "NoPreviousVersion", "Registry", "Entry", "UnknownDomainError"]
@@ -111,7 +115,7 @@ class Registry:
         self.engine, self.record, self.metrics, self.loader, self.limits = engine, record, metrics, loader, limits
         self._device_hits = metrics.lookups.labels("device", "hit")  # counted per request: looked up once
         self._entries: dict[str, Entry] = {}  # every cached domain
-        self._device: collections.OrderedDict[str, None] = collections.OrderedDict()  # LRU order, oldest first
+        self._device = SegmentedLru()  # the device tier's domains, in eviction order
         self._host: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._host_bytes = 0
         self._recorded: dict[str, int] = {}  # cached domains' current version in the record, as last read
@@ -211,8 +215,7 @@ class Registry:
 
     def _lease(self, entry: Entry) -> Entry:
         entry.leases += 1
-        if entry.domain in self._device:
-            self._device.move_to_end(entry.domain)
+        self._device.touch(entry.domain)
         return entry
 
     def release(self, entries: list[Entry], images: int = 0) -> None:
@@ -220,6 +223,8 @@ class Registry:
         for entry in entries:
             entry.leases -= 1
             if images:
+                if entry.served:  # its second served request (a card fetch serves none): protect it
+                    self._device.promote(entry.domain, self.max_resident)
                 entry.served += images
                 self._usage[entry.domain] += images
             if entry.retired and entry.leases == 0 and entry.slot is not None:
@@ -262,7 +267,7 @@ class Registry:
         seconds = time.perf_counter() - start
         self.metrics.load_seconds.labels("host").observe(seconds)
         self.metrics.loads.labels("host", "ok").inc()
-        self._device[entry.domain] = None
+        self._device.add(entry.domain)
         self._gauges()
         return entry
 
@@ -321,14 +326,13 @@ class Registry:
         if old is not None and old is not entry:
             self._retire(old)
         self._entries[entry.domain] = entry
-        self._device[entry.domain] = None
-        self._device.move_to_end(entry.domain)
+        self._device.add(entry.domain)
         self._gauges()
 
     def _retire(self, entry: Entry) -> None:
         """Stop using `entry`: its slot goes now, or when the last request holding it is done."""
         entry.retired = True
-        self._device.pop(entry.domain, None)
+        self._device.discard(entry.domain)
         self._drop_host(entry)
         if entry.slot is not None and entry.leases == 0:
             self.engine.release(entry.slot)
@@ -339,7 +343,7 @@ class Registry:
     # ----- eviction ----------------------------------------------------------------------------
 
     def _make_room(self) -> None:
-        """Evict least recently used device entries until a slot is free under `max_resident`.
+        """Evict device entries in eviction order (`service.eviction`) until a slot is free under `max_resident`.
 
         Their rows are copied to host memory when the host tier has room for any (`host_cache_mb`)."""
         while len(self._device) >= self.max_resident:
@@ -354,7 +358,7 @@ class Registry:
     def _evict(self, entry: Entry) -> None:
         """Device -> host (a row copy), or out of this process's cache when the host tier is off."""
         slot, entry.slot = entry.slot, None
-        del self._device[entry.domain]
+        self._device.discard(entry.domain)
         self.metrics.evictions.labels("device").inc()
         try:
             if self.limits.host_cache_bytes > 0 and not entry.retired:
@@ -470,9 +474,10 @@ class Registry:
                 return
             await self._load_newest(domain, versions, keep=entry)
 
-    async def warm(self, domains: list[str]) -> int:
+    async def warm(self, domains: list[str], ranked: bool = False) -> int:
         """Load `domains` onto the device (start-up: pinned ones, then the most used). Returns how many
-        are resident afterwards; failures are logged, not raised."""
+        are resident afterwards; failures are logged, not raised. `ranked`: the domains come most used
+        first, and are protected from eviction in that order (as if each had served again)."""
         loaded = 0
         for domain in domains:
             if domain not in self._pinned and len(self._device) >= self.max_resident:
@@ -482,6 +487,9 @@ class Registry:
                 loaded += 1
             except (UnknownDomainError, AdapterUnavailable, RecordUnavailable) as exc:
                 _log.warning("could not warm %s: %s", domain, exc)
+        if ranked:
+            for domain in reversed(domains):  # the most used last: the most recent of the protected segment
+                self._device.promote(domain, self.max_resident)
         return loaded
 
     async def set_flag(self, domain: str, flag: str, on: bool) -> None:

@@ -1,6 +1,6 @@
-"""TensorFlow's process-wide settings for the engine, applied before TensorFlow starts its runtime, and
-the report of which devices the engine computes on. Only the engine's process imports TensorFlow
-(the functions import it when called).
+"""The engine's framework, picked per process before Keras is first imported (`RA_BACKEND`), its
+thread pools, and the report of which devices the engine computes on. Only the engine's process
+imports a framework (the functions import it when called).
 """
 
 from __future__ import annotations
@@ -8,23 +8,40 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 
 _log = logging.getLogger(__name__)
 
 
-def configure_tensorflow(cores: int | None) -> None:
-    """Give TensorFlow's thread pools `cores` CPU cores (None: leave them all to it, its default)."""
+class BackendError(RuntimeError):
+    """The engine cannot run on the framework asked for in this process."""
+
+
+def use_backend(name: str) -> None:
+    """Make Keras (and so the engine) run on `name` in this process: set before Keras is imported, or
+    checked when it already is (a process runs one backend)."""
+    if "keras" in sys.modules:
+        import keras
+
+        if keras.backend.backend() != name:
+            raise BackendError(f"RA_BACKEND={name} but Keras already runs on {keras.backend.backend()} in this "
+                               "process: a process runs one backend. Start the service in a fresh process.")
+        return
+    os.environ["KERAS_BACKEND"] = name
+    try:
+        import keras  # noqa: F401  (imports the framework: fail here, with the fix, if it is not installed)
+    except ImportError as exc:
+        raise BackendError(f"RA_BACKEND={name} needs {name} installed ({exc}). Install it, or use "
+                           "RA_BACKEND=tensorflow.") from None
+
+
+def configure_threads(cores: int | None) -> None:
+    """Give the framework's thread pools `cores` CPU cores (None: leave them all to it, its default)."""
     if cores is None:
         return
-    import tensorflow as tf
+    from model import backends
 
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(cores)
-        tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, cores)))
-    except RuntimeError as exc:  # the runtime was already started in this process (e.g. tests)
-        _log.warning("TensorFlow is already initialised; its thread pools stay as they are: %s", exc)
-        return
-    _log.info("%d of %d cores for TensorFlow's thread pools", cores, len(os.sched_getaffinity(0)))
+    backends.current().configure_threads(cores)
 
 
 class NoGpuError(RuntimeError):
@@ -39,26 +56,25 @@ class DeviceReport:
     devices: tuple[str, ...]  # the engine's devices, e.g. ("GPU:0 NVIDIA H200",) or ("CPU",)
     gpu: bool
     compute_dtype: str
+    free_bytes: int | None = None  # free memory of the accelerator at start, where the framework tells
 
     def describe(self) -> str:
         where = ", ".join(self.devices) if self.gpu else "CPU (no GPU found, running on CPU)"
-        return f"engine on {where}; {self.backend}; compute dtype {self.compute_dtype}"
+        free = f"; {self.free_bytes / 2**30:.1f} GiB free" if self.free_bytes is not None else ""
+        return f"engine on {where}{free}; {self.backend}; compute dtype {self.compute_dtype}"
 
 
 def device_report(compute_dtype: str, require_gpu: bool) -> DeviceReport:
-    """The devices TensorFlow will use. With `require_gpu` and no GPU visible, raise `NoGpuError`
+    """The devices the framework will use. With `require_gpu` and no GPU visible, raise `NoGpuError`
     (on a CPU-only host TensorFlow also logs "failed call to cuInit": that only means no GPU)."""
-    import tensorflow as tf
+    from model import backends
 
-    gpus = tf.config.list_physical_devices("GPU")
-    names = []
-    for gpu in gpus:
-        details = tf.config.experimental.get_device_details(gpu)
-        names.append(f"{gpu.name.removeprefix('/physical_device:')} {details.get('device_name', '')}".strip())
-    report = DeviceReport(backend=f"TensorFlow {tf.__version__}", devices=tuple(names) or ("CPU",), gpu=bool(gpus),
-                          compute_dtype=compute_dtype)
-    if require_gpu and not gpus:
-        raise NoGpuError("RA_REQUIRE_GPU is set but TensorFlow sees no GPU. Run the container with the GPU "
-                         "(docker compose with the NVIDIA container toolkit, `docker run --gpus all`), or unset "
+    backend = backends.current()
+    found = backend.devices()
+    report = DeviceReport(backend=backend.version(), devices=found.names, gpu=found.gpu,
+                          compute_dtype=compute_dtype, free_bytes=found.free_bytes)
+    if require_gpu and not found.gpu:
+        raise NoGpuError(f"RA_REQUIRE_GPU is set but {backend.version()} sees no GPU. Run the container with the "
+                         "GPU (docker compose with the NVIDIA container toolkit, `docker run --gpus all`), or unset "
                          "RA_REQUIRE_GPU to serve on the CPU.")
     return report

@@ -50,14 +50,16 @@ class Settings(BaseSettings):
     max_resident: int | None = Field(None, ge=1, description="cap on resident domains below what the budget fits "
                                      "(least recently used out)")
     host_cache_mb: float | None = Field(None, ge=0, description="host memory for the folded tables of evicted "
-                                        "domains (default: none on a CPU host, where it would be a second copy; "
-                                        "1024 with a GPU)")
+                                        "domains (default: 1024 with a GPU; on a CPU host, one memory with the "
+                                        "device tier, what the budget leaves beyond RA_MAX_RESIDENT)")
     pinned: str = Field("", description="comma-separated domains this process loads at start and never evicts")
     load_concurrency: int = Field(8, ge=1, description="domain loads at a time")
     loader_processes: int = Field(2, ge=0, le=64, description="with several workers: processes beside the engine "
                                   "process that validate and fold bundles (0: threads of the engine process)")
     load_timeout_s: float = Field(10.0, gt=0, description="longest a request waits for its domain to load")
     max_fanout: int = Field(64, ge=1, description="domains one POST /predict may name (or 'all' may mean)")
+    backend: Literal["tensorflow", "jax", "torch"] = Field("tensorflow", description="the framework the engine "
+                                                           "runs on (Keras 3's backends)")
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     require_gpu: bool = Field(False, description="refuse to start without a GPU instead of running on the CPU "
                                                  "(set in the GPU compose files)")

@@ -98,6 +98,46 @@ def test_a_budget_of_k_domains_holds_exactly_k_and_evicts_the_least_recently_use
     assert after == {name: "device" for name in names if name != evicted}  # no host tier: it left the cache
 
 
+
+async def serve(registry: Registry, *domains: str) -> None:
+    """Requests that classify an image each (a card fetch alone serves none)."""
+    for domain in domains:
+        registry.release([await registry.acquire(domain)], images=1)
+
+
+def test_a_domain_served_again_outlives_a_stream_of_domains_requested_once(assets, tmp_path):
+    """Segmented LRU: one-off requests cycle through probation; a plain LRU would evict `hot` here."""
+    once = [f"once{i}" for i in range(6)]
+    fill(tmp_path, assets, ["hot", "warm", *once])
+
+    async def main():
+        registry = make_registry(assets, tmp_path, max_resident=3, host_cache_bytes=0)
+        await serve(registry, "hot", "warm", "hot")  # hot served twice: protected
+        await serve(registry, *once)  # each one-off evicts probation's least recent, never hot
+        return tiers(registry)
+
+    resident = asyncio.run(main())
+    assert resident.get("hot") == "device" and "warm" not in resident
+    assert sorted(resident) == ["hot", "once4", "once5"]
+
+
+def test_the_eviction_order_protects_served_keys_within_their_share():
+    from service.eviction import SegmentedLru
+
+    order = SegmentedLru(protected_share=0.5)
+    for key in "abcd":
+        order.add(key)
+    assert list(order) == ["a", "b", "c", "d"]
+    order.promote("b", capacity=4)
+    order.touch("a")
+    assert list(order) == ["c", "d", "a", "b"]  # probation, least recent first; then protected
+    order.promote("c", capacity=4)
+    order.promote("d", capacity=4)  # protected holds 2 of 4: its least recent (b) back to probation's end
+    assert list(order) == ["a", "b", "c", "d"] and len(order) == 4
+    order.discard("c")
+    order.promote("zz", capacity=4)  # not held: nothing happens
+    assert list(order) == ["a", "b", "d"] and "zz" not in order
+
 def test_the_budget_comes_from_the_setting_or_the_memory_available(tmp_path):
     from service.engine import residency
     from service.runtime import DeviceReport
@@ -122,8 +162,12 @@ def test_the_budget_comes_from_the_setting_or_the_memory_available(tmp_path):
     assert residency.available_host_bytes(meminfo, tmp_path / "v1") == 2_048_000_000
     default = residency.budget(Settings(), cpu)
     assert default.source == "0.5 of the host memory available at start" and default.cap is None
-    assert residency.budget(Settings(), gpu).bytes == residency.GPU_DEFAULT_MB * 1024 * 1024
+    assert residency.budget(Settings(), gpu).bytes == residency.GPU_DEFAULT_MB * 1024 * 1024  # free memory unknown
+    probed = DeviceReport("JAX", ("GPU:0",), True, "float32", free_bytes=100 * 1024 * 1024)
+    assert residency.budget(Settings(device_memory_fraction=0.9), probed).bytes == 90 * 1024 * 1024
     assert residency.host_cache_bytes(Settings(), cpu) == 0  # one memory on a CPU host: no second copy
+    # with a cap, the rest of the budget holds evicted rows (a domain is in one tier or the other)
+    assert residency.host_cache_bytes(Settings(), cpu, given, row_bytes=1024 * 1024) == 5 * 1024 * 1024
     assert residency.host_cache_bytes(Settings(), gpu) == 1024 * 1024 * 1024
     assert residency.host_cache_bytes(Settings(host_cache_mb=8), cpu) == 8 * 1024 * 1024
 

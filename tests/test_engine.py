@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import keras
 import numpy as np
 import pytest
 
@@ -22,7 +23,7 @@ def images(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 
 def keras_logits(backbone, bundle, x: np.ndarray) -> np.ndarray:
-    return np.asarray(to_keras_model(backbone, bundle)(x, training=False))
+    return keras.ops.convert_to_numpy(to_keras_model(backbone, bundle)(x, training=False))
 
 
 @pytest.fixture(scope="module", params=["series", "parallel", "none"])
@@ -74,7 +75,7 @@ def test_loading_never_retraces(tiny):
     backbone, bundle = tiny
     engine = InferenceEngine(backbone, capacity=8, class_capacity=6)
     a = engine.load(bundle("a", 1))
-    engine.warm_up()
+    engine.warm_up((1, 2, 3, 5))  # the batch sizes used below (JAX compiles one program per size bucket)
     x = images(3, 16)
     engine.predict(x, [a, a, a])
     before = engine.tracing_count()
@@ -113,11 +114,15 @@ def test_growth_past_capacity_retraces_once(tiny):
     before = engine.tracing_count()
     slots.append(engine.load(bundle("d2", 2)))  # no free slot: doubles
     assert engine.capacity == 4
-    engine.warm_up()
-    assert engine.tracing_count() == before + 2  # one trace for each of the two paths
+    engine.warm_up((1, 2, 3))
+    grown = engine.tracing_count()
+    # TensorFlow: one trace for each of the two paths; JAX: one per path and batch-size bucket; PyTorch: none
+    assert grown == before + {"tensorflow": 2, "jax": 6, "torch": 0}[engine.backend.NAME]
     x = images(3, 16)
     want = [engine.predict(x, slot) for slot in slots]  # old rows copied over
     got = engine.predict(x, slots)
+    engine.load(bundle("d3", 3))  # into the grown table: no retrace
+    assert engine.tracing_count() == grown
     for i in range(3):
         assert_logits_close(got[i], want[i][i], err_msg=f"slot {i}: mixed batch vs its own batch")
 
@@ -230,3 +235,65 @@ def test_read_back_then_load_row_serves_the_same_logits(setup):
     # here), so much tighter than the cross-batch 1e-4; a lossy read-back (bf16/fp16: 1e-3 or more) fails it
     assert_logits_close(np.stack(engine.predict(x, again)), want, rtol_scale=1e-6, err_msg="read back and reloaded")
     engine.release(again)
+
+
+# ----- the same engine on every backend (tests/test_backends.py runs this file under each) -----------------
+
+
+@pytest.mark.parametrize("adapter", ["series", "parallel"])
+def test_engine_reproduces_the_reference_fixture(adapter):
+    """The PyTorch reference's logits, from the engine's single and mixed paths (the fixture's README)."""
+    from conftest import FIXTURES
+    from model.backbone import Backbone
+    from model.bundle import AdapterBundle
+    from model.reference import load_npz_state_dict, reference_to_canonical
+
+    path = FIXTURES / f"reference_resnet26_{adapter}_adapters.npz"
+    if not path.exists():
+        pytest.skip(f"reference fixture {path} is missing")
+    config, weights = reference_to_canonical(load_npz_state_dict(path), adapter)
+    backbone = Backbone.from_weights(config, weights)
+    bundle = AdapterBundle.from_weights("ref", config, weights, labels=[f"c{i}" for i in range(7)], backbone=backbone)
+    with np.load(path) as data:
+        x, want = data["input_nchw"].transpose(0, 2, 3, 1), data["logits"]
+    engine = InferenceEngine(backbone, capacity=2)
+    first, second = engine.load(bundle), engine.load(bundle)
+    assert_logits_close(np.stack(engine.predict(x, first)), want, err_msg=f"{adapter}: single path vs PyTorch")
+    mixed = engine.predict(x, [first, second, first, second])
+    assert_logits_close(np.stack(mixed), want, err_msg=f"{adapter}: mixed path vs PyTorch")
+
+
+def parity_logits() -> dict[str, np.ndarray]:
+    """One fixed workload's logits: mixed and single paths, after the table grew (slots and head
+    width), and after an eviction and reload, for both adapter modes. The TensorFlow engine's are the
+    reference that every other backend must equal (`test_logits_equal_the_tensorflow_engine`)."""
+    out = {}
+    for adapter in ("series", "parallel"):
+        backbone = make_backbone(ArchConfig(width_factor=0.25, input_size=32, adapter=adapter), seed=7)
+        bundles = {d: make_bundle(backbone, d, k, seed=20 + i) for i, (d, k) in enumerate(CLASSES.items())}
+        engine = InferenceEngine(backbone, capacity=2, class_capacity=4)
+        slots = {d: engine.load(b) for d, b in bundles.items()}  # grows: 2 -> 4 slots, 4 -> 12 classes
+        x = images(6, 32, seed=5)
+        domains = ["a", "b", "c", "c", "a", "b"]
+        out[f"{adapter}/mixed"] = np.concatenate(engine.predict(x, [slots[d] for d in domains]))
+        out[f"{adapter}/single"] = np.stack(engine.predict(x, slots["c"]))
+        row = engine.read_back(slots["a"])
+        engine.release(slots["a"])
+        engine.load(bundles["b"])  # takes a's old slot
+        again = engine.load_row(row)
+        out[f"{adapter}/reloaded"] = np.stack(engine.predict(x, again))
+    return out
+
+
+def test_logits_equal_the_tensorflow_engine():
+    import os
+
+    path = os.environ.get("RA_TF_ENGINE_LOGITS")
+    if path is None:
+        pytest.skip("the TensorFlow run is the reference: tests/test_backends.py compares each other backend with it")
+    with np.load(path) as reference:
+        want = {key: reference[key] for key in reference.files}
+    got = parity_logits()
+    assert got.keys() == want.keys()
+    for key in want:
+        assert_logits_close(got[key], want[key], rtol_scale=1e-5, err_msg=f"{key}: vs the TensorFlow engine")

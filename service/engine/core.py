@@ -18,12 +18,12 @@ import logging
 import math
 import os
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from model.backbone import Backbone, load_backbone
 from model.bundle import load_bundle
-from model.engine import InferenceEngine
 from model.preprocessing import Preprocessing
 from model.safetensors_io import InvalidFileError
 from service.batcher import Done, DynamicBatcher, settle
@@ -35,9 +35,12 @@ from service.follower import Follower
 from service.metrics import Metrics
 from service.record import DomainExists, RecordStore, RecordUnavailable, open_record
 from service.registry import MB, Entry, Limits, Registry
-from service.runtime import DeviceReport, configure_tensorflow, device_report
+from service.runtime import DeviceReport, configure_threads, device_report, use_backend
 from service.settings import DEMO_DIR, Settings
 from service.views import Card, Deleted, EngineStatus, Residency, Row, Sync
+
+if TYPE_CHECKING:
+    from model.engine import InferenceEngine
 
 _log = logging.getLogger(__name__)
 DEMO_MARKER = "demo-seeded"
@@ -87,7 +90,10 @@ class EngineCore:
         """Blocking start-up work: backbone, engine, warm-up, the registry of record."""
         s = self.settings
         t0 = time.perf_counter()
-        configure_tensorflow(self.cores)
+        use_backend(s.backend)  # before the framework is imported (by model.engine)
+        from model.engine import InferenceEngine
+
+        configure_threads(self.cores)
         self.device = device_report(s.compute_dtype, s.require_gpu)
         _log.info("%s", self.device.describe())
         self.backbone = load_backbone(s.backbone)
@@ -103,7 +109,7 @@ class EngineCore:
         self.engine.warm_up(sorted({1, 2, s.max_batch_size}))
         record = open_record(s)
         limits = Limits(max_resident=s.max_resident, device_bytes=self.budget.bytes,
-                        host_cache_bytes=residency.host_cache_bytes(s, self.device),
+                        host_cache_bytes=residency.host_cache_bytes(s, self.device, self.budget, row_bytes),
                         load_concurrency=s.load_concurrency, load_timeout_s=s.load_timeout_s, pinned=s.pinned_domains)
         self.loader.backbone = self.backbone
         self.registry = Registry(self.engine, record, self.metrics, self.loader, limits)
@@ -162,12 +168,13 @@ class EngineCore:
         registry = self.registry
         registry.status.warming = True
         try:
-            names = await asyncio.to_thread(registry.record.top_used, count)
-            if len(names) < count:
-                listed = await asyncio.to_thread(registry.record.list_domains, "", None, count)
-                names += [name for name, _ in listed if name not in names][: count - len(names)]
+            used = await asyncio.to_thread(registry.record.top_used, count)
             t0 = time.perf_counter()
-            loaded = await registry.warm(names)
+            loaded = await registry.warm(used, ranked=True)
+            if len(used) < count:
+                listed = await asyncio.to_thread(registry.record.list_domains, "", None, count)
+                taken = set(used)
+                loaded += await registry.warm([name for name, _ in listed if name not in taken][: count - len(used)])
             _log.info("warmed %d domains in %.1fs", loaded, time.perf_counter() - t0)
         except RecordUnavailable as exc:
             _log.warning("not warming domains: %s", exc)

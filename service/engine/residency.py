@@ -2,11 +2,15 @@
 
 A resident domain is one row of the engine's tables (`InferenceEngine.row_bytes`: under 1 MB for the
 demo backbone, about 3 MB for the paper's ResNet-26 in float32). The budget is `RA_DEVICE_MEMORY_MB`
-or, by default, `RA_DEVICE_MEMORY_FRACTION` of the memory available when the engine starts: on a CPU
-host the "device" is host memory, so that is MemAvailable, or the container's memory limit less its
-use when that is smaller (and the host tier defaults to nothing: it would copy the same bytes a
-second time). `RA_MAX_RESIDENT`, when set, caps the count below what fits.
+or, by default, `RA_DEVICE_MEMORY_FRACTION` of the memory free when the engine starts: on a GPU the
+device's free memory as the framework reports it (`GPU_DEFAULT_MB` where it cannot tell: TensorFlow);
+on a CPU host the "device" is host memory, so that is MemAvailable, or the container's memory limit
+less its use when that is smaller. `RA_MAX_RESIDENT`, when set, caps the count below what fits.
 Spare rows beyond it (loads in flight, replaced versions still computing) are outside the budget.
+
+The host tier holds evicted domains' rows. With a GPU it is host memory beside the device's
+(1 GB by default). On a CPU host both tiers are one memory, so a domain is in one or the other, never
+both: the host tier is what the budget leaves beyond the capped device tier (nothing without a cap).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from service.runtime import DeviceReport
 from service.settings import Settings
 
 MB = 1024 * 1024
-GPU_DEFAULT_MB = 4096  # without RA_DEVICE_MEMORY_MB on a GPU: free device memory is not probed here
+GPU_DEFAULT_MB = 4096  # on a GPU whose free memory the framework does not tell, without RA_DEVICE_MEMORY_MB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,14 +71,23 @@ def budget(settings: Settings, device: DeviceReport | None) -> Budget:
     cap = settings.max_resident
     if settings.device_memory_mb is not None:
         return Budget(int(settings.device_memory_mb * MB), "RA_DEVICE_MEMORY_MB", cap)
-    if device is not None and device.gpu:
-        return Budget(GPU_DEFAULT_MB * MB, f"{GPU_DEFAULT_MB} MB (a GPU: set RA_DEVICE_MEMORY_MB)", cap)
     fraction = settings.device_memory_fraction
+    if device is not None and device.gpu:
+        if device.free_bytes is None:
+            return Budget(GPU_DEFAULT_MB * MB, f"{GPU_DEFAULT_MB} MB ({device.backend} does not tell the GPU's "
+                          "free memory: set RA_DEVICE_MEMORY_MB)", cap)
+        return Budget(int(device.free_bytes * fraction), f"{fraction:g} of the GPU memory free at start", cap)
     return Budget(int(available_host_bytes() * fraction), f"{fraction:g} of the host memory available at start", cap)
 
 
-def host_cache_bytes(settings: Settings, device: DeviceReport | None) -> int:
-    """The host tier's size: `RA_HOST_CACHE_MB`, by default nothing on a CPU host (one memory), 1 GB with a GPU."""
+def host_cache_bytes(settings: Settings, device: DeviceReport | None, budget: Budget | None = None,
+                     row_bytes: int = 0) -> int:
+    """The host tier's size: `RA_HOST_CACHE_MB`; by default 1 GB with a GPU, and on a CPU host what
+    `budget` leaves beyond the device tier's cap of `row_bytes` rows (one memory: no second copy)."""
     if settings.host_cache_mb is not None:
         return int(settings.host_cache_mb * MB)
-    return 1024 * MB if device is not None and device.gpu else 0
+    if device is not None and device.gpu:
+        return 1024 * MB
+    if budget is None or budget.cap is None:
+        return 0
+    return max(0, budget.bytes - budget.cap * row_bytes)
