@@ -271,8 +271,10 @@ class Registry:
         self._gauges()
         return entry
 
-    async def _load_newest(self, domain: str, versions: list[Version], keep: Entry | None = None) -> Entry | None:
-        """Hold the lock. Load the newest valid live version onto the device (unless `keep` is it)."""
+    async def _load_newest(self, domain: str, versions: list[Version], keep: Entry | None = None,
+                           to_host: bool = False) -> Entry | None:
+        """Hold the lock. Load the newest valid live version onto the device (unless `keep` is it), or
+        with `to_host` into the host tier (through a spare slot: validated and self-tested alike)."""
         self._recorded[domain] = versions[-1].version
         for v in reversed(versions):
             if keep is not None and keep.version == v.version:
@@ -283,7 +285,8 @@ class Registry:
                 data = await self._call(self.record.read, domain, v.version)
             except KeyError:  # dropped since the listing: the next announcement brings the rest
                 continue
-            self._make_room()
+            if not to_host:
+                self._make_room()
             try:
                 entry = await self._load(data, domain, v.version, v.created_at)
             except InvalidFileError as exc:
@@ -291,7 +294,18 @@ class Registry:
                 self.metrics.loads.labels("registry", "invalid").inc()
                 _log.error("stored bundle %s v%d is unusable, skipping it: %s", domain, v.version, exc)
                 continue
-            self._publish(entry)
+            if to_host:
+                slot, entry.slot = entry.slot, None
+                try:
+                    entry.row = self.engine.read_back(slot)
+                finally:
+                    self.engine.release(slot)
+                self._entries[domain] = entry
+                self._host[domain] = None
+                self._host_bytes += entry.row.nbytes
+                self._gauges()
+            else:
+                self._publish(entry)
             return entry
         return None
 
@@ -491,6 +505,28 @@ class Registry:
             for domain in reversed(domains):  # the most used last: the most recent of the protected segment
                 self._device.promote(domain, self.max_resident)
         return loaded
+
+    async def warm_host(self, domains: list[str]) -> int:
+        """Fill the host tier with `domains` (most used first) while it has room, so that their first
+        requests cost a row copy: on a CPU host it is the same memory as the device tier, which the
+        budget holds for domains. Returns how many were added; failures are logged, not raised."""
+        added = 0
+        for domain in domains:
+            if self._host_bytes + self.engine.row_bytes > self.limits.host_cache_bytes:
+                break
+            if domain in self._entries or domain in self._unloaded:
+                continue
+            try:
+                async with self._lock(domain), self._load_slots:
+                    if domain in self._entries:
+                        continue
+                    versions = await self._call(self.record.live_versions, domain)
+                    if versions and await self._load_newest(domain, versions, to_host=True) is not None:
+                        added += 1
+            except (AdapterUnavailable, RecordUnavailable) as exc:
+                _log.warning("could not warm %s into host memory: %s", domain, exc)
+        self._trim_host()
+        return added
 
     async def set_flag(self, domain: str, flag: str, on: bool) -> None:
         """Set a flag in the record (for every replica) and follow it here at once."""

@@ -121,6 +121,27 @@ def test_a_domain_served_again_outlives_a_stream_of_domains_requested_once(asset
     assert sorted(resident) == ["hot", "once4", "once5"]
 
 
+
+def test_warming_the_host_tier_makes_first_requests_a_row_copy(assets, tmp_path):
+    names = [f"d{i}" for i in range(5)]
+    fill(tmp_path, assets, names)
+
+    async def main():
+        registry = make_registry(assets, tmp_path, max_resident=1, host_cache_bytes=1)
+        registry.limits = dataclasses.replace(registry.limits, host_cache_bytes=3 * registry.engine.row_bytes)
+        added = await registry.warm_host(names)  # room for three
+        before, slots = tiers(registry), registry.engine.loaded
+        loads = counter(registry, "ra_adapter_loads_total", source="registry", outcome="ok")
+        await serve(registry, "d1")
+        return added, before, slots, loads, tiers(registry), registry
+
+    added, before, slots, loads, after, registry = asyncio.run(main())
+    assert added == 3 and before == {"d0": "host", "d1": "host", "d2": "host"}
+    assert slots == 0  # the spare slots they were self-tested in went back
+    assert after == {"d0": "host", "d1": "device", "d2": "host"}
+    assert counter(registry, "ra_adapter_loads_total", source="host", outcome="ok") == 1
+    assert counter(registry, "ra_adapter_loads_total", source="registry", outcome="ok") == loads
+
 def test_the_eviction_order_protects_served_keys_within_their_share():
     from service.eviction import SegmentedLru
 

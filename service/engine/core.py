@@ -163,19 +163,22 @@ class EngineCore:
 
     async def _warm_most_used(self, count: int) -> None:
         """After start: load as many of the most used domains (usage counts kept in the record) as
-        fit, then, while room is left, others by name: memory the budget holds for domains serves
-        better full."""
+        fit, then, while room is left, others by name; then the next most used into the host tier
+        while it has room: memory the budget holds for domains serves better full."""
         registry = self.registry
         registry.status.warming = True
         try:
-            used = await asyncio.to_thread(registry.record.top_used, count)
+            host_rows = registry.limits.host_cache_bytes // self.engine.row_bytes
+            used = await asyncio.to_thread(registry.record.top_used, count + host_rows)
             t0 = time.perf_counter()
-            loaded = await registry.warm(used, ranked=True)
+            loaded = await registry.warm(used[:count], ranked=True)
             if len(used) < count:
                 listed = await asyncio.to_thread(registry.record.list_domains, "", None, count)
                 taken = set(used)
                 loaded += await registry.warm([name for name, _ in listed if name not in taken][: count - len(used)])
-            _log.info("warmed %d domains in %.1fs", loaded, time.perf_counter() - t0)
+            kept = await registry.warm_host(used[count:])
+            _log.info("warmed %d domains onto the device and %d into host memory in %.1fs", loaded, kept,
+                      time.perf_counter() - t0)
         except RecordUnavailable as exc:
             _log.warning("not warming domains: %s", exc)
         finally:
