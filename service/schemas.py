@@ -113,6 +113,8 @@ class Device(BaseModel):
     devices: list[str] = Field(description="what the engine computes on, e.g. ['GPU:0 NVIDIA H200'] or ['CPU']")
     gpu: bool
     compute_dtype: str
+    free_bytes: int | None = Field(None, description="the GPU's free memory at start, where the framework tells "
+                                                     "(JAX, PyTorch)")
 
 
 class Residency(BaseModel):

@@ -11,7 +11,6 @@ import pathlib
 import subprocess
 import sys
 
-import httpx
 import numpy as np
 import pytest
 

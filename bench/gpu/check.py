@@ -43,6 +43,20 @@ def engine_part(args: argparse.Namespace) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+def wait_up(server: subprocess.Popen, url: str, timeout: float) -> None:
+    """Ready, or raise as soon as the server has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.returncode}")
+        try:
+            wait_ready(url, timeout=2)
+            return
+        except TimeoutError:
+            continue
+    raise TimeoutError(f"{url} was not ready within {timeout}s")
+
+
 def http_part(args: argparse.Namespace) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -56,7 +70,7 @@ def http_part(args: argparse.Namespace) -> dict:
                                   start_new_session=True)
         try:
             start = time.perf_counter()
-            wait_ready(url, timeout=300)
+            wait_up(server, url, timeout=300)
             ready_s = time.perf_counter() - start
             import httpx
 
