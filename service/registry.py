@@ -68,6 +68,7 @@ class Entry:
     leases: int = 0  # requests holding it (queued or computing)
     retired: bool = False  # replaced or deleted: its slot goes once the last lease is returned
     served: int = 0  # images classified since it was cached here
+    fresh: bool = False  # put on the device and not leased since: the requests that waited for it are due
 
     @property
     def domain(self) -> str:
@@ -215,6 +216,7 @@ class Registry:
 
     def _lease(self, entry: Entry) -> Entry:
         entry.leases += 1
+        entry.fresh = False
         self._device.touch(entry.domain)
         return entry
 
@@ -267,6 +269,7 @@ class Registry:
         seconds = time.perf_counter() - start
         self.metrics.load_seconds.labels("host").observe(seconds)
         self.metrics.loads.labels("host", "ok").inc()
+        entry.fresh = True
         self._device.add(entry.domain)
         self._gauges()
         return entry
@@ -340,6 +343,7 @@ class Registry:
         if old is not None and old is not entry:
             self._retire(old)
         self._entries[entry.domain] = entry
+        entry.fresh = True
         self._device.add(entry.domain)
         self._gauges()
 
@@ -359,10 +363,21 @@ class Registry:
     def _make_room(self) -> None:
         """Evict device entries in eviction order (`service.eviction`) until a slot is free under `max_resident`.
 
-        Their rows are copied to host memory when the host tier has room for any (`host_cache_mb`)."""
+        Never one that a request holds or that is pinned, and one just loaded for the requests that
+        waited for it only when nothing else can go (else concurrent cold loads evict each other's
+        domains before their requests get them). Their rows are copied to host memory when the host
+        tier has room (`host_cache_mb`)."""
         while len(self._device) >= self.max_resident:
-            victim = next((self._entries[d] for d in self._device
-                           if self._entries[d].leases == 0 and d not in self._pinned), None)
+            victim = fallback = None
+            for domain in self._device:
+                entry = self._entries[domain]
+                if entry.leases or domain in self._pinned:
+                    continue
+                if not entry.fresh:
+                    victim = entry
+                    break
+                fallback = fallback or entry
+            victim = victim or fallback
             if victim is None:
                 _log.warning("every resident domain is pinned or in use: serving more than the %d that fit",
                              self.max_resident)

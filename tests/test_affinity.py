@@ -9,32 +9,18 @@ import concurrent.futures
 import os
 import pathlib
 import re
-import shutil
 import signal
 import subprocess
-import time
 
 import httpx
 import pytest
 
 from bench.domains import seed
+from bench.haproxy import HAPROXY, REPO, running_proxy
 from service_helpers import png_bytes
-from service_process import REPO, ServiceProcess, free_port
+from service_process import ServiceProcess, free_port
 
-HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 DOMAINS = 24
-
-
-def loopback_config(ports: list[int], listen: int) -> str:
-    """deploy/haproxy.cfg with Docker's name resolution replaced by these replicas' ports."""
-    text = (REPO / "deploy" / "haproxy.cfg").read_text()
-    text = re.sub(r"\nresolvers docker\n(?:    .*\n)+", "\n", text)
-    servers = "".join(f"    server replica{i} 127.0.0.1:{port}\n" for i, port in enumerate(ports, 1))
-    text = text.replace("    server-template replica 1-16 adapters:8000 resolvers docker init-addr none\n", servers)
-    text = re.sub(r"\n    bind :8080[^\n]*\n", f"\n    bind 127.0.0.1:{listen}\n", text)
-    assert "server-template" not in text and "resolvers" not in text and f"bind 127.0.0.1:{listen}" in text
-    return text
-
 
 
 def need_haproxy() -> None:
@@ -50,6 +36,7 @@ def test_the_shipped_configuration_is_valid():
                             text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
 
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     need_haproxy()
@@ -62,29 +49,12 @@ def fleet(tmp_path_factory):
     replicas = [ServiceProcess(env, tmp / f"replica{i}.log") for i in range(3)]
     for replica in replicas:
         replica.start()
-    proxy = None
     try:
         for replica in replicas:
             replica.wait_ready(180)
-        port = free_port()
-        config = tmp / "haproxy.cfg"
-        config.write_text(loopback_config([r.port for r in replicas], port))
-        proxy = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stdout=open(tmp / "haproxy.log", "wb"),
-                                 stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:  # every replica passes the proxy's health check
-            try:
-                if len({httpx.get(url + "/readyz", timeout=5).json()["engine_pid"] for _ in range(6)}) == 3:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proxy.poll() is None and time.monotonic() < deadline, (tmp / "haproxy.log").read_text()
-            time.sleep(0.5)
-        yield url, replicas, names
+        with running_proxy([r.port for r in replicas], free_port()) as url:
+            yield url, replicas, names
     finally:
-        if proxy is not None:
-            proxy.kill()
         for replica in replicas:
             replica.stop(signal.SIGKILL)
 

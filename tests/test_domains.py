@@ -142,6 +142,26 @@ def test_warming_the_host_tier_makes_first_requests_a_row_copy(assets, tmp_path)
     assert counter(registry, "ra_adapter_loads_total", source="host", outcome="ok") == 1
     assert counter(registry, "ra_adapter_loads_total", source="registry", outcome="ok") == loads
 
+
+def test_concurrent_cold_loads_do_not_evict_each_others_domains_before_use(assets, tmp_path):
+    """Many first requests at once for more domains than fit: each gets its domain (a freshly loaded
+    one waits for its requests before it may be evicted), instead of 503 "kept being evicted"."""
+    names = [f"c{i}" for i in range(12)]
+    fill(tmp_path, assets, names)
+
+    async def main():
+        registry = make_registry(assets, tmp_path, max_resident=3, host_cache_bytes=0)
+
+        async def request(domain):
+            entry = await registry.acquire(domain)
+            await asyncio.sleep(0.01)  # the batch computes
+            registry.release([entry], images=1)
+
+        return await asyncio.gather(*(request(name) for name in names * 2), return_exceptions=True)
+
+    outcomes = asyncio.run(main())
+    assert [o for o in outcomes if o is not None] == []
+
 def test_the_eviction_order_protects_served_keys_within_their_share():
     from service.eviction import SegmentedLru
 
