@@ -8,13 +8,13 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import pathlib
-import re
 import signal
 import subprocess
 
 import httpx
 import pytest
 
+from bench.affinity import served_by
 from bench.domains import seed
 from bench.haproxy import HAPROXY, REPO, running_proxy
 from service_helpers import png_bytes
@@ -65,12 +65,7 @@ def predict(client: httpx.Client, url: str, domain: str) -> int:
 
 def served(replicas: list[ServiceProcess], domain: str) -> list[float]:
     """Images each replica classified for `domain`."""
-    counts = []
-    for replica in replicas:
-        text = httpx.get(replica.url + "/metrics", timeout=10).text
-        found = re.search(rf'^ra_predictions_total{{domain="{domain}"}} (\S+)$', text, re.M)
-        counts.append(float(found.group(1)) if found else 0.0)
-    return counts
+    return served_by([replica.port for replica in replicas], domain)
 
 
 def test_each_domain_is_served_by_its_home_replica(fleet):
