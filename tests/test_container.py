@@ -180,12 +180,13 @@ def test_the_kubernetes_manifests_validate_against_the_schemas():
     import kubernetes_validate
 
     documents = kubernetes_documents()
-    assert {d["kind"] for _, d in documents} == {"Deployment", "Service", "HorizontalPodAutoscaler", "Secret"}
+    assert {d["kind"] for _, d in documents} == {"Deployment", "Service", "HorizontalPodAutoscaler", "Secret",
+                                                 "ConfigMap"}
     for path, document in documents:
         kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
 
     # the validator does catch mistakes: a misspelled field and a wrong type
-    (_, deployment), = [(p, d) for p, d in documents if d["kind"] == "Deployment"]
+    deployment = manifest(documents, "Deployment", "residual-adapters")
     import copy
 
     misspelled = copy.deepcopy(deployment)
@@ -197,10 +198,15 @@ def test_the_kubernetes_manifests_validate_against_the_schemas():
             kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
 
 
+def manifest(documents: list[tuple[Path, dict]], kind: str, name: str) -> dict:
+    (found,) = [d for _, d in documents if d["kind"] == kind and d["metadata"]["name"] == name]
+    return found
+
+
 def test_the_kubernetes_manifests_wire_probes_gpu_secrets_and_autoscaling():
-    by_kind = {d["kind"]: d for _, d in kubernetes_documents()}
-    deployment, service, hpa, secret = (by_kind[k] for k in ("Deployment", "Service", "HorizontalPodAutoscaler",
-                                                             "Secret"))
+    documents = kubernetes_documents()
+    deployment, service, hpa, secret = (manifest(documents, kind, "residual-adapters") for kind in
+                                        ("Deployment", "Service", "HorizontalPodAutoscaler", "Secret"))
     pod = deployment["spec"]["template"]
     (container,) = pod["spec"]["containers"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -221,3 +227,41 @@ def test_the_kubernetes_manifests_wire_probes_gpu_secrets_and_autoscaling():
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
     assert hpa["spec"]["minReplicas"] >= 2
+
+
+def kubernetes_proxy_config(compose_config: str) -> str:
+    """deploy/haproxy.cfg as the Kubernetes proxy runs it: the cluster's DNS instead of Docker's."""
+    text = compose_config.replace(
+        "    # Docker's DNS answers `adapters` with every replica's address (compose --scale)\n"
+        "    nameserver dns 127.0.0.11:53\n",
+        "    # the cluster's DNS (the pod's resolv.conf) answers the headless Service with every pod's address\n"
+        "    parse-resolv-conf\n")
+    text = text.replace("resolvers docker", "resolvers cluster")
+    return text.replace("adapters:8000 resolvers cluster",
+                        "residual-adapters-replicas.default.svc.cluster.local:8000 resolvers cluster")
+
+
+def test_the_kubernetes_proxy_runs_the_fleet_configuration_over_every_replica_pod(tmp_path):
+    documents = kubernetes_documents()
+    config = manifest(documents, "ConfigMap", "residual-adapters-proxy")["data"]["haproxy.cfg"]
+    assert config == kubernetes_proxy_config((REPO / "deploy" / "haproxy.cfg").read_text())
+    haproxy = require("haproxy", "apt-get install haproxy")
+    (tmp_path / "haproxy.cfg").write_text(config)
+    result = subprocess.run([haproxy, "-c", "-f", str(tmp_path / "haproxy.cfg")], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    proxy = manifest(documents, "Deployment", "residual-adapters-proxy")
+    pod = proxy["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    (mount,) = container["volumeMounts"]
+    (volume,) = pod["spec"]["volumes"]
+    assert mount["mountPath"] == "/usr/local/etc/haproxy" and volume["configMap"]["name"] == "residual-adapters-proxy"
+    assert {p["containerPort"] for p in container["ports"]} == {8080}  # config: bind :8080
+    front = manifest(documents, "Service", "residual-adapters-proxy")
+    assert front["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    replicas = manifest(documents, "Service", "residual-adapters-replicas")
+    service_pod = manifest(documents, "Deployment", "residual-adapters")["spec"]["template"]
+    assert replicas["spec"]["clusterIP"] == "None"  # DNS answers with every pod
+    assert replicas["spec"]["selector"].items() <= service_pod["metadata"]["labels"].items()
+    (replica_container,) = service_pod["spec"]["containers"]
+    assert {p["port"] for p in replicas["spec"]["ports"]} <= {p["containerPort"] for p in replica_container["ports"]}
