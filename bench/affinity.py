@@ -1,6 +1,6 @@
 """The fleet as one cache: three replicas behind the shipped HAProxy configuration with domain affinity
 against the same proxy balancing round-robin, and one process with the fleet's slots, under the same
-Zipf(1.0) traffic. Run as `python -m bench.fleet --affinity [--domains 3000] [--slots 200] [--seconds 15]`.
+Zipf(1.0) traffic. Run as `python -m bench.fleet --affinity [--domains 3000] [--slots 200] [--seconds 10]`.
 
 Each setup starts fresh replicas on one directory registry of `--domains` hard-linked demo bundles
 (`RA_MAX_RESIDENT=--slots`, no host tier, so a device miss is a load from the record), drives the
@@ -15,7 +15,15 @@ counters. Prints (in the JSON object of bench.fleet):
   share of its requests that one replica served;
 - `kill`: a replica killed (SIGKILL) in the middle of Zipf traffic through the affinity proxy: the
   requests that failed (`failed`), against the requests that were in progress on it when it died
-  (`in_flight_on_victim`, from HAProxy's statistics socket), and `kill_failed_beyond_inflight`.
+  (`in_flight_on_victim`, from HAProxy's statistics socket), and `kill_failed_beyond_inflight`;
+- `noisy_tenant`: fresh replicas with a keys file (bench.tenants' three tenants, each on its own
+  resident domain) behind the proxy with the rates map that service.proxy_limits makes from that file.
+  The fleet's capacity is measured first (wrk saturating one domain with an unlimited key); the
+  flooding key then gets a limit of a quarter of it (the map is made and a proxy started with it; the
+  replicas reload the same keys file), and two well-behaved tenants (one connection each, 20
+  requests/s) are measured alone and while the flooder offers about 10x the capacity (wrk, 128
+  connections, each pausing after every answer). `noisy_tenant_p99_ratio`: their p99 under the flood
+  over their p99 alone (target <= 2).
 """
 
 from __future__ import annotations
@@ -36,16 +44,19 @@ import httpx
 
 from bench.domains import ideal_hit_rate, seed, zipf_sequence
 from bench.haproxy import running_proxy
-from bench.serve import drive, free_port, test_images, wait_ready
+from bench.serve import DEMO, drive, drive_wrk, free_port, test_images, wait_ready
+from bench.tenants import TENANTS, secret, steady, write_keys
+from service import proxy_limits
+from service.access import load_keys
 
 REPLICAS = 3
 
 
 @contextlib.contextmanager
-def fleet(store: pathlib.Path, count: int, slots: int):
+def fleet(store: pathlib.Path, count: int, slots: int, extra: dict[str, str] | None = None):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "RA_STORE_DIR": str(store), "RA_DEMO_ADAPTERS": "false",
            "RA_MAX_RESIDENT": str(slots), "RA_HOST_CACHE_MB": "0", "RA_DEVICE_MEMORY_MB": str(max(256, slots)),
-           "RA_PREPROCESS_THREADS": "1"}
+           "RA_PREPROCESS_THREADS": "1", **(extra or {})}
     procs, ports = [], [free_port() for _ in range(count)]
     for port in ports:
         procs.append(subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
@@ -109,6 +120,59 @@ def current_sessions(stats_socket: str, server: str) -> int:
     return total
 
 
+def noisy_tenant(tmp: pathlib.Path, slots: int, seconds: float, flood_share: float = 0.25, over: float = 10.0,
+                 rate: float = 20.0) -> dict:
+    """Two well-behaved tenants' latency alone and while a third floods the fleet through the proxy."""
+    store, keys, rates = tmp / "tenant-store", tmp / "keys.json", tmp / "rates.map"
+    store.mkdir()
+    source = sorted(p for p in DEMO.glob("*.safetensors") if p.name != "backbone.safetensors")[0]
+    for tenant in TENANTS:  # each tenant's key is scoped to the domain of its name
+        (store / tenant).mkdir()
+        os.link(source, store / tenant / "000001.safetensors")
+    write_keys(keys, None)
+    images = test_images(4, 48)
+    calm = [t for t in TENANTS if t != "flood"]
+    with fleet(store, REPLICAS, slots, {"RA_API_KEYS_FILE": str(keys), "RA_API_KEYS_POLL_S": "0.2"}) as (ports, _):
+        with running_proxy(ports, free_port()) as url:
+            capacity = drive_wrk(url, [calm[0]], images, 64, seconds / 2, 1, key=secret(calm[0]))["img_s"]
+        limit = round(capacity * flood_share, 1)
+        write_keys(keys, limit)  # the replicas reload it; the proxy gets its map
+        loaded = load_keys(keys)
+        flooder_key = next(p for p in loaded.values() if p.name == "flood")
+        rates.write_text(proxy_limits.rates_map(loaded))
+        time.sleep(1.0)
+        with running_proxy(ports, free_port(), rates=rates) as url, running_proxy(ports, free_port()) as plain:
+            steady(url, calm, images[0], rate, 2.0)  # warm-up
+            alone = steady(url, calm, images[0], rate, seconds)
+            under = {"proxy_limits": under_flood(url, calm, images, capacity, over, rate, seconds),
+                     "replica_limits_only": under_flood(plain, calm, images, capacity, over, rate, seconds)}
+    return {"alone": alone, **{f"under_flood_{k}": v["calm"] for k, v in under.items()},
+            "capacity_img_s": round(capacity, 1), "flood_limit_per_s": limit,
+            "proxy_limit_per_s": proxy_limits.per_second(flooder_key),
+            "flood": {k: v["flood"] for k, v in under.items()},
+            "p99_ratio": round(under["proxy_limits"]["calm"]["p99_ms"] / alone["p99_ms"], 2),
+            "p99_ratio_replica_limits_only": round(under["replica_limits_only"]["calm"]["p99_ms"] / alone["p99_ms"], 2)}
+
+
+def under_flood(url: str, calm: list[str], images: list[bytes], capacity: float, over: float, rate: float,
+                seconds: float) -> dict:
+    """The well-behaved tenants while the flooder offers `over` x `capacity` (128 wrk connections, each
+    pausing after every answer), and what became of the flood."""
+    connections, flood_s = 128, max(1, round(seconds + 2))
+    pause_ms = max(1, round(1000 * connections / (over * capacity)))
+    flood: dict = {}
+    flooder = threading.Thread(target=lambda: flood.update(drive_wrk(
+        url, ["flood"], images, connections, flood_s, 1, key=secret("flood"), pause_ms=pause_ms)))
+    flooder.start()
+    time.sleep(1.0)
+    calm_run = steady(url, calm, images[0], rate, seconds)
+    flooder.join()
+    return {"calm": calm_run,
+            "flood": {"offered_over_capacity": round(flood["requests"] / flood_s / capacity, 2),
+                      "refused_share": round(flood["errors"] / max(flood["requests"], 1), 3),
+                      "served_s": round((flood["requests"] - flood["errors"]) / flood_s, 1)}}
+
+
 def run(domains: int, slots: int, seconds: float) -> dict:
     images = test_images(16, 48)
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,6 +206,7 @@ def run(domains: int, slots: int, seconds: float) -> dict:
                 load.join()
                 result["kill"] = {"failed": outcome.get("errors"), "in_flight_on_victim": in_flight,
                                   "requests": outcome.get("requests")}
+        result["noisy_tenant"] = noisy_tenant(pathlib.Path(tmp), slots, seconds)
     slots_total = slots * REPLICAS
     return {
         "hit_rate": {"affinity": result["affinity"]["hit_rate"], "round_robin": result["round_robin"]["hit_rate"],
@@ -153,6 +218,8 @@ def run(domains: int, slots: int, seconds: float) -> dict:
         "hot_domain_max_share": result["hot_domain_max_share"],
         "kill": result["kill"],
         "kill_failed_beyond_inflight": max(0, (result["kill"]["failed"] or 0) - result["kill"]["in_flight_on_victim"]),
+        "noisy_tenant": result["noisy_tenant"],
+        "noisy_tenant_p99_ratio": result["noisy_tenant"]["p99_ratio"],
         "errors": {k: result[k]["errors"] for k in ("affinity", "round_robin", "single")},
         "settings": {"domains": domains, "slots_per_replica": slots, "replicas": REPLICAS, "seconds": seconds,
                      "cpus": os.cpu_count()},

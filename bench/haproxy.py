@@ -17,10 +17,17 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
 
-def loopback_config(ports: list[int], listen: int, affinity: bool = True, stats_socket: str | None = None) -> str:
+RATES = "/usr/local/etc/haproxy/rates.map"
+
+
+def loopback_config(ports: list[int], listen: int, affinity: bool = True, stats_socket: str | None = None,
+                    rates: pathlib.Path = REPO / "deploy" / "rates.map") -> str:
     """deploy/haproxy.cfg serving `listen` over replicas on `ports`; `affinity=False`: the same proxy
-    balancing every request round-robin (for comparison); `stats_socket`: HAProxy's statistics there."""
+    balancing every request round-robin (for comparison); `stats_socket`: HAProxy's statistics there;
+    `rates`: the per-key limits (service.proxy_limits' map; the shipped one is empty)."""
     text = (REPO / "deploy" / "haproxy.cfg").read_text()
+    assert RATES in text
+    text = text.replace(RATES, str(rates))
     text = re.sub(r"\nresolvers docker\n(?:    .*\n)+", "\n", text)
     servers = "".join(f"    server replica{i} 127.0.0.1:{port}\n" for i, port in enumerate(ports, 1))
     text = text.replace("    server-template replica 1-16 adapters:8000 resolvers docker init-addr none\n", servers)
@@ -36,11 +43,12 @@ def loopback_config(ports: list[int], listen: int, affinity: bool = True, stats_
 
 @contextlib.contextmanager
 def running_proxy(ports: list[int], listen: int, affinity: bool = True, timeout: float = 30.0,
-                  stats_socket: str | None = None):
-    """HAProxy on `listen` in front of `ports`, once every replica passes its health check; yields its URL."""
+                  stats_socket: str | None = None, rates: pathlib.Path = REPO / "deploy" / "rates.map"):
+    """HAProxy on `listen` in front of `ports`, once every replica passes its health check; yields its URL.
+    The readiness probe needs no key, so a keys file on the replicas does not stop it."""
     with tempfile.TemporaryDirectory() as tmp:
         config, log = pathlib.Path(tmp) / "haproxy.cfg", pathlib.Path(tmp) / "haproxy.log"
-        config.write_text(loopback_config(ports, listen, affinity, stats_socket))
+        config.write_text(loopback_config(ports, listen, affinity, stats_socket, rates))
         with open(log, "wb") as out:
             proxy = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stdout=out, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{listen}"

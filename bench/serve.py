@@ -2,6 +2,7 @@
 
     python -m bench.serve [--concurrency 64] [--seconds 10] [--rounds 3] [--files-per-request 1]
                           [--traffic uniform|zipf] [--domains 8] [--images tiny|camera]
+    python -m bench.serve --protocol grpc --files-per-request 8   # gRPC against REST v2 (bench.protocols)
 
 Starts `python -m service` on a free loopback port with the shipped demo backbone and its demo
 domains plus copies (`--domains`, renamed), drives it from a separate client process at a fixed
@@ -245,14 +246,17 @@ def run_wrk(url: str, script_for, body: bytes, connections: int, seconds: float,
 
 def drive_wrk(url: str, domains: list[str], images: list[bytes], concurrency: int, seconds: float,
               files: int, kind: str = "multipart", input_size: int = 32, key: str | None = None,
-              threads: int = 1) -> dict:
+              threads: int = 1, pause_ms: int = 0) -> dict:
     """wrk (C, a separate process) as the load generator: it costs the server's CPUs far less than Python.
-    `key` goes as `Authorization: Bearer`; `threads`: wrk's threads (one keeps up with 2 server cores)."""
+    `key` goes as `Authorization: Bearer`; `threads`: wrk's threads (one keeps up with 2 server cores);
+    `pause_ms`: each connection waits this long after every answer (an offered rate of about
+    concurrency / pause when the answers are quick), else it sends as fast as the answers come."""
     body, parts = request_body(kind, images, files, input_size)
     if key is not None:
         parts["extra_header"] += f', ["Authorization"] = "Bearer {key}"'
     names = ", ".join(f'"{d}"' for d in domains)
-    run = run_wrk(url, lambda body_file: WRK_SCRIPT % {"body": body_file, **parts, "domains": names}, body,
+    pause = f"delay = function() return {pause_ms} end\n" if pause_ms else ""
+    run = run_wrk(url, lambda body_file: WRK_SCRIPT % {"body": body_file, **parts, "domains": names} + pause, body,
                   concurrency, seconds, threads)
     return {"img_s": run["requests_s"] * files, "requests": run["requests"], "errors": run["non_2xx"],
             "p50_ms": run["p50_ms"], "p99_ms": run["p99_ms"]}
@@ -338,7 +342,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--backbone", type=pathlib.Path, default=DEMO / "backbone.safetensors")
+    parser.add_argument("--protocol", choices=("http", "grpc"), default="http",
+                        help="grpc: front-end CPU per image, Open Inference Protocol over gRPC against REST v2 "
+                             "(bench.protocols)")
     args = parser.parse_args(argv)
+    if args.protocol == "grpc":
+        from bench import protocols
+
+        return protocols.main(args)
 
     demo_bundles = sorted(p for p in DEMO.glob("*.safetensors") if p.name != "backbone.safetensors")
     bundles = {f"bench{i}": demo_bundles[i % len(demo_bundles)].read_bytes() for i in range(args.domains)}

@@ -1,22 +1,27 @@
 """The fleet's proxy: the shipped HAProxy configuration (deploy/haproxy.cfg, its servers swapped for three
 real replicas on loopback) routes each domain to one home replica, spills a hot domain over to the
-others, sends requests without a domain anywhere, and retries on another replica what it could not
-send to a dead one."""
+others, sends requests without a domain anywhere, retries on another replica what it could not send
+to a dead one, and refuses a key over its rate limit (the map service.proxy_limits makes from the keys
+file) before any replica sees the request."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import pathlib
 import signal
 import subprocess
+import time
 
 import httpx
 import pytest
 
 from bench.affinity import served_by
 from bench.domains import seed
-from bench.haproxy import HAPROXY, REPO, running_proxy
+from bench.haproxy import HAPROXY, RATES, REPO, running_proxy
+from service import proxy_limits
+from service.access import hash_key
 from service_helpers import png_bytes
 from service_process import ServiceProcess, free_port
 
@@ -30,11 +35,30 @@ def need_haproxy() -> None:
         pytest.skip("HAProxy is not installed (apt-get install haproxy)")
 
 
-def test_the_shipped_configuration_is_valid():
+def test_the_shipped_configuration_is_valid(tmp_path):
     need_haproxy()
-    result = subprocess.run([HAPROXY, "-c", "-f", str(REPO / "deploy" / "haproxy.cfg")], capture_output=True,
-                            text=True, timeout=30)
+    config = tmp_path / "haproxy.cfg"  # the shipped file, reading the shipped map from where it lies here
+    config.write_text((REPO / "deploy" / "haproxy.cfg").read_text().replace(RATES, str(REPO / "deploy" / "rates.map")))
+    result = subprocess.run([HAPROXY, "-c", "-f", str(config)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+KEYS = {"keys": [{"name": "flood", "key_sha256": hash_key("flood-secret"), "rate_per_s": 2.5, "burst": 4},
+                 {"name": "steady", "key_sha256": hash_key("steady-secret"), "rate_per_s": 100},
+                 {"name": "free", "key_sha256": hash_key("free-secret"), "domains": ["*"]}]}
+
+
+def test_the_rates_map_holds_each_limited_key_to_its_largest_one_second_take(tmp_path):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(KEYS))
+    out = tmp_path / "rates.map"
+    proxy_limits.main([str(keys), "--out", str(out)])
+    entries = dict(line.split() for line in out.read_text().splitlines() if not line.startswith("#"))
+    assert entries == {hash_key("flood-secret"): "4", hash_key("steady-secret"): "100"}  # max(burst, ceil(rate))
+    keys.write_text('{"keys": [{"name": "x"}]}')
+    with pytest.raises(SystemExit, match="key_sha256"):
+        proxy_limits.main([str(keys), "--out", str(out)])
+    assert dict(line.split() for line in out.read_text().splitlines() if not line.startswith("#")) == entries
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +124,37 @@ def test_a_hot_domain_spills_over_to_other_replicas(fleet):
     assert codes == [200] * 480
     gained = [after - b for after, b in zip(served(replicas, hot), before)]
     assert sum(gained) == 480 and sorted(gained)[-2] > 0, gained  # the home replica did not take it all
+
+
+def test_the_proxy_refuses_a_key_over_its_limit_before_any_replica_sees_it(fleet, tmp_path):
+    _, replicas, names = fleet
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(KEYS))
+    rates = tmp_path / "rates.map"
+    proxy_limits.main([str(keys), "--out", str(rates)])
+    domain = names[1]
+    with running_proxy([r.port for r in replicas], free_port(), rates=rates) as url, \
+            httpx.Client(timeout=60) as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
+        before = sum(served(replicas, domain))
+
+        def call(key: str) -> httpx.Response:
+            return client.post(f"{url}/predict/{domain}", files={"file": ("x.png", png_bytes(1))},
+                               headers={"Authorization": f"Bearer {key}"})
+
+        flood = list(pool.map(lambda _: call("flood-secret"), range(24)))
+        passed = [r for r in flood if r.status_code == 200]
+        refused = [r for r in flood if r.status_code == 429]
+        assert len(passed) + len(refused) == 24 and 4 <= len(passed) <= 8, [r.status_code for r in flood]
+        assert sum(served(replicas, domain)) - before == len(passed)  # the refused never reached a replica
+        body = refused[0].json()
+        assert body["error"] == "rate_limited" and "limit of 4 requests per second" in body["detail"]
+        assert refused[0].headers["retry-after"] == "1"
+        oip = client.get(f"{url}/v2/models/{domain}/ready", headers={"Authorization": "Bearer flood-secret"})
+        assert oip.status_code == 429 and oip.json()["error"].startswith("rate_limited: ")
+        others = list(pool.map(call, ["steady-secret", "free-secret", "unknown-secret"] * 4))
+        assert [r.status_code for r in others] == [200] * 12  # other keys pass (the replicas have no keys file)
+        time.sleep(2.2)  # a second later the key's window has room again
+        assert call("flood-secret").status_code == 200
 
 
 def test_requests_are_retried_on_another_replica_when_one_is_gone(fleet):
