@@ -16,6 +16,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     RA_STORE_DIR=/data/store \
     RA_HOST=0.0.0.0 \
     RA_PORT=8000 \
+    RA_GRPC_PORT=8001 \
     RA_WORKERS=auto
 
 WORKDIR /app
@@ -39,7 +40,7 @@ RUN --mount=type=secret,id=ca_bundle,required=false \
 
 USER 10001
 VOLUME ["/data/store"]
-EXPOSE 8000
+EXPOSE 8000 8001
 # one engine process and a front end per core (RA_WORKERS=auto). On SIGTERM the supervisor stops the front
 # ends (they stop accepting and let in-flight requests finish), then the engine. Front ends hand images to
 # the engine through /dev/shm: run with --shm-size of a few hundred MB (the compose files do).

@@ -27,8 +27,7 @@ from service import api, oip
 from service import audit
 from service.access import BUCKETS, Access, Denied, KeyRing, KeysFileError, Principal, RateLimits, is_management
 from service.client import EngineClient, LocalEngine
-from service.errors import BodyTooLarge, error_response, install_error_handlers, unknown_domain_response
-from service.exceptions import UnknownDomainError
+from service.errors import BodyTooLarge, error_response, install_error_handlers, refusal_response
 from service.host_table import HostTable, Layout
 from service.inference import Inference
 from service.metrics import Metrics
@@ -85,9 +84,7 @@ class Gatekeeper:
         try:
             principal = self.state.access.decide(method, path, authorization)
         except Denied as denied:
-            reason = denied.reason
-            refusal = (unknown_domain_response(reason, path) if isinstance(reason, UnknownDomainError) else
-                       error_response(reason.status, reason.code, reason.detail, reason.headers, path))
+            refusal = refusal_response(denied.reason, path)
             await refusal(scope, receive, send)
             self._record(scope, refusal.status_code, start, denied.principal)
             return
@@ -190,11 +187,18 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
         state.inference = Inference(state.engine, settings, state.preprocess_pool)
         await state.engine.start()
         keys = asyncio.create_task(follow_keys(state)) if keyring is not None else None
+        grpc_server = None
+        if settings.grpc_port is not None:
+            from service import oip_grpc  # grpcio and the protocol's messages, only when asked for
+
+            grpc_server = await oip_grpc.start_server(state, stats, settings.host, settings.grpc_port)
         state.started = True
         try:
             yield
         finally:
             state.started = False
+            if grpc_server is not None:
+                await grpc_server.stop(grace=5)
             if keys is not None:
                 keys.cancel()
             await state.engine.stop()

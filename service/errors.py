@@ -45,9 +45,10 @@ def error_response(status: int, code: str, detail: object, headers: dict[str, st
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
-def unknown_domain_response(exc: UnknownDomainError, path: str) -> JSONResponse:
-    """The one answer for a domain that does not exist, or that the caller's key may not see."""
-    return error_response(404, "unknown_domain", f"{exc}. GET /adapters lists the domains.", path=path)
+def refusal_response(reason: ApiError | UnknownDomainError, path: str) -> JSONResponse:
+    """A refused request's answer; an unknown domain's is the same as for a domain the key may not see."""
+    error = as_api_error(reason)
+    return error_response(error.status, error.code, error.detail, error.headers, path=path)
 
 
 UPLOAD_EXAMPLES = {"file": "image.jpg", "bundle": "domain.safetensors"}
@@ -61,28 +62,44 @@ def missing_uploads(request: Request, exc: RequestValidationError) -> list[str]:
             if e.get("type") == "missing" and len(e.get("loc", ())) == 2 and e["loc"][-1] in uploads]
 
 
+RETRY = {"Retry-After": "1"}
+# the service's own exceptions as answers: (status, code, headers); the one table every protocol reads
+KNOWN: dict[type[Exception], tuple[int, str, dict[str, str] | None]] = {
+    DomainExists: (409, "domain_exists", None),
+    NoPreviousVersion: (409, "no_previous_version", None),
+    DomainUnloaded: (409, "domain_unloaded", None),
+    Overloaded: (503, "overloaded", RETRY),
+    QueueShareExceeded: (429, "domain_queue_full", RETRY),
+    RecordUnavailable: (503, "registry_unavailable", RETRY),
+    AdapterUnavailable: (503, "adapter_unavailable", RETRY),
+    EngineUnavailable: (503, "engine_unavailable", RETRY),
+    asyncio.TimeoutError: (504, "timeout", None),
+}
+
+
+def as_api_error(exc: BaseException) -> ApiError | None:
+    """The answer to `exc` when it is one the service raises on purpose (None: an internal error)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, UnknownDomainError):
+        return ApiError(404, "unknown_domain", f"{exc}. GET /adapters lists the domains.")
+    if isinstance(exc, ImageDecodeError):
+        return ApiError(IMAGE_STATUS.get(exc.code, 400), exc.code, str(exc))
+    if isinstance(exc, InvalidFileError):
+        return ApiError(422, f"invalid_bundle:{exc.code}", str(exc))
+    for exc_type, (status, code, headers) in KNOWN.items():
+        if isinstance(exc, exc_type):
+            return ApiError(status, code, str(exc), headers)
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    def handle(exc_type, status, code, headers=None):
-        async def handler(request: Request, exc: Exception) -> JSONResponse:
-            return error_response(status, code(exc) if callable(code) else code, str(exc), headers, path=request.url.path)
+    async def known(request: Request, exc: Exception) -> JSONResponse:
+        error = as_api_error(exc)
+        return error_response(error.status, error.code, error.detail, error.headers, path=request.url.path)
 
-        app.add_exception_handler(exc_type, handler)
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.detail, exc.headers, path=request.url.path)
-
-    @app.exception_handler(UnknownDomainError)
-    async def unknown_domain(request: Request, exc: UnknownDomainError) -> JSONResponse:
-        return unknown_domain_response(exc, request.url.path)
-
-    @app.exception_handler(ImageDecodeError)
-    async def bad_image(request: Request, exc: ImageDecodeError) -> JSONResponse:
-        return error_response(IMAGE_STATUS.get(exc.code, 400), exc.code, str(exc), path=request.url.path)
-
-    @app.exception_handler(InvalidFileError)
-    async def bad_bundle(request: Request, exc: InvalidFileError) -> JSONResponse:
-        return error_response(422, f"invalid_bundle:{exc.code}", str(exc), path=request.url.path)
+    for exc_type in (ApiError, UnknownDomainError, ImageDecodeError, InvalidFileError, *KNOWN):
+        app.add_exception_handler(exc_type, known)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -109,15 +126,6 @@ def install_error_handlers(app: FastAPI) -> None:
             headers["Allow"] = ", ".join(sorted(methods))
         return error_response(exc.status_code, "http_error", str(exc.detail), headers or None, path=request.url.path)
 
-    handle(DomainExists, 409, "domain_exists")
-    handle(NoPreviousVersion, 409, "no_previous_version")
-    handle(DomainUnloaded, 409, "domain_unloaded")
-    handle(Overloaded, 503, "overloaded", {"Retry-After": "1"})
-    handle(QueueShareExceeded, 429, "domain_queue_full", {"Retry-After": "1"})
-    handle(RecordUnavailable, 503, "registry_unavailable", {"Retry-After": "1"})
-    handle(AdapterUnavailable, 503, "adapter_unavailable", {"Retry-After": "1"})
-    handle(EngineUnavailable, 503, "engine_unavailable", {"Retry-After": "1"})
-    handle(asyncio.TimeoutError, 504, "timeout")
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
         return error_response(413, "request_too_large", exc.detail, path=request.url.path)

@@ -22,6 +22,7 @@ import hashlib
 import json
 import struct
 import time
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 import numpy as np
@@ -214,7 +215,7 @@ def _bytes_elements(raw: bytes) -> list[bytes]:
     return out
 
 
-def _encode_bytes(elements: list[bytes]) -> bytes:
+def encode_bytes(elements: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(e)) + e for e in elements)
 
 
@@ -289,7 +290,7 @@ def _outputs(header: dict, logits: np.ndarray, card: Card) -> tuple[list[dict], 
             tensor = {"name": name, "datatype": "BYTES", "shape": [len(strings), k]}
             flat = [s.encode() for row in strings for s in row]
             if params.get("binary_data", default_binary):
-                data = _encode_bytes(flat)
+                data = encode_bytes(flat)
                 tensor["parameters"] = {"binary_data_size": len(data)}
                 binary.append(data)
             else:
@@ -306,17 +307,18 @@ def _outputs(header: dict, logits: np.ndarray, card: Card) -> tuple[list[dict], 
     return described, binary
 
 
-@v2.post("/models/{domain}/infer", response_model=schemas.OipInferResponse)
-@v2.post("/models/{domain}/versions/{version}/infer", response_model=schemas.OipInferResponse)
-async def infer(domain: str, request: Request, state: ReadyDep, stats: StatsDep, principal: PrincipalDep,
-                version: str | None = None) -> Response:
-    """Classify a batch of images (IMAGE) or pixel arrays (PIXELS) with one domain."""
+async def run_infer(state: ServiceState, stats: Statistics, lane: str | None, domain: str, version: str | None,
+                    read: Callable[[], Awaitable[tuple[dict, bytes]]]) -> tuple[dict, list[bytes]]:
+    """The infer call under both transports: `read()` gives the request as the REST form's JSON header and
+    binary tail (after the model is known, so an unknown model answers 404 whatever the body); returns
+    the response's JSON header and the binary parts of the outputs that asked for binary data."""
     start = time.perf_counter()
-    card = await _model(state, domain, version)
+    (card,) = await state.inference.cards([domain])  # as this front end knows it: no call to the engine
+    if version is not None and version != str(card.version):
+        card = await _model(state, domain, version)
     try:
-        header, tail = _split(await request.body(), request.headers.get(HEADER))
+        header, tail = await read()
         kind, data = _input(header, tail, state, card.preprocessing.crop)
-        lane = lane_of(principal)
         classified = await (state.inference.classify([domain], lane, files=data) if kind == "IMAGE"
                             else state.inference.classify([domain], lane, pixels=data))
         prepared = start + classified.prepare_s
@@ -330,10 +332,6 @@ async def infer(domain: str, request: Request, state: ReadyDep, stats: StatsDep,
                 "outputs": described}
         if "id" in header:
             body["id"] = header["id"]
-        text = json.dumps(body).encode()
-        response = (Response(text + b"".join(binary), media_type="application/octet-stream",
-                             headers={HEADER: str(len(text))}) if binary
-                    else Response(text, media_type="application/json"))
     except BaseException:
         stats.failed(domain, time.perf_counter() - start)
         raise
@@ -341,7 +339,22 @@ async def infer(domain: str, request: Request, state: ReadyDep, stats: StatsDep,
     n = max(len(answers), 1)
     stats.succeeded(domain, len(answers), done - start, prepared - start, sum(a.queue_s for a in answers) / n,
                     sum(a.compute_s for a in answers) / n, done - computed)
-    return response
+    return body, binary
+
+
+@v2.post("/models/{domain}/infer", response_model=schemas.OipInferResponse)
+@v2.post("/models/{domain}/versions/{version}/infer", response_model=schemas.OipInferResponse)
+async def infer(domain: str, request: Request, state: ReadyDep, stats: StatsDep, principal: PrincipalDep,
+                version: str | None = None) -> Response:
+    """Classify a batch of images (IMAGE) or pixel arrays (PIXELS) with one domain."""
+    async def read() -> tuple[dict, bytes]:
+        return _split(await request.body(), request.headers.get(HEADER))
+
+    body, binary = await run_infer(state, stats, lane_of(principal), domain, version, read)
+    text = json.dumps(body).encode()
+    if binary:
+        return Response(text + b"".join(binary), media_type="application/octet-stream", headers={HEADER: str(len(text))})
+    return Response(text, media_type="application/json")
 
 
 # ----- statistics ------------------------------------------------------------------------------
@@ -383,31 +396,20 @@ async def repository_index(state: ReadyDep) -> list[dict]:
         cursor = page[-1].name
 
 
-def _bundle_file(parameters: dict) -> bytes | None:
+def bundle_parameter(parameters: dict) -> object | None:
+    """The value of the one `"file:<name>.safetensors"` parameter of a load request, if any."""
     files = {k: v for k, v in parameters.items() if isinstance(k, str) and k.startswith("file:")}
     if not files:
         return None
     if len(files) != 1 or not next(iter(files)).endswith(".safetensors"):
         raise bad(f"Send one bundle as \"file:<name>.safetensors\"; got {sorted(files)}.", 422, "invalid_bundle")
-    try:
-        return base64.b64decode(next(iter(files.values())), validate=True)
-    except (binascii.Error, TypeError, ValueError):
-        raise bad("The bundle file is not valid base64.", 422, "invalid_bundle") from None
+    return next(iter(files.values()))
 
 
-@v2.post("/repository/models/{domain}/load")
-async def repository_load(domain: str, request: Request, state: ReadyDep) -> dict:
-    """With `"file:<name>.safetensors"`: register or replace the domain (POST /adapters' validation).
-    Without: serve an unloaded domain again."""
-    try:
-        body = json.loads(await request.body() or b"{}")
-    except ValueError:
-        raise bad("The load request must be JSON.") from None
-    parameters = body.get("parameters") or {} if isinstance(body, dict) else None
-    if not isinstance(parameters, dict):
-        raise bad("The load request's parameters must be an object.")
-    data = _bundle_file(parameters)
-    audit = request.state.audit = {"domain": domain}
+async def load_domain(state: ServiceState, domain: str, data: bytes | None, audit: dict) -> dict:
+    """Register or replace the domain with the bundle `data` (POST /adapters' validation), or (None) serve
+    an unloaded domain again; `audit` gets the audit line's details."""
+    audit["domain"] = domain
     if data is not None:
         if len(data) > state.settings.max_bundle_bytes:
             raise bad(f"The bundle is larger than {state.settings.max_bundle_bytes} bytes.", 413, "bundle_too_large")
@@ -415,6 +417,28 @@ async def repository_load(domain: str, request: Request, state: ReadyDep) -> dic
     card = await state.engine.load(domain, data)
     audit.update(version=card.version, sha256=card.sha256)
     return {"name": domain, "version": str(card.version), "state": "READY"}
+
+
+@v2.post("/repository/models/{domain}/load")
+async def repository_load(domain: str, request: Request, state: ReadyDep) -> dict:
+    """With `"file:<name>.safetensors"` (base64): register or replace the domain (POST /adapters'
+    validation). Without: serve an unloaded domain again."""
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except ValueError:
+        raise bad("The load request must be JSON.") from None
+    parameters = body.get("parameters") or {} if isinstance(body, dict) else None
+    if not isinstance(parameters, dict):
+        raise bad("The load request's parameters must be an object.")
+    encoded = bundle_parameter(parameters)
+    data = None
+    if encoded is not None:
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            raise bad("The bundle file is not valid base64.", 422, "invalid_bundle") from None
+    request.state.audit = {}
+    return await load_domain(state, domain, data, request.state.audit)
 
 
 @v2.post("/repository/models/{domain}/unload")

@@ -22,6 +22,8 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="bind address (0.0.0.0 in the container image)")
     port: int = Field(8000, ge=1, le=65535, description="port (the container's health check follows it)")
+    grpc_port: int | None = Field(None, ge=1, le=65535, description="the Open Inference Protocol over gRPC on this "
+                                                                    "port (every front end); unset = no gRPC")
     admin_token: SecretStr | None = Field(None, description="bearer token for POST/DELETE /adapters; unset = disabled")
     api_keys_file: pathlib.Path | None = Field(None, description="JSON keys with domain scopes, admin flags and "
                                                                 "rate limits; unset = predicting and listing open")
@@ -48,7 +50,7 @@ class Settings(BaseSettings):
     device_memory_fraction: float = Field(0.5, gt=0, le=0.95, description="the default budget's share of the "
                                           "available memory (host memory on a CPU host)")
     max_resident: int | None = Field(None, ge=1, description="cap on resident domains below what the budget fits "
-                                     "(least recently used out)")
+                                     "(evicted in `service.eviction`'s segmented-LRU order)")
     host_cache_mb: float | None = Field(None, ge=0, description="host memory for the folded tables of evicted "
                                         "domains (default: 1024 with a GPU; on a CPU host, one memory with the "
                                         "device tier, what the budget leaves beyond RA_MAX_RESIDENT)")

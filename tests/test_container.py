@@ -82,10 +82,10 @@ def test_dockerfile_declares_what_the_service_needs():
     store = re.search(r"RA_STORE_DIR=(\S+)", " ".join(by_word.get("ENV", [])))
     assert store, "RA_STORE_DIR must be set"
     assert any(store.group(1) in args for args in by_word.get("VOLUME", [])), "the store must be a VOLUME"
-    assert any("8000" in args for args in by_word.get("EXPOSE", []))
+    assert any("8000" in args and "8001" in args for args in by_word.get("EXPOSE", []))  # REST and gRPC
     assert any("service" in args for args in by_word.get("CMD", []))
     env = " ".join(by_word.get("ENV", []))
-    assert "RA_HOST=0.0.0.0" in env and "RA_PORT=8000" in env, env
+    assert "RA_HOST=0.0.0.0" in env and "RA_PORT=8000" in env and "RA_GRPC_PORT=8001" in env, env
 
 
 def test_the_health_check_follows_ra_port(assets, tmp_path):
@@ -139,7 +139,7 @@ def test_compose_declares_gpu_healthcheck_volume_and_port():
     devices = service["deploy"]["resources"]["reservations"]["devices"]
     assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
     assert "/readyz" in " ".join(service["healthcheck"]["test"])
-    assert "8000:8000" in [str(p) for p in service["ports"]]
+    assert {"8000:8000", "8001:8001"} <= {str(p) for p in service["ports"]}
     store = service["environment"]["RA_STORE_DIR"]
     volumes = [v.split(":") for v in service["volumes"]]
     assert any(target == store and source in compose.get("volumes", {}) for source, target, *_ in volumes)
@@ -243,10 +243,13 @@ def kubernetes_proxy_config(compose_config: str) -> str:
 
 def test_the_kubernetes_proxy_runs_the_fleet_configuration_over_every_replica_pod(tmp_path):
     documents = kubernetes_documents()
-    config = manifest(documents, "ConfigMap", "residual-adapters-proxy")["data"]["haproxy.cfg"]
+    data = manifest(documents, "ConfigMap", "residual-adapters-proxy")["data"]
+    config = data["haproxy.cfg"]
     assert config == kubernetes_proxy_config((REPO / "deploy" / "haproxy.cfg").read_text())
+    assert data["rates.map"] == (REPO / "deploy" / "rates.map").read_text()  # the file the config reads
     haproxy = require("haproxy", "apt-get install haproxy")
-    (tmp_path / "haproxy.cfg").write_text(config)
+    (tmp_path / "rates.map").write_text(data["rates.map"])
+    (tmp_path / "haproxy.cfg").write_text(config.replace("/usr/local/etc/haproxy/rates.map", str(tmp_path / "rates.map")))
     result = subprocess.run([haproxy, "-c", "-f", str(tmp_path / "haproxy.cfg")], capture_output=True, text=True,
                             timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -265,3 +268,82 @@ def test_the_kubernetes_proxy_runs_the_fleet_configuration_over_every_replica_po
     assert replicas["spec"]["selector"].items() <= service_pod["metadata"]["labels"].items()
     (replica_container,) = service_pod["spec"]["containers"]
     assert {p["port"] for p in replicas["spec"]["ports"]} <= {p["containerPort"] for p in replica_container["ports"]}
+
+
+KSERVE_SCHEMAS = Path(__file__).resolve().parent / "schemas" / "kserve"
+
+
+def kserve_validator(kind: str):
+    """A validator of KServe's CRD schema for `kind` (vendored from kserve's charts: see the files' `source`),
+    as strict as `kubectl apply --validate=strict`: a field the schema does not declare is an error."""
+    import gzip
+    import json
+
+    import jsonschema
+
+    (path,) = KSERVE_SCHEMAS.glob(f"{kind.lower()}.*.json.gz")
+    vendored = json.loads(gzip.decompress(path.read_bytes()))
+
+    def strict(node):
+        if isinstance(node, dict):
+            if ("properties" in node and "additionalProperties" not in node
+                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+                node["additionalProperties"] = False
+            for value in node.values():
+                strict(value)
+        elif isinstance(node, list):
+            for value in node:
+                strict(value)
+        return node
+
+    schema = strict(vendored["openAPIV3Schema"])
+    schema["properties"]["metadata"] = {"type": "object"}  # checked by the API server itself, not the CRD
+    return vendored["apiVersion"], jsonschema.Draft7Validator(schema)
+
+
+def kserve_documents() -> dict[str, dict]:
+    import yaml
+
+    documents = [d for path in sorted((KUBERNETES / "kserve").glob("*.yaml")) for d in yaml.safe_load_all(path.read_text())]
+    return {d["kind"]: d for d in documents if d}
+
+
+def test_the_kserve_runtime_and_inference_service_validate_against_kserve_schemas():
+    import copy
+
+    documents = kserve_documents()
+    assert set(documents) == {"ServingRuntime", "InferenceService"}
+    for kind, document in documents.items():
+        api_version, validator = kserve_validator(kind)
+        assert document["apiVersion"] == api_version
+        errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(document)]
+        assert not errors, (kind, errors)
+    # the validator does catch mistakes: a misspelled field and a wrong type
+    _, validator = kserve_validator("ServingRuntime")
+    misspelled = copy.deepcopy(documents["ServingRuntime"])
+    misspelled["spec"]["protocolVersion"] = misspelled["spec"].pop("protocolVersions")
+    wrong_type = copy.deepcopy(documents["ServingRuntime"])
+    wrong_type["spec"]["containers"][0]["ports"][0]["containerPort"] = "8080"
+    for broken in (misspelled, wrong_type):
+        assert list(validator.iter_errors(broken))
+
+
+def test_the_kserve_runtime_serves_both_protocols_on_the_ports_it_declares():
+    documents = kserve_documents()
+    runtime, isvc = documents["ServingRuntime"], documents["InferenceService"]
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["runtime"] == runtime["metadata"]["name"] and model["protocolVersion"] == "v2"
+    assert model["modelFormat"] in [{k: f[k] for k in ("name", "version")} for f in runtime["spec"]["supportedModelFormats"]]
+    assert {"v2", "grpc-v2"} <= set(runtime["spec"]["protocolVersions"])
+    (container,) = runtime["spec"]["containers"]
+    assert container["name"] == "kserve-container"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http1": int(env["RA_PORT"]), "h2c": int(env["RA_GRPC_PORT"])}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": ports["http1"]}
+    assert env["RA_BACKBONE"].startswith("/mnt/models/")  # where KServe's storage initializer puts storageUri
+    (secret,) = [d for _, d in kubernetes_documents() if d["kind"] == "Secret"]
+    assert container["envFrom"] == [{"secretRef": {"name": secret["metadata"]["name"], "optional": True}}]
+    from service.settings import Settings  # the service accepts every setting the runtime gives it
+
+    Settings(**{k.removeprefix("RA_").lower(): v for k, v in env.items() if k != "RA_WORKERS"})

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import tritonclient.grpc as grpcclient
 
 from service_process import free_port
 
@@ -89,10 +90,13 @@ def image(docker, container_facts) -> str:
 
 
 @contextlib.contextmanager
-def container(docker: Docker, image: str, port: int, volume: str, name: str | None = None):
+def container(docker: Docker, image: str, port: int, volume: str, name: str | None = None,
+              grpc_port: int | None = None):
+    """The image on the host's network: its HTTP port `port`, its gRPC port `grpc_port` (a free one by default)."""
     name = name or f"ra-test-{uuid.uuid4().hex[:8]}"
     docker("run", "-d", "--name", name, "--network", "host", "-e", f"RA_PORT={port}", "-e",
-           f"RA_ADMIN_TOKEN={TOKEN}", "-v", f"{volume}:/data/store", "--health-interval", "1s", image)
+           f"RA_GRPC_PORT={grpc_port or free_port()}", "-e", f"RA_ADMIN_TOKEN={TOKEN}", "-v", f"{volume}:/data/store",
+           "--health-interval", "1s", image)
     try:
         yield name
     finally:
@@ -128,12 +132,15 @@ def volume(docker):
 def test_the_image_serves_keeps_a_registration_across_a_restart_and_reports_healthy(docker, image, volume, container_facts):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with container(docker, image, port, volume) as name:
+    grpc_port = free_port()
+    with container(docker, image, port, volume, grpc_port=grpc_port) as name:
         started = time.monotonic()
         wait_ready(docker, name, url)
         container_facts.append(f"container ready in {time.monotonic() - started:.1f} s")
         assert docker("exec", name, "id", "-u").stdout.strip() == "10001"
         assert classify(url, "fashion")["predictions"][0]["label"] == "ankle-boot"
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as triton:  # the image serves gRPC too
+            assert triton.is_server_live() and triton.is_model_ready("fashion")
 
         assert httpx.post(url + "/adapters", files={"bundle": BUNDLE.read_bytes()}, data={"domain": "kept"},
                           timeout=60).status_code in (401, 403)
