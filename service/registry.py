@@ -3,8 +3,8 @@
 Every registered domain lives in the registry of record (`service.record`); this process keeps a
 bounded cache of them in two tiers:
 - device: the domain's folded tables in an engine slot, as many domains as the memory budget fits
-  (`service.engine.residency`), least recently used first out (never a pinned domain, never one
-  that a queued or running request holds: requests lease the entries they use);
+  (`service.engine.residency`), evicted in `service.eviction`'s segmented-LRU order (never a pinned
+  domain, never one that a queued or running request holds: requests lease the entries they use);
 - host: the folded rows of recently evicted domains in host memory, at most `host_cache_mb`,
   from which a domain returns to the device by one row write (no validation, no folding).
 Anything else is read from the record, validated (format, fingerprint) and folded by the loader

@@ -1,4 +1,5 @@
-"""README, "Train a domain for the demo": the block between the `train-for-demo` markers, run as it is.
+"""README's tour, "Train a domain": the block between the `train-for-demo` markers, run as it is (docs pages
+that show it must show the same block).
 
 The README's commands (train from an image folder on the demo backbone, register with curl, predict
 with curl) run in a shell, in a folder that has what a user's repository root has for them
@@ -40,11 +41,22 @@ DEMO_BACKBONE = REPO / "service" / "demo" / "backbone.safetensors"
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="the README's commands use curl")
 
 
+def marked_block(page: pathlib.Path) -> str:
+    text = page.read_text()
+    assert text.count(BEGIN) == 1 and text.count(END) == 1, f"{page.name} must hold {BEGIN} ... {END} once"
+    return text.split(BEGIN, 1)[1].split(END, 1)[0]
+
+
+def test_every_page_that_shows_the_block_shows_the_readmes():
+    block = marked_block(README)
+    for page in (REPO / "docs").glob("*.md"):
+        if BEGIN in page.read_text():
+            assert marked_block(page) == block, f"docs/{page.name}'s train-for-demo block differs from the README's"
+
+
 def readme_commands() -> list[str]:
     """The shell commands of the README's marked block, continuation lines joined, comments dropped."""
-    text = README.read_text()
-    assert text.count(BEGIN) == 1 and text.count(END) == 1, f"README.md must hold {BEGIN} ... {END} once"
-    block = text.split(BEGIN, 1)[1].split(END, 1)[0]
+    block = marked_block(README)
     match = re.fullmatch(r"\s*```bash\n(.*?)```\s*", block, re.S)
     assert match, "the marked README block must be one ```bash code block"
     joined = re.sub(r"\\\n\s*", " ", match.group(1))
