@@ -145,6 +145,14 @@ def to_rgb(image: Image.Image, grayscale: bool = False) -> Image.Image:
     return image.convert("RGB") if grayscale else image
 
 
+def gray_rgb(pixels: np.ndarray) -> np.ndarray:
+    """uint8 RGB [..., 3] to gray replicated over 3 channels, bit for bit as Pillow's `convert("L")`
+    (ITU-R 601-2 luma in 16-bit fixed point, rounded), for any number of images in one numpy pass."""
+    wide = pixels.astype(np.uint32)
+    gray = ((wide[..., 0] * 19595 + wide[..., 1] * 38470 + wide[..., 2] * 7471 + 0x8000) >> 16).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
+
+
 def square(image: Image.Image, side: int) -> np.ndarray:
     """Shorter side resized to `side` (bilinear), center `side` x `side` crop: uint8 (side, side, 3)."""
     width, height = image.size

@@ -19,7 +19,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from model.preprocessing import ImageDecodeError, Preprocessing, normalize, open_image, preprocess
+from model.preprocessing import ImageDecodeError, Preprocessing, gray_rgb, normalize, open_image, preprocess
 from service.client import Answer, EngineClient
 from service.errors import ApiError
 from service.exceptions import StaleCard, UnknownDomainError
@@ -50,7 +50,7 @@ def decode_and_preprocess(data: bytes, preps: list[Preprocessing], max_pixels: i
 def pixels_to_inputs(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """Already resized and cropped uint8 pixels [N, S, S, 3] -> the model's input for a domain."""
     if prep.grayscale:  # the same conversion as decoding an image for this domain
-        pixels = np.stack([np.asarray(Image.fromarray(p).convert("L").convert("RGB")) for p in pixels])
+        pixels = gray_rgb(pixels)
     return normalize(pixels, prep)
 
 

@@ -36,6 +36,11 @@ class ServiceProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def grpc_port(self) -> int:
+        """The Open Inference Protocol's gRPC port (`RA_GRPC_PORT` in `env`)."""
+        return int(self.env["RA_GRPC_PORT"])
+
     def start(self) -> "ServiceProcess":
         """Start on a fresh free port (a restarted process does not wait for the old socket to close)."""
         self.port = free_port()

@@ -1,8 +1,8 @@
 """The fleet's proxy: the shipped HAProxy configuration (deploy/haproxy.cfg, its servers swapped for three
 real replicas on loopback) routes each domain to one home replica, spills a hot domain over to the
 others, sends requests without a domain anywhere, retries on another replica what it could not send
-to a dead one, and refuses a key over its rate limit (the map service.proxy_limits makes from the keys
-file) before any replica sees the request."""
+to a dead one, refuses a key over its rate limit (the map service.proxy_limits makes from the keys
+file) before any replica sees the request, and passes gRPC on to the replicas under the same limits."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import subprocess
 import time
 
 import httpx
+import numpy as np
 import pytest
 
 from bench.affinity import served_by
@@ -70,7 +71,7 @@ def fleet(tmp_path_factory):
     names = seed(store, DOMAINS)
     env = {"RA_STORE_DIR": str(store), "RA_DEMO_ADAPTERS": "false", "RA_PREPROCESS_THREADS": "1",
            "RA_MAX_WAIT_MS": "2"}
-    replicas = [ServiceProcess(env, tmp / f"replica{i}.log") for i in range(3)]
+    replicas = [ServiceProcess({**env, "RA_GRPC_PORT": str(free_port())}, tmp / f"replica{i}.log") for i in range(3)]
     for replica in replicas:
         replica.start()
     try:
@@ -155,6 +156,43 @@ def test_the_proxy_refuses_a_key_over_its_limit_before_any_replica_sees_it(fleet
         assert [r.status_code for r in others] == [200] * 12  # other keys pass (the replicas have no keys file)
         time.sleep(2.2)  # a second later the key's window has room again
         assert call("flood-secret").status_code == 200
+
+
+def test_grpc_through_the_proxy_reaches_the_replicas_and_holds_keys_to_the_same_limits(fleet, tmp_path):
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    from tritonclient.utils import InferenceServerException
+
+    _, replicas, names = fleet
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(KEYS))
+    rates = tmp_path / "rates.map"
+    proxy_limits.main([str(keys), "--out", str(rates)])
+    domain, listen = names[2], free_port()
+    with running_proxy([r.port for r in replicas], free_port(), rates=rates,
+                       grpc=(listen, [r.grpc_port for r in replicas])):
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{listen}")
+        deadline = time.monotonic() + 30
+        while not client.is_server_ready():  # the proxy's health checks of the gRPC servers
+            assert time.monotonic() < deadline, "the proxy never passed gRPC on to a replica"
+            time.sleep(0.2)
+        image = grpcclient.InferInput("IMAGE", [1], "BYTES")
+        image.set_data_from_numpy(np.array([png_bytes(1)], dtype=np.object_))
+        before = sum(served(replicas, domain))
+
+        def call(key: str) -> str:
+            try:
+                answer = client.infer(domain, [image], headers={"authorization": f"Bearer {key}"})
+                return "ok" if answer.as_numpy("PROBABILITIES").shape[0] == 1 else "wrong"
+            except InferenceServerException as error:
+                return f"{error.status()} {error.message()}"
+
+        time.sleep(2.5)  # the proxy's health checks have run twice (inter 1s, fall 2): a failing one shows now
+        assert [call("steady-secret") for _ in range(6)] == ["ok"] * 6
+        flood = [call("flood-secret") for _ in range(12)]
+        refused = [outcome for outcome in flood if outcome != "ok"]
+        assert 4 <= flood.count("ok") <= 8 and len(refused) + flood.count("ok") == 12, flood
+        assert refused[0].startswith("StatusCode.RESOURCE_EXHAUSTED rate_limited: ") and "limit of 4" in refused[0]
+        assert sum(served(replicas, domain)) - before == 6 + flood.count("ok")  # refusals reached no replica
 
 
 def test_requests_are_retried_on_another_replica_when_one_is_gone(fleet):

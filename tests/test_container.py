@@ -237,8 +237,7 @@ def kubernetes_proxy_config(compose_config: str) -> str:
         "    # the cluster's DNS (the pod's resolv.conf) answers the headless Service with every pod's address\n"
         "    parse-resolv-conf\n")
     text = text.replace("resolvers docker", "resolvers cluster")
-    return text.replace("adapters:8000 resolvers cluster",
-                        "residual-adapters-replicas.default.svc.cluster.local:8000 resolvers cluster")
+    return re.sub(r" adapters:(\d+) ", r" residual-adapters-replicas.default.svc.cluster.local:\1 ", text)
 
 
 def test_the_kubernetes_proxy_runs_the_fleet_configuration_over_every_replica_pod(tmp_path):
@@ -259,7 +258,9 @@ def test_the_kubernetes_proxy_runs_the_fleet_configuration_over_every_replica_po
     (mount,) = container["volumeMounts"]
     (volume,) = pod["spec"]["volumes"]
     assert mount["mountPath"] == "/usr/local/etc/haproxy" and volume["configMap"]["name"] == "residual-adapters-proxy"
-    assert {p["containerPort"] for p in container["ports"]} == {8080}  # config: bind :8080
+    assert {p["containerPort"] for p in container["ports"]} == {8080, 8081}  # config: bind :8080, :8081 (gRPC)
+    assert {p["targetPort"] for p in manifest(documents, "Service", "residual-adapters-proxy")["spec"]["ports"]} == {
+        p["name"] for p in container["ports"]}
     front = manifest(documents, "Service", "residual-adapters-proxy")
     assert front["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     replicas = manifest(documents, "Service", "residual-adapters-replicas")

@@ -249,9 +249,10 @@ def test_the_fleet_compose_file_serves_a_registration_through_haproxy_on_its_hom
     keep their interface (tests/containers/)."""
     docker.build("residual-adapters-test-postgres", REPO / "tests" / "containers" / "postgres")
     docker.build("residual-adapters-test-haproxy", REPO / "tests" / "containers" / "haproxy")
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     project = f"ra{uuid.uuid4().hex[:8]}"
     env = {"RA_DB_PASSWORD": uuid.uuid4().hex, "RA_ADMIN_TOKEN": TOKEN, "RA_IMAGE": image, "RA_FLEET_PORT": str(port),
+           "RA_FLEET_GRPC_PORT": str(grpc_port),
            "RA_POSTGRES_IMAGE": "residual-adapters-test-postgres", "RA_PROXY_IMAGE": "residual-adapters-test-haproxy"}
     url = f"http://127.0.0.1:{port}"
     try:
@@ -278,5 +279,6 @@ def test_the_fleet_compose_file_serves_a_registration_through_haproxy_on_its_hom
             assert classify(url, "fleet")["domain"] == "fleet"
         served = [in_replica(docker, replica, "/adapters/fleet")["served"] for replica in replicas]
         assert sorted(served) == [0, 8], served  # the domain's home replica served them all
+        assert grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}").is_model_ready("fleet")  # gRPC through it
     finally:
         compose(project, env, "down", "-v", "-t", "20", timeout=120)

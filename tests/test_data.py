@@ -455,3 +455,16 @@ def test_a_large_jpeg_is_decoded_reduced_and_served_exactly_as_evaluated(tmp_pat
     full = square(to_rgb(open_image(photos["a"])), prep.resize).astype(np.float64)
     assert np.abs(square(to_rgb(reduced), prep.resize) - full).mean() < 2.0  # out of 255
     assert open_image(photos["a"], min_side=1200).size == (1600, 1200)  # no reduction below the size asked
+
+
+def test_gray_rgb_equals_pillows_conversion_bit_for_bit():
+    """PIXELS inputs are turned gray in one numpy pass; it must be exactly what decoding does (Pillow)."""
+    from model.preprocessing import gray_rgb
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
+    corners = np.array(np.meshgrid(*[[0, 1, 127, 128, 254, 255]] * 3)).reshape(3, -1).T.astype(np.uint8)
+    for batch in (pixels, corners.reshape(1, -1, 1, 3)):
+        pillow = np.stack([np.asarray(Image.fromarray(p).convert("L").convert("RGB")) for p in batch])
+        assert gray_rgb(batch).dtype == np.uint8
+        np.testing.assert_array_equal(gray_rgb(batch), pillow)
