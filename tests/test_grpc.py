@@ -38,7 +38,6 @@ def server(tmp_path_factory):
     env = {"RA_STORE_DIR": str(tmp / "store"), "RA_API_KEYS_FILE": str(tmp / "keys.json"), "RA_MAX_FILES": "4",
            "RA_GRPC_PORT": str(free_port()), "RA_MAX_WAIT_MS": "1", "RA_PREPROCESS_THREADS": "1"}
     srv = ServiceProcess(env, tmp / "service.log", workers=2).start().wait_ready(180)
-    srv.grpc_url = f"127.0.0.1:{env['RA_GRPC_PORT']}"
     try:
         yield srv
     finally:
@@ -47,7 +46,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clients(server):
-    g = grpcclient.InferenceServerClient(server.grpc_url)
+    g = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
     h = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
     yield g, h
     g.close()
@@ -166,7 +165,7 @@ def test_every_refusal_has_its_status_code_and_changes_nothing(clients):
 
 
 def test_a_key_over_its_rate_is_told_when_to_retry(server):
-    channel = grpc.insecure_channel(server.grpc_url)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
     stub = grpcclient.service_pb2_grpc.GRPCInferenceServiceStub(channel)
     request = grpcclient.service_pb2.ModelReadyRequest(name="catsdogs")
     metadata = (("authorization", f"Bearer {SLOW}"),)
