@@ -82,14 +82,6 @@ def check_format(metadata: Mapping[str, str], expected_format: str, known_keys: 
         _log.warning("Ignoring unknown metadata keys in the %s: %s", what, unknown)
 
 
-def check_finite(tensors: Mapping[str, np.ndarray], what: str) -> None:
-    if not tensors or np.isfinite(np.concatenate([np.ravel(v) for v in tensors.values()])).all():
-        return  # one pass over all values; the per-tensor pass below only names the culprits
-    bad = sorted(k for k, v in tensors.items() if not np.isfinite(v).all())
-    if bad:
-        raise InvalidFileError("non_finite", f"The {what} has NaN or infinite values in {bad}.")
-
-
 def backbone_to_bytes(backbone: Backbone) -> bytes:
     metadata = {"format": BACKBONE_FORMAT, "format_version": str(FORMAT_VERSION),
                 **architecture_metadata(backbone.config), "fingerprint": backbone.fingerprint}
@@ -113,7 +105,6 @@ def load_backbone(source: str | os.PathLike | bytes) -> Backbone:
         check_weights(tensors, expected_shapes(config, "shared"), f"The {what}'s tensors")
     except WeightsMismatchError as exc:
         raise InvalidFileError("tensors", str(exc)) from None
-    check_finite(tensors, what)
     backbone = Backbone.from_weights(config, tensors)
     if metadata.get("fingerprint") != backbone.fingerprint:
         raise InvalidFileError(

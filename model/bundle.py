@@ -23,7 +23,6 @@ from model.backbone import (
     FORMAT_VERSION,
     Backbone,
     architecture_metadata,
-    check_finite,
     check_format,
     parse_architecture,
 )
@@ -162,7 +161,6 @@ def load_bundle(
         check_weights(tensors, expected_shapes(config, "domain"), "The bundle's tensors")
     except WeightsMismatchError as exc:
         raise InvalidFileError("tensors", str(exc)) from None
-    check_finite(tensors, what)
     labels = parse_json_metadata(metadata, "labels", what)
     _check_labels(labels, config.num_classes)
     metrics = parse_json_metadata(metadata, "metrics", what)
@@ -199,7 +197,6 @@ def _check_golden(inputs: np.ndarray | None, logits: np.ndarray | None, config: 
             f"The bundle's golden tensors must be {GOLDEN_INPUTS} (N, {s}, {s}, 3) and {GOLDEN_LOGITS} "
             f"(N, {config.num_classes}) with 1 <= N <= {MAX_GOLDEN}.",
         )
-    check_finite({GOLDEN_INPUTS: inputs, GOLDEN_LOGITS: logits}, "bundle")
 
 
 def check_compatible(bundle: AdapterBundle, backbone: Backbone) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Literal
 
@@ -71,6 +72,11 @@ class ConvUnit:
 
 def conv_units(config: ArchConfig) -> list[ConvUnit]:
     """The 25 conv units in forward order: the stem, then conv1/conv2 of each of the 12 blocks."""
+    return list(_conv_units(config))
+
+
+@functools.cache  # every bundle load asks (validation, folding); an ArchConfig is frozen
+def _conv_units(config: ArchConfig) -> tuple[ConvUnit, ...]:
     units = [ConvUnit("stem", 3, config.stem_width, 1)]
     in_ch = config.stem_width
     for s, width in enumerate(config.stage_widths, start=1):
@@ -79,7 +85,7 @@ def conv_units(config: ArchConfig) -> list[ConvUnit]:
             units.append(ConvUnit(f"stage{s}_block{b}_conv1", in_ch, width, stride))
             units.append(ConvUnit(f"stage{s}_block{b}_conv2", width, width, 1))
             in_ch = width
-    return units
+    return tuple(units)
 
 
 @dataclasses.dataclass(frozen=True)

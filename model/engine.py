@@ -33,7 +33,7 @@ from model import backends
 from model.backbone import Backbone
 from model.bundle import AdapterBundle, check_compatible
 from model.config import ConvUnit, topology
-from model.folding import RowLayout, fold_domain
+from model.folding import RowLayout
 from model.safetensors_io import InvalidFileError
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -266,7 +266,7 @@ class InferenceEngine:
     def fold(self, bundle: AdapterBundle) -> np.ndarray:
         """The bundle as the table holds it: its row (see `model.folding`); keep it to `load_row` it again."""
         check_compatible(bundle, self.backbone)
-        return self.layout.pack(fold_domain(bundle.config, bundle.weights))
+        return self.layout.fold(bundle.weights)
 
     def load(self, bundle: AdapterBundle, verify_golden: bool = True) -> Slot:
         """Write `bundle` into a free slot, self-test it on its golden inputs, and return its handle.

@@ -1,4 +1,4 @@
-"""Fold one domain's eval-mode weights into the smallest exact per-layer form (numpy, float64 math).
+"""Fold one domain's eval-mode weights into the smallest exact per-layer form: one float32 row.
 
 In eval mode a BatchNorm is the affine map `x * s + t` with `s = gamma / sqrt(var + eps)` and
 `t = beta - mean * s`, and a series adapter is linear, so each conv unit's per-domain part becomes:
@@ -9,8 +9,12 @@ In eval mode a BatchNorm is the affine map `x * s + t` with `s = gamma / sqrt(va
 - none:     `y = conv3x3(x) * scale + bias`.
 
 The head keeps its BatchNorm (a ReLU follows it) as `scale`/`bias`, then `kernel`/`logit_bias`.
-`RowLayout` packs all of it into one float32 vector per domain: the form that the engine's table
+`RowLayout` places all of it in one float32 vector per domain: the form that the engine's table
 holds, the host tier keeps and the loader processes hand over.
+
+The math is float64, rounded once to float32. A fold is on the path of every cold domain's first
+request, so it runs in one reused float64 scratch buffer and writes straight into the row: a fresh
+temporary per unit would cost more in page faults than the arithmetic.
 """
 
 from __future__ import annotations
@@ -23,58 +27,20 @@ import numpy as np
 
 from model.config import BN_EPSILON, ArchConfig, conv_units
 
-
-@dataclasses.dataclass(frozen=True)
-class FoldedUnit:
-    bias: np.ndarray  # (out,)
-    matrix: np.ndarray | None = None  # series: (out, out)
-    scale: np.ndarray | None = None  # parallel / none: (out,)
-    side: np.ndarray | None = None  # parallel: (in, out)
+BN_VARIABLES = ("gamma", "beta", "moving_mean", "moving_variance")
 
 
-@dataclasses.dataclass(frozen=True)
-class FoldedDomain:
-    units: dict[str, FoldedUnit]
-    head_scale: np.ndarray  # (C,)
-    head_bias: np.ndarray  # (C,)
-    kernel: np.ndarray  # (C, K)
-    logit_bias: np.ndarray  # (K,)
-
-    @property
-    def nbytes(self) -> int:
-        """Host memory the tables take."""
-        arrays = [self.head_scale, self.head_bias, self.kernel, self.logit_bias]
-        arrays += [a for u in self.units.values() for a in (u.bias, u.matrix, u.scale, u.side) if a is not None]
-        return sum(a.nbytes for a in arrays)
+def fold_domain(config: ArchConfig, weights: Mapping[str, np.ndarray]) -> np.ndarray:
+    """A domain's weights (canonical names) for `config`, folded into its row (`RowLayout`)."""
+    return RowLayout.of(config).fold(weights)
 
 
-def batch_norm_affine(weights: Mapping[str, np.ndarray], layer: str) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, shift) of an eval-mode BatchNorm, in float64."""
-    gamma, beta, mean, var = (np.asarray(weights[f"{layer}.{v}"], np.float64)
-                              for v in ("gamma", "beta", "moving_mean", "moving_variance"))
+def batch_norm_affine(weights: Mapping[str, np.ndarray], layers: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) of eval-mode BatchNorms `layers`, concatenated in that order, in float64."""
+    gamma, beta, mean, var = (np.concatenate([weights[f"{layer}.{v}"] for layer in layers], dtype=np.float64)
+                              for v in BN_VARIABLES)
     scale = gamma / np.sqrt(var + BN_EPSILON)
     return scale, beta - mean * scale
-
-
-def fold_domain(config: ArchConfig, weights: Mapping[str, np.ndarray]) -> FoldedDomain:
-    """Fold a domain's weights (canonical names) for `config`; outputs are float32."""
-    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
-    units = {}
-    for unit in conv_units(config):
-        s_out, t_out = batch_norm_affine(weights, f"{unit.name}_bn")
-        if config.adapter == "series":
-            s_in, t_in = batch_norm_affine(weights, f"{unit.name}_adapter_bn")
-            w = np.asarray(weights[f"{unit.name}_adapter.kernel"], np.float64)[0, 0]  # (out, out)
-            matrix = (np.eye(unit.out_channels) + s_in[:, None] * w) * s_out[None, :]
-            units[unit.name] = FoldedUnit(bias=f32((t_in @ w) * s_out + t_out), matrix=f32(matrix))
-        elif config.adapter == "parallel":
-            w = np.asarray(weights[f"{unit.name}_adapter.kernel"], np.float64)[0, 0]  # (in, out)
-            units[unit.name] = FoldedUnit(bias=f32(t_out), scale=f32(s_out), side=f32(w * s_out[None, :]))
-        else:
-            units[unit.name] = FoldedUnit(bias=f32(t_out), scale=f32(s_out))
-    head_scale, head_bias = batch_norm_affine(weights, "head_bn")
-    return FoldedDomain(units=units, head_scale=f32(head_scale), head_bias=f32(head_bias),
-                        kernel=f32(weights["classifier.kernel"]), logit_bias=f32(weights["classifier.bias"]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +55,10 @@ class RowLayout:
 
     parts: tuple[tuple[str, str, tuple[int, ...]], ...]  # (unit, part, shape) in row order
     feature_width: int
+    adapter: str
 
     @classmethod
+    @functools.cache  # one per architecture: every load folds with it
     def of(cls, config: ArchConfig) -> "RowLayout":
         parts = []
         for unit in conv_units(config):
@@ -103,7 +71,7 @@ class RowLayout:
                     parts.append((unit.name, "side", (c_in, c_out)))
         c = config.feature_width
         parts += [("head", "scale", (c,)), ("head", "bias", (c,))]
-        return cls(tuple(parts), c)
+        return cls(tuple(parts), c, config.adapter)
 
     @functools.cached_property
     def offsets(self) -> list[tuple[str, str, tuple[int, ...], int, int]]:
@@ -119,6 +87,20 @@ class RowLayout:
     def base(self) -> int:
         return self.offsets[-1][-1]
 
+    @functools.cached_property
+    def _units(self) -> list[tuple[str, dict[str, tuple[int, int, tuple[int, ...]]], int, int]]:
+        """Each conv unit (then the head) as (name, {part: (start, stop, shape)}, channel start, channel stop):
+        where its parts sit in the row, and its BatchNorms' channels in the concatenation of all of them."""
+        units: dict[str, dict[str, tuple[int, int, tuple[int, ...]]]] = {}
+        for unit, part, shape, start, stop in self.offsets:
+            units.setdefault(unit, {})[part] = (start, stop, shape)
+        out, channel = [], 0
+        for name, parts in units.items():
+            width = parts["bias"][2][0]
+            out.append((name, parts, channel, channel + width))
+            channel += width
+        return out
+
     def length(self, num_classes: int) -> int:
         return self.base + num_classes * (self.feature_width + 1)
 
@@ -129,16 +111,41 @@ class RowLayout:
                              f"{self.feature_width + 1} per class).")
         return classes
 
-    def pack(self, folded: FoldedDomain) -> np.ndarray:
-        """The domain's row: `length(K)` float32 numbers."""
-        pieces = []
-        for unit, part, _ in self.parts:
-            if unit == "head":
-                pieces.append(folded.head_scale if part == "scale" else folded.head_bias)
+    def fold(self, weights: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The domain's row: `length(K)` float32 numbers, K its classes."""
+        kernel, logit_bias = weights["classifier.kernel"], weights["classifier.bias"]
+        row = np.empty(self.length(logit_bias.shape[0]), np.float32)
+        names = [name for name, *_ in self._units]
+        scale, shift = batch_norm_affine(weights, [f"{name}_bn" for name in names])
+        if self.adapter == "series":  # the head has no adapter: its channels come last, so a shorter list fits
+            scale_in, shift_in = batch_norm_affine(weights, [f"{name}_adapter_bn" for name in names[:-1]])
+        scratch = np.empty(max((stop - start for _, part, _, start, stop in self.offsets if part in ("matrix", "side")),
+                               default=0), np.float64)
+        for name, parts, lo, hi in self._units:
+            s_out, t_out = scale[lo:hi], shift[lo:hi]
+            if "matrix" in parts:
+                w = weights[f"{name}_adapter.kernel"][0, 0]  # (out, out)
+                start, stop, shape = parts["matrix"]
+                m = scratch[: stop - start].reshape(shape)
+                m[...] = w
+                bias = (shift_in[lo:hi] @ m) * s_out + t_out
+                m *= scale_in[lo:hi, None]
+                m.reshape(-1)[:: shape[0] + 1] += 1.0
+                m *= s_out
+                row[start:stop] = m.reshape(-1)
             else:
-                pieces.append(getattr(folded.units[unit], part))
-        classes = np.concatenate([folded.kernel.T, folded.logit_bias[:, None]], axis=1)  # (K, C + 1)
-        return np.concatenate([np.ravel(p) for p in pieces] + [np.ravel(classes)]).astype(np.float32, copy=False)
+                bias = t_out
+                row[slice(*parts["scale"][:2])] = s_out
+            if "side" in parts:
+                start, stop, shape = parts["side"]
+                side = scratch[: stop - start].reshape(shape)
+                np.multiply(weights[f"{name}_adapter.kernel"][0, 0], s_out, out=side)  # (in, out)
+                row[start:stop] = side.reshape(-1)
+            row[slice(*parts["bias"][:2])] = bias
+        classes = row[self.base:].reshape(logit_bias.shape[0], self.feature_width + 1)
+        classes[:, :-1] = kernel.T
+        classes[:, -1] = logit_bias
+        return row
 
     def padding(self, classes: int) -> np.ndarray:
         """What widens a row by `classes` classes that score -inf (zero weights, -inf bias); any prefix
@@ -146,17 +153,3 @@ class RowLayout:
         block = np.zeros((classes, self.feature_width + 1), np.float32)
         block[:, -1] = -np.inf
         return np.ravel(block)
-
-    def unpack(self, row: np.ndarray) -> FoldedDomain:
-        """The inverse of `pack`."""
-        values: dict[tuple[str, str], np.ndarray] = {}
-        for unit, part, shape, start, stop in self.offsets:
-            values[unit, part] = row[start:stop].reshape(shape)
-        classes = row[self.base:].reshape(self.num_classes(row), self.feature_width + 1)
-        units = {}
-        for unit, _, _ in self.parts:
-            if unit != "head" and unit not in units:
-                units[unit] = FoldedUnit(bias=values[unit, "bias"], matrix=values.get((unit, "matrix")),
-                                         scale=values.get((unit, "scale")), side=values.get((unit, "side")))
-        return FoldedDomain(units=units, head_scale=values["head", "scale"], head_bias=values["head", "bias"],
-                            kernel=np.ascontiguousarray(classes[:, :-1].T), logit_bias=classes[:, -1].copy())

@@ -1,7 +1,7 @@
 """Reading and writing `.safetensors` files safely: validated headers, atomic writes.
 
 Uploads are untrusted: the header is parsed and checked (size, JSON, dtypes, offsets that cover
-the data exactly) before any tensor is read, and only float32 tensors are accepted. Tensors are
+the data exactly) before any tensor is read, and only finite float32 tensors are accepted. Tensors are
 read-only views into the file's bytes (no copy); files are written by the `safetensors` library.
 """
 
@@ -58,9 +58,9 @@ def read_safetensors(data: bytes, what: str) -> tuple[dict[str, np.ndarray], dic
     if bad_dtypes:
         raise InvalidFileError("tensors", f"The {what} must hold float32 tensors only; these are not: {bad_dtypes}.")
     start, size = 8 + header_len, len(data) - 8 - header_len
-    spans = sorted((_span(name, info, size, hint), name) for name, info in header.items())
+    spans = sorted(_span(name, info, size, hint) for name, info in header.items())
     position = 0
-    for (begin, end, _), name in spans:  # the buffer is covered exactly: no overlap, no hole
+    for begin, end, _, name in spans:  # the buffer is covered exactly: no overlap, no hole
         if begin != position:
             raise InvalidFileError("not_safetensors", f"{hint}: the data of tensor {name!r} starts at byte {begin}, "
                                                       f"not at {position} where the previous one ends.")
@@ -68,22 +68,25 @@ def read_safetensors(data: bytes, what: str) -> tuple[dict[str, np.ndarray], dic
     if position != size:
         raise InvalidFileError("not_safetensors", f"{hint}: {size - position} bytes after the last tensor's data.")
     # views into `data`, not copies: a bundle's tensors are read once and folded (read-only arrays)
-    tensors = {name: np.frombuffer(data, np.float32, (end - begin) // 4, start + begin).reshape(shape)
-               for (begin, end, shape), name in spans}
+    flat = np.frombuffer(data, np.float32, size // 4, start)
+    if not np.isfinite(flat).all():  # one pass over every value; naming the culprits only on failure
+        bad = sorted(name for begin, end, _, name in spans if not np.isfinite(flat[begin // 4 : end // 4]).all())
+        raise InvalidFileError("non_finite", f"The {what} has NaN or infinite values in {bad}.")
+    tensors = {name: flat[begin // 4 : end // 4].reshape(shape) for begin, end, shape, name in spans}
     return tensors, dict(metadata)
 
 
-def _span(name: str, info: dict, size: int, hint: str) -> tuple[int, int, tuple[int, ...]]:
-    """(begin, end, shape) of one tensor's entry, checked against the data's `size` in bytes."""
+def _span(name: str, info: dict, size: int, hint: str) -> tuple[int, int, tuple[int, ...], str]:
+    """(begin, end, shape, name) of one tensor's entry, checked against the data's `size` in bytes."""
     shape, offsets = info.get("shape"), info.get("data_offsets")
-    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape) and isinstance(offsets, list)
-            and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+    if not (type(shape) is list and type(offsets) is list and len(offsets) == 2
+            and all(type(d) is int and d >= 0 for d in shape) and type(offsets[0]) is int and type(offsets[1]) is int):
         raise InvalidFileError("not_safetensors", f"{hint}: tensor {name!r} has no valid shape and data_offsets.")
     begin, end = offsets
     if not 0 <= begin <= end <= size or end - begin != 4 * math.prod(shape):
         raise InvalidFileError("not_safetensors", f"{hint}: tensor {name!r} has data_offsets {offsets}, which do not "
                                                   f"hold its shape {shape} inside the file's {size} bytes of data.")
-    return begin, end, tuple(shape)
+    return begin, end, tuple(shape), name
 
 
 def parse_json_metadata(metadata: dict[str, str], key: str, what: str) -> object:

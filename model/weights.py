@@ -8,6 +8,7 @@ domain's name, so one bundle loads under any name.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping
 from typing import Literal
@@ -31,6 +32,11 @@ def is_shared(name: str) -> bool:
 
 def expected_shapes(config: ArchConfig, part: Part | None = None) -> dict[str, tuple[int, ...]]:
     """Every canonical weight name of `config` with its shape, in forward order."""
+    return dict(_expected_shapes(config, part))
+
+
+@functools.cache  # every bundle load validates against it; an ArchConfig is frozen
+def _expected_shapes(config: ArchConfig, part: Part | None) -> tuple[tuple[str, tuple[int, ...]], ...]:
     shapes: dict[str, tuple[int, ...]] = {}
 
     def batch_norm(layer: str, channels: int) -> None:
@@ -48,9 +54,7 @@ def expected_shapes(config: ArchConfig, part: Part | None = None) -> dict[str, t
     batch_norm("head_bn", config.feature_width)
     shapes["classifier.kernel"] = (config.feature_width, config.num_classes)
     shapes["classifier.bias"] = (config.num_classes,)
-    if part is None:
-        return shapes
-    return {k: v for k, v in shapes.items() if is_shared(k) == (part == "shared")}
+    return tuple((k, v) for k, v in shapes.items() if part is None or is_shared(k) == (part == "shared"))
 
 
 def count_parameters(config: ArchConfig, part: Part | None = None) -> int:

@@ -249,7 +249,7 @@ def test_host_tier_is_bounded_and_round_trips_exactly(assets, tmp_path):
     fill(tmp_path, assets, [f"d{i}" for i in range(6)])
     x = preprocess(open_image(png_bytes(3)), assets.bundles["beta"].preprocessing)[None]
 
-    per_domain = fold_domain(assets.bundles["beta"].config, assets.bundles["beta"].weights).nbytes
+    per_domain = fold_domain(assets.bundles["beta"].config, assets.bundles["beta"].weights).nbytes  # its row
     budget = int(2.5 * per_domain)  # room for two evicted domains
 
     async def main():

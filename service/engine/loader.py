@@ -28,7 +28,7 @@ import numpy as np
 
 from model.backbone import Backbone, load_backbone
 from model.bundle import AdapterBundle, load_bundle
-from model.folding import RowLayout, fold_domain
+from model.folding import fold_domain
 from service.exceptions import AdapterUnavailable
 
 _log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def prepare(backbone: Backbone, data: bytes, domain: str | None) -> Prepared:
     """Parse and validate `data` for `backbone` (raise `InvalidFileError`), then fold it into its row."""
     start = time.thread_time()
     bundle = load_bundle(data, backbone, domain=domain)
-    row = RowLayout.of(bundle.config).pack(fold_domain(bundle.config, bundle.weights))
+    row = fold_domain(bundle.config, bundle.weights)
     return Prepared(dataclasses.replace(bundle, weights={}), row, hashlib.sha256(data).hexdigest(), len(data),
                     time.thread_time() - start)
 
