@@ -1,7 +1,7 @@
 """The engine on each of Keras 3's backends. Keras runs one backend per process, so each other backend
-runs tests/test_engine.py in a process of its own (exactness against Keras and the PyTorch reference,
-slots, no retracing, and the same logits as the TensorFlow engine within 1e-5), and serves the demo
-over HTTP end to end."""
+runs the `every_backend` tests of tests/test_engine.py in a process of its own (the PyTorch reference's
+logits, the table's writes while calls run, no retracing, and the same logits as the TensorFlow engine
+within 1e-5), and serves the demo over HTTP end to end."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def test_the_engine_tests_pass_and_equal_tensorflow_on(backend, tmp_path):
     np.savez(reference, **parity_logits())
     env = {**os.environ, "KERAS_BACKEND": backend, "RA_TF_ENGINE_LOGITS": str(reference), "CUDA_VISIBLE_DEVICES": ""}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-                          "tests/test_engine.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          "-m", "every_backend", "tests/test_engine.py"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     summary = run.stdout.strip().splitlines()[-1]
     assert "failed" not in summary and "skipped" not in summary, run.stdout[-3000:]  # the parity test ran

@@ -1,4 +1,10 @@
-"""The inference engine: exact against the unfolded Keras model, mixed batches, no retracing."""
+"""The inference engine: exact against the unfolded Keras model, mixed batches, no retracing.
+
+Every test runs on TensorFlow; the ones marked `every_backend` also run on JAX and PyTorch
+(tests/test_backends.py): what a backend implements (the table, its writes while calls run, the compiled
+calls and when they retrace) and exactness (the reference fixture, and the TensorFlow engine's logits on a
+workload that grows the table, mixes domains and reloads a read-back row). The rest is the engine's own
+bookkeeping, the same code on every backend."""
 
 from __future__ import annotations
 
@@ -71,6 +77,7 @@ def tiny():
     return backbone, lambda domain, seed, k=4: make_bundle(backbone, domain, k, seed)
 
 
+@pytest.mark.every_backend
 def test_loading_never_retraces(tiny):
     backbone, bundle = tiny
     engine = InferenceEngine(backbone, capacity=8, class_capacity=6)
@@ -106,6 +113,7 @@ def test_cycling_many_domains_through_few_slots_never_retraces(tiny):
     assert engine.tracing_count() == before
 
 
+@pytest.mark.every_backend
 def test_growth_past_capacity_retraces_once(tiny):
     backbone, bundle = tiny
     engine = InferenceEngine(backbone, capacity=2, class_capacity=4)
@@ -187,6 +195,7 @@ def test_golden_self_test(tiny):
     assert engine.capacity == 2
 
 
+@pytest.mark.every_backend
 def test_release_does_not_affect_a_running_batch(tiny):
     """A call that holds a slot finishes on its rows, even if slots are recycled meanwhile."""
     backbone, bundle = tiny
@@ -240,6 +249,7 @@ def test_read_back_then_load_row_serves_the_same_logits(setup):
 # ----- the same engine on every backend (tests/test_backends.py runs this file under each) -----------------
 
 
+@pytest.mark.every_backend
 @pytest.mark.parametrize("adapter", ["series", "parallel"])
 def test_engine_reproduces_the_reference_fixture(adapter):
     """The PyTorch reference's logits, from the engine's single and mixed paths (the fixture's README)."""
@@ -285,6 +295,7 @@ def parity_logits() -> dict[str, np.ndarray]:
     return out
 
 
+@pytest.mark.every_backend
 def test_logits_equal_the_tensorflow_engine():
     import os
 
