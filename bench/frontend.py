@@ -159,7 +159,8 @@ def floor_ms_per_request(app: str, prefix: str, concurrency: int, seconds: float
 
 
 def answer_zeros() -> None:
-    """Replace the engine's computation by zeros in this process (a benchmark's child process only)."""
+    """Replace the engine's computation by zeros in this process (a benchmark's child process only); the
+    golden self-test, which zeros would fail, passes."""
     import numpy as np
 
     from model.engine import InferenceEngine
@@ -169,6 +170,7 @@ def answer_zeros() -> None:
         return [np.zeros(slot.num_classes, np.float32) for slot in held]
 
     InferenceEngine.predict = zeros
+    InferenceEngine._verify_golden = lambda self, bundle, slot: None
 
 
 def serve_without_engine(argv: list[str]) -> None:

@@ -1,15 +1,16 @@
-"""The Open Inference Protocol over gRPC against REST v2, side by side in one run: the server's CPU per image
-for PIXELS (binary, `--files-per-request` images a request), less the bare engine's.
+"""The Open Inference Protocol over gRPC against REST v2, side by side in one run: the front-end processes'
+CPU per image for PIXELS (binary, `--files-per-request` images a request).
 
     python -m bench.serve --protocol grpc [--files-per-request 8] [--seconds 10] [--rounds 3] [--concurrency 16]
 
-Starts one `python -m service` (one process: HTTP, gRPC and the engine; demo backbone, 8 domains) with
-`RA_GRPC_PORT`, then interleaves `--rounds` rounds of REST v2 PIXELS from wrk and gRPC ModelInfer PIXELS
-(`raw_input_contents`) from a separate Python process (grpc.aio, `--concurrency` calls in flight on one
-channel; prebuilt requests, so the client's own cost is its gRPC core). Each round's server CPU over its
-images, less the bare engine's CPU per image measured in this run, is the front end's cost. Prints
-`frontend_cpu_ms_per_img` (`rest_v2_pixels`, `grpc_pixels`, medians of the rounds), `grpc_over_rest`
-and each protocol's img/s.
+Starts one `python -m service --workers 2` (two front-end processes serving HTTP and gRPC, one engine
+process; demo backbone, 8 domains) with `RA_GRPC_PORT`, then interleaves `--rounds` rounds of REST v2
+PIXELS from wrk and gRPC ModelInfer PIXELS (`raw_input_contents`) from a separate Python process
+(grpc.aio, `--concurrency` calls in flight on one channel; prebuilt requests, so the client's own cost is
+its gRPC core). Each round's CPU of the front-end processes (read from /proc, so not a difference of two
+measurements) over its images is the front end's cost; the engine process's is printed beside it. Prints
+`frontend_cpu_ms_per_img` (`rest_v2_pixels`, `grpc_pixels`, medians of the rounds), `grpc_over_rest`,
+`engine_cpu_ms_per_img` and each protocol's img/s.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import sys
 import tempfile
 import time
 
+import httpx
 import numpy as np
 
-from bench.serve import (DEMO, TOKEN, drive_wrk, engine_img_s, free_port, process_cpu_s, test_images, wait_ready,
-                         wait_warm)
+from bench.serve import DEMO, TOKEN, drive_wrk, free_port, process_cpu_s, test_images, wait_ready, wait_warm
+from bench.split import children
 
 
 def pixels_of(images: list[bytes], size: int, count: int) -> np.ndarray:
@@ -86,6 +88,46 @@ def drive_grpc(target: str, domains: list[str], pixels: np.ndarray, concurrency:
     return result
 
 
+KINDS = ("rest_v2_pixels", "grpc_pixels")
+
+
+def measure(command: list[str], env: dict, port: int, grpc_port: int, names: list[str], images: list[bytes],
+            pixels: np.ndarray, size: int, concurrency: int, seconds: float, rounds: int) -> dict:
+    """Interleaved rounds of both protocols against one split server: per round, the front-end processes'
+    and the engine process's CPU per image, and img/s."""
+    url, files = f"http://127.0.0.1:{port}", len(pixels)
+    runs: dict[str, dict[str, list[float]]] = {key: {kind: [] for kind in KINDS} for key in ("frontend", "engine", "img_s")}
+    errors = 0
+    server = subprocess.Popen([sys.executable, *command], env=env)
+    try:
+        wait_ready(url)
+        wait_warm(url)
+        drive_wrk(url, names, images, concurrency, 2.0, files, "v2-pixels", size)  # warm-up, both paths
+        drive_grpc(f"127.0.0.1:{grpc_port}", names, pixels, concurrency, 2.0)
+        engine = httpx.get(url + "/readyz", timeout=10).json()["engine_pid"]
+        frontends = [pid for pid in children(server.pid) if pid != engine]
+        for _ in range(rounds):  # interleaved, so drift on a shared machine hits both alike
+            for kind in KINDS:
+                before = {pid: process_cpu_s(pid) for pid in [engine, *frontends]}
+                if kind == "grpc_pixels":
+                    out = drive_grpc(f"127.0.0.1:{grpc_port}", names, pixels, concurrency, seconds)
+                else:
+                    out = drive_wrk(url, names, images, concurrency, seconds, files, "v2-pixels", size)
+                used = {pid: process_cpu_s(pid) - before[pid] for pid in before}
+                done = max(out["requests"], 1) * files
+                errors += out["errors"]
+                runs["frontend"][kind].append(sum(used[pid] for pid in frontends) * 1000 / done)
+                runs["engine"][kind].append(used[engine] * 1000 / done)
+                runs["img_s"][kind].append(out["img_s"])
+    finally:
+        server.terminate()
+        server.wait(60)
+    out = {key: {kind: round(float(np.median(v)), 1 if key == "img_s" else 4) for kind, v in values.items()}
+           for key, values in runs.items()}
+    out["errors"] = errors
+    return out
+
+
 def run(files: int, seconds: float, rounds: int, concurrency: int, backbone: pathlib.Path) -> dict:
     from model.backbone import load_backbone
     from service.record.directory import DirectoryRecord
@@ -95,49 +137,29 @@ def run(files: int, seconds: float, rounds: int, concurrency: int, backbone: pat
     images = test_images(16, 48)
     size = load_backbone(backbone).config.input_size
     pixels = pixels_of(images, size, files)
-    port, grpc_port = free_port(), free_port()
-    url, names = f"http://127.0.0.1:{port}", list(bundles)
-    cpu_ms: dict[str, list[float]] = {"rest_v2_pixels": [], "grpc_pixels": []}
-    img_s: dict[str, list[float]] = {"rest_v2_pixels": [], "grpc_pixels": []}
-    errors = 0
     with tempfile.TemporaryDirectory() as store:
         record = DirectoryRecord(pathlib.Path(store))
         for name, data in bundles.items():
             record.add(name, data, replace=False)
         record.close()
-        env = {**os.environ, "RA_STORE_DIR": store, "RA_ADMIN_TOKEN": TOKEN, "RA_DEMO_ADAPTERS": "false",
-               "RA_BACKBONE": str(backbone), "RA_GRPC_PORT": str(grpc_port), "TF_CPP_MIN_LOG_LEVEL": "2"}
-        server = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
-                                  env=env)
-        try:
-            wait_ready(url)
-            wait_warm(url)
-            drive_wrk(url, names, images, concurrency, 2.0, files, "v2-pixels", size)  # warm-up, both paths
-            drive_grpc(f"127.0.0.1:{grpc_port}", names, pixels, concurrency, 2.0)
-            for _ in range(rounds):  # interleaved, so drift on a shared machine hits both alike
-                for kind in cpu_ms:
-                    before = process_cpu_s(server.pid)
-                    if kind == "grpc_pixels":
-                        out = drive_grpc(f"127.0.0.1:{grpc_port}", names, pixels, concurrency, seconds)
-                    else:
-                        out = drive_wrk(url, names, images, concurrency, seconds, files, "v2-pixels", size)
-                    errors += out["errors"]
-                    cpu_ms[kind].append((process_cpu_s(server.pid) - before) * 1000 / (out["requests"] * files))
-                    img_s[kind].append(out["img_s"])
-        finally:
-            server.terminate()
-            server.wait(30)
-    _, engine_cpu_ms = engine_img_s(backbone, dict(list(bundles.items())), images, 32, seconds)
-    frontend = {kind: round(float(np.median(v)) - engine_cpu_ms, 4) for kind, v in cpu_ms.items()}
+        results = {}
+        for setup in ("zero_engine", "engine"):
+            port, grpc_port = free_port(), free_port()
+            env = {**os.environ, "RA_STORE_DIR": store, "RA_ADMIN_TOKEN": TOKEN, "RA_DEMO_ADAPTERS": "false",
+                   "RA_BACKBONE": str(backbone), "RA_GRPC_PORT": str(grpc_port), "TF_CPP_MIN_LOG_LEVEL": "2"}
+            command = (["-m", "bench.split", "--supervise", "2", str(port), "--zero-engine"] if setup == "zero_engine"
+                       else ["-m", "service", "--port", str(port), "--workers", "2", "--log-level", "warning"])
+            results[setup] = measure(command, env, port, grpc_port, list(bundles), images, pixels, size, concurrency,
+                                     seconds, rounds)
+    frontend = results["zero_engine"]["frontend"]
     return {
         "frontend_cpu_ms_per_img": frontend,
         "grpc_over_rest": round(frontend["grpc_pixels"] / frontend["rest_v2_pixels"], 3),
-        "server_cpu_ms_per_img": {kind: round(float(np.median(v)), 4) for kind, v in cpu_ms.items()},
-        "engine_cpu_ms_per_img": round(engine_cpu_ms, 4),
-        "img_s": {kind: round(float(np.median(v)), 1) for kind, v in img_s.items()},
-        "errors": errors,
+        "zero_engine_img_s": results["zero_engine"]["img_s"],
+        "with_engine": {key: results["engine"][key] for key in ("frontend", "engine", "img_s")},
+        "errors": results["zero_engine"]["errors"] + results["engine"]["errors"],
         "settings": {"files_per_request": files, "seconds": seconds, "rounds": rounds, "concurrency": concurrency,
-                     "backbone": str(backbone), "cpus": os.cpu_count()},
+                     "workers": 2, "backbone": str(backbone), "cpus": os.cpu_count()},
     }
 
 

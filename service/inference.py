@@ -165,13 +165,16 @@ class Inference:
             preps = [c.preprocessing for c in cards]
             if files is not None:
                 per_image = await self._decode(files, preps)
-            else:
-                per_image = [list(x) for x in zip(*(pixels_to_inputs(pixels, p) for p in preps))]
+                count = len(per_image)
+                images = (np.stack([x for row in per_image for x in row]) if count
+                          else np.zeros((0, 1, 1, 3), np.float32))
+            else:  # image-major like the files' (image i with domain j at i * len(domains) + j), in one stack
+                count = len(pixels)
+                per_domain = [pixels_to_inputs(pixels, p) for p in preps]
+                images = per_domain[0] if len(preps) == 1 else np.stack(per_domain, axis=1).reshape(
+                    -1, *pixels.shape[1:])
             prepared = time.perf_counter()
-            count = len(per_image) * len(domains)
-            images = (np.stack([x for row in per_image for x in row]) if count
-                      else np.zeros((0, 1, 1, 3), np.float32))
-            which = [j for _ in per_image for j in range(len(domains))]
+            which = [j for _ in range(count) for j in range(len(domains))]
             try:
                 answers = await self.engine.infer(domains, preps, images, which, lane)
                 break
@@ -184,7 +187,7 @@ class Inference:
                 self._cards.pop(exc.domain, None)
                 raise
         done = time.perf_counter()
-        grid = [answers[i * len(domains):(i + 1) * len(domains)] for i in range(len(per_image))]
+        grid = [answers[i * len(domains):(i + 1) * len(domains)] for i in range(count)]
         for j, domain in enumerate(domains):
             served = grid[0][j].version if grid else cards[j].version
             if served != cards[j].version:  # another version computed them: answer with its labels

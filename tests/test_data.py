@@ -468,3 +468,20 @@ def test_gray_rgb_equals_pillows_conversion_bit_for_bit():
         pillow = np.stack([np.asarray(Image.fromarray(p).convert("L").convert("RGB")) for p in batch])
         assert gray_rgb(batch).dtype == np.uint8
         np.testing.assert_array_equal(gray_rgb(batch), pillow)
+
+
+def test_normalize_is_the_formula_bit_for_bit():
+    """Normalizing runs along rows of pixels in place; its bits are those of the plain per-channel formula,
+    for one image, a batch, a cropped (non-contiguous) view and an empty batch."""
+    from model.bundle import Preprocessing
+    from model.preprocessing import normalize
+
+    prep = Preprocessing(mean=(0.2860, 0.4, 0.5), std=(0.3530, 0.25, 0.1), resize=36, crop=32, grayscale=False)
+    std = np.asarray(prep.std, np.float32)
+    rng = np.random.default_rng(1)
+    batch = rng.integers(0, 256, (5, 36, 36, 3), dtype=np.uint8)
+    for images in (batch[0], batch, batch[:, 2:34, 2:34], batch[:0]):
+        want = images.astype(np.float32) * (np.float32(1 / 255.0) / std) + (-np.asarray(prep.mean, np.float32) / std)
+        got = normalize(images, prep)
+        assert got.dtype == np.float32 and got.shape == images.shape
+        np.testing.assert_array_equal(got, want)
