@@ -14,6 +14,7 @@ equal.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 import os
@@ -170,19 +171,28 @@ def center_crop(squares: np.ndarray, crop: int) -> np.ndarray:
     return squares[..., offset : offset + crop, offset : offset + crop, :]
 
 
+@functools.lru_cache(maxsize=64)
+def _row_affine(mean: tuple[float, ...], std: tuple[float, ...], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """`normalize`'s scale and offset over a row of `width` RGB pixels."""
+    std_ = np.asarray(std, np.float32)
+    scale = np.tile(np.float32(1 / 255.0) / std_, width)
+    offset = np.tile(-np.asarray(mean, np.float32) / std_, width)
+    scale.flags.writeable = offset.flags.writeable = False
+    return scale, offset
+
+
 def normalize(images: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """uint8 images [..., W, 3] -> float32 `(x / 255 - mean) / std`, computed as `x * (1 / (255 std)) - mean / std`
     in place over rows of W pixels: numpy's inner loop then runs along a row, not over a pixel's 3 channels
     (four times faster, the same bits)."""
-    std = np.asarray(prep.std, np.float32)
-    scale = np.float32(1 / 255.0) / std
-    offset = -np.asarray(prep.mean, np.float32) / std
     if images.ndim < 2 or images.size == 0:
+        scale, offset = _row_affine(tuple(prep.mean), tuple(prep.std), 1)
         return images.astype(np.float32) * scale + offset
     width = images.shape[-2]
+    scale, offset = _row_affine(tuple(prep.mean), tuple(prep.std), width)
     out = images.reshape(-1, width * 3).astype(np.float32)
-    out *= np.tile(scale, width)
-    out += np.tile(offset, width)
+    out *= scale
+    out += offset
     return out.reshape(images.shape)
 
 
