@@ -259,10 +259,3 @@ def _load_devkit(path: pathlib.Path, split: str, domain: str | None, side: int, 
     return Dataset(images, np.asarray(labels, np.int64)[keep], names, "decathlon", gray,
                    tuple(unannotated + skipped))
 
-
-def decathlon_mean_std(stats_file: pathlib.Path, domain: str) -> tuple[list[float], list[float]] | None:
-    """The devkit's per-domain mean/std (`<domain>mean` / `<domain>std`), if the file lists the domain."""
-    stats = json.loads(stats_file.read_text())
-    if f"{domain}mean" in stats:
-        return stats[f"{domain}mean"], stats[f"{domain}std"]
-    return None
