@@ -2,6 +2,7 @@
 
     python -m bench.domains [--domains 10000] [--max-resident N] [--host-cache-mb MB] [--workers N]
                             [--seconds 10] [--rounds 2] [--warm-seconds S] [--history N]
+    python -m bench.domains --domains 100000 --startup-rounds 6
 
 With the demo backbone: registers `--domains` domains in a directory registry of record (copies of
 the three demo bundles under new names, hard-linked so that 100,000 of them fit any disk; the bytes
@@ -26,6 +27,9 @@ installed), interleaved with the same load over 8 domains. Prints one JSON objec
   time, in this process on the same store with the same registry code (loader in a thread);
   `cold_ms`: the same loads' wall time;
 - `list_page_ms`: GET /adapters?limit=100, first page and one far into the listing.
+`--startup-rounds N` measures start-up alone: N pairs of starts, one on 8 domains and one on `--domains`
+(each with `--history` requests of usage), interleaved; prints each start's seconds to /readyz 200 and
+`startup_over_eight_s`, the median of the pairs' differences.
 Loopback only; it stops by itself.
 """
 
@@ -141,6 +145,44 @@ def cold_loads(store: pathlib.Path, names: list[str], n: int) -> dict:
     return asyncio.run(main())
 
 
+def seconds_to_ready(store: pathlib.Path, workers: int) -> float:
+    """Start `python -m service` on `store`: seconds until /readyz answers 200; then stop it."""
+    port = free_port()
+    env = {**os.environ, "RA_STORE_DIR": str(store), "RA_DEMO_ADAPTERS": "false", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    start = time.perf_counter()
+    server = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning",
+                               "--workers", str(workers)], env=env, start_new_session=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", timeout=300)
+        return time.perf_counter() - start
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(60)
+
+
+def startup_pairs(domains: int, history: int, rounds: int, workers: int) -> dict:
+    """Start-up on 8 domains and on `domains`, `rounds` interleaved pairs."""
+    from service.record.directory import DirectoryRecord
+
+    seconds: dict[int, list[float]] = {8: [], domains: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        stores = {}
+        for count in seconds:
+            stores[count] = pathlib.Path(tmp) / f"store{count}"
+            stores[count].mkdir()
+            names = seed(stores[count], count)
+            if history:
+                DirectoryRecord(stores[count]).add_usage(collections.Counter(zipf_sequence(names, history, 999)))
+        for _ in range(rounds):
+            for count, store in stores.items():
+                seconds[count].append(round(seconds_to_ready(store, workers), 2))
+    differences = [many - eight for eight, many in zip(seconds[8], seconds[domains])]
+    return {"startup_s": {str(count): v for count, v in seconds.items()},
+            "startup_over_eight_s": round(float(np.median(differences)), 2),
+            "settings": {"domains": domains, "history": history, "rounds": rounds, "workers": workers,
+                         "cpus": os.cpu_count()}}
+
+
 def process_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -159,7 +201,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cold", type=int, default=200, help="domains timed per cold-load source (0: none)")
     parser.add_argument("--history", type=int, default=1_000_000,
                         help="requests of this traffic already served, as usage in the record (0: a new record)")
+    parser.add_argument("--startup-rounds", type=int, default=0,
+                        help="measure start-up alone: pairs of starts on 8 and on --domains domains")
     args = parser.parse_args(argv)
+    if args.startup_rounds:
+        print(json.dumps(startup_pairs(args.domains, args.history, args.startup_rounds, args.workers)))
+        return
 
     images = test_images(16, 48)
     with tempfile.TemporaryDirectory() as tmp:
