@@ -185,9 +185,6 @@ def normalize(images: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """uint8 images [..., W, 3] -> float32 `(x / 255 - mean) / std`, computed as `x * (1 / (255 std)) - mean / std`
     in place over rows of W pixels: numpy's inner loop then runs along a row, not over a pixel's 3 channels
     (four times faster, the same bits)."""
-    if images.ndim < 2 or images.size == 0:
-        scale, offset = _row_affine(tuple(prep.mean), tuple(prep.std), 1)
-        return images.astype(np.float32) * scale + offset
     width = images.shape[-2]
     scale, offset = _row_affine(tuple(prep.mean), tuple(prep.std), width)
     out = images.reshape(-1, width * 3).astype(np.float32)

@@ -168,11 +168,11 @@ class Inference:
                 count = len(per_image)
                 images = (np.stack([x for row in per_image for x in row]) if count
                           else np.zeros((0, 1, 1, 3), np.float32))
-            else:  # image-major like the files' (image i with domain j at i * len(domains) + j), in one stack
+            else:  # image-major as for files: image i with domain j at i * len(domains) + j
                 count = len(pixels)
                 per_domain = [pixels_to_inputs(pixels, p) for p in preps]
-                images = per_domain[0] if len(preps) == 1 else np.stack(per_domain, axis=1).reshape(
-                    -1, *pixels.shape[1:])
+                images = (per_domain[0] if len(per_domain) == 1
+                          else np.stack(per_domain, axis=1).reshape(-1, *pixels.shape[1:]))
             prepared = time.perf_counter()
             which = [j for _ in range(count) for j in range(len(domains))]
             try:
