@@ -41,6 +41,7 @@ def loopback_config(ports: list[int], listen: int, affinity: bool = True, stats_
     text = re.sub(r"\n    bind :8081 ([^\n]*)\n", f"\n    bind 127.0.0.1:{grpc_listen} \\1\n" if grpc else "\n", text)
     if not affinity:
         text = text.replace("    use_backend affinity if { var(txn.domain) -m len gt 0 }\n", "")
+        text = text.replace("    use_backend grpc_affinity if grpc { var(txn.domain) -m found }\n", "")
         text = text.replace("    balance leastconn\n", "    balance roundrobin\n")
     if stats_socket:
         text = text.replace("\nglobal\n", f"\nglobal\n    stats socket {stats_socket}\n", 1)

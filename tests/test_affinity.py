@@ -195,6 +195,36 @@ def test_grpc_through_the_proxy_reaches_the_replicas_and_holds_keys_to_the_same_
         assert sum(served(replicas, domain)) - before == 6 + flood.count("ok")  # refusals reached no replica
 
 
+def test_grpc_calls_naming_a_model_go_to_its_home_replica(fleet):
+    """The proxy reads the model's name from the gRPC message (a large PIXELS body included, read before
+    all of it has come) and hashes it as it hashes REST paths."""
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+
+    _, replicas, names = fleet
+    domains, listen = names[12:21], free_port()
+    with running_proxy([r.port for r in replicas], free_port(), grpc=(listen, [r.grpc_port for r in replicas])):
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{listen}")
+        deadline = time.monotonic() + 30
+        while not client.is_server_ready():
+            assert time.monotonic() < deadline, "the proxy never passed gRPC on to a replica"
+            time.sleep(0.2)
+        side = client.get_model_metadata(domains[0], as_json=True)["inputs"][1]["shape"][1]
+        pixels = np.random.default_rng(0).integers(0, 256, (32, int(side), int(side), 3), dtype=np.uint8)
+        assert pixels.nbytes > 64 * 1024  # beyond what the proxy reads before it picks a replica
+        tensor = grpcclient.InferInput("PIXELS", list(pixels.shape), "UINT8")
+        tensor.set_data_from_numpy(pixels)
+        before = {domain: served(replicas, domain) for domain in domains}
+        for domain in domains:
+            for _ in range(2):
+                assert client.infer(domain, [tensor]).as_numpy("LOGITS").shape[0] == 32
+    homes = []
+    for domain in domains:
+        gained = [after - b for after, b in zip(served(replicas, domain), before[domain])]
+        assert sorted(gained) == [0.0, 0.0, 64.0], (domain, gained)  # one replica served all of them
+        homes.append(gained.index(64.0))
+    assert len(set(homes)) > 1, homes  # the domains are shared out over the replicas
+
+
 def test_requests_are_retried_on_another_replica_when_one_is_gone(fleet):
     url, replicas, names = fleet
     with httpx.Client(timeout=60) as client:
