@@ -1,13 +1,16 @@
 """The keys file's rate limits as an HAProxy map, so the fleet's proxy refuses a flooding key before any
 replica spends a cycle on it (deploy/haproxy.cfg reads the map as `rates.map`).
 
-    python -m service.proxy_limits KEYS_FILE [--out deploy/rates.map]
+    python -m service.proxy_limits KEYS_FILE [--out deploy/rates.map] [--proxies N]
 
 Each line maps the sha256 of a key (the keys file's `key_sha256`, which the proxy computes from the
 presented bearer key) to the most requests that key may make in any rolling second at the proxy:
 max(burst, ceil(rate_per_s)), the token bucket's largest one-second take. The proxy's bound is coarse
 by design (one counter per key, a one-second window, refusals that cost microseconds); the replicas'
 token buckets still hold each key to its exact rate. Keys without a rate are not in the map.
+
+Each proxy counts on its own. With `--proxies N` (N proxy pods behind one Service, which spreads the
+connections over them) each gets ceil(limit / N), so that together they hold a key near its limit.
 """
 
 from __future__ import annotations
@@ -24,16 +27,18 @@ HEADER = ("# sha256 of an API key -> requests it may make in any rolling second 
           "# Made by `python -m service.proxy_limits KEYS_FILE`; reload the proxy after changing it.\n")
 
 
-def per_second(principal: Principal) -> int | None:
+def per_second(principal: Principal, proxies: int = 1) -> int | None:
+    """A proxy's share of the key's largest one-second take, or None for a key without a rate."""
     if principal.rate_per_s is None:
         return None
-    return max(principal.burst or 1, math.ceil(principal.rate_per_s))
+    return math.ceil(max(principal.burst or 1, math.ceil(principal.rate_per_s)) / proxies)
 
 
-def rates_map(keys: dict[str, Principal]) -> str:
-    """The map file's text for `keys` (sha256 hex → principal), sorted so that equal keys give equal files."""
+def rates_map(keys: dict[str, Principal], proxies: int = 1) -> str:
+    """The map file's text for `keys` (sha256 hex → principal) on each of `proxies` proxies, sorted so that
+    equal keys give equal files."""
     lines = [f"# {principal.name}\n{digest} {limit}\n" for digest, principal in sorted(keys.items())
-             if (limit := per_second(principal)) is not None]  # a map's value runs to the end of its line
+             if (limit := per_second(principal, proxies)) is not None]  # a map's value runs to the end of its line
     return HEADER + "".join(lines)
 
 
@@ -49,9 +54,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("keys_file", type=pathlib.Path, help="the service's RA_API_KEYS_FILE")
     parser.add_argument("--out", type=pathlib.Path, help="write the map here (default: standard output)")
+    parser.add_argument("--proxies", type=int, default=1, help="proxies that share the traffic (each gets 1/N)")
     args = parser.parse_args(argv)
+    if args.proxies < 1:
+        sys.exit(f"--proxies must be at least 1, not {args.proxies}.")
     try:
-        text = rates_map(load_keys(args.keys_file))
+        text = rates_map(load_keys(args.keys_file), args.proxies)
     except KeysFileError as exc:
         sys.exit(str(exc))
     if args.out is None:

@@ -56,6 +56,9 @@ def test_the_rates_map_holds_each_limited_key_to_its_largest_one_second_take(tmp
     proxy_limits.main([str(keys), "--out", str(out)])
     entries = dict(line.split() for line in out.read_text().splitlines() if not line.startswith("#"))
     assert entries == {hash_key("flood-secret"): "4", hash_key("steady-secret"): "100"}  # max(burst, ceil(rate))
+    proxy_limits.main([str(keys), "--out", str(out.with_suffix(".two")), "--proxies", "2"])
+    two = dict(line.split() for line in out.with_suffix(".two").read_text().splitlines() if not line.startswith("#"))
+    assert two == {hash_key("flood-secret"): "2", hash_key("steady-secret"): "50"}  # each of two proxies' share
     keys.write_text('{"keys": [{"name": "x"}]}')
     with pytest.raises(SystemExit, match="key_sha256"):
         proxy_limits.main([str(keys), "--out", str(out)])
