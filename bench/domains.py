@@ -24,8 +24,11 @@ installed), interleaved with the same load over 8 domains. Prints one JSON objec
   hold (the most requested ones that fit);
 - `load_cpu_ms`: p50 CPU (all threads) of putting a domain on the device from host memory
   (`host_p50`) and from the record (`record_p50`: read, validate, fold, write), one load at a
-  time, in this process on the same store with the same registry code (loader in a thread);
-  `cold_ms`: the same loads' wall time;
+  time, in this process on the same store with the same registry code (loader in a thread); and
+  from the record with the preparation in a loader process, as with `--workers 2`: this process's
+  CPU (`record_engine_p50`: the read, the write, the registry) and the loader's per load
+  (`record_loader_mean`: validate, fold; a mean, as /proc counts in clock ticks); `cold_ms`: the wall
+  time of the first two kinds;
 - `list_page_ms`: GET /adapters?limit=100, first page and one far into the listing.
 `--startup-rounds N` measures start-up alone: N pairs of starts, one on 8 domains and one on `--domains`
 (each with `--history` requests of usage), interleaved; prints each start's seconds to /readyz 200 and
@@ -113,7 +116,11 @@ def ideal_hit_rate(count: int, fits: int) -> float:
 
 def cold_loads(store: pathlib.Path, names: list[str], n: int) -> dict:
     """Put domains on the device from the record, then from host memory (same registry code), one at a
-    time: the CPU (all of this process's threads) and wall time of each."""
+    time: the CPU (all of this process's threads) and wall time of each; then from the record again with
+    the preparation in a loader process, as the engine process of `--workers 2` does: the CPU of this
+    process and of the loader for each."""
+    from bench.serve import process_cpu_s
+    from bench.split import children
     from model.backbone import load_backbone
     from model.engine import InferenceEngine
     from service.metrics import Metrics
@@ -129,7 +136,7 @@ def cold_loads(store: pathlib.Path, names: list[str], n: int) -> dict:
         registry = Registry(engine, DirectoryRecord(store), Metrics(), Loader(backbone),
                             Limits(max_resident=32, host_cache_bytes=4096 * 1024 * 1024))
         await registry.acquire(names[0])  # the golden self-test of each distinct bundle runs once
-        cpu: dict[str, list[float]] = {"record": [], "host": []}
+        cpu: dict[str, list[float]] = {"record": [], "host": [], "record_engine": []}
         wall: dict[str, list[float]] = {"record": [], "host": []}
         for source, batch in (("record", names[:n]), ("host", names[: n - 32])):
             for name in batch:
@@ -137,8 +144,23 @@ def cold_loads(store: pathlib.Path, names: list[str], n: int) -> dict:
                 registry.release([await registry.acquire(name)])
                 cpu[source].append((process_cpu() - used) * 1000)
                 wall[source].append((time.perf_counter() - start) * 1000)
+        loader = Loader(backbone, DEMO / "backbone.safetensors", processes=1)
+        await loader.start()
+        try:
+            (loader_pid,) = [pid for pid in children(os.getpid()) if b"spawn_main" in cmdline(pid)]
+            split = Registry(engine, DirectoryRecord(store), Metrics(), loader, Limits(max_resident=24, host_cache_bytes=0))
+            await split.acquire(names[n])
+            loading = process_cpu_s(loader_pid)
+            for name in names[n + 1 : 2 * n]:
+                used = process_cpu()
+                split.release([await split.acquire(name)])
+                cpu["record_engine"].append((process_cpu() - used) * 1000)
+            loader_mean = (process_cpu_s(loader_pid) - loading) * 1000 / (n - 1)  # /proc counts in clock ticks
+        finally:
+            loader.stop()
         p50 = lambda ms: round(float(np.percentile(ms, 50)), 3)  # noqa: E731
-        return {"load_cpu_ms": {f"{source}_p50": p50(ms) for source, ms in (("host", cpu["host"]), ("record", cpu["record"]))},
+        return {"load_cpu_ms": {**{f"{source}_p50": p50(ms) for source, ms in cpu.items()},
+                                "record_loader_mean": round(loader_mean, 3)},
                 "cold_ms": {source: {"p50": p50(ms), "p99": round(float(np.percentile(ms, 99)), 2), "n": len(ms)}
                             for source, ms in wall.items()}}
 
@@ -181,6 +203,14 @@ def startup_pairs(domains: int, history: int, rounds: int, workers: int) -> dict
             "startup_over_eight_s": round(float(np.median(differences)), 2),
             "settings": {"domains": domains, "history": history, "rounds": rounds, "workers": workers,
                          "cpus": os.cpu_count()}}
+
+
+def cmdline(pid: int) -> bytes:
+    """A process's command line ("" once it has gone)."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return b""
 
 
 def process_cpu() -> float:
