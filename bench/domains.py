@@ -148,7 +148,8 @@ def cold_loads(store: pathlib.Path, names: list[str], n: int) -> dict:
         await loader.start()
         try:
             (loader_pid,) = [pid for pid in children(os.getpid()) if b"spawn_main" in cmdline(pid)]
-            split = Registry(engine, DirectoryRecord(store), Metrics(), loader, Limits(max_resident=24, host_cache_bytes=0))
+            split = Registry(engine, DirectoryRecord(store), Metrics(), loader,
+                             Limits(max_resident=24, host_cache_bytes=0))
             await split.acquire(names[n])
             loading = process_cpu_s(loader_pid)
             for name in names[n + 1 : 2 * n]:

@@ -96,7 +96,8 @@ def measure(command: list[str], env: dict, port: int, grpc_port: int, names: lis
     """Interleaved rounds of both protocols against one split server: per round, the front-end processes'
     and the engine process's CPU per image, and img/s."""
     url, files = f"http://127.0.0.1:{port}", len(pixels)
-    runs: dict[str, dict[str, list[float]]] = {key: {kind: [] for kind in KINDS} for key in ("frontend", "engine", "img_s")}
+    runs: dict[str, dict[str, list[float]]] = {key: {kind: [] for kind in KINDS}
+                                               for key in ("frontend", "engine", "img_s")}
     errors = 0
     server = subprocess.Popen([sys.executable, *command], env=env)
     try:
