@@ -117,8 +117,8 @@ def ideal_hit_rate(count: int, fits: int) -> float:
 def cold_loads(store: pathlib.Path, names: list[str], n: int) -> dict:
     """Put domains on the device from the record, then from host memory (same registry code), one at a
     time: the CPU (all of this process's threads) and wall time of each; then from the record again with
-    the preparation in a loader process, as the engine process of `--workers 2` does: the CPU of this
-    process and of the loader for each."""
+    the preparation in a loader process, as the engine process of `--workers 2` does (domains not loaded
+    before, when there are any): the CPU of this process for each, and the loader's mean."""
     from bench.serve import process_cpu_s
     from bench.split import children
     from model.backbone import load_backbone
@@ -144,24 +144,28 @@ def cold_loads(store: pathlib.Path, names: list[str], n: int) -> dict:
                 registry.release([await registry.acquire(name)])
                 cpu[source].append((process_cpu() - used) * 1000)
                 wall[source].append((time.perf_counter() - start) * 1000)
-        loader = Loader(backbone, DEMO / "backbone.safetensors", processes=1)
-        await loader.start()
-        try:
-            (loader_pid,) = [pid for pid in children(os.getpid()) if b"spawn_main" in cmdline(pid)]
-            split = Registry(engine, DirectoryRecord(store), Metrics(), loader,
-                             Limits(max_resident=24, host_cache_bytes=0))
-            await split.acquire(names[n])
-            loading = process_cpu_s(loader_pid)
-            for name in names[n + 1 : 2 * n]:
-                used = process_cpu()
-                split.release([await split.acquire(name)])
-                cpu["record_engine"].append((process_cpu() - used) * 1000)
-            loader_mean = (process_cpu_s(loader_pid) - loading) * 1000 / (n - 1)  # /proc counts in clock ticks
-        finally:
-            loader.stop()
+        others = names[n : 2 * n]  # not loaded above
+        loader_ms = {}
+        if len(others) > 1:
+            loader = Loader(backbone, DEMO / "backbone.safetensors", processes=1)
+            await loader.start()
+            try:
+                (loader_pid,) = [pid for pid in children(os.getpid()) if b"spawn_main" in cmdline(pid)]
+                split = Registry(engine, DirectoryRecord(store), Metrics(), loader,
+                                 Limits(max_resident=24, host_cache_bytes=0))
+                await split.acquire(others[0])
+                loading = process_cpu_s(loader_pid)
+                for name in others[1:]:
+                    used = process_cpu()
+                    split.release([await split.acquire(name)])
+                    cpu["record_engine"].append((process_cpu() - used) * 1000)
+                # /proc counts in clock ticks: a mean over the loads
+                loader_ms["record_loader_mean"] = round((process_cpu_s(loader_pid) - loading) * 1000
+                                                        / (len(others) - 1), 3)
+            finally:
+                loader.stop()
         p50 = lambda ms: round(float(np.percentile(ms, 50)), 3)  # noqa: E731
-        return {"load_cpu_ms": {**{f"{source}_p50": p50(ms) for source, ms in cpu.items()},
-                                "record_loader_mean": round(loader_mean, 3)},
+        return {"load_cpu_ms": {**{f"{source}_p50": p50(ms) for source, ms in cpu.items() if ms}, **loader_ms},
                 "cold_ms": {source: {"p50": p50(ms), "p99": round(float(np.percentile(ms, 99)), 2), "n": len(ms)}
                             for source, ms in wall.items()}}
 
