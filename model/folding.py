@@ -13,8 +13,8 @@ The head keeps its BatchNorm (a ReLU follows it) as `scale`/`bias`, then `kernel
 holds, the host tier keeps and the loader processes hand over.
 
 The math is float64, rounded once to float32. A fold is on the path of every cold domain's first
-request, so it runs in one reused float64 scratch buffer and writes straight into the row: a fresh
-temporary per unit would cost more in page faults than the arithmetic.
+request, so it works on runs of same-shaped units at once (a few dozen array operations in all, where
+unit by unit it would be a few hundred) and writes straight into the row.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ def fold_domain(config: ArchConfig, weights: Mapping[str, np.ndarray]) -> np.nda
     return RowLayout.of(config).fold(weights)
 
 
-def batch_norm_affine(weights: Mapping[str, np.ndarray], layers: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, shift) of eval-mode BatchNorms `layers`, concatenated in that order, in float64."""
-    gamma, beta, mean, var = (np.concatenate([weights[f"{layer}.{v}"] for layer in layers], dtype=np.float64)
-                              for v in BN_VARIABLES)
+def batch_norm_affine(weights: Mapping[str, np.ndarray], names: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) of eval-mode BatchNorms, concatenated in order, in float64; `names`: their gammas',
+    betas', means' and variances' tensor names (`RowLayout._names`)."""
+    gamma, beta, mean, var = (np.concatenate([weights[name] for name in group], dtype=np.float64) for group in names)
     scale = gamma / np.sqrt(var + BN_EPSILON)
     return scale, beta - mean * scale
 
@@ -111,37 +111,59 @@ class RowLayout:
                              f"{self.feature_width + 1} per class).")
         return classes
 
+    @functools.cached_property
+    def _groups(self) -> list[tuple[list[str], int, int, int, int, dict[str, tuple[int, int, tuple[int, ...]]]]]:
+        """Runs of consecutive units whose parts have the same shapes, as (names, row start, row stop,
+        channel start, channel stop, {part: (start, stop, shape) within one unit's block}): a run's blocks
+        lie end to end in the row, so the fold computes a run in whole-array operations, not unit by unit."""
+        groups: list = []
+        for name, parts, lo, hi in self._units:
+            first = min(start for start, _, _ in parts.values())
+            last = max(stop for _, stop, _ in parts.values())
+            local = {part: (start - first, stop - first, shape) for part, (start, stop, shape) in parts.items()}
+            if groups and groups[-1][5] == local and groups[-1][2] == first:
+                names, row_start, _, ch_lo, _, _ = groups[-1]
+                groups[-1] = (names + [name], row_start, last, ch_lo, hi, local)
+            else:
+                groups.append(([name], first, last, lo, hi, local))
+        return groups
+
+    @functools.cached_property
+    def _names(self) -> dict[str, list[list[str]]]:
+        """The BatchNorm tensors' names, per variable, in unit order: the units' own ("bn") and, for series
+        adapters, the adapters' ("adapter_bn": the head has no adapter, and its channels come last)."""
+        units = [name for name, *_ in self._units]
+        layers = {"bn": [f"{name}_bn" for name in units], "adapter_bn": [f"{name}_adapter_bn" for name in units[:-1]]}
+        return {key: [[f"{layer}.{v}" for layer in names] for v in BN_VARIABLES] for key, names in layers.items()}
+
     def fold(self, weights: Mapping[str, np.ndarray]) -> np.ndarray:
         """The domain's row: `length(K)` float32 numbers, K its classes."""
         kernel, logit_bias = weights["classifier.kernel"], weights["classifier.bias"]
         row = np.empty(self.length(logit_bias.shape[0]), np.float32)
-        names = [name for name, *_ in self._units]
-        scale, shift = batch_norm_affine(weights, [f"{name}_bn" for name in names])
-        if self.adapter == "series":  # the head has no adapter: its channels come last, so a shorter list fits
-            scale_in, shift_in = batch_norm_affine(weights, [f"{name}_adapter_bn" for name in names[:-1]])
-        scratch = np.empty(max((stop - start for _, part, _, start, stop in self.offsets if part in ("matrix", "side")),
-                               default=0), np.float64)
-        for name, parts, lo, hi in self._units:
-            s_out, t_out = scale[lo:hi], shift[lo:hi]
+        scale, shift = batch_norm_affine(weights, self._names["bn"])
+        if self.adapter == "series":
+            scale_in, shift_in = batch_norm_affine(weights, self._names["adapter_bn"])
+        for group, start, stop, lo, hi, parts in self._groups:
+            n = len(group)
+            blocks = row[start:stop].reshape(n, -1)  # one unit's parts per line
+            s_out, t_out = scale[lo:hi].reshape(n, -1), shift[lo:hi].reshape(n, -1)
+            c = s_out.shape[1]
             if "matrix" in parts:
-                w = weights[f"{name}_adapter.kernel"][0, 0]  # (out, out)
-                start, stop, shape = parts["matrix"]
-                m = scratch[: stop - start].reshape(shape)
-                m[...] = w
-                bias = (shift_in[lo:hi] @ m) * s_out + t_out
-                m *= scale_in[lo:hi, None]
-                m.reshape(-1)[:: shape[0] + 1] += 1.0
-                m *= s_out
-                row[start:stop] = m.reshape(-1)
+                m = np.stack([weights[f"{name}_adapter.kernel"][0, 0] for name in group],  # C order, whatever
+                             out=np.empty((n, c, c)))  # the kernels' order: its diagonal is a strided view below
+                bias = np.matmul(shift_in[lo:hi].reshape(n, 1, c), m).reshape(n, c) * s_out + t_out
+                m *= scale_in[lo:hi].reshape(n, c, 1)
+                m.reshape(n, -1)[:, :: c + 1] += 1.0
+                out = blocks[:, slice(*parts["matrix"][:2])].reshape(n, c, c)  # the row itself: rounded once, there
+                np.multiply(m, s_out.reshape(n, 1, c), out=out, casting="same_kind")
             else:
                 bias = t_out
-                row[slice(*parts["scale"][:2])] = s_out
+                blocks[:, slice(*parts["scale"][:2])] = s_out
             if "side" in parts:
-                start, stop, shape = parts["side"]
-                side = scratch[: stop - start].reshape(shape)
-                np.multiply(weights[f"{name}_adapter.kernel"][0, 0], s_out, out=side)  # (in, out)
-                row[start:stop] = side.reshape(-1)
-            row[slice(*parts["bias"][:2])] = bias
+                side = np.stack([weights[f"{name}_adapter.kernel"][0, 0] for name in group], dtype=np.float64)
+                out = blocks[:, slice(*parts["side"][:2])].reshape(side.shape)
+                np.multiply(side, s_out.reshape(n, 1, c), out=out, casting="same_kind")
+            blocks[:, slice(*parts["bias"][:2])] = bias
         classes = row[self.base:].reshape(logit_bias.shape[0], self.feature_width + 1)
         classes[:, :-1] = kernel.T
         classes[:, -1] = logit_bias

@@ -57,6 +57,7 @@ def _expected_shapes(config: ArchConfig, part: Part | None) -> tuple[tuple[str, 
     return tuple((k, v) for k, v in shapes.items() if part is None or is_shared(k) == (part == "shared"))
 
 
+@functools.cache  # a domain's card reports it: computed once per architecture, not per card
 def count_parameters(config: ArchConfig, part: Part | None = None) -> int:
     """Learnable parameters, counted as PyTorch's `parameters()` does (BatchNorm statistics excluded)."""
     return sum(
@@ -68,12 +69,14 @@ def count_parameters(config: ArchConfig, part: Part | None = None) -> int:
 
 def check_weights(weights: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
     """Raise `WeightsMismatchError` listing every missing, unexpected and misshaped tensor, sorted."""
+    if weights.keys() == expected.keys() and all(_shape(weights[k]) == tuple(shape) for k, shape in expected.items()):
+        return  # every load of a good file ends here: one comparison per tensor
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     misshaped = sorted(
         f"{k}: expected {tuple(expected[k])}, got {tuple(np.shape(weights[k]))}"
         for k in set(expected) & set(weights)
-        if tuple(np.shape(weights[k])) != tuple(expected[k])
+        if _shape(weights[k]) != tuple(expected[k])
     )
     problems = []
     if missing:
@@ -87,6 +90,10 @@ def check_weights(weights: Mapping[str, np.ndarray], expected: Mapping[str, tupl
             f"{what} do not fit the architecture: " + "; ".join(problems)
             + ". Check that the file was made for this adapter mode, width factor and class count."
         )
+
+
+def _shape(value: object) -> tuple[int, ...]:
+    return value.shape if isinstance(value, np.ndarray) else tuple(np.shape(value))
 
 
 def fingerprint(shared: Mapping[str, np.ndarray]) -> str:

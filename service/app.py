@@ -28,6 +28,7 @@ from service import audit
 from service.access import BUCKETS, Access, Denied, KeyRing, KeysFileError, Principal, RateLimits, is_management
 from service.client import EngineClient, LocalEngine
 from service.errors import BodyTooLarge, error_response, install_error_handlers, refusal_response
+from service.exceptions import EngineUnavailable
 from service.host_table import HostTable, Layout
 from service.inference import Inference
 from service.metrics import Metrics
@@ -186,6 +187,8 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
                                                                       thread_name_prefix="preprocess")
         state.inference = Inference(state.engine, settings, state.preprocess_pool)
         await state.engine.start()
+        with contextlib.suppress(EngineUnavailable):  # a restarting engine: the default until the next start
+            state.inference.follow_residency((await state.engine.status()).residency)
         keys = asyncio.create_task(follow_keys(state)) if keyring is not None else None
         grpc_server = None
         if settings.grpc_port is not None:

@@ -24,9 +24,9 @@ from service.client import Answer, EngineClient
 from service.errors import ApiError
 from service.exceptions import StaleCard, UnknownDomainError
 from service.settings import Settings
-from service.views import Card
+from service.views import Card, Residency
 
-CARDS_KEEP = 10_000  # domains whose cards a front end keeps (least recently used dropped)
+CARDS_KEEP = 10_000  # domains whose cards a front end keeps at least (least recently used dropped)
 INLINE_PIXELS = 256 * 256
 INLINE_BYTES = 256 * 1024
 """An image of at most `INLINE_PIXELS` (shared among the domains it is prepared for) and `INLINE_BYTES`
@@ -80,6 +80,14 @@ class Inference:
     def __init__(self, engine: EngineClient, settings: Settings, pool: concurrent.futures.Executor):
         self.engine, self.settings, self.pool = engine, settings, pool
         self._cards: collections.OrderedDict[str, Card] = collections.OrderedDict()
+        self.cards_keep = CARDS_KEEP
+
+    def follow_residency(self, residency: Residency | None) -> None:
+        """Keep the cards of as many domains as the engine holds in memory (about 2 KB each): a front end
+        that forgot a resident domain's card would ask for it again on that domain's next request."""
+        if residency is not None:
+            held = residency.fits + int(residency.host_cache_mb * 2**20) // max(1, residency.bytes_per_domain)
+            self.cards_keep = max(CARDS_KEEP, held)
 
     # ----- cards ------------------------------------------------------------------------------
 
@@ -106,7 +114,7 @@ class Inference:
             raise
         self._cards[domain] = card
         self._cards.move_to_end(domain)
-        while len(self._cards) > CARDS_KEEP:
+        while len(self._cards) > self.cards_keep:
             self._cards.popitem(last=False)
         return card
 

@@ -224,3 +224,16 @@ def test_set_weights_rejects_mismatch(series_model, part: str, mutate, key: str,
     after = get_weights(series_model)
     for name in before:
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+
+
+@pytest.mark.parametrize("adapter", MODES)
+def test_a_fold_does_not_depend_on_how_the_weights_lie_in_memory(adapter: str) -> None:
+    """Kernels converted from PyTorch arrive transposed (not C-contiguous) and tensors read from a file as
+    views: the folded row is the same numbers, to the bit, as from contiguous copies."""
+    from model.folding import fold_domain
+
+    config = ArchConfig(width_factor=0.25, input_size=32, adapter=adapter, num_classes=5)
+    weights = {k: np.asarray(v, np.float32) for k, v in random_weights(config, 3, "domain").items()}
+    strided = {k: np.asfortranarray(v) if v.ndim > 1 else np.repeat(v, 2)[::2] for k, v in weights.items()}
+    assert not strided["classifier.kernel"].flags.c_contiguous
+    assert np.array_equal(fold_domain(config, strided), fold_domain(config, weights))

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import re
 
+import msgspec
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -475,3 +476,30 @@ def test_start_up_loads_pinned_domains_and_warms_the_most_used(assets, tmp_path)
         assert by_name["d5"]["pinned"] and by_name["g"]["pinned"]
         assert {d for d, a in by_name.items() if a["tier"] == "device"} >= {"d5", "g", "d2", "d3"}
         assert by_name["d0"]["tier"] == "registry"
+
+
+def test_a_front_end_keeps_the_cards_of_every_domain_the_engine_holds(assets, tmp_path, monkeypatch):
+    """A card forgotten while its domain stays resident would cost an engine round trip on its next request."""
+    from service import inference
+    from service.views import Residency
+
+    front = inference.Inference(None, Settings(), None)
+    held = Residency(budget_mb=1, budget_source="test", bytes_per_domain=2**20, fits=17_000, resident=0,
+                     host_cache_mb=512)
+    front.follow_residency(held)
+    assert front.cards_keep == 17_000 + 512
+    front.follow_residency(msgspec.structs.replace(held, fits=10, host_cache_mb=0))
+    assert front.cards_keep == inference.CARDS_KEEP
+
+    monkeypatch.setattr(inference, "CARDS_KEEP", 2)
+    fill(tmp_path, assets, ["a", "b", "c", "d"])
+    settings = Settings(backbone=assets.backbone_path, store_dir=tmp_path, demo_adapters=False, max_resident=4,
+                        preprocess_threads=1)
+    with TestClient(create_app(settings)) as client:
+        for domain in ("a", "b", "c", "d", "a"):
+            assert client.post(f"/predict/{domain}", files={"file": ("x.png", png_bytes(1))}).status_code == 200
+        residency = client.get("/readyz").json()["residency"]
+        held = residency["fits"] + int(residency["host_cache_mb"] * 2**20) // residency["bytes_per_domain"]
+        front = client.app.state.service.inference
+        assert held > 4 and front.cards_keep == held  # the host tier has the rest of the budget
+        assert list(front._cards) == ["b", "c", "d", "a"]  # none forgotten
