@@ -503,3 +503,18 @@ def test_a_front_end_keeps_the_cards_of_every_domain_the_engine_holds(assets, tm
         front = client.app.state.service.inference
         assert held > 4 and front.cards_keep == held  # the host tier has the rest of the budget
         assert list(front._cards) == ["b", "c", "d", "a"]  # none forgotten
+
+
+def test_while_serving_the_youngest_generation_is_collected_rarely(assets, tmp_path):
+    """Full collections walk every resident domain's objects; the young collections that trigger them are
+    rare while the engine serves, and the process's own thresholds come back when it stops."""
+    import gc
+
+    from service.engine.core import GC_YOUNG_THRESHOLD
+
+    before = gc.get_threshold()
+    settings = Settings(backbone=assets.backbone_path, store_dir=tmp_path, demo_adapters=False, preprocess_threads=1)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/readyz").status_code == 200
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *before[1:]) != before
+    assert gc.get_threshold() == before
