@@ -149,8 +149,8 @@ class RowLayout:
             s_out, t_out = scale[lo:hi].reshape(n, -1), shift[lo:hi].reshape(n, -1)
             c = s_out.shape[1]
             if "matrix" in parts:
-                m = np.stack([weights[f"{name}_adapter.kernel"][0, 0] for name in group],  # C order, whatever
-                             out=np.empty((n, c, c)))  # the kernels' order: its diagonal is a strided view below
+                # into a C-ordered array whatever the kernels' layout, so that the diagonal below is a view
+                m = np.stack([weights[f"{name}_adapter.kernel"][0, 0] for name in group], out=np.empty((n, c, c)))
                 bias = np.matmul(shift_in[lo:hi].reshape(n, 1, c), m).reshape(n, c) * s_out + t_out
                 m *= scale_in[lo:hi].reshape(n, c, 1)
                 m.reshape(n, -1)[:, :: c + 1] += 1.0
