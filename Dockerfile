@@ -33,7 +33,7 @@ RUN --mount=type=secret,id=ca_bundle,required=false \
     python3 -m venv --system-site-packages --without-pip /opt/venv \
     && if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
     && python -m pip install --no-cache-dir . \
-    && python -c "import tensorflow, service.app" \
+    && python -c "import tensorflow, service.boot, service.engine.core" \
     && useradd --create-home --uid 10001 app \
     && mkdir -p /data/store \
     && chown app /data/store

@@ -17,7 +17,7 @@ counters. Prints (in the JSON object of bench.fleet):
   requests that failed (`failed`), against the requests that were in progress on it when it died
   (`in_flight_on_victim`, from HAProxy's statistics socket), and `kill_failed_beyond_inflight`;
 - `noisy_tenant`: fresh replicas with a keys file (bench.tenants' three tenants, each on its own
-  resident domain) behind the proxy with the rates map that service.proxy_limits makes from that file.
+  resident domain) behind the proxy with the rates map that service.frontend.proxy_limits makes from that file.
   The fleet's capacity is measured first (wrk saturating one domain with an unlimited key); the
   flooding key then gets a limit of a quarter of it (the map is made and a proxy started with it; the
   replicas reload the same keys file), and two well-behaved tenants (one connection each, 20
@@ -46,8 +46,8 @@ from bench.domains import ideal_hit_rate, seed, zipf_sequence
 from bench.haproxy import running_proxy
 from bench.serve import DEMO, drive, drive_wrk, free_port, test_images, wait_ready
 from bench.tenants import TENANTS, secret, steady, write_keys
-from service import proxy_limits
-from service.access import load_keys
+from service.frontend import proxy_limits
+from service.frontend.access import load_keys
 
 REPLICAS = 3
 

@@ -126,7 +126,7 @@ def cold_loads(store: pathlib.Path, names: list[str], n: int) -> dict:
     from service.metrics import Metrics
     from service.record.directory import DirectoryRecord
     from service.engine.loader import Loader
-    from service.registry import Limits, Registry
+    from service.engine.registry import Limits, Registry
 
     backbone = load_backbone(DEMO / "backbone.safetensors")
     engine = InferenceEngine(backbone, capacity=64)

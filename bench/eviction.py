@@ -1,5 +1,5 @@
 """The device tier's eviction order under Zipf(1.0) traffic, without a server: the hit rate of the
-registry's segmented LRU (`service.eviction`) and of a plain LRU, beside an ideal cache of the same
+registry's segmented LRU (`service.engine.eviction`) and of a plain LRU, beside an ideal cache of the same
 size (the most requested domains that fit). One request is one lookup; the first of a domain's
 requests loads it, the second and later ones count as served again (as the registry sees them).
 
@@ -18,7 +18,7 @@ import json
 
 import numpy as np
 
-from service.eviction import SegmentedLru
+from service.engine.eviction import SegmentedLru
 
 
 def zipf_requests(domains: int, count: int, seed: int) -> list[int]:

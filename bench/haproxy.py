@@ -25,7 +25,7 @@ def loopback_config(ports: list[int], listen: int, affinity: bool = True, stats_
                     grpc: tuple[int, list[int]] | None = None) -> str:
     """deploy/haproxy.cfg serving `listen` over replicas on `ports`; `affinity=False`: the same proxy
     balancing every request round-robin (for comparison); `stats_socket`: HAProxy's statistics there;
-    `rates`: the per-key limits (service.proxy_limits' map; the shipped one is empty); `grpc`: the
+    `rates`: the per-key limits (service.frontend.proxy_limits' map; the shipped one is empty); `grpc`: the
     proxy's gRPC port and the replicas' (in the order of `ports`), else no gRPC."""
     text = (REPO / "deploy" / "haproxy.cfg").read_text()
     assert RATES in text

@@ -97,7 +97,7 @@ def camera_decode(photo: bytes, bundle_data: bytes, backbone_path: pathlib.Path,
     from model.backbone import load_backbone
     from model.bundle import load_bundle
     from model.preprocessing import open_image, preprocess
-    from service.inference import decode_and_preprocess
+    from service.frontend.inference import decode_and_preprocess
 
     bundle = load_bundle(bundle_data, load_backbone(backbone_path))
 

@@ -36,7 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import httpx
 
 from bench.serve import DEMO, TOKEN, drive_wrk, free_port, request_body, run_wrk, test_images, wait_ready
-from service.access import hash_key
+from service.frontend.access import hash_key
 
 TENANTS = ("calm1", "calm2", "flood")  # each tenant's key is scoped to the domain of its name
 

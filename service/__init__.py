@@ -1,1 +1,1 @@
-"""The web service: FastAPI app serving many domains from one backbone (see `service.app.create_app`)."""
+"""The web service: FastAPI app serving many domains from one backbone (see `service.frontend.app.create_app`)."""

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     if os.environ.get("RA_API_KEYS_FILE"):  # refuse a bad keys file before any process starts
-        from service.access import KeysFileError, load_keys
+        from service.frontend.access import KeysFileError, load_keys
 
         try:
             load_keys(pathlib.Path(os.environ["RA_API_KEYS_FILE"]))
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return Supervisor(args.host, args.port, args.workers, args.log_level).run()
     import uvicorn
 
-    uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port, log_level=args.log_level,
+    uvicorn.run("service.boot:single_process_app", factory=True, host=args.host, port=args.port, log_level=args.log_level,
                 access_log=False)
     return 0
 

@@ -1,6 +1,6 @@
 """The service's own exceptions, one per problem, importable by every process (no framework import).
 
-`service.errors` maps each to HTTP once; the engine transport (`service.transport`) carries them
+`service.frontend.errors` maps each to HTTP once; the engine transport (`service.transport`) carries them
 between processes by name (`TRANSPORTED`), so a front end raises what the engine raised.
 """
 

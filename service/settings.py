@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     device_memory_fraction: float = Field(0.5, gt=0, le=0.95, description="the default budget's share of the "
                                           "available memory (host memory on a CPU host)")
     max_resident: int | None = Field(None, ge=1, description="cap on resident domains below what the budget fits "
-                                     "(evicted in `service.eviction`'s segmented-LRU order)")
+                                     "(evicted in `service.engine.eviction`'s segmented-LRU order)")
     host_cache_mb: float | None = Field(None, ge=0, description="host memory for the folded tables of evicted "
                                         "domains (default: 1024 with a GPU; on a CPU host, one memory with the "
                                         "device tier, what the budget leaves beyond RA_MAX_RESIDENT)")

@@ -7,7 +7,7 @@ restarts a process that dies (front ends keep serving while the engine restarts:
 503 `engine_unavailable` meanwhile), and on SIGTERM or SIGINT stops the front ends first (in-flight
 requests finish), then the engine, then removes what they shared: the engine's socket, the front
 ends' shared-memory arenas, the metrics files and the host tables (rate limits and OIP statistics,
-`service.host_table`), which it makes in its run directory before any child starts.
+`service.frontend.host_table`), which it makes in its run directory before any child starts.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def frontend_main(host: str, port: int, endpoint: str, arena: str, tables_dir: s
     """A front end: the FastAPI app over a `RemoteEngine`, on a port and host tables it shares with the others."""
     import uvicorn
 
-    from service.app import create_app
+    from service.frontend.app import create_app
     from service.settings import Settings
     from service.transport import RemoteEngine
 
@@ -145,7 +145,7 @@ class Supervisor:
         _log.info("supervisor %d: one engine process and %d front ends on %s:%d", os.getpid(), self.workers,
                   self.host, self.port)
         try:
-            from service.app import create_host_tables
+            from service.frontend.app import create_host_tables
 
             create_host_tables(self.rundir)
             for child in self.children:

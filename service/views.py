@@ -7,10 +7,11 @@ one line of a listing; `EngineStatus` is what /readyz and /metrics report of the
 
 from __future__ import annotations
 
+import dataclasses
+
 import msgspec
 
 from model.preprocessing import Preprocessing
-from service.runtime import DeviceReport
 
 
 class Card(msgspec.Struct, frozen=True):
@@ -80,6 +81,22 @@ class Residency(msgspec.Struct, frozen=True):
     fits: int  # what the budget holds at this row size, under RA_MAX_RESIDENT
     resident: int
     host_cache_mb: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceReport:
+    """What the engine computes on, logged once at start and shown by /readyz."""
+
+    backend: str  # the framework and its version
+    devices: tuple[str, ...]  # the engine's devices, e.g. ("GPU:0 NVIDIA H200",) or ("CPU",)
+    gpu: bool
+    compute_dtype: str
+    free_bytes: int | None = None  # free memory of the accelerator at start, where the framework tells
+
+    def describe(self) -> str:
+        where = ", ".join(self.devices) if self.gpu else "CPU (no GPU found, running on CPU)"
+        free = f"; {self.free_bytes / 2**30:.1f} GiB free" if self.free_bytes is not None else ""
+        return f"engine on {where}{free}; {self.backend}; compute dtype {self.compute_dtype}"
 
 
 class EngineStatus(msgspec.Struct, frozen=True):

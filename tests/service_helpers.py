@@ -180,9 +180,9 @@ def running(settings):
     """A TestClient over the app (lifespan included)."""
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.boot import single_process_app
 
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+    with TestClient(single_process_app(settings), raise_server_exceptions=False) as client:
         yield client
 
 

@@ -1,7 +1,7 @@
 """The fleet's proxy: the shipped HAProxy configuration (deploy/haproxy.cfg, its servers swapped for three
 real replicas on loopback) routes each domain to one home replica, spills a hot domain over to the
 others, sends requests without a domain anywhere, retries on another replica what it could not send
-to a dead one, refuses a key over its rate limit (the map service.proxy_limits makes from the keys
+to a dead one, refuses a key over its rate limit (the map service.frontend.proxy_limits makes from the keys
 file) before any replica sees the request, and passes gRPC on to the replicas under the same limits."""
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import pytest
 from bench.affinity import served_by
 from bench.domains import seed
 from bench.haproxy import HAPROXY, RATES, REPO, running_proxy
-from service import proxy_limits
-from service.access import hash_key
+from service.frontend import proxy_limits
+from service.frontend.access import hash_key
 from service_helpers import png_bytes
 from service_process import ServiceProcess, free_port
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
+from service.boot import single_process_app
 from service.record.directory import STALE_TMP_S, DirectoryRecord
-from service.runtime import NoGpuError
+from service.engine.runtime import NoGpuError
 from service_helpers import AUTH, bundle_file, make_settings, png_bytes, png_with_size, running
 
 
@@ -99,7 +99,7 @@ def test_the_device_is_logged_once_and_reported_by_readyz(assets, tmp_path, capl
 
 
 def test_a_required_gpu_that_is_not_there_stops_the_start(assets, tmp_path):
-    app = create_app(make_settings(assets, tmp_path, require_gpu=True))
+    app = single_process_app(make_settings(assets, tmp_path, require_gpu=True))
     with pytest.raises(NoGpuError, match="RA_REQUIRE_GPU"), TestClient(app):
         pass
 

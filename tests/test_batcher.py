@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from numeric import assert_logits_close
-from service.batcher import DynamicBatcher, Overloaded, QueueShareExceeded
+from service.engine.batcher import DynamicBatcher, Overloaded, QueueShareExceeded
 from service.metrics import Metrics
 
 

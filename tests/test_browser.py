@@ -145,7 +145,7 @@ def test_phone_width_has_no_horizontal_scroll(server, browser):
 def test_with_keys_the_page_shows_only_the_keys_domains_and_keeps_the_key_for_the_tab(tmp_path_factory, browser):
     import json
 
-    from service.access import hash_key
+    from service.frontend.access import hash_key
 
     root = tmp_path_factory.mktemp("keyed")
     keys = root / "keys.json"

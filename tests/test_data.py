@@ -435,7 +435,7 @@ def test_a_large_jpeg_is_decoded_reduced_and_served_exactly_as_evaluated(tmp_pat
     from bench.serve import camera_jpeg
     from model.bundle import Preprocessing
     from model.preprocessing import open_image, square, to_rgb
-    from service.inference import decode_and_preprocess
+    from service.frontend.inference import decode_and_preprocess
     from training.pipeline import eval_inputs
 
     photos = {name: camera_jpeg(1600, 1200, seed) for seed, name in enumerate(("a", "b"))}

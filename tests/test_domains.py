@@ -18,12 +18,12 @@ from fastapi.testclient import TestClient
 
 from model.engine import InferenceEngine
 from model.preprocessing import open_image, preprocess
-from service.app import create_app
+from service.boot import single_process_app
 from service.engine.loader import Loader
 from service.metrics import Metrics
 from service.record.directory import DirectoryRecord
 from model.folding import fold_domain
-from service.registry import AdapterUnavailable, Limits, Registry, UnknownDomainError
+from service.engine.registry import AdapterUnavailable, Limits, Registry, UnknownDomainError
 from service.settings import Settings
 from service_helpers import ADMIN_TOKEN, AUTH, bundle_file, png_bytes
 
@@ -164,7 +164,7 @@ def test_concurrent_cold_loads_do_not_evict_each_others_domains_before_use(asset
     assert [o for o in outcomes if o is not None] == []
 
 def test_the_eviction_order_protects_served_keys_within_their_share():
-    from service.eviction import SegmentedLru
+    from service.engine.eviction import SegmentedLru
 
     order = SegmentedLru(protected_share=0.5)
     for key in "abcd":
@@ -182,7 +182,7 @@ def test_the_eviction_order_protects_served_keys_within_their_share():
 
 def test_the_budget_comes_from_the_setting_or_the_memory_available(tmp_path):
     from service.engine import residency
-    from service.runtime import DeviceReport
+    from service.views import DeviceReport
 
     cpu = DeviceReport("TensorFlow", ("CPU",), False, "float32")
     gpu = DeviceReport("TensorFlow", ("GPU:0",), True, "float32")
@@ -421,7 +421,7 @@ def test_listing_pages_and_a_broken_bundle_over_http(assets, tmp_path):
     (tmp_path / "zeta-c" / "000001.safetensors").write_bytes(b"\x00" * 100)
     settings = Settings(backbone=assets.backbone_path, store_dir=tmp_path, demo_adapters=False,
                         admin_token=ADMIN_TOKEN, max_resident=4, preprocess_threads=1, max_fanout=3)
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+    with TestClient(single_process_app(settings), raise_server_exceptions=False) as client:
         seen, cursor, pages = [], None, 0
         while True:
             params = {"limit": 10, **({"cursor": cursor} if cursor else {})}
@@ -457,14 +457,14 @@ def test_start_up_loads_pinned_domains_and_warms_the_most_used(assets, tmp_path)
     fill(tmp_path, assets, [f"d{i}" for i in range(6)])
     settings = Settings(backbone=assets.backbone_path, store_dir=tmp_path, demo_adapters=False,
                         admin_token=ADMIN_TOKEN, max_resident=4, preprocess_threads=1, pinned="d5")
-    with TestClient(create_app(settings)) as client:
+    with TestClient(single_process_app(settings)) as client:
         for domain in ("d2", "d2", "d3"):
             assert client.post(f"/predict/{domain}", files={"file": ("x.png", png_bytes(1))}).status_code == 200
         pinned = client.post("/adapters", headers=AUTH, files=bundle_file(assets.data("gamma")),
                              data={"domain": "g", "pin": "true"})
         assert pinned.status_code == 201 and pinned.json()["pinned"] is True
     # usage counts were written on shutdown; a restart loads the pinned domains, then warms d2 and d3
-    with TestClient(create_app(settings)) as client:
+    with TestClient(single_process_app(settings)) as client:
         ready = client.get("/readyz").json()
         assert ready["ready"]
         by_name = {}
@@ -480,7 +480,7 @@ def test_start_up_loads_pinned_domains_and_warms_the_most_used(assets, tmp_path)
 
 def test_a_front_end_keeps_the_cards_of_every_domain_the_engine_holds(assets, tmp_path, monkeypatch):
     """A card forgotten while its domain stays resident would cost an engine round trip on its next request."""
-    from service import inference
+    from service.frontend import inference
     from service.views import Residency
 
     front = inference.Inference(None, Settings(), None)
@@ -495,7 +495,7 @@ def test_a_front_end_keeps_the_cards_of_every_domain_the_engine_holds(assets, tm
     fill(tmp_path, assets, ["a", "b", "c", "d"])
     settings = Settings(backbone=assets.backbone_path, store_dir=tmp_path, demo_adapters=False, max_resident=4,
                         preprocess_threads=1)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(single_process_app(settings)) as client:
         for domain in ("a", "b", "c", "d", "a"):
             assert client.post(f"/predict/{domain}", files={"file": ("x.png", png_bytes(1))}).status_code == 200
         residency = client.get("/readyz").json()["residency"]
@@ -514,7 +514,7 @@ def test_while_serving_the_youngest_generation_is_collected_rarely(assets, tmp_p
 
     before = gc.get_threshold()
     settings = Settings(backbone=assets.backbone_path, store_dir=tmp_path, demo_adapters=False, preprocess_threads=1)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(single_process_app(settings)) as client:
         assert client.get("/readyz").status_code == 200
         assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *before[1:]) != before
     assert gc.get_threshold() == before

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from numeric import assert_logits_close
-from service.access import hash_key
+from service.frontend.access import hash_key
 from service.settings import DEMO_DIR
 from service_helpers import png_bytes
 from service_process import ServiceProcess, free_port

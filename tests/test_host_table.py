@@ -1,4 +1,4 @@
-"""Host tables (`service.host_table`): the records every front end of a host shares, and the rate limits and
+"""Host tables (`service.frontend.host_table`): the records every front end of a host shares, and the rate limits and
 OIP statistics kept in them. Real files, real processes; each test takes at most a few seconds."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from service.access import BUCKETS, Access, Denied, KeyRing, Principal, RateLimits, hash_key
-from service.host_table import HostTable, HostTableError, Layout
-from service.oip import STATS, STATS_KEEP, Statistics
+from service.frontend.access import BUCKETS, Access, Denied, KeyRing, Principal, RateLimits, hash_key
+from service.frontend.host_table import HostTable, HostTableError, Layout
+from service.frontend.oip import STATS, STATS_KEEP, Statistics
 from service_process import REPO
 
 COUNTER = np.dtype([("key", "<u8"), ("stamp", "<f8"), ("n", "<i8")])
@@ -63,8 +63,8 @@ def test_a_key_without_a_record_replaces_the_oldest_of_its_window(tmp_path):
 
 HOLD = """
 import sys, time
-from service.host_table import HostTable
-from service.oip import STATS
+from service.frontend.host_table import HostTable
+from service.frontend.oip import STATS
 table = HostTable(STATS, sys.argv[1])
 with table.row("held"):
     print("holding", flush=True)

@@ -21,7 +21,7 @@ import time
 import httpx
 import pytest
 
-from service.access import hash_key
+from service.frontend.access import hash_key
 from service_helpers import (ADMIN_TOKEN, AUTH, bundle_file, check_scores, get_assets, png_bytes, png_with_size,
                              reference_engine, reference_logits)
 from service_process import ServiceProcess
@@ -93,7 +93,7 @@ def split(tmp_path_factory):
 
 
 def test_front_ends_the_supervisor_and_the_loaders_import_no_framework():
-    code = ("import shutil, sys, service.app, service.supervisor, service.transport, service.inference, "
+    code = ("import shutil, sys, service.frontend.app, service.supervisor, service.transport, service.frontend.inference, "
             "service.engine.loader\n"
             "supervisor = service.supervisor.Supervisor('127.0.0.1', 0, 2, 'info')\n"
             "shutil.rmtree(supervisor.rundir)\n"

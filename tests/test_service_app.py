@@ -16,9 +16,9 @@ from fastapi.testclient import TestClient
 
 import service.engine.core
 from model.bundle import load_bundle
-from service.app import create_app
+from service.boot import single_process_app
 from service.engine.core import DEMO_MARKER
-from service.inference import INLINE_BYTES
+from service.frontend.inference import INLINE_BYTES
 from service.record.directory import DirectoryRecord
 from service_helpers import (
     make_settings,
@@ -494,7 +494,7 @@ def test_chunked_body_over_the_request_limit_is_413(small):
 
 
 def test_not_ready_before_the_lifespan_ran(assets, tmp_path):
-    client = TestClient(create_app(make_settings(assets, tmp_path / "store")), raise_server_exceptions=False)
+    client = TestClient(single_process_app(make_settings(assets, tmp_path / "store")), raise_server_exceptions=False)
     assert client.get("/healthz").status_code == 200
     ready = client.get("/readyz")
     assert ready.status_code == 503 and ready.json()["ready"] is False

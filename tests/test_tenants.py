@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.access import KeysFileError, hash_key
-from service.app import create_app
+from service.frontend.access import KeysFileError, hash_key
+from service.boot import single_process_app
 from service.settings import Settings
 from service_helpers import ADMIN_TOKEN, bundle_file, png_bytes
 from service_process import REPO
@@ -63,7 +63,7 @@ def settings_for(assets, tmp: pathlib.Path, keys_file: pathlib.Path, **changes) 
 
 @contextlib.contextmanager
 def serving(settings: Settings):
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+    with TestClient(single_process_app(settings), raise_server_exceptions=False) as client:
         yield client
 
 
@@ -188,14 +188,14 @@ def test_management_is_audited_with_key_action_domain_version_and_hash(tenants, 
     import hashlib
 
     data = assets.data("gamma")
-    with caplog.at_level(logging.INFO, logger="service.audit"):
+    with caplog.at_level(logging.INFO, logger="service.frontend.audit"):
         assert tenants.post("/adapters", files=bundle_file(data), data={"domain": "acme-audit"},
                             headers=auth("ops")).status_code == 201
         assert tenants.post("/adapters/acme-audit/rollback", headers=auth("acme")).status_code == 403
         assert tenants.post("/adapters", files=bundle_file(b"not a bundle"), data={"domain": "acme-bad"},
                             headers=auth("ops")).status_code == 422
         assert tenants.delete("/adapters/acme-audit", headers=auth("admin-token")).status_code == 200
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "service.audit"]
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "service.frontend.audit"]
     assert lines == [
         {"key": "ops", "action": "register", "domain": "acme-audit", "version": 1,
          "sha256": hashlib.sha256(data).hexdigest(), "status": 201, "outcome": "ok"},
@@ -250,7 +250,7 @@ def test_the_keys_file_reloads_while_serving_and_a_bad_one_keeps_the_last_good_k
         replace_file(keys_file, keys_json({"acme": KEYS["acme"], "beta": ("key-beta-0123456789", ["acme-one"], False)}))
         wait_for(lambda: client.get("/adapters/acme-one", headers=auth("beta")).status_code == 200)
 
-        with caplog.at_level(logging.ERROR, logger="service.app"):
+        with caplog.at_level(logging.ERROR, logger="service.frontend.app"):
             replace_file(keys_file, '{"keys": [{"name": "broken"')
             wait_for(lambda: any("RA_API_KEYS_FILE" in r.getMessage() for r in caplog.records))
         assert client.get("/adapters/acme-one", headers=auth("beta")).status_code == 200  # the last good keys
@@ -272,7 +272,7 @@ def test_a_malformed_keys_file_at_start_is_a_clear_error(assets, tmp_path, conte
     keys_file = tmp_path / "keys.json"
     keys_file.write_text(content)
     with pytest.raises(KeysFileError, match=problem) as raised:
-        create_app(settings_for(assets, tmp_path, keys_file))
+        single_process_app(settings_for(assets, tmp_path, keys_file))
     assert str(keys_file) in str(raised.value)
 
 
@@ -286,7 +286,7 @@ def test_python_m_service_refuses_a_malformed_keys_file_before_serving(tmp_path)
 
 
 def test_a_same_size_edit_right_after_the_last_is_seen_and_a_missing_file_is_reported_once(tmp_path):
-    from service.access import KeyRing
+    from service.frontend.access import KeyRing
 
     keys_file = tmp_path / "keys.json"
     keys_file.write_text(keys_json({"aaaa": KEYS["acme"]}))

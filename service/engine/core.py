@@ -26,16 +26,16 @@ from model.backbone import Backbone, load_backbone
 from model.bundle import load_bundle
 from model.preprocessing import Preprocessing
 from model.safetensors_io import InvalidFileError
-from service.batcher import Done, DynamicBatcher, settle
+from service.engine.batcher import Done, DynamicBatcher, settle
 from service.engine import residency
 from service.engine.loader import Loader
 from service.client import Answer
 from service.exceptions import StaleCard
-from service.follower import Follower
+from service.engine.follower import Follower
 from service.metrics import Metrics
 from service.record import DomainExists, RecordStore, RecordUnavailable, open_record
-from service.registry import MB, Entry, Limits, Registry
-from service.runtime import DeviceReport, configure_threads, device_report, use_backend
+from service.engine.registry import MB, Entry, Limits, Registry
+from service.engine.runtime import configure_threads, device_report, use_backend
 from service.settings import DEMO_DIR, Settings
 from service.views import Card, Deleted, EngineStatus, Residency, Row, Sync
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
-from service.runtime import DeviceReport
+from service.views import DeviceReport
 from service.settings import Settings
 
 MB = 1024 * 1024

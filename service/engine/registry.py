@@ -3,7 +3,7 @@
 Every registered domain lives in the registry of record (`service.record`); this process keeps a
 bounded cache of them in two tiers:
 - device: the domain's folded tables in an engine slot, as many domains as the memory budget fits
-  (`service.engine.residency`), evicted in `service.eviction`'s segmented-LRU order (never a pinned
+  (`service.engine.residency`), evicted in `service.engine.eviction`'s segmented-LRU order (never a pinned
   domain, never one that a queued or running request holds: requests lease the entries they use);
 - host: the folded rows of recently evicted domains in host memory, at most `host_cache_mb`,
   from which a domain returns to the device by one row write (no validation, no folding).
@@ -16,7 +16,7 @@ while it loads; loads are de-duplicated per domain, bounded in number (`load_con
 (`load_timeout_s`), and run off the event loop and off the engine thread.
 
 `sync(domain)` makes a cached domain match the record (a new version, a rollback, a delete) and
-`resync()` does it for every cached domain; the follower (`service.follower`) calls them when the
+`resync()` does it for every cached domain; the follower (`service.engine.follower`) calls them when the
 record announces changes. Management calls validate the bundle completely, write it to the record,
 and serve it here before they answer. Per-domain asyncio locks order every change of one domain.
 """
@@ -37,7 +37,7 @@ from model.bundle import AdapterBundle, check_domain_name
 from model.safetensors_io import InvalidFileError
 from model.weights import count_parameters
 from service.engine.loader import Loader, Prepared
-from service.eviction import SegmentedLru
+from service.engine.eviction import SegmentedLru
 from service.exceptions import AdapterUnavailable, DomainUnloaded, NoPreviousVersion, UnknownDomainError
 from service.metrics import Metrics
 from service.record import DomainExists, RecordStore, RecordUnavailable, Version
@@ -361,7 +361,7 @@ class Registry:
     # ----- eviction ----------------------------------------------------------------------------
 
     def _make_room(self) -> None:
-        """Evict device entries in eviction order (`service.eviction`) until a slot is free under `max_resident`.
+        """Evict device entries in eviction order (`service.engine.eviction`) until a slot is free under `max_resident`.
 
         Never one that a request holds or that is pinned, and one just loaded for the requests that
         waited for it only when nothing else can go (else concurrent cold loads evict each other's

@@ -1,4 +1,4 @@
-"""One audit log line per management action (logger `service.audit`, JSON): who, what, which domain and
+"""One audit log line per management action (logger `service.frontend.audit`, JSON): who, what, which domain and
 version, the bundle's sha256, and the outcome. The Gatekeeper writes it once the answer is known; the
 routes add what only they learn (the version, the bundle's hash) to `request.state.audit`."""
 
@@ -8,7 +8,7 @@ import json
 import logging
 import re
 
-_log = logging.getLogger("service.audit")
+_log = logging.getLogger("service.frontend.audit")
 
 ACTIONS = ((re.compile(r"^POST /adapters$"), "register"),
            (re.compile(r"^DELETE /adapters/(?P<domain>[^/]+)$"), "delete"),

@@ -16,7 +16,7 @@ import logging
 import time
 
 from service.record import RecordStore, RecordUnavailable
-from service.registry import Registry
+from service.engine.registry import Registry
 
 _log = logging.getLogger(__name__)
 BACKOFF_S = (0.1, 1.0)  # first and longest wait between reconnection attempts

@@ -32,9 +32,9 @@ import time
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from service.errors import ApiError
+from service.frontend.errors import ApiError
 from service.exceptions import UnknownDomainError
-from service.host_table import HostTable, Layout
+from service.frontend.host_table import HostTable, Layout
 
 _log = logging.getLogger(__name__)
 

@@ -5,10 +5,11 @@ imports a framework (the functions import it when called).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
+
+from service.views import DeviceReport
 
 _log = logging.getLogger(__name__)
 
@@ -46,22 +47,6 @@ def configure_threads(cores: int | None) -> None:
 
 class NoGpuError(RuntimeError):
     """RA_REQUIRE_GPU is set and the framework sees no GPU: refuse to serve on a silent CPU fallback."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceReport:
-    """What the engine computes on, logged once at start and shown by /readyz."""
-
-    backend: str  # the framework and its version
-    devices: tuple[str, ...]  # the engine's devices, e.g. ("GPU:0 NVIDIA H200",) or ("CPU",)
-    gpu: bool
-    compute_dtype: str
-    free_bytes: int | None = None  # free memory of the accelerator at start, where the framework tells
-
-    def describe(self) -> str:
-        where = ", ".join(self.devices) if self.gpu else "CPU (no GPU found, running on CPU)"
-        free = f"; {self.free_bytes / 2**30:.1f} GiB free" if self.free_bytes is not None else ""
-        return f"engine on {where}{free}; {self.backend}; compute dtype {self.compute_dtype}"
 
 
 def device_report(compute_dtype: str, require_gpu: bool) -> DeviceReport:

@@ -1,8 +1,9 @@
-"""The app factory: `create_app(settings, engine, tables_dir)` wires routers, errors, limits and the lifespan.
+"""The app factory of a front end: `create_app(settings, engine, tables_dir)` wires routers, errors, limits
+and the lifespan. Runs in every front-end process (and in the one process of `--workers 1`).
 
-The app is a front end: HTTP, access, decoding and answers. Its engine is an `EngineClient`: with
-one worker the engine core runs in this process (`LocalEngine`, started by the lifespan); under the
-supervisor it is the engine process (`service.transport.RemoteEngine`), and this module imports no
+The app is HTTP, access, decoding and answers. Its engine is an `EngineClient`: with one worker the
+engine core in the same process (`service.boot`, started by the lifespan); under the supervisor the
+engine process (`service.transport.RemoteEngine`). This package imports neither the engine nor a
 deep-learning framework. /readyz answers 200 once the engine is in step with the registry of record.
 What every front end of a host must count once (rate limits, OIP statistics) lives in host tables:
 files in the supervisor's run directory (`create_host_tables`), or this process's memory with one worker.
@@ -23,17 +24,16 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import api, oip
-from service import audit
-from service.access import BUCKETS, Access, Denied, KeyRing, KeysFileError, Principal, RateLimits, is_management
-from service.client import EngineClient, LocalEngine
-from service.errors import BodyTooLarge, error_response, install_error_handlers, refusal_response
+from service.frontend import audit, oip, rest
+from service.frontend.access import BUCKETS, Access, Denied, KeyRing, KeysFileError, Principal, RateLimits, is_management
+from service.client import EngineClient
+from service.frontend.errors import BodyTooLarge, error_response, install_error_handlers, refusal_response
 from service.exceptions import EngineUnavailable
-from service.host_table import HostTable, Layout
-from service.inference import Inference
+from service.frontend.host_table import HostTable, Layout
+from service.frontend.inference import Inference
 from service.metrics import Metrics
 from service.settings import Settings
-from service.state import ServiceState
+from service.frontend.state import ServiceState
 
 _log = logging.getLogger(__name__)
 STATIC_DIR = pathlib.Path(__file__).resolve().parent / "static"
@@ -69,7 +69,7 @@ class BodyLimit:
 
 
 class Gatekeeper:
-    """Decide access (`service.access`) before the request body is received, and record every request's
+    """Decide access (`service.frontend.access`) before the request body is received, and record every request's
     route, status, latency and key; write the audit line of every management call (pure ASGI: no extra
     task per request)."""
 
@@ -131,7 +131,7 @@ async def follow_keys(state: ServiceState) -> None:
 
 def document_bearer_auth(app: FastAPI) -> None:
     """Declare the bearer key in the OpenAPI document, so /docs offers "Authorize". Documentation only:
-    the Gatekeeper (`service.access`) decides."""
+    the Gatekeeper (`service.frontend.access`) decides."""
     build = app.openapi
 
     def openapi() -> dict:
@@ -147,13 +147,6 @@ def document_bearer_auth(app: FastAPI) -> None:
     app.openapi = openapi
 
 
-def local_engine(settings: Settings, metrics: Metrics) -> EngineClient:
-    """The engine core in this process (one worker): the framework is imported here, not at import."""
-    from service.engine.core import EngineCore
-
-    return LocalEngine(EngineCore(settings, metrics))
-
-
 def create_host_tables(directory: str | os.PathLike) -> None:
     """Make the files of every host table in `directory`: the supervisor does, before any front end starts."""
     for name, layout in HOST_TABLES.items():
@@ -165,19 +158,17 @@ def host_table(directory: str | os.PathLike | None, name: str) -> HostTable:
     return HostTable(HOST_TABLES[name], None if directory is None else pathlib.Path(directory) / name)
 
 
-def create_app(settings: Settings | None = None, engine: EngineClient | None = None,
-               tables_dir: str | os.PathLike | None = None) -> FastAPI:
-    """A front end over `engine` (default: the engine core in this process, sharing its metrics), counting
-    rate limits and OIP statistics in the host tables of `tables_dir` (made by `create_host_tables`; shared
-    with the host's other front ends) or, when None, in this process."""
-    settings = settings or Settings()
+def create_app(settings: Settings, engine: EngineClient, tables_dir: str | os.PathLike | None = None,
+               metrics: Metrics | None = None) -> FastAPI:
+    """A front end over `engine` (`service.boot` hands it the engine core of this process, sharing `metrics`;
+    the supervisor hands it the engine process), counting rate limits and OIP statistics in the host tables
+    of `tables_dir` (made by `create_host_tables`; shared with the host's other front ends) or, when None,
+    in this process."""
     keyring = KeyRing(settings.api_keys_file) if settings.api_keys_file is not None else None
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
     access = Access(admin_token, keyring, RateLimits(host_table(tables_dir, RATE_LIMITS_TABLE)))
     stats = oip.Statistics(host_table(tables_dir, OIP_STATS_TABLE))
-    metrics = Metrics()
-    state = ServiceState(settings=settings, metrics=metrics, access=access,
-                         engine=engine or local_engine(settings, metrics))
+    state = ServiceState(settings=settings, metrics=metrics or Metrics(), access=access, engine=engine)
     if keyring is not None:
         state.metrics.keys_loaded.set(len(keyring.keys))
 
@@ -192,7 +183,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
         keys = asyncio.create_task(follow_keys(state)) if keyring is not None else None
         grpc_server = None
         if settings.grpc_port is not None:
-            from service import oip_grpc  # grpcio and the protocol's messages, only when asked for
+            from service.frontend import oip_grpc  # grpcio and the protocol's messages, only when asked for
 
             grpc_server = await oip_grpc.start_server(state, stats, settings.host, settings.grpc_port)
         state.started = True
@@ -212,9 +203,9 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
                               "residual adapters.")
     app.state.service = state
     install_error_handlers(app)
-    app.include_router(api.health)
-    app.include_router(api.predict)
-    app.include_router(api.adapters)
+    app.include_router(rest.health)
+    app.include_router(rest.predict)
+    app.include_router(rest.adapters)
     oip.install(app, stats)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 

@@ -1,7 +1,7 @@
 """The one inference path under every protocol: check the inputs, prepare them with each domain's card,
 submit them to the engine, and hand back logits with the cards of the versions that computed them.
 
-REST (`service.api`) and the Open Inference Protocol (`service.oip`) are codecs over `Inference`:
+REST (`service.frontend.rest`) and the Open Inference Protocol (`service.frontend.oip`) are codecs over `Inference`:
 they parse their wire format into encoded files or pixel arrays, and encode what comes back.
 A front end keeps the cards of the domains it serves (labels, preprocessing) so that a request
 costs one call to the engine; the engine answers with the version that computed each image, and a
@@ -21,7 +21,7 @@ from PIL import Image
 
 from model.preprocessing import ImageDecodeError, Preprocessing, gray_rgb, normalize, open_image, preprocess
 from service.client import Answer, EngineClient
-from service.errors import ApiError
+from service.frontend.errors import ApiError
 from service.exceptions import StaleCard, UnknownDomainError
 from service.settings import Settings
 from service.views import Card, Residency

@@ -1,8 +1,8 @@
-"""The REST routes: a codec over the inference path (`service.inference`) and the engine's operations
+"""The REST routes: a codec over the inference path (`service.frontend.inference`) and the engine's operations
 (`service.client`). Parse the request, call, shape the answer.
 
 Errors are raised as the model's and service's own exceptions and mapped to HTTP once, in
-`service.errors`.
+`service.frontend.errors`.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import msgspec
 import numpy as np
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 
-from service import schemas
-from service.access import ANYONE, Principal
-from service.errors import ApiError
+from service.frontend import schemas
+from service.frontend.access import ANYONE, Principal
+from service.frontend.errors import ApiError
 from service.exceptions import UnknownDomainError
-from service.inference import softmax
+from service.frontend.inference import softmax
 from service.metrics import exposition
-from service.state import ServiceState
+from service.frontend.state import ServiceState
 from service.views import Card, Row
 
 
@@ -38,7 +38,7 @@ async def get_ready_state(request: Request) -> ServiceState:
 
 
 async def get_principal(request: Request) -> Principal:
-    """Who the request acts for, as the Gatekeeper decided (`service.access`)."""
+    """Who the request acts for, as the Gatekeeper decided (`service.frontend.access`)."""
     return request.state.principal
 
 

@@ -1,7 +1,7 @@
 """The Open Inference Protocol over gRPC: KServe v2's `inference.GRPCInferenceService`, as Triton serves it,
 on `RA_GRPC_PORT` beside the REST port, in every front-end process.
 
-A codec like `service.oip`, over the same calls: each RPC is decided by `service.access` as the REST
+A codec like `service.frontend.oip`, over the same calls: each RPC is decided by `service.frontend.access` as the REST
 request it stands for (ModelInfer of `x` is `POST /v2/models/x/infer`; the bearer key comes in the
 `authorization` metadata), runs the REST protocol's own functions (`oip.run_infer`, `oip.load_domain`, ...)
 and answers their errors as gRPC status codes with REST's messages (`code: detail`), the retry hint of a
@@ -26,12 +26,12 @@ from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from service import audit, oip
-from service.access import Denied, Principal, is_management
-from service.api import lane_of
-from service.errors import ApiError, as_api_error
+from service.frontend import audit, oip
+from service.frontend.access import Denied, Principal, is_management
+from service.frontend.rest import lane_of
+from service.frontend.errors import ApiError, as_api_error
 from service.exceptions import DomainUnloaded
-from service.state import ServiceState
+from service.frontend.state import ServiceState
 
 _log = logging.getLogger(__name__)
 Code = grpc.StatusCode

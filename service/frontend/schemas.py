@@ -144,7 +144,7 @@ class Error(BaseModel):
     detail: str | list = Field(description="what went wrong and how to fix it")
 
 
-# ----- Open Inference Protocol (service.oip) ------------------------------------------------------
+# ----- Open Inference Protocol (service.frontend.oip) ------------------------------------------------------
 
 class OipError(BaseModel):
     error: str = Field(description="what went wrong and how to fix it")

@@ -1,7 +1,7 @@
 """The Open Inference Protocol (KServe v2) over REST, beside the service's own routes: the same
 inference path, engine, limits and errors, so Triton and KServe clients and tools work unchanged.
 
-A codec over the inference path (`service.inference`), as REST is: a domain is a model; its adapter
+A codec over the inference path (`service.frontend.inference`), as REST is: a domain is a model; its adapter
 versions are the model's versions. Inputs (one per request):
 `IMAGE` (BYTES, shape [N] or [N, 1]: encoded image files, decoded and preprocessed exactly as
 /predict) or `PIXELS` (UINT8, [N, S, S, 3] at the backbone's input size, already resized and
@@ -28,12 +28,12 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 
-from service import schemas
-from service.api import PrincipalDep, ReadyDep, StateDep, lane_of
-from service.errors import ApiError
-from service.host_table import HostTable, Layout
-from service.inference import softmax
-from service.state import ServiceState
+from service.frontend import schemas
+from service.frontend.rest import PrincipalDep, ReadyDep, StateDep, lane_of
+from service.frontend.errors import ApiError
+from service.frontend.host_table import HostTable, Layout
+from service.frontend.inference import softmax
+from service.frontend.state import ServiceState
 from service.views import Card
 
 HEADER = "Inference-Header-Content-Length"

@@ -1,7 +1,7 @@
 """The keys file's rate limits as an HAProxy map, so the fleet's proxy refuses a flooding key before any
 replica spends a cycle on it (deploy/haproxy.cfg reads the map as `rates.map`).
 
-    python -m service.proxy_limits KEYS_FILE [--out deploy/rates.map] [--proxies N]
+    python -m service.frontend.proxy_limits KEYS_FILE [--out deploy/rates.map] [--proxies N]
 
 Each line maps the sha256 of a key (the keys file's `key_sha256`, which the proxy computes from the
 presented bearer key) to the most requests that key may make in any rolling second at the proxy:
@@ -21,10 +21,10 @@ import pathlib
 import sys
 import tempfile
 
-from service.access import KeysFileError, Principal, load_keys
+from service.frontend.access import KeysFileError, Principal, load_keys
 
 HEADER = ("# sha256 of an API key -> requests it may make in any rolling second at the proxy.\n"
-          "# Made by `python -m service.proxy_limits KEYS_FILE`; reload the proxy after changing it.\n")
+          "# Made by `python -m service.frontend.proxy_limits KEYS_FILE`; reload the proxy after changing it.\n")
 
 
 def per_second(principal: Principal, proxies: int = 1) -> int | None:
