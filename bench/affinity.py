@@ -54,14 +54,28 @@ REPLICAS = 3
 
 @contextlib.contextmanager
 def fleet(store: pathlib.Path, count: int, slots: int, extra: dict[str, str] | None = None):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "RA_STORE_DIR": str(store), "RA_DEMO_ADAPTERS": "false",
-           "RA_MAX_RESIDENT": str(slots), "RA_HOST_CACHE_MB": "0", "RA_DEVICE_MEMORY_MB": str(max(256, slots)),
-           "RA_PREPROCESS_THREADS": "1", **(extra or {})}
+    env = {
+        **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "RA_STORE_DIR": str(store),
+        "RA_DEMO_ADAPTERS": "false",
+        "RA_MAX_RESIDENT": str(slots),
+        "RA_HOST_CACHE_MB": "0",
+        "RA_DEVICE_MEMORY_MB": str(max(256, slots)),
+        "RA_PREPROCESS_THREADS": "1",
+        **(extra or {}),
+    }
     procs, ports = [], [free_port() for _ in range(count)]
     for port in ports:
-        procs.append(subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
-                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                      start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
     try:
         for port in ports:
             wait_ready(f"http://127.0.0.1:{port}", timeout=240)
@@ -79,8 +93,9 @@ def loads_and_requests(ports: list[int]) -> tuple[float, float]:
     for port in ports:
         with contextlib.suppress(httpx.HTTPError):
             text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-            loads += sum(float(v) for v in re.findall(r'^ra_adapter_loads_total\{[^}]*outcome="ok"[^}]*\} (\S+)$',
-                                                      text, re.M))
+            loads += sum(
+                float(v) for v in re.findall(r'^ra_adapter_loads_total\{[^}]*outcome="ok"[^}]*\} (\S+)$', text, re.M)
+            )
             images += sum(float(v) for v in re.findall(r"^ra_predictions_total\{[^}]*\} (\S+)$", text, re.M))
     return loads, images
 
@@ -91,8 +106,11 @@ def measured(url: str, ports: list[int], sequence: list[str], images: list[bytes
     run = drive(url, sequence[::-1], images, 64, seconds, 1)
     loads1, served1 = loads_and_requests(ports)
     served = served1 - served0
-    return {"img_s": round(run["img_s"], 1), "hit_rate": round(1 - (loads1 - loads0) / served, 4) if served else None,
-            "errors": run["errors"]}
+    return {
+        "img_s": round(run["img_s"], 1),
+        "hit_rate": round(1 - (loads1 - loads0) / served, 4) if served else None,
+        "errors": run["errors"],
+    }
 
 
 def served_by(ports: list[int], domain: str) -> list[float]:
@@ -120,8 +138,9 @@ def current_sessions(stats_socket: str, server: str) -> int:
     return total
 
 
-def noisy_tenant(tmp: pathlib.Path, slots: int, seconds: float, flood_share: float = 0.25, over: float = 10.0,
-                 rate: float = 20.0) -> dict:
+def noisy_tenant(
+    tmp: pathlib.Path, slots: int, seconds: float, flood_share: float = 0.25, over: float = 10.0, rate: float = 20.0
+) -> dict:
     """Two well-behaved tenants' latency alone and while a third floods the fleet through the proxy."""
     store, keys, rates = tmp / "tenant-store", tmp / "keys.json", tmp / "rates.map"
     store.mkdir()
@@ -144,33 +163,47 @@ def noisy_tenant(tmp: pathlib.Path, slots: int, seconds: float, flood_share: flo
         with running_proxy(ports, free_port(), rates=rates) as url, running_proxy(ports, free_port()) as plain:
             steady(url, calm, images[0], rate, 2.0)  # warm-up
             alone = steady(url, calm, images[0], rate, seconds)
-            under = {"proxy_limits": under_flood(url, calm, images, capacity, over, rate, seconds),
-                     "replica_limits_only": under_flood(plain, calm, images, capacity, over, rate, seconds)}
-    return {"alone": alone, **{f"under_flood_{k}": v["calm"] for k, v in under.items()},
-            "capacity_img_s": round(capacity, 1), "flood_limit_per_s": limit,
-            "proxy_limit_per_s": proxy_limits.per_second(flooder_key),
-            "flood": {k: v["flood"] for k, v in under.items()},
-            "p99_ratio": round(under["proxy_limits"]["calm"]["p99_ms"] / alone["p99_ms"], 2),
-            "p99_ratio_replica_limits_only": round(under["replica_limits_only"]["calm"]["p99_ms"] / alone["p99_ms"], 2)}
+            under = {
+                "proxy_limits": under_flood(url, calm, images, capacity, over, rate, seconds),
+                "replica_limits_only": under_flood(plain, calm, images, capacity, over, rate, seconds),
+            }
+    return {
+        "alone": alone,
+        **{f"under_flood_{k}": v["calm"] for k, v in under.items()},
+        "capacity_img_s": round(capacity, 1),
+        "flood_limit_per_s": limit,
+        "proxy_limit_per_s": proxy_limits.per_second(flooder_key),
+        "flood": {k: v["flood"] for k, v in under.items()},
+        "p99_ratio": round(under["proxy_limits"]["calm"]["p99_ms"] / alone["p99_ms"], 2),
+        "p99_ratio_replica_limits_only": round(under["replica_limits_only"]["calm"]["p99_ms"] / alone["p99_ms"], 2),
+    }
 
 
-def under_flood(url: str, calm: list[str], images: list[bytes], capacity: float, over: float, rate: float,
-                seconds: float) -> dict:
+def under_flood(
+    url: str, calm: list[str], images: list[bytes], capacity: float, over: float, rate: float, seconds: float
+) -> dict:
     """The well-behaved tenants while the flooder offers `over` x `capacity` (128 wrk connections, each
     pausing after every answer), and what became of the flood."""
     connections, flood_s = 128, max(1, round(seconds + 2))
     pause_ms = max(1, round(1000 * connections / (over * capacity)))
     flood: dict = {}
-    flooder = threading.Thread(target=lambda: flood.update(drive_wrk(
-        url, ["flood"], images, connections, flood_s, 1, key=secret("flood"), pause_ms=pause_ms)))
+    flooder = threading.Thread(
+        target=lambda: flood.update(
+            drive_wrk(url, ["flood"], images, connections, flood_s, 1, key=secret("flood"), pause_ms=pause_ms)
+        )
+    )
     flooder.start()
     time.sleep(1.0)
     calm_run = steady(url, calm, images[0], rate, seconds)
     flooder.join()
-    return {"calm": calm_run,
-            "flood": {"offered_over_capacity": round(flood["requests"] / flood_s / capacity, 2),
-                      "refused_share": round(flood["errors"] / max(flood["requests"], 1), 3),
-                      "served_s": round((flood["requests"] - flood["errors"]) / flood_s, 1)}}
+    return {
+        "calm": calm_run,
+        "flood": {
+            "offered_over_capacity": round(flood["requests"] / flood_s / capacity, 2),
+            "refused_share": round(flood["errors"] / max(flood["requests"], 1), 3),
+            "served_s": round((flood["requests"] - flood["errors"]) / flood_s, 1),
+        },
+    }
 
 
 def run(domains: int, slots: int, seconds: float) -> dict:
@@ -181,8 +214,11 @@ def run(domains: int, slots: int, seconds: float) -> dict:
         names = seed(store, domains)
         sequence = zipf_sequence(names, 50_000, 1)
         result: dict = {}
-        for setup, count, per, affinity in (("affinity", REPLICAS, slots, True), ("round_robin", REPLICAS, slots, False),
-                                            ("single", 1, slots * REPLICAS, None)):
+        for setup, count, per, affinity in (
+            ("affinity", REPLICAS, slots, True),
+            ("round_robin", REPLICAS, slots, False),
+            ("single", 1, slots * REPLICAS, None),
+        ):
             with fleet(store, count, per) as (ports, _):
                 if affinity is None:
                     result[setup] = measured(f"http://127.0.0.1:{ports[0]}", ports, sequence, images, seconds)
@@ -204,14 +240,21 @@ def run(domains: int, slots: int, seconds: float) -> dict:
                 in_flight = current_sessions(stats, "replica1")
                 os.killpg(procs[0].pid, signal.SIGKILL)
                 load.join()
-                result["kill"] = {"failed": outcome.get("errors"), "in_flight_on_victim": in_flight,
-                                  "requests": outcome.get("requests")}
+                result["kill"] = {
+                    "failed": outcome.get("errors"),
+                    "in_flight_on_victim": in_flight,
+                    "requests": outcome.get("requests"),
+                }
         result["noisy_tenant"] = noisy_tenant(pathlib.Path(tmp), slots, seconds)
     slots_total = slots * REPLICAS
     return {
-        "hit_rate": {"affinity": result["affinity"]["hit_rate"], "round_robin": result["round_robin"]["hit_rate"],
-                     "single": result["single"]["hit_rate"],
-                     "ideal_fleet": ideal_hit_rate(domains, slots_total), "ideal_replica": ideal_hit_rate(domains, slots)},
+        "hit_rate": {
+            "affinity": result["affinity"]["hit_rate"],
+            "round_robin": result["round_robin"]["hit_rate"],
+            "single": result["single"]["hit_rate"],
+            "ideal_fleet": ideal_hit_rate(domains, slots_total),
+            "ideal_replica": ideal_hit_rate(domains, slots),
+        },
         "affinity_hit_rate_over_single": round(result["affinity"]["hit_rate"] / result["single"]["hit_rate"], 3),
         "img_s": {k: result[k]["img_s"] for k in ("affinity", "round_robin", "single")},
         "affinity_over_round_robin_img_s": round(result["affinity"]["img_s"] / result["round_robin"]["img_s"], 3),
@@ -221,6 +264,11 @@ def run(domains: int, slots: int, seconds: float) -> dict:
         "noisy_tenant": result["noisy_tenant"],
         "noisy_tenant_p99_ratio": result["noisy_tenant"]["p99_ratio"],
         "errors": {k: result[k]["errors"] for k in ("affinity", "round_robin", "single")},
-        "settings": {"domains": domains, "slots_per_replica": slots, "replicas": REPLICAS, "seconds": seconds,
-                     "cpus": os.cpu_count()},
+        "settings": {
+            "domains": domains,
+            "slots_per_replica": slots,
+            "replicas": REPLICAS,
+            "seconds": seconds,
+            "cpus": os.cpu_count(),
+        },
     }

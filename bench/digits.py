@@ -38,24 +38,53 @@ def main(argv: list[str] | None = None) -> None:
         train, test = digits_npz(tmp)
         for mode in ("adapt", "finetune"):
             out = tmp / mode
-            code = cli([mode, "--backbone", str(args.backbone), "--source", str(args.source), "--data", train,
-                        "--domain", "digits", "--no-flip", "--epochs", str(args.epochs), "--seed", "0",
-                        "--out", str(out), "--no-progress"])
+            code = cli(
+                [
+                    mode,
+                    "--backbone",
+                    str(args.backbone),
+                    "--source",
+                    str(args.source),
+                    "--data",
+                    train,
+                    "--domain",
+                    "digits",
+                    "--no-flip",
+                    "--epochs",
+                    str(args.epochs),
+                    "--seed",
+                    "0",
+                    "--out",
+                    str(out),
+                    "--no-progress",
+                ]
+            )
             if code:
                 raise SystemExit(code)
             metrics = json.loads((out / "digits_metrics.json").read_text())
             backbone = out / "backbone.safetensors" if mode == "finetune" else args.backbone
-            results[mode] = {"test_top1": evaluate(backbone, out / "digits.safetensors", test)["test_top1"],
-                             "val_top1": metrics["val_top1"], "params_domain": metrics["params_domain"],
-                             "params_total": metrics["params_total"], "seconds": metrics["seconds"]}
+            results[mode] = {
+                "test_top1": evaluate(backbone, out / "digits.safetensors", test)["test_top1"],
+                "val_top1": metrics["val_top1"],
+                "params_domain": metrics["params_domain"],
+                "params_total": metrics["params_total"],
+                "seconds": metrics["seconds"],
+            }
     adapt, finetune = results["adapt"], results["finetune"]
-    print(json.dumps({
-        "adapt_test_top1": round(adapt["test_top1"], 4), "finetune_test_top1": round(finetune["test_top1"], 4),
-        "gap_points": round(100 * (finetune["test_top1"] - adapt["test_top1"]), 2),
-        "adapt_params_domain": adapt["params_domain"], "finetune_params_domain": finetune["params_domain"],
-        "adapt_storage_share": round(adapt["params_domain"] / adapt["params_total"], 4),
-        "epochs": args.epochs, "details": results,
-    }))
+    print(
+        json.dumps(
+            {
+                "adapt_test_top1": round(adapt["test_top1"], 4),
+                "finetune_test_top1": round(finetune["test_top1"], 4),
+                "gap_points": round(100 * (finetune["test_top1"] - adapt["test_top1"]), 2),
+                "adapt_params_domain": adapt["params_domain"],
+                "finetune_params_domain": finetune["params_domain"],
+                "adapt_storage_share": round(adapt["params_domain"] / adapt["params_total"], 4),
+                "epochs": args.epochs,
+                "details": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ Loopback only; it stops by itself.
 from __future__ import annotations
 
 import argparse
-import collections
 import asyncio
+import collections
 import json
 import os
 import pathlib
@@ -101,11 +101,14 @@ def counters(url: str) -> dict[str, float]:
 
 def hit_rates(loads: list[tuple[dict, dict]], requests: int) -> dict[str, float | None]:
     """Per request: the share answered from the device tier (no load), and of the rest from host memory."""
-    loaded = {tier: sum(after.get(tier, 0) - before.get(tier, 0) for before, after in loads)
-              for tier in ("host", "registry")}
+    loaded = {
+        tier: sum(after.get(tier, 0) - before.get(tier, 0) for before, after in loads) for tier in ("host", "registry")
+    }
     misses = loaded["host"] + loaded["registry"]
-    return {"device": round(1 - misses / requests, 4) if requests else None,
-            "host": round(loaded["host"] / misses, 4) if misses else None}
+    return {
+        "device": round(1 - misses / requests, 4) if requests else None,
+        "host": round(loaded["host"] / misses, 4) if misses else None,
+    }
 
 
 def ideal_hit_rate(count: int, fits: int) -> float:
@@ -123,18 +126,23 @@ def cold_loads(store: pathlib.Path, names: list[str], n: int) -> dict:
     from bench.split import children
     from model.backbone import load_backbone
     from model.engine import InferenceEngine
-    from service.metrics import Metrics
-    from service.record.directory import DirectoryRecord
     from service.engine.loader import Loader
     from service.engine.registry import Limits, Registry
+    from service.metrics import Metrics
+    from service.record.directory import DirectoryRecord
 
     backbone = load_backbone(DEMO / "backbone.safetensors")
     engine = InferenceEngine(backbone, capacity=64)
     engine.warm_up((1, 2))
 
     async def main() -> dict:
-        registry = Registry(engine, DirectoryRecord(store), Metrics(), Loader(backbone),
-                            Limits(max_resident=32, host_cache_bytes=4096 * 1024 * 1024))
+        registry = Registry(
+            engine,
+            DirectoryRecord(store),
+            Metrics(),
+            Loader(backbone),
+            Limits(max_resident=32, host_cache_bytes=4096 * 1024 * 1024),
+        )
         await registry.acquire(names[0])  # the golden self-test of each distinct bundle runs once
         cpu: dict[str, list[float]] = {"record": [], "host": [], "record_engine": []}
         wall: dict[str, list[float]] = {"record": [], "host": []}
@@ -151,8 +159,9 @@ def cold_loads(store: pathlib.Path, names: list[str], n: int) -> dict:
             await loader.start()
             try:
                 (loader_pid,) = [pid for pid in children(os.getpid()) if b"spawn_main" in cmdline(pid)]
-                split = Registry(engine, DirectoryRecord(store), Metrics(), loader,
-                                 Limits(max_resident=24, host_cache_bytes=0))
+                split = Registry(
+                    engine, DirectoryRecord(store), Metrics(), loader, Limits(max_resident=24, host_cache_bytes=0)
+                )
                 await split.acquire(others[0])
                 loading = process_cpu_s(loader_pid)
                 for name in others[1:]:
@@ -160,14 +169,19 @@ def cold_loads(store: pathlib.Path, names: list[str], n: int) -> dict:
                     split.release([await split.acquire(name)])
                     cpu["record_engine"].append((process_cpu() - used) * 1000)
                 # /proc counts in clock ticks: a mean over the loads
-                loader_ms["record_loader_mean"] = round((process_cpu_s(loader_pid) - loading) * 1000
-                                                        / (len(others) - 1), 3)
+                loader_ms["record_loader_mean"] = round(
+                    (process_cpu_s(loader_pid) - loading) * 1000 / (len(others) - 1), 3
+                )
             finally:
                 loader.stop()
         p50 = lambda ms: round(float(np.percentile(ms, 50)), 3)  # noqa: E731
-        return {"load_cpu_ms": {**{f"{source}_p50": p50(ms) for source, ms in cpu.items() if ms}, **loader_ms},
-                "cold_ms": {source: {"p50": p50(ms), "p99": round(float(np.percentile(ms, 99)), 2), "n": len(ms)}
-                            for source, ms in wall.items()}}
+        return {
+            "load_cpu_ms": {**{f"{source}_p50": p50(ms) for source, ms in cpu.items() if ms}, **loader_ms},
+            "cold_ms": {
+                source: {"p50": p50(ms), "p99": round(float(np.percentile(ms, 99)), 2), "n": len(ms)}
+                for source, ms in wall.items()
+            },
+        }
 
     return asyncio.run(main())
 
@@ -177,8 +191,11 @@ def seconds_to_ready(store: pathlib.Path, workers: int) -> float:
     port = free_port()
     env = {**os.environ, "RA_STORE_DIR": str(store), "RA_DEMO_ADAPTERS": "false", "TF_CPP_MIN_LOG_LEVEL": "2"}
     start = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning",
-                               "--workers", str(workers)], env=env, start_new_session=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning", "--workers", str(workers)],
+        env=env,
+        start_new_session=True,
+    )
     try:
         wait_ready(f"http://127.0.0.1:{port}", timeout=300)
         return time.perf_counter() - start
@@ -204,10 +221,17 @@ def startup_pairs(domains: int, history: int, rounds: int, workers: int) -> dict
             for count, store in stores.items():
                 seconds[count].append(round(seconds_to_ready(store, workers), 2))
     differences = [many - eight for eight, many in zip(seconds[8], seconds[domains])]
-    return {"startup_s": {str(count): v for count, v in seconds.items()},
-            "startup_over_eight_s": round(float(np.median(differences)), 2),
-            "settings": {"domains": domains, "history": history, "rounds": rounds, "workers": workers,
-                         "cpus": os.cpu_count()}}
+    return {
+        "startup_s": {str(count): v for count, v in seconds.items()},
+        "startup_over_eight_s": round(float(np.median(differences)), 2),
+        "settings": {
+            "domains": domains,
+            "history": history,
+            "rounds": rounds,
+            "workers": workers,
+            "cpus": os.cpu_count(),
+        },
+    }
 
 
 def cmdline(pid: int) -> bytes:
@@ -230,14 +254,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host-cache-mb", type=float, default=None, help="RA_HOST_CACHE_MB (default: the service's)")
     parser.add_argument("--workers", type=int, default=1, help="front-end processes (2 or more: the process split)")
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--warm-seconds", type=float, default=None, help="Zipf traffic before measuring (default: --seconds)")
+    parser.add_argument(
+        "--warm-seconds", type=float, default=None, help="Zipf traffic before measuring (default: --seconds)"
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--cold", type=int, default=200, help="domains timed per cold-load source (0: none)")
-    parser.add_argument("--history", type=int, default=1_000_000,
-                        help="requests of this traffic already served, as usage in the record (0: a new record)")
-    parser.add_argument("--startup-rounds", type=int, default=0,
-                        help="measure start-up alone: pairs of starts on 8 and on --domains domains")
+    parser.add_argument(
+        "--history",
+        type=int,
+        default=1_000_000,
+        help="requests of this traffic already served, as usage in the record (0: a new record)",
+    )
+    parser.add_argument(
+        "--startup-rounds",
+        type=int,
+        default=0,
+        help="measure start-up alone: pairs of starts on 8 and on --domains domains",
+    )
     args = parser.parse_args(argv)
     if args.startup_rounds:
         print(json.dumps(startup_pairs(args.domains, args.history, args.startup_rounds, args.workers)))
@@ -256,13 +290,36 @@ def main(argv: list[str] | None = None) -> None:
         seed_s = time.perf_counter() - t0
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "RA_STORE_DIR": str(store), "RA_ADMIN_TOKEN": TOKEN, "RA_DEMO_ADAPTERS": "false",
-               "TF_CPP_MIN_LOG_LEVEL": "2"}
-        env.update({name: str(value) for name, value in (("RA_MAX_RESIDENT", args.max_resident),
-                                                         ("RA_HOST_CACHE_MB", args.host_cache_mb)) if value is not None})
+        env = {
+            **os.environ,
+            "RA_STORE_DIR": str(store),
+            "RA_ADMIN_TOKEN": TOKEN,
+            "RA_DEMO_ADAPTERS": "false",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
+        env.update(
+            {
+                name: str(value)
+                for name, value in (("RA_MAX_RESIDENT", args.max_resident), ("RA_HOST_CACHE_MB", args.host_cache_mb))
+                if value is not None
+            }
+        )
         start = time.perf_counter()
-        server = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning",
-                                   "--workers", str(args.workers)], env=env, start_new_session=True)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                "--workers",
+                str(args.workers),
+            ],
+            env=env,
+            start_new_session=True,
+        )
         try:
             wait_ready(url, timeout=300)
             startup_s = time.perf_counter() - start
@@ -276,26 +333,35 @@ def main(argv: list[str] | None = None) -> None:
                 list_ms = []
                 for cursor in (None, names[len(names) * 3 // 4]):
                     t = time.perf_counter()
-                    page = client.get(url + "/adapters", params={"limit": 100, **({"cursor": cursor} if cursor else {})})
+                    page = client.get(
+                        url + "/adapters", params={"limit": 100, **({"cursor": cursor} if cursor else {})}
+                    )
                     page.raise_for_status()
                     list_ms.append(round((time.perf_counter() - t) * 1000, 1))
             eight = names[:8]
             drive(url, eight, images, args.concurrency, 2.0, 1)  # warm-up
             # each drive walks its list from the start: a fresh draw each time, so that no round replays another
-            warm = drive(url, zipf_sequence(names, 50_000, 0), images, args.concurrency,
-                         args.seconds if args.warm_seconds is None else args.warm_seconds, 1)
+            warm = drive(
+                url,
+                zipf_sequence(names, 50_000, 0),
+                images,
+                args.concurrency,
+                args.seconds if args.warm_seconds is None else args.warm_seconds,
+                1,
+            )
             zipf_rounds, eight_rounds, lookups = [], [], []
             for i in range(args.rounds):
                 before = counters(url)
-                zipf_rounds.append(drive(url, zipf_sequence(names, 50_000, 1 + i), images, args.concurrency,
-                                         args.seconds, 1))
+                zipf_rounds.append(
+                    drive(url, zipf_sequence(names, 50_000, 1 + i), images, args.concurrency, args.seconds, 1)
+                )
                 lookups.append((before, counters(url)))
                 eight_rounds.append(drive(url, eight, images, args.concurrency, args.seconds, 1))
             rss_end = rss_mb(engine_pid)
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(60)
-        cold = cold_loads(store, names[len(names) // 2:], args.cold) if args.cold > 32 else {}
+        cold = cold_loads(store, names[len(names) // 2 :], args.cold) if args.cold > 32 else {}
     z, e = median_round(zipf_rounds), median_round(eight_rounds)
     warm_seconds = args.seconds if args.warm_seconds is None else args.warm_seconds
     result = {
@@ -307,18 +373,29 @@ def main(argv: list[str] | None = None) -> None:
         "zipf_img_s": round(z["img_s"], 1),
         "eight_img_s": round(e["img_s"], 1),
         "zipf_over_eight": round(z["img_s"] / e["img_s"], 3),
-        "zipf_p99_ms": round(z["p99_ms"], 1), "eight_p99_ms": round(e["p99_ms"], 1),
-        "hit_rate": {**hit_rates(lookups, sum(r["requests"] for r in zipf_rounds)),
-                     "ideal": ideal_hit_rate(args.domains, min(residency["fits"], args.max_resident or residency["fits"]))},
+        "zipf_p99_ms": round(z["p99_ms"], 1),
+        "eight_p99_ms": round(e["p99_ms"], 1),
+        "hit_rate": {
+            **hit_rates(lookups, sum(r["requests"] for r in zipf_rounds)),
+            "ideal": ideal_hit_rate(args.domains, min(residency["fits"], args.max_resident or residency["fits"])),
+        },
         "load_cpu_ms": cold.get("load_cpu_ms"),
         "cold_ms": cold.get("cold_ms"),
         "warm_round": {"img_s": round(warm["img_s"], 1), "seconds": warm_seconds},
         "list_page_ms": {"first": list_ms[0], "far": list_ms[1]},
         "errors": sum(r["errors"] for r in zipf_rounds + eight_rounds),
-        "settings": {"workers": args.workers, "max_resident": args.max_resident, "host_cache_mb": args.host_cache_mb,
-                     "seconds": args.seconds, "history": args.history,
-                     "rounds": args.rounds, "concurrency": args.concurrency, "seed_s": round(seed_s, 1),
-                     "load_generator": "wrk" if shutil.which("wrk") else "httpx", "cpus": os.cpu_count()},
+        "settings": {
+            "workers": args.workers,
+            "max_resident": args.max_resident,
+            "host_cache_mb": args.host_cache_mb,
+            "seconds": args.seconds,
+            "history": args.history,
+            "rounds": args.rounds,
+            "concurrency": args.concurrency,
+            "seed_s": round(seed_s, 1),
+            "load_generator": "wrk" if shutil.which("wrk") else "httpx",
+            "cpus": os.cpu_count(),
+        },
     }
     print(json.dumps(result))
 

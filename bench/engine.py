@@ -39,8 +39,13 @@ def matmul_gflops(sizes: tuple[int, ...], seconds: float, dtype: str) -> float:
         a = keras.random.normal((n, n), dtype=dtype)
         b = keras.random.normal((n, n), dtype=dtype)
         keras.ops.convert_to_numpy(keras.ops.sum(keras.ops.matmul(a, b)))
-        best = max(best, 2 * n**3 / time_call(lambda: keras.ops.convert_to_numpy(keras.ops.sum(keras.ops.matmul(a, b))),
-                                              seconds) / 1e9)
+        best = max(
+            best,
+            2
+            * n**3
+            / time_call(lambda a=a, b=b: keras.ops.convert_to_numpy(keras.ops.sum(keras.ops.matmul(a, b))), seconds)
+            / 1e9,
+        )
     return best
 
 
@@ -58,12 +63,14 @@ def measure(args: argparse.Namespace, dtype: str, batch: int) -> dict:
     from model.engine import InferenceEngine
 
     series = ArchConfig(args.width, args.input_size, "series", args.classes)
-    plain_engine = InferenceEngine(random_backbone(series.replace(adapter="none")), capacity=1, compute_dtype=dtype,
-                                   jit_compile=args.xla)
+    plain_engine = InferenceEngine(
+        random_backbone(series.replace(adapter="none")), capacity=1, compute_dtype=dtype, jit_compile=args.xla
+    )
     plain = plain_engine.load(random_bundle(plain_engine.backbone, "plain", args.classes, 1), verify_golden=False)
     backbone = random_backbone(series)
-    engine = InferenceEngine(backbone, capacity=args.domains, class_capacity=args.classes, compute_dtype=dtype,
-                             jit_compile=args.xla)
+    engine = InferenceEngine(
+        backbone, capacity=args.domains, class_capacity=args.classes, compute_dtype=dtype, jit_compile=args.xla
+    )
     distinct = [random_bundle(backbone, f"d{i}", args.classes, 100 + i) for i in range(8)]
     rows = [engine.fold(bundle) for bundle in distinct]
     start, slots = time.perf_counter(), []
@@ -90,7 +97,8 @@ def measure(args: argparse.Namespace, dtype: str, batch: int) -> dict:
     flops = model_flops(series)
     single, mixed = median([r["single"] for r in rounds]), median([r["mixed"] for r in rounds])
     return {
-        "dtype": dtype, "batch": batch,
+        "dtype": dtype,
+        "batch": batch,
         "matmul_gflops": round(peak, 1),
         "plain_img_s": round(median([r["plain"] for r in rounds]), 1),
         "single_img_s": round(single, 1),
@@ -99,8 +107,15 @@ def measure(args: argparse.Namespace, dtype: str, batch: int) -> dict:
         "mixed_over_single": round(median([r["mixed"] / r["single"] for r in rounds]), 3),
         "single_mfu": round(single * flops / 1e9 / peak, 3),
         "mixed_mfu": round(mixed * flops / 1e9 / peak, 3),
-        **({"datasheet_tflops": datasheet, "single_mfu_datasheet": round(single * flops / 1e12 / datasheet, 4),
-            "mixed_mfu_datasheet": round(mixed * flops / 1e12 / datasheet, 4)} if datasheet else {}),
+        **(
+            {
+                "datasheet_tflops": datasheet,
+                "single_mfu_datasheet": round(single * flops / 1e12 / datasheet, 4),
+                "mixed_mfu_datasheet": round(mixed * flops / 1e12 / datasheet, 4),
+            }
+            if datasheet
+            else {}
+        ),
         "load_row_ms": round(load_s * 1e3, 3),
         "retraces_during_run": engine.tracing_count() - traces_before,
         "rounds": [{k: round(v, 1) for k, v in r.items()} for r in rounds],
@@ -120,11 +135,12 @@ def peak_tflops(text: str | None) -> dict[str, float]:
 def compare(args: argparse.Namespace, argv: list[str]) -> dict:
     """Each backend in a process of its own (Keras runs one per process), one after another."""
     i = argv.index("--compare") if "--compare" in argv else None
-    passed = argv[:i] + argv[i + 2:] if i is not None else [a for a in argv if not a.startswith("--compare=")]
+    passed = argv[:i] + argv[i + 2 :] if i is not None else [a for a in argv if not a.startswith("--compare=")]
     results = {}
     for backend in args.compare.split(","):
-        run = subprocess.run([sys.executable, "-m", "bench.engine", "--backend", backend, *passed],
-                             capture_output=True, text=True)
+        run = subprocess.run(
+            [sys.executable, "-m", "bench.engine", "--backend", backend, *passed], capture_output=True, text=True
+        )
         if run.returncode != 0:
             results[backend] = {"error": run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "failed"}
             continue
@@ -134,17 +150,24 @@ def compare(args: argparse.Namespace, argv: list[str]) -> dict:
     for backend, result in results.items():
         if backend == "tensorflow" or base is None or "runs" not in result:
             continue
-        over[backend] = [{"dtype": r["dtype"], "batch": r["batch"],
-                          "single": round(r["single_img_s"] / b["single_img_s"], 3),
-                          "mixed": round(r["mixed_img_s"] / b["mixed_img_s"], 3)}
-                         for r, b in zip(result["runs"], base)]
+        over[backend] = [
+            {
+                "dtype": r["dtype"],
+                "batch": r["batch"],
+                "single": round(r["single_img_s"] / b["single_img_s"], 3),
+                "mixed": round(r["mixed_img_s"] / b["mixed_img_s"], 3),
+            }
+            for r, b in zip(result["runs"], base)
+        ]
     return {"backends": results, "over_tensorflow": over}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", default=None, help="tensorflow, jax or torch (default: KERAS_BACKEND or tensorflow)")
+    parser.add_argument(
+        "--backend", default=None, help="tensorflow, jax or torch (default: KERAS_BACKEND or tensorflow)"
+    )
     parser.add_argument("--compare", default=None, help="comma-separated backends, each run in its own process")
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--input-size", type=int, default=64)
@@ -154,8 +177,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=2.0, help="minimum seconds per measurement")
-    parser.add_argument("--peak-tflops", default=None,
-                        help="datasheet peaks for a second MFU, e.g. float32=67,bfloat16=989 (an H200's dense figures)")
+    parser.add_argument(
+        "--peak-tflops",
+        default=None,
+        help="datasheet peaks for a second MFU, e.g. float32=67,bfloat16=989 (an H200's dense figures)",
+    )
     parser.add_argument("--xla", action="store_true", help="compile the TensorFlow engine with XLA")
     parser.add_argument("--quick", action="store_true", help="width 0.5, 100 domains, 3 short rounds")
     args = parser.parse_args(argv)
@@ -171,15 +197,28 @@ def main(argv: list[str] | None = None) -> None:
     backend = backends.current()
     runs = [measure(args, dtype, int(batch)) for dtype in args.dtype.split(",") for batch in args.batch.split(",")]
     devices = backend.devices()
-    print(json.dumps({
-        "backend": backend.version(), "devices": list(devices.names),
-        "runs": runs,
-        "settings": {"width": args.width, "input": args.input_size, "domains": args.domains, "classes": args.classes,
-                     "rounds": args.rounds, "seconds": args.seconds, "xla": args.xla,
-                     "gflop_per_image": round(model_flops(ArchConfig(args.width, args.input_size, "series",
-                                                                     args.classes)) / 1e9, 4),
-                     "cpus": os.cpu_count()},
-    }))
+    print(
+        json.dumps(
+            {
+                "backend": backend.version(),
+                "devices": list(devices.names),
+                "runs": runs,
+                "settings": {
+                    "width": args.width,
+                    "input": args.input_size,
+                    "domains": args.domains,
+                    "classes": args.classes,
+                    "rounds": args.rounds,
+                    "seconds": args.seconds,
+                    "xla": args.xla,
+                    "gflop_per_image": round(
+                        model_flops(ArchConfig(args.width, args.input_size, "series", args.classes)) / 1e9, 4
+                    ),
+                    "cpus": os.cpu_count(),
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

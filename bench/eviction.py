@@ -71,9 +71,19 @@ def main(argv: list[str] | None = None) -> None:
     weights = 1.0 / np.arange(1, args.domains + 1)
     ideal = float(weights[: args.slots].sum() / weights.sum())
     rates = {"segmented_lru": segmented(requests, args.slots, warm), "lru": lru(requests, args.slots, warm)}
-    print(json.dumps({"domains": args.domains, "slots": args.slots, "requests": args.requests, "warm": warm,
-                      "ideal": round(ideal, 4), "hit_rate": {k: round(v, 4) for k, v in rates.items()},
-                      "over_ideal": {k: round(v / ideal, 3) for k, v in rates.items()}}))
+    print(
+        json.dumps(
+            {
+                "domains": args.domains,
+                "slots": args.slots,
+                "requests": args.requests,
+                "warm": warm,
+                "ideal": round(ideal, 4),
+                "hit_rate": {k: round(v, 4) for k, v in rates.items()},
+                "over_ideal": {k: round(v / ideal, 3) for k, v in rates.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

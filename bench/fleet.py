@@ -54,11 +54,27 @@ def replicas(env: dict[str, str], count: int, workers: int = 1, log_dir: pathlib
     procs, urls = [], []
     for i in range(count):
         port = free_port()
-        log = open(log_dir / f"replica{i}.log", "wb") if log_dir else subprocess.DEVNULL
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "service", "--port", str(port), "--workers", str(workers), "--log-level", "warning"],
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **env}, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True))
+        log_file = log_dir / f"replica{i}.log" if log_dir else None
+        with log_file.open("wb") if log_file else contextlib.nullcontext(subprocess.DEVNULL) as log:
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "service",
+                        "--port",
+                        str(port),
+                        "--workers",
+                        str(workers),
+                        "--log-level",
+                        "warning",
+                    ],
+                    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **env},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         urls.append(f"http://127.0.0.1:{port}")
     try:
         for url in urls:
@@ -102,8 +118,9 @@ def propagation(urls: list[str], bundle: bytes, n: int, prefix: str) -> dict:
         for i in range(n):
             url, name = urls[i % len(urls)], f"{prefix}{i:03d}"
             start = time.perf_counter()
-            response = client.post(url + "/adapters", headers=AUTH, files={"bundle": ("b.safetensors", bundle)},
-                                   data={"domain": name})
+            response = client.post(
+                url + "/adapters", headers=AUTH, files={"bundle": ("b.safetensors", bundle)}, data={"domain": name}
+            )
             response.raise_for_status()
             answers.append(time.perf_counter() - start)
             after.append(wait_listed(urls, name, response.json()["version"]))
@@ -111,8 +128,11 @@ def propagation(urls: list[str], bundle: bytes, n: int, prefix: str) -> dict:
 
     def stats(seconds: list[float]) -> dict:
         ms = np.asarray(seconds) * 1000
-        return {"p50": round(float(np.percentile(ms, 50)), 1), "p99": round(float(np.percentile(ms, 99)), 1),
-                "max": round(float(ms.max()), 1)}
+        return {
+            "p50": round(float(np.percentile(ms, 50)), 1),
+            "p99": round(float(np.percentile(ms, 99)), 1),
+            "max": round(float(ms.max()), 1),
+        }
 
     return {**stats(times), "registrations": n, "answer_ms": stats(answers), "after_answer_ms": stats(after)}
 
@@ -144,16 +164,24 @@ def outage(urls: list[str], cluster: Cluster, bundle: bytes, image: bytes, down_
         down_until = time.monotonic() + down_s
         with httpx.Client(timeout=30) as client:
             while time.monotonic() < down_until:
-                response = client.post(urls[0] + "/adapters", headers=AUTH,
-                                       files={"bundle": ("b.safetensors", bundle)}, data={"domain": "outage"})
+                response = client.post(
+                    urls[0] + "/adapters",
+                    headers=AUTH,
+                    files={"bundle": ("b.safetensors", bundle)},
+                    data={"domain": "outage"},
+                )
                 refused += response.status_code == 503
                 time.sleep(0.5)
         cluster.start()
         back = time.perf_counter()
         with httpx.Client(timeout=30) as client:
             while True:
-                response = client.post(urls[1] + "/adapters", headers=AUTH,
-                                       files={"bundle": ("b.safetensors", bundle)}, data={"domain": "recovered"})
+                response = client.post(
+                    urls[1] + "/adapters",
+                    headers=AUTH,
+                    files={"bundle": ("b.safetensors", bundle)},
+                    data={"domain": "recovered"},
+                )
                 if response.status_code == 201:
                     break
                 time.sleep(0.02)
@@ -164,19 +192,29 @@ def outage(urls: list[str], cluster: Cluster, bundle: bytes, image: bytes, down_
         stop.set()
         for t in threads:
             t.join(60)
-    return {"outage_failed_predictions": len(failed), "outage_predictions_ok": ok[0],
-            "outage_management_503": refused, "recovery_s": round(recovery, 3), "down_s": down_s}
+    return {
+        "outage_failed_predictions": len(failed),
+        "outage_predictions_ok": ok[0],
+        "outage_management_503": refused,
+        "recovery_s": round(recovery, 3),
+        "down_s": down_s,
+    }
 
 
-def workers_img_s(workers: int, bundles: dict[str, bytes], images: list[bytes], seconds: float,
-                  concurrency: int) -> float:
+def workers_img_s(
+    workers: int, bundles: dict[str, bytes], images: list[bytes], seconds: float, concurrency: int
+) -> float:
     with tempfile.TemporaryDirectory() as store:
         env = {"RA_STORE_DIR": store, "RA_ADMIN_TOKEN": TOKEN, "RA_DEMO_ADAPTERS": "false"}
         with replicas(env, 1, workers=workers) as (urls, _):
             with httpx.Client(timeout=60) as client:
                 for name, data in bundles.items():
-                    client.post(urls[0] + "/adapters", headers=AUTH, files={"bundle": ("b.safetensors", data)},
-                                data={"domain": name}).raise_for_status()
+                    client.post(
+                        urls[0] + "/adapters",
+                        headers=AUTH,
+                        files={"bundle": ("b.safetensors", data)},
+                        data={"domain": name},
+                    ).raise_for_status()
             names = list(bundles)
             drive(urls[0], names, images, concurrency, 2.0, 1)  # warm-up (every worker traces its shapes)
             return drive(urls[0], names, images, concurrency, seconds, 1)["img_s"]
@@ -211,23 +249,30 @@ def main(argv: list[str] | None = None) -> None:
         try:
             env = {"RA_REGISTRY_URL": cluster.url, "RA_ADMIN_TOKEN": TOKEN, "RA_DEMO_ADAPTERS": "false"}
             with replicas(env, args.replicas, log_dir=pathlib.Path(logs)) as (urls, _):
-                result["register_to_all_replicas_ms"]["postgresql"] = propagation(urls, bundle, args.registrations,
-                                                                                  "fleet")
+                result["register_to_all_replicas_ms"]["postgresql"] = propagation(
+                    urls, bundle, args.registrations, "fleet"
+                )
                 result.update(outage(urls, cluster, bundle, images[0]))
         finally:
             cluster.remove()
         with tempfile.TemporaryDirectory() as store:
             env = {"RA_STORE_DIR": store, "RA_ADMIN_TOKEN": TOKEN, "RA_DEMO_ADAPTERS": "false"}
             with replicas(env, args.replicas) as (urls, _):
-                result["register_to_all_replicas_ms"]["directory"] = propagation(urls, bundle, args.registrations,
-                                                                                 "fleet")
+                result["register_to_all_replicas_ms"]["directory"] = propagation(
+                    urls, bundle, args.registrations, "fleet"
+                )
     bundles = {f"bench{i}": demo[i % len(demo)].read_bytes() for i in range(8)}
     one = workers_img_s(1, bundles, images, args.seconds, args.concurrency)
     two = workers_img_s(2, bundles, images, args.seconds, args.concurrency)
     result["workers_img_s"] = {"1": round(one, 1), "2": round(two, 1), "ratio": round(two / one, 3)}
-    result["settings"] = {"replicas": args.replicas, "registrations": args.registrations, "seconds": args.seconds,
-                          "concurrency": args.concurrency, "load_generator": "wrk" if shutil.which("wrk") else "httpx",
-                          "cpus": os.cpu_count()}
+    result["settings"] = {
+        "replicas": args.replicas,
+        "registrations": args.registrations,
+        "seconds": args.seconds,
+        "concurrency": args.concurrency,
+        "load_generator": "wrk" if shutil.which("wrk") else "httpx",
+        "cpus": os.cpu_count(),
+    }
     print(json.dumps(result))
 
 

@@ -37,8 +37,19 @@ from typing import Annotated
 
 from fastapi import FastAPI, File, Request, UploadFile
 
-from bench.serve import (DEMO, TOKEN, WRK_SCRIPT, drive_wrk, free_port, process_cpu_s, request_body, run_wrk, test_images,
-                         wait_ready, wait_warm)
+from bench.serve import (
+    DEMO,
+    TOKEN,
+    WRK_SCRIPT,
+    drive_wrk,
+    free_port,
+    process_cpu_s,
+    request_body,
+    run_wrk,
+    test_images,
+    wait_ready,
+    wait_warm,
+)
 
 floor_app = FastAPI()
 
@@ -77,8 +88,9 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
 def thread_groups(pid: int) -> dict[str, str]:
     """Native thread id -> group: the Python thread's name without its number, else `tensorflow`."""
     spy = shutil.which("py-spy") or str(pathlib.Path(sys.executable).with_name("py-spy"))  # in this venv
-    dump = json.loads(subprocess.run([spy, "dump", "--json", "--pid", str(pid)], capture_output=True,
-                                     text=True, check=True).stdout)
+    dump = json.loads(
+        subprocess.run([spy, "dump", "--json", "--pid", str(pid)], capture_output=True, text=True, check=True).stdout
+    )
     named = {str(t["os_thread_id"]): re.sub(r"_\d+$", "", t["thread_name"] or "python") for t in dump}
     groups = {}
     for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
@@ -101,11 +113,20 @@ def service_by_thread(concurrency: int, seconds: float, files: int, engine: bool
         for i, name in enumerate(names):
             record.add(name, bundles[i % len(bundles)].read_bytes(), replace=False)
         record.close()
-        env = {**os.environ, "RA_STORE_DIR": store, "RA_ADMIN_TOKEN": TOKEN, "RA_DEMO_ADAPTERS": "false",
-               "RA_BACKBONE": str(DEMO / "backbone.safetensors"), "TF_CPP_MIN_LOG_LEVEL": "2"}
+        env = {
+            **os.environ,
+            "RA_STORE_DIR": store,
+            "RA_ADMIN_TOKEN": TOKEN,
+            "RA_DEMO_ADAPTERS": "false",
+            "RA_BACKBONE": str(DEMO / "backbone.safetensors"),
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
         command = ["-m", "service"] if engine else ["-m", "bench.frontend", "--serve-without-engine"]
-        server = subprocess.Popen([sys.executable, *command, "--port", str(port), "--log-level", "warning"],
-                                  env=env, cwd=pathlib.Path(__file__).resolve().parents[1])
+        server = subprocess.Popen(
+            [sys.executable, *command, "--port", str(port), "--log-level", "warning"],
+            env=env,
+            cwd=pathlib.Path(__file__).resolve().parents[1],
+        )
         try:
             wait_ready(url)
             wait_warm(url)
@@ -121,23 +142,33 @@ def service_by_thread(concurrency: int, seconds: float, files: int, engine: bool
     for tid, cpu in after.items():
         per_group[groups.get(tid, "tensorflow")] += cpu - before.get(tid, 0.0)
     count = run["requests"] * files
-    return {"img_s": round(run["img_s"], 1), "errors": run["errors"],
-            "cpu_ms_per_img": {group: round(cpu * 1000 / count, 3) for group, cpu in per_group.most_common()},
-            "total_cpu_ms_per_img": round(sum(per_group.values()) * 1000 / count, 3)}
+    return {
+        "img_s": round(run["img_s"], 1),
+        "errors": run["errors"],
+        "cpu_ms_per_img": {group: round(cpu * 1000 / count, 3) for group, cpu in per_group.most_common()},
+        "total_cpu_ms_per_img": round(sum(per_group.values()) * 1000 / count, 3),
+    }
 
 
 def wrk_multipart(url: str, prefix: str, concurrency: int, seconds: float) -> dict:
     """wrk posting one tiny PNG as multipart to `url` + `prefix` + a domain name."""
     body, parts = request_body("multipart", test_images(16, 48), 1, 32)
-    return run_wrk(url, lambda body_file: WRK_SCRIPT % {"body": body_file, **parts, "prefix": prefix,
-                                                         "domains": '"x"'}, body, concurrency, seconds)
+    return run_wrk(
+        url,
+        lambda body_file: WRK_SCRIPT % {"body": body_file, **parts, "prefix": prefix, "domains": '"x"'},
+        body,
+        concurrency,
+        seconds,
+    )
 
 
 def floor_ms_per_request(app: str, prefix: str, concurrency: int, seconds: float) -> float:
     """CPU ms per request of uvicorn serving `app` (module:attribute) under wrk, one tiny PNG per request."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "uvicorn", app, "--port", str(port), "--log-level", "warning",
-                               "--no-access-log"], cwd=pathlib.Path(__file__).resolve().parents[1])
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", app, "--port", str(port), "--log-level", "warning", "--no-access-log"],
+        cwd=pathlib.Path(__file__).resolve().parents[1],
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -192,13 +223,29 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     service = service_by_thread(args.concurrency, args.seconds, args.files_per_request)
     front_end = service_by_thread(args.concurrency, args.seconds, args.files_per_request, engine=False)
-    floor = {name: floor_ms_per_request(app, path, args.concurrency, args.seconds)
-             for name, app, path in (("fastapi_multipart", "bench.frontend:floor_app", "/predict/"),
-                                     ("fastapi_raw_body", "bench.frontend:floor_app", "/body/"),
-                                     ("bare_asgi", "bench.frontend:bare_asgi", "/"))}
-    print(json.dumps({"service": service, "without_engine": front_end, "floor_cpu_ms_per_request": floor,
-                      "settings": {"concurrency": args.concurrency, "seconds": args.seconds,
-                                   "files_per_request": args.files_per_request, "cpus": os.cpu_count()}}))
+    floor = {
+        name: floor_ms_per_request(app, path, args.concurrency, args.seconds)
+        for name, app, path in (
+            ("fastapi_multipart", "bench.frontend:floor_app", "/predict/"),
+            ("fastapi_raw_body", "bench.frontend:floor_app", "/body/"),
+            ("bare_asgi", "bench.frontend:bare_asgi", "/"),
+        )
+    }
+    print(
+        json.dumps(
+            {
+                "service": service,
+                "without_engine": front_end,
+                "floor_cpu_ms_per_request": floor,
+                "settings": {
+                    "concurrency": args.concurrency,
+                    "seconds": args.seconds,
+                    "files_per_request": args.files_per_request,
+                    "cpus": os.cpu_count(),
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

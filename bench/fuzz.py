@@ -31,25 +31,51 @@ def main(argv: list[str] | None = None) -> None:
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as store:
         env = {**os.environ, "RA_STORE_DIR": store, "RA_ADMIN_TOKEN": TOKEN, "TF_CPP_MIN_LOG_LEVEL": "2"}
-        server = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
-                                  env=env)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"], env=env
+        )
         try:
             wait_ready(url)
             exe = pathlib.Path(sys.executable).parent / "schemathesis"
             result = subprocess.run(
-                [str(exe), "run", f"{url}/openapi.json", "-n", str(args.examples), "--seed", str(args.seed),
-                 "--checks", "all", "--exclude-checks", "positive_data_acceptance",
-                 "-H", f"Authorization: Bearer {TOKEN}", "--request-timeout", "60"],
-                capture_output=True, text=True, cwd=store)  # keep its cache out of the checkout
+                [
+                    str(exe),
+                    "run",
+                    f"{url}/openapi.json",
+                    "-n",
+                    str(args.examples),
+                    "--seed",
+                    str(args.seed),
+                    "--checks",
+                    "all",
+                    "--exclude-checks",
+                    "positive_data_acceptance",
+                    "-H",
+                    f"Authorization: Bearer {TOKEN}",
+                    "--request-timeout",
+                    "60",
+                ],
+                capture_output=True,
+                text=True,
+                cwd=store,
+            )  # keep its cache out of the checkout
         finally:
             server.terminate()
             server.wait(30)
     print("\n".join(result.stdout.splitlines()[-30:]))
     generated = re.search(r"(\d+) generated", result.stdout)
     failures = re.search(r"(\d+) unique failures", result.stdout)
-    print(json.dumps({"cases": int(generated.group(1)) if generated else None,
-                      "failures": int(failures.group(1)) if failures else 0, "rc": result.returncode,
-                      "examples_per_operation": args.examples, "seed": args.seed}))
+    print(
+        json.dumps(
+            {
+                "cases": int(generated.group(1)) if generated else None,
+                "failures": int(failures.group(1)) if failures else 0,
+                "rc": result.returncode,
+                "examples_per_operation": args.examples,
+                "seed": args.seed,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -20,9 +20,14 @@ HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 RATES = "/usr/local/etc/haproxy/rates.map"
 
 
-def loopback_config(ports: list[int], listen: int, affinity: bool = True, stats_socket: str | None = None,
-                    rates: pathlib.Path = REPO / "deploy" / "rates.map",
-                    grpc: tuple[int, list[int]] | None = None) -> str:
+def loopback_config(
+    ports: list[int],
+    listen: int,
+    affinity: bool = True,
+    stats_socket: str | None = None,
+    rates: pathlib.Path = REPO / "deploy" / "rates.map",
+    grpc: tuple[int, list[int]] | None = None,
+) -> str:
     """deploy/haproxy.cfg serving `listen` over replicas on `ports`; `affinity=False`: the same proxy
     balancing every request round-robin (for comparison); `stats_socket`: HAProxy's statistics there;
     `rates`: the per-key limits (service.frontend.proxy_limits' map; the shipped one is empty); `grpc`: the
@@ -35,9 +40,13 @@ def loopback_config(ports: list[int], listen: int, affinity: bool = True, stats_
     text = text.replace("    server-template replica 1-16 adapters:8000 resolvers docker init-addr none\n", servers)
     text = re.sub(r"\n    bind :8080[^\n]*\n", f"\n    bind 127.0.0.1:{listen}\n", text)
     grpc_listen, grpc_ports = grpc or (None, [])
-    servers = "".join(f"    server grpc{i} 127.0.0.1:{port} proto h2 check-proto h1 port {check}\n"
-                      for i, (port, check) in enumerate(zip(grpc_ports, ports), 1))
-    text = text.replace("    server-template grpc 1-16 adapters:8001 proto h2 check-proto h1 resolvers docker init-addr none\n", servers)
+    servers = "".join(
+        f"    server grpc{i} 127.0.0.1:{port} proto h2 check-proto h1 port {check}\n"
+        for i, (port, check) in enumerate(zip(grpc_ports, ports), 1)
+    )
+    text = text.replace(
+        "    server-template grpc 1-16 adapters:8001 proto h2 check-proto h1 resolvers docker init-addr none\n", servers
+    )
     text = re.sub(r"\n    bind :8081 ([^\n]*)\n", f"\n    bind 127.0.0.1:{grpc_listen} \\1\n" if grpc else "\n", text)
     if not affinity:
         text = text.replace("    use_backend affinity if { var(txn.domain) -m len gt 0 }\n", "")
@@ -50,9 +59,15 @@ def loopback_config(ports: list[int], listen: int, affinity: bool = True, stats_
 
 
 @contextlib.contextmanager
-def running_proxy(ports: list[int], listen: int, affinity: bool = True, timeout: float = 30.0,
-                  stats_socket: str | None = None, rates: pathlib.Path = REPO / "deploy" / "rates.map",
-                  grpc: tuple[int, list[int]] | None = None):
+def running_proxy(
+    ports: list[int],
+    listen: int,
+    affinity: bool = True,
+    timeout: float = 30.0,
+    stats_socket: str | None = None,
+    rates: pathlib.Path = REPO / "deploy" / "rates.map",
+    grpc: tuple[int, list[int]] | None = None,
+):
     """HAProxy on `listen` in front of `ports`, once every replica passes its health check; yields its URL.
     The readiness probe needs no key, so a keys file on the replicas does not stop it."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,8 +80,9 @@ def running_proxy(ports: list[int], listen: int, affinity: bool = True, timeout:
             deadline = time.monotonic() + timeout
             while True:  # each replica answers through the proxy (distinct engine processes)
                 with contextlib.suppress(httpx.HTTPError, KeyError, ValueError):
-                    if len({httpx.get(url + "/readyz", timeout=5).json()["engine_pid"]
-                            for _ in range(2 * len(ports))}) == len(ports):
+                    if len(
+                        {httpx.get(url + "/readyz", timeout=5).json()["engine_pid"] for _ in range(2 * len(ports))}
+                    ) == len(ports):
                         break
                 if proxy.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"HAProxy did not come up in front of {ports}:\n{log.read_text()}")

@@ -38,8 +38,10 @@ class Cluster:
             self.user = pwd.getpwnam("postgres")
         self._run("initdb", "-D", str(self.data), "-U", "ra", "-A", "trust", "--no-sync", "-E", "UTF8")
         with open(self.data / "postgresql.conf", "a") as conf:
-            conf.write(f"\nport = {self.port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{root}'\n"
-                       "fsync = off\nmax_connections = 100\n")
+            conf.write(
+                f"\nport = {self.port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{root}'\n"
+                "fsync = off\nmax_connections = 100\n"
+            )
 
     @property
     def url(self) -> str:

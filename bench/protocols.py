@@ -36,8 +36,9 @@ def pixels_of(images: list[bytes], size: int, count: int) -> np.ndarray:
     from model.preprocessing import center_crop, open_image, square, to_rgb
 
     side = round(size * 9 / 8)
-    return np.stack([center_crop(square(to_rgb(open_image(images[i % len(images)])), side), size)
-                     for i in range(count)])
+    return np.stack(
+        [center_crop(square(to_rgb(open_image(images[i % len(images)])), side), size) for i in range(count)]
+    )
 
 
 async def _grpc_load(target: str, domains: list[str], pixels: np.ndarray, concurrency: int, seconds: float) -> dict:
@@ -91,13 +92,25 @@ def drive_grpc(target: str, domains: list[str], pixels: np.ndarray, concurrency:
 KINDS = ("rest_v2_pixels", "grpc_pixels")
 
 
-def measure(command: list[str], env: dict, port: int, grpc_port: int, names: list[str], images: list[bytes],
-            pixels: np.ndarray, size: int, concurrency: int, seconds: float, rounds: int) -> dict:
+def measure(
+    command: list[str],
+    env: dict,
+    port: int,
+    grpc_port: int,
+    names: list[str],
+    images: list[bytes],
+    pixels: np.ndarray,
+    size: int,
+    concurrency: int,
+    seconds: float,
+    rounds: int,
+) -> dict:
     """Interleaved rounds of both protocols against one split server: per round, the front-end processes'
     and the engine process's CPU per image, and img/s."""
     url, files = f"http://127.0.0.1:{port}", len(pixels)
-    runs: dict[str, dict[str, list[float]]] = {key: {kind: [] for kind in KINDS}
-                                               for key in ("frontend", "engine", "img_s")}
+    runs: dict[str, dict[str, list[float]]] = {
+        key: {kind: [] for kind in KINDS} for key in ("frontend", "engine", "img_s")
+    }
     errors = 0
     server = subprocess.Popen([sys.executable, *command], env=env)
     try:
@@ -123,8 +136,10 @@ def measure(command: list[str], env: dict, port: int, grpc_port: int, names: lis
     finally:
         server.terminate()
         server.wait(60)
-    out = {key: {kind: round(float(np.median(v)), 1 if key == "img_s" else 4) for kind, v in values.items()}
-           for key, values in runs.items()}
+    out = {
+        key: {kind: round(float(np.median(v)), 1 if key == "img_s" else 4) for kind, v in values.items()}
+        for key, values in runs.items()
+    }
     out["errors"] = errors
     return out
 
@@ -146,12 +161,23 @@ def run(files: int, seconds: float, rounds: int, concurrency: int, backbone: pat
         results = {}
         for setup in ("zero_engine", "engine"):
             port, grpc_port = free_port(), free_port()
-            env = {**os.environ, "RA_STORE_DIR": store, "RA_ADMIN_TOKEN": TOKEN, "RA_DEMO_ADAPTERS": "false",
-                   "RA_BACKBONE": str(backbone), "RA_GRPC_PORT": str(grpc_port), "TF_CPP_MIN_LOG_LEVEL": "2"}
-            command = (["-m", "bench.split", "--supervise", "2", str(port), "--zero-engine"] if setup == "zero_engine"
-                       else ["-m", "service", "--port", str(port), "--workers", "2", "--log-level", "warning"])
-            results[setup] = measure(command, env, port, grpc_port, list(bundles), images, pixels, size, concurrency,
-                                     seconds, rounds)
+            env = {
+                **os.environ,
+                "RA_STORE_DIR": store,
+                "RA_ADMIN_TOKEN": TOKEN,
+                "RA_DEMO_ADAPTERS": "false",
+                "RA_BACKBONE": str(backbone),
+                "RA_GRPC_PORT": str(grpc_port),
+                "TF_CPP_MIN_LOG_LEVEL": "2",
+            }
+            command = (
+                ["-m", "bench.split", "--supervise", "2", str(port), "--zero-engine"]
+                if setup == "zero_engine"
+                else ["-m", "service", "--port", str(port), "--workers", "2", "--log-level", "warning"]
+            )
+            results[setup] = measure(
+                command, env, port, grpc_port, list(bundles), images, pixels, size, concurrency, seconds, rounds
+            )
     frontend = results["zero_engine"]["frontend"]
     return {
         "frontend_cpu_ms_per_img": frontend,
@@ -159,8 +185,15 @@ def run(files: int, seconds: float, rounds: int, concurrency: int, backbone: pat
         "zero_engine_img_s": results["zero_engine"]["img_s"],
         "with_engine": {key: results["engine"][key] for key in ("frontend", "engine", "img_s")},
         "errors": results["zero_engine"]["errors"] + results["engine"]["errors"],
-        "settings": {"files_per_request": files, "seconds": seconds, "rounds": rounds, "concurrency": concurrency,
-                     "workers": 2, "backbone": str(backbone), "cpus": os.cpu_count()},
+        "settings": {
+            "files_per_request": files,
+            "seconds": seconds,
+            "rounds": rounds,
+            "concurrency": concurrency,
+            "workers": 2,
+            "backbone": str(backbone),
+            "cpus": os.cpu_count(),
+        },
     }
 
 

@@ -84,8 +84,9 @@ def camera_jpeg(width: int = 4000, height: int = 3000, seed: int = 0) -> bytes:
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    smooth = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((width, height),
-                                                                                       Image.Resampling.BICUBIC)
+    smooth = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize(
+        (width, height), Image.Resampling.BICUBIC
+    )
     pixels = np.asarray(smooth, np.int16) + rng.integers(-6, 7, (height, width, 1), dtype=np.int16)
     buffer = io.BytesIO()
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
@@ -111,8 +112,12 @@ def camera_decode(photo: bytes, bundle_data: bytes, backbone_path: pathlib.Path,
 
     served = median_ms(lambda: decode_and_preprocess(photo, [bundle], 40_000_000))
     full = median_ms(lambda: preprocess(open_image(photo), bundle.preprocessing))
-    return {"camera_decode_ms": round(served, 2), "camera_full_decode_ms": round(full, 2),
-            "camera_decode_ratio": round(served / full, 3), "camera_jpeg_bytes": len(photo)}
+    return {
+        "camera_decode_ms": round(served, 2),
+        "camera_full_decode_ms": round(full, 2),
+        "camera_decode_ratio": round(served / full, 3),
+        "camera_jpeg_bytes": len(photo),
+    }
 
 
 def zipf_sequence(names: list[str], exponent: float, length: int = 8192, seed: int = 3) -> list[str]:
@@ -145,8 +150,9 @@ def test_images(n: int, size: int) -> list[bytes]:
     return out
 
 
-async def _drive(url: str, domains: list[str], images: list[bytes], concurrency: int, seconds: float,
-                 files: int) -> dict:
+async def _drive(
+    url: str, domains: list[str], images: list[bytes], concurrency: int, seconds: float, files: int
+) -> dict:
     import httpx
 
     latencies, errors, done = [], 0, 0
@@ -154,6 +160,7 @@ async def _drive(url: str, domains: list[str], images: list[bytes], concurrency:
     rng = random.Random(1)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+
         async def worker() -> None:
             nonlocal errors, done
             while time.perf_counter() < deadline:
@@ -171,9 +178,13 @@ async def _drive(url: str, domains: list[str], images: list[bytes], concurrency:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
     lat = np.asarray(latencies) * 1000
-    return {"img_s": done / elapsed, "requests": len(latencies), "errors": errors,
-            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
-            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None}
+    return {
+        "img_s": done / elapsed,
+        "requests": len(latencies),
+        "errors": errors,
+        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+    }
 
 
 def _client(url, domains, images, concurrency, seconds, files, queue) -> None:
@@ -197,27 +208,46 @@ def request_body(kind: str, images: list[bytes], files: int, input_size: int) ->
     """The body wrk sends for `kind`, and the parts of its request line and headers."""
     if kind == "multipart":
         boundary = "benchBoundary7MA4YWxkTrZu0gW"
-        body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{i}.png\"\r\n"
-                        f"Content-Type: image/png\r\n\r\n".encode() + images[i % len(images)] + b"\r\n"
-                        for i in range(files)) + f"--{boundary}--\r\n".encode()
-        return body, {"prefix": "/predict/", "suffix": "", "content_type": f"multipart/form-data; boundary={boundary}",
-                      "extra_header": ""}
+        body = (
+            b"".join(
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{i}.png"\r\n'
+                f"Content-Type: image/png\r\n\r\n".encode()
+                + images[i % len(images)]
+                + b"\r\n"
+                for i in range(files)
+            )
+            + f"--{boundary}--\r\n".encode()
+        )
+        return body, {
+            "prefix": "/predict/",
+            "suffix": "",
+            "content_type": f"multipart/form-data; boundary={boundary}",
+            "extra_header": "",
+        }
     from model.preprocessing import center_crop, open_image, square, to_rgb
 
     if kind == "v2-image":
-        binary = b"".join(struct.pack("<I", len(images[i % len(images)])) + images[i % len(images)]
-                          for i in range(files))
+        binary = b"".join(
+            struct.pack("<I", len(images[i % len(images)])) + images[i % len(images)] for i in range(files)
+        )
         tensor = {"name": "IMAGE", "datatype": "BYTES", "shape": [files]}
     else:
         side = round(input_size * 9 / 8)
-        binary = b"".join(center_crop(square(to_rgb(open_image(images[i % len(images)])), side), input_size).tobytes()
-                          for i in range(files))
+        binary = b"".join(
+            center_crop(square(to_rgb(open_image(images[i % len(images)])), side), input_size).tobytes()
+            for i in range(files)
+        )
         tensor = {"name": "PIXELS", "datatype": "UINT8", "shape": [files, input_size, input_size, 3]}
     tensor["parameters"] = {"binary_data_size": len(binary)}
-    header = json.dumps({"inputs": [tensor],
-                         "outputs": [{"name": "LOGITS", "parameters": {"binary_data": True}}]}).encode()
-    return header + binary, {"prefix": "/v2/models/", "suffix": "/infer", "content_type": "application/octet-stream",
-                             "extra_header": f', ["Inference-Header-Content-Length"] = "{len(header)}"'}
+    header = json.dumps(
+        {"inputs": [tensor], "outputs": [{"name": "LOGITS", "parameters": {"binary_data": True}}]}
+    ).encode()
+    return header + binary, {
+        "prefix": "/v2/models/",
+        "suffix": "/infer",
+        "content_type": "application/octet-stream",
+        "extra_header": f', ["Inference-Header-Content-Length"] = "{len(header)}"',
+    }
 
 
 def _wrk_ms(text: str) -> float:
@@ -232,21 +262,46 @@ def run_wrk(url: str, script_for, body: bytes, connections: int, seconds: float,
         body_file, script = pathlib.Path(tmp) / "body.bin", pathlib.Path(tmp) / "load.lua"
         body_file.write_bytes(body)
         script.write_text(script_for(body_file))
-        out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency",
-                              "-s", str(script), url], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [
+                "wrk",
+                f"-t{threads}",
+                f"-c{connections}",
+                f"-d{max(1, round(seconds))}s",
+                "--latency",
+                "-s",
+                str(script),
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    return {"requests_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-            "requests": int(re.search(r"(\d+) requests in", out).group(1)),
-            "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
-            "socket_errors": sum(map(int, sockets.groups())) if sockets else 0,
-            "p50_ms": _wrk_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),
-            "p99_ms": _wrk_ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))}
+    return {
+        "requests_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "requests": int(re.search(r"(\d+) requests in", out).group(1)),
+        "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
+        "socket_errors": sum(map(int, sockets.groups())) if sockets else 0,
+        "p50_ms": _wrk_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),
+        "p99_ms": _wrk_ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),
+    }
 
 
-def drive_wrk(url: str, domains: list[str], images: list[bytes], concurrency: int, seconds: float,
-              files: int, kind: str = "multipart", input_size: int = 32, key: str | None = None,
-              threads: int = 1, pause_ms: int = 0) -> dict:
+def drive_wrk(
+    url: str,
+    domains: list[str],
+    images: list[bytes],
+    concurrency: int,
+    seconds: float,
+    files: int,
+    kind: str = "multipart",
+    input_size: int = 32,
+    key: str | None = None,
+    threads: int = 1,
+    pause_ms: int = 0,
+) -> dict:
     """wrk (C, a separate process) as the load generator: it costs the server's CPUs far less than Python.
     `key` goes as `Authorization: Bearer`; `threads`: wrk's threads (one keeps up with 2 server cores);
     `pause_ms`: each connection waits this long after every answer (an offered rate of about
@@ -256,10 +311,21 @@ def drive_wrk(url: str, domains: list[str], images: list[bytes], concurrency: in
         parts["extra_header"] += f', ["Authorization"] = "Bearer {key}"'
     names = ", ".join(f'"{d}"' for d in domains)
     pause = f"delay = function() return {pause_ms} end\n" if pause_ms else ""
-    run = run_wrk(url, lambda body_file: WRK_SCRIPT % {"body": body_file, **parts, "domains": names} + pause, body,
-                  concurrency, seconds, threads)
-    return {"img_s": run["requests_s"] * files, "requests": run["requests"], "errors": run["non_2xx"],
-            "p50_ms": run["p50_ms"], "p99_ms": run["p99_ms"]}
+    run = run_wrk(
+        url,
+        lambda body_file: WRK_SCRIPT % {"body": body_file, **parts, "domains": names} + pause,
+        body,
+        concurrency,
+        seconds,
+        threads,
+    )
+    return {
+        "img_s": run["requests_s"] * files,
+        "requests": run["requests"],
+        "errors": run["non_2xx"],
+        "p50_ms": run["p50_ms"],
+        "p99_ms": run["p99_ms"],
+    }
 
 
 def drive(url: str, domains: list[str], images: list[bytes], concurrency: int, seconds: float, files: int) -> dict:
@@ -268,7 +334,8 @@ def drive(url: str, domains: list[str], images: list[bytes], concurrency: int, s
         return drive_wrk(url, domains, images, concurrency, seconds, files)
     queue = multiprocessing.get_context("spawn").Queue()
     process = multiprocessing.get_context("spawn").Process(
-        target=_client, args=(url, domains, images, concurrency, seconds, files, queue))
+        target=_client, args=(url, domains, images, concurrency, seconds, files, queue)
+    )
     process.start()
     result = queue.get(timeout=seconds + 120)
     process.join(30)
@@ -280,8 +347,9 @@ def median_round(rounds: list[dict]) -> dict:
     return {key: float(np.median([r[key] for r in rounds])) for key in ("img_s", "p50_ms", "p99_ms")}
 
 
-def engine_img_s(backbone_path: pathlib.Path, bundles: dict[str, bytes], images: list[bytes], batch: int,
-                 seconds: float) -> tuple[float, float]:
+def engine_img_s(
+    backbone_path: pathlib.Path, bundles: dict[str, bytes], images: list[bytes], batch: int, seconds: float
+) -> tuple[float, float]:
     """The bare engine on the same backbone and domains, preprocessed batches of `batch`, mixed domains:
     (images/s, CPU milliseconds per image over all of this process's threads)."""
     from model.backbone import load_backbone
@@ -295,8 +363,12 @@ def engine_img_s(backbone_path: pathlib.Path, bundles: dict[str, bytes], images:
     slots = {name: engine.load(bundle) for name, bundle in loaded.items()}
     rng = random.Random(2)
     names = [rng.choice(list(loaded)) for _ in range(batch)]
-    x = np.stack([preprocess(open_image(rng.choice(images), min_side=loaded[n].preprocessing.resize),
-                             loaded[n].preprocessing) for n in names])
+    x = np.stack(
+        [
+            preprocess(open_image(rng.choice(images), min_side=loaded[n].preprocessing.resize), loaded[n].preprocessing)
+            for n in names
+        ]
+    )
     held = [slots[n] for n in names]
     engine.predict(x, held)
     best = (0.0, 0.0)
@@ -321,7 +393,7 @@ def batch_counts(url: str) -> tuple[float, float]:
     import httpx
 
     text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).text
-    total = re.search(r'^ra_batch_domains_count (\S+)$', text, re.M)
+    total = re.search(r"^ra_batch_domains_count (\S+)$", text, re.M)
     single = re.search(r'^ra_batch_domains_bucket\{le="1\.0"\} (\S+)$', text, re.M)
     return float(total.group(1)), float(single.group(1))
 
@@ -335,16 +407,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--domains", type=int, default=8, help="domains served (demo bundles and renamed copies)")
     parser.add_argument("--traffic", choices=("uniform", "zipf"), default="uniform")
     parser.add_argument("--zipf-exponent", type=float, default=1.0)
-    parser.add_argument("--images", choices=("tiny", "camera"), default="tiny",
-                        help="tiny 48x48 PNGs, or 12-megapixel JPEGs (4000x3000, quality 90)")
+    parser.add_argument(
+        "--images",
+        choices=("tiny", "camera"),
+        default="tiny",
+        help="tiny 48x48 PNGs, or 12-megapixel JPEGs (4000x3000, quality 90)",
+    )
     parser.add_argument("--files-per-request", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved mixed/single rounds; medians reported")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--backbone", type=pathlib.Path, default=DEMO / "backbone.safetensors")
-    parser.add_argument("--protocol", choices=("http", "grpc"), default="http",
-                        help="grpc: front-end CPU per image, Open Inference Protocol over gRPC against REST v2 "
-                             "(bench.protocols)")
+    parser.add_argument(
+        "--protocol",
+        choices=("http", "grpc"),
+        default="http",
+        help="grpc: front-end CPU per image, Open Inference Protocol over gRPC against REST v2 (bench.protocols)",
+    )
     args = parser.parse_args(argv)
     if args.protocol == "grpc":
         from bench import protocols
@@ -365,12 +444,20 @@ def main(argv: list[str] | None = None) -> None:
         for name, data in bundles.items():
             record.add(name, data, replace=False)
         record.close()
-        env = {**os.environ, "RA_STORE_DIR": store, "RA_ADMIN_TOKEN": TOKEN, "RA_DEMO_ADAPTERS": "false",
-               "RA_BACKBONE": str(args.backbone), "RA_MAX_BATCH_SIZE": str(args.max_batch_size),
-               "RA_MAX_WAIT_MS": str(args.max_wait_ms), "RA_MAX_RESIDENT": str(max(512, args.domains + 64)),
-               "TF_CPP_MIN_LOG_LEVEL": "2"}
-        server = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
-                                  env=env)
+        env = {
+            **os.environ,
+            "RA_STORE_DIR": store,
+            "RA_ADMIN_TOKEN": TOKEN,
+            "RA_DEMO_ADAPTERS": "false",
+            "RA_BACKBONE": str(args.backbone),
+            "RA_MAX_BATCH_SIZE": str(args.max_batch_size),
+            "RA_MAX_WAIT_MS": str(args.max_wait_ms),
+            "RA_MAX_RESIDENT": str(max(512, args.domains + 64)),
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
+        server = subprocess.Popen(
+            [sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"], env=env
+        )
         try:
             auth = {"Authorization": f"Bearer {TOKEN}"}
             wait_ready(url)
@@ -384,14 +471,15 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits both alike
                 cpu_before, wall_before = process_cpu_s(server.pid), time.perf_counter()
                 counts = batch_counts(url)
-                mixed_rounds.append(drive(url, traffic, images, args.concurrency, args.seconds,
-                                          args.files_per_request))
+                mixed_rounds.append(drive(url, traffic, images, args.concurrency, args.seconds, args.files_per_request))
                 server_cpu += process_cpu_s(server.pid) - cpu_before
                 server_wall += time.perf_counter() - wall_before
-                batches, one_domain = (a + after - before for a, after, before in
-                                       zip((batches, one_domain), batch_counts(url), counts))
-                single_rounds.append(drive(url, names[:1], images, args.concurrency, args.seconds,
-                                           args.files_per_request))
+                batches, one_domain = (
+                    a + after - before for a, after, before in zip((batches, one_domain), batch_counts(url), counts)
+                )
+                single_rounds.append(
+                    drive(url, names[:1], images, args.concurrency, args.seconds, args.files_per_request)
+                )
             mixed, single = median_round(mixed_rounds), median_round(single_rounds)
             mixed_images = sum(r["requests"] for r in mixed_rounds) * args.files_per_request
 
@@ -403,23 +491,30 @@ def main(argv: list[str] | None = None) -> None:
                 size = load_backbone(args.backbone).config.input_size
                 for kind in KINDS:
                     cpu_before = process_cpu_s(server.pid)
-                    run = drive_wrk(url, names, images, args.concurrency, args.seconds, args.files_per_request, kind,
-                                    size)
+                    run = drive_wrk(
+                        url, names, images, args.concurrency, args.seconds, args.files_per_request, kind, size
+                    )
                     if run["errors"]:
                         raise RuntimeError(f"{kind}: {run['errors']} failed requests")
-                    kind_cpu_ms[kind] = (process_cpu_s(server.pid) - cpu_before) * 1000 / (
-                        run["requests"] * args.files_per_request)
+                    kind_cpu_ms[kind] = (
+                        (process_cpu_s(server.pid) - cpu_before) * 1000 / (run["requests"] * args.files_per_request)
+                    )
 
             # Registration under load: a background client saturates the server meanwhile.
             queue = multiprocessing.get_context("spawn").Queue()
             load = multiprocessing.get_context("spawn").Process(
-                target=_client, args=(url, names, images, args.concurrency, 6.0, args.files_per_request, queue))
+                target=_client, args=(url, names, images, args.concurrency, 6.0, args.files_per_request, queue)
+            )
             load.start()
             time.sleep(2.0)
             with httpx.Client(base_url=url, timeout=60) as client:
                 start = time.perf_counter()
-                client.post("/adapters", headers=auth, files={"bundle": ("b.safetensors", bundles[names[0]])},
-                            data={"domain": "fresh"}).raise_for_status()
+                client.post(
+                    "/adapters",
+                    headers=auth,
+                    files={"bundle": ("b.safetensors", bundles[names[0]])},
+                    data={"domain": "fresh"},
+                ).raise_for_status()
                 client.post("/predict/fresh", files={"file": ("x.png", images[0], "image/png")}).raise_for_status()
                 register_ms = (time.perf_counter() - start) * 1000
             queue.get(timeout=120)
@@ -438,22 +533,37 @@ def main(argv: list[str] | None = None) -> None:
         **({"zipf_over_single": round(mixed["img_s"] / single["img_s"], 3)} if args.traffic == "zipf" else {}),
         "single_http_img_s": round(single["img_s"], 1),
         "one_domain_batch_share": round(one_domain / batches, 3) if batches else None,
-        "cpu": {"server_ms_per_img": round(server_cpu_ms, 3), "engine_ms_per_img": round(engine_cpu_ms, 3),
-                "server_busy": round(server_cpu / (server_wall * os.cpu_count()), 3),
-                "cpu_bound_http_over_engine": round(engine_cpu_ms / server_cpu_ms, 3)},
-        "low_load": {"p50_ms": round(low["p50_ms"], 2), "p99_ms": round(low["p99_ms"], 2),
-                     "img_s": round(low["img_s"], 1)},
+        "cpu": {
+            "server_ms_per_img": round(server_cpu_ms, 3),
+            "engine_ms_per_img": round(engine_cpu_ms, 3),
+            "server_busy": round(server_cpu / (server_wall * os.cpu_count()), 3),
+            "cpu_bound_http_over_engine": round(engine_cpu_ms / server_cpu_ms, 3),
+        },
+        "low_load": {
+            "p50_ms": round(low["p50_ms"], 2),
+            "p99_ms": round(low["p99_ms"], 2),
+            "img_s": round(low["img_s"], 1),
+        },
         "saturation": {"p50_ms": round(mixed["p50_ms"], 2), "p99_ms": round(mixed["p99_ms"], 2)},
         "register_to_first_prediction_ms": round(register_ms, 1),
         "frontend_cpu_ms_per_img": {kind: round(ms - engine_cpu_ms, 3) for kind, ms in kind_cpu_ms.items()},
         **camera,
         "errors": low["errors"] + sum(r["errors"] for r in mixed_rounds + single_rounds),
-        "settings": {"load_generator": "wrk" if shutil.which("wrk") else "httpx", "concurrency": args.concurrency,
-                     "seconds": args.seconds, "rounds": args.rounds, "domains": args.domains,
-                     "traffic": args.traffic, "zipf_exponent": args.zipf_exponent if args.traffic == "zipf" else None,
-                     "images": args.images,
-                     "files_per_request": args.files_per_request, "max_batch_size": args.max_batch_size,
-                     "max_wait_ms": args.max_wait_ms, "backbone": str(args.backbone), "cpus": os.cpu_count()},
+        "settings": {
+            "load_generator": "wrk" if shutil.which("wrk") else "httpx",
+            "concurrency": args.concurrency,
+            "seconds": args.seconds,
+            "rounds": args.rounds,
+            "domains": args.domains,
+            "traffic": args.traffic,
+            "zipf_exponent": args.zipf_exponent if args.traffic == "zipf" else None,
+            "images": args.images,
+            "files_per_request": args.files_per_request,
+            "max_batch_size": args.max_batch_size,
+            "max_wait_ms": args.max_wait_ms,
+            "backbone": str(args.backbone),
+            "cpus": os.cpu_count(),
+        },
     }
     print(json.dumps(result))
 

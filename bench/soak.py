@@ -45,12 +45,14 @@ async def _load(url: str, domains: list[str], images: list[bytes], concurrency: 
     start = time.perf_counter()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+
         async def worker() -> None:
             while time.perf_counter() < deadline:
                 t0 = time.perf_counter()
                 try:
-                    r = await client.post(f"/predict/{rng.choice(domains)}",
-                                          files={"file": ("x.png", rng.choice(images), "image/png")})
+                    r = await client.post(
+                        f"/predict/{rng.choice(domains)}", files={"file": ("x.png", rng.choice(images), "image/png")}
+                    )
                     status = r.status_code
                 except httpx.HTTPError:
                     status = -1
@@ -83,16 +85,23 @@ def main(argv: list[str] | None = None) -> None:
     auth = {"Authorization": f"Bearer {TOKEN}"}
     registrations, registration_errors, memory = 0, 0, []
     with tempfile.TemporaryDirectory() as store:
-        env = {**os.environ, "RA_STORE_DIR": store, "RA_ADMIN_TOKEN": TOKEN, "RA_DEMO_ADAPTERS": "false",
-               "TF_CPP_MIN_LOG_LEVEL": "2"}
-        server = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
-                                  env=env)
+        env = {
+            **os.environ,
+            "RA_STORE_DIR": store,
+            "RA_ADMIN_TOKEN": TOKEN,
+            "RA_DEMO_ADAPTERS": "false",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
+        server = subprocess.Popen(
+            [sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"], env=env
+        )
         try:
             wait_ready(url)
             with httpx.Client(base_url=url, timeout=60) as client:
                 for name, data in bundles.items():
-                    client.post("/adapters", headers=auth, files={"bundle": ("b.safetensors", data)},
-                                data={"domain": name}).raise_for_status()
+                    client.post(
+                        "/adapters", headers=auth, files={"bundle": ("b.safetensors", data)}, data={"domain": name}
+                    ).raise_for_status()
                 ctx = multiprocessing.get_context("spawn")
                 queue = ctx.Queue()
                 load = ctx.Process(target=_client, args=(url, list(bundles), images, args.concurrency, seconds, queue))
@@ -103,8 +112,12 @@ def main(argv: list[str] | None = None) -> None:
                     memory.append((now - start, rss_mb(server.pid)))
                     if now >= next_registration:
                         name = random.Random(registrations).choice(list(bundles))
-                        r = client.post("/adapters", headers=auth, files={"bundle": ("b.safetensors", bundles[name])},
-                                        data={"domain": name, "replace": "true"})
+                        r = client.post(
+                            "/adapters",
+                            headers=auth,
+                            files={"bundle": ("b.safetensors", bundles[name])},
+                            data={"domain": name, "replace": "true"},
+                        )
                         registrations += 1
                         registration_errors += r.status_code != 201
                         next_registration += args.register_every
@@ -118,20 +131,38 @@ def main(argv: list[str] | None = None) -> None:
     for m in range(int(np.ceil(args.minutes))):
         window = [(lat, st) for t, lat, st in records if m * 60 <= t < (m + 1) * 60]
         ok = np.asarray([lat for lat, st in window if st == 200]) * 1000
-        minutes.append({"minute": m + 1, "img_s": round(len(ok) / 60, 1),
-                        "p50_ms": round(float(np.percentile(ok, 50)), 1) if len(ok) else None,
-                        "p99_ms": round(float(np.percentile(ok, 99)), 1) if len(ok) else None,
-                        "errors": sum(st != 200 for _, st in window)})
+        minutes.append(
+            {
+                "minute": m + 1,
+                "img_s": round(len(ok) / 60, 1),
+                "p50_ms": round(float(np.percentile(ok, 50)), 1) if len(ok) else None,
+                "p99_ms": round(float(np.percentile(ok, 99)), 1) if len(ok) else None,
+                "errors": sum(st != 200 for _, st in window),
+            }
+        )
     after_warmup = next((mb for t, mb in memory if t >= 60), memory[0][1])
     end = memory[-1][1]
-    print(json.dumps({
-        "minutes": args.minutes, "requests": len(records), "unexpected_errors": sum(st != 200 for *_, st in records),
-        "registrations": registrations, "registration_errors": registration_errors,
-        "rss_mb_after_warmup": round(after_warmup, 1), "rss_mb_end": round(end, 1),
-        "memory_growth": round(end / after_warmup - 1, 4), "per_minute": minutes,
-        "settings": {"concurrency": args.concurrency, "domains": args.domains, "register_every_s": args.register_every,
-                     "cpus": os.cpu_count()},
-    }))
+    print(
+        json.dumps(
+            {
+                "minutes": args.minutes,
+                "requests": len(records),
+                "unexpected_errors": sum(st != 200 for *_, st in records),
+                "registrations": registrations,
+                "registration_errors": registration_errors,
+                "rss_mb_after_warmup": round(after_warmup, 1),
+                "rss_mb_end": round(end, 1),
+                "memory_growth": round(end / after_warmup - 1, 4),
+                "per_minute": minutes,
+                "settings": {
+                    "concurrency": args.concurrency,
+                    "domains": args.domains,
+                    "register_every_s": args.register_every,
+                    "cpus": os.cpu_count(),
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

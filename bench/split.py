@@ -38,8 +38,17 @@ import httpx
 
 from bench.domains import seed
 from bench.frontend import answer_zeros, floor_ms_per_request
-from bench.serve import (DEMO, TOKEN, drive_wrk, free_port, process_cpu_s, test_images, wait_ready, wait_warm,
-                         zipf_sequence)
+from bench.serve import (
+    DEMO,
+    TOKEN,
+    drive_wrk,
+    free_port,
+    process_cpu_s,
+    test_images,
+    wait_ready,
+    wait_warm,
+    zipf_sequence,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -87,10 +96,17 @@ def batch_mean(url: str) -> tuple[float, float]:
 
 @contextlib.contextmanager
 def server(command: list[str], store: str, port: int):
-    env = {**os.environ, "RA_STORE_DIR": store, "RA_ADMIN_TOKEN": TOKEN, "RA_DEMO_ADAPTERS": "false",
-           "RA_BACKBONE": str(DEMO / "backbone.safetensors"), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    process = subprocess.Popen([sys.executable, *command], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "RA_STORE_DIR": store,
+        "RA_ADMIN_TOKEN": TOKEN,
+        "RA_DEMO_ADAPTERS": "false",
+        "RA_BACKBONE": str(DEMO / "backbone.safetensors"),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    process = subprocess.Popen(
+        [sys.executable, *command], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url)
@@ -101,8 +117,9 @@ def server(command: list[str], store: str, port: int):
         process.wait(60)
 
 
-def measure(command: list[str], port: int, concurrency: int, seconds: float, split: bool, domains: int = 8,
-            zipf: bool = False) -> dict:
+def measure(
+    command: list[str], port: int, concurrency: int, seconds: float, split: bool, domains: int = 8, zipf: bool = False
+) -> dict:
     """Load one server with wrk; its img/s, errors, mean batch size and CPU ms per image by process role."""
     images = test_images(16, 48)
     with tempfile.TemporaryDirectory() as store:
@@ -121,12 +138,19 @@ def measure(command: list[str], port: int, concurrency: int, seconds: float, spl
     images_done = max(run["requests"], 1)
     frontend = [pid for pid in pids if pid != engine_pid]
     mean_batch = (batches_after[0] - batches[0]) / max(batches_after[1] - batches[1], 1)
-    out = {"img_s": round(run["img_s"], 1), "errors": run["errors"], "p50_ms": run["p50_ms"],
-           "mean_batch_size": round(mean_batch, 2)}
+    out = {
+        "img_s": round(run["img_s"], 1),
+        "errors": run["errors"],
+        "p50_ms": run["p50_ms"],
+        "mean_batch_size": round(mean_batch, 2),
+    }
     if split:
-        out.update(engine_cpu_ms_per_img=round(cpu[engine_pid] * 1000 / images_done, 4),
-                   frontend_cpu_ms_per_img=round(sum(cpu[p] for p in frontend) * 1000 / images_done, 4),
-                   frontend_rss_mb=round(max(rss[p] for p in frontend), 1), engine_rss_mb=round(rss[engine_pid], 1))
+        out.update(
+            engine_cpu_ms_per_img=round(cpu[engine_pid] * 1000 / images_done, 4),
+            frontend_cpu_ms_per_img=round(sum(cpu[p] for p in frontend) * 1000 / images_done, 4),
+            frontend_rss_mb=round(max(rss[p] for p in frontend), 1),
+            engine_rss_mb=round(rss[engine_pid], 1),
+        )
     else:
         out.update(cpu_ms_per_img=round(cpu[process.pid] * 1000 / images_done, 4))
     return out
@@ -158,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     zero1, zero2 = run_split(1, c, s, zero=True), run_split(2, c, s, zero=True)
     floor = floor_ms_per_request("bench.frontend:floor_app", "/predict/", c, s)
     single, split2 = run_single(c, s), run_split(2, c, s)
-    zipf = dict(domains=args.zipf_domains, zipf=True)
+    zipf = {"domains": args.zipf_domains, "zipf": True}
     single_zipf, split2_zipf = (run_single(c, s, **zipf), run_split(2, c, s, **zipf)) if args.zipf_domains else ({}, {})
     calm1, calm4 = run_split(1, args.calm_concurrency, s), run_split(4, args.calm_concurrency, s)
     figures = {
@@ -174,12 +198,31 @@ def main(argv: list[str] | None = None) -> None:
         "frontend_rss_mb": calm4["frontend_rss_mb"],
         "engine_rss_mb": calm4["engine_rss_mb"],
     }
-    print(json.dumps({**figures, "runs": {"zero_engine_1": zero1, "zero_engine_2": zero2, "single": single,
-                                          "split_2": split2, "single_zipf": single_zipf, "split_2_zipf": split2_zipf,
-                                          "calm_1": calm1, "calm_4": calm4},
-                      "settings": {"concurrency": c, "calm_concurrency": args.calm_concurrency, "seconds": s,
-                                   "zipf_domains": args.zipf_domains,
-                                   "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%d")}}))
+    print(
+        json.dumps(
+            {
+                **figures,
+                "runs": {
+                    "zero_engine_1": zero1,
+                    "zero_engine_2": zero2,
+                    "single": single,
+                    "split_2": split2,
+                    "single_zipf": single_zipf,
+                    "split_2_zipf": split2_zipf,
+                    "calm_1": calm1,
+                    "calm_4": calm4,
+                },
+                "settings": {
+                    "concurrency": c,
+                    "calm_concurrency": args.calm_concurrency,
+                    "seconds": s,
+                    "zipf_domains": args.zipf_domains,
+                    "cpus": os.cpu_count(),
+                    "when": time.strftime("%Y-%m-%d"),
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

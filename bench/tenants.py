@@ -46,8 +46,15 @@ def secret(tenant: str) -> str:
 
 
 def write_keys(path: pathlib.Path, flood_rate: float | None) -> None:
-    keys = [{"name": t, "key_sha256": hash_key(secret(t)), "domains": [t],
-             **({"rate_per_s": flood_rate} if t == "flood" and flood_rate else {})} for t in TENANTS]
+    keys = [
+        {
+            "name": t,
+            "key_sha256": hash_key(secret(t)),
+            "domains": [t],
+            **({"rate_per_s": flood_rate} if t == "flood" and flood_rate else {}),
+        }
+        for t in TENANTS
+    ]
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"keys": keys}))
     tmp.replace(path)  # the service never reads half a file
@@ -72,11 +79,27 @@ def steady(url: str, tenants: list[str], image: bytes, rate: float, seconds: flo
     one connection per tenant, each pausing 1/rate s after every answer; wrk's latency percentiles."""
     body, parts = request_body("multipart", [image], 1, 0)
     pairs = ", ".join(f'{{"{t}", "{secret(t)}"}}' for t in tenants)
-    run = run_wrk(url, lambda body_file: CALM_SCRIPT % {"body": body_file, "content_type": parts["content_type"],
-                                                         "tenants": pairs, "delay_ms": round(1000 / rate)},
-                  body, len(tenants), seconds)
-    return {"p50_ms": run["p50_ms"], "p99_ms": run["p99_ms"], "requests": run["requests"],
-            "errors": run["non_2xx"] + run["socket_errors"]}
+    run = run_wrk(
+        url,
+        lambda body_file: (
+            CALM_SCRIPT
+            % {
+                "body": body_file,
+                "content_type": parts["content_type"],
+                "tenants": pairs,
+                "delay_ms": round(1000 / rate),
+            }
+        ),
+        body,
+        len(tenants),
+        seconds,
+    )
+    return {
+        "p50_ms": run["p50_ms"],
+        "p99_ms": run["p99_ms"],
+        "requests": run["requests"],
+        "errors": run["non_2xx"] + run["socket_errors"],
+    }
 
 
 def key_count(url: str, key: str, status: str) -> float:
@@ -90,8 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=20.0, help="requests/s of each well-behaved tenant")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--flood-connections", type=int, default=32)
-    parser.add_argument("--flood-share", type=float, default=0.25,
-                        help="the flooding key's rate limit, as a share of the measured capacity (0: no limit)")
+    parser.add_argument(
+        "--flood-share",
+        type=float,
+        default=0.25,
+        help="the flooding key's rate limit, as a share of the measured capacity (0: no limit)",
+    )
     args = parser.parse_args(argv)
     if not shutil.which("wrk"):
         sys.exit("the flood needs wrk (apt-get install wrk)")
@@ -103,18 +130,30 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         keys = pathlib.Path(tmp) / "keys.json"
         write_keys(keys, None)
-        env = {**os.environ, "RA_STORE_DIR": str(pathlib.Path(tmp) / "store"), "RA_ADMIN_TOKEN": TOKEN,
-               "RA_DEMO_ADAPTERS": "false", "RA_API_KEYS_FILE": str(keys), "RA_API_KEYS_POLL_S": "0.2",
-               "TF_CPP_MIN_LOG_LEVEL": "2"}
-        server = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
-                                  env=env, start_new_session=True)
+        env = {
+            **os.environ,
+            "RA_STORE_DIR": str(pathlib.Path(tmp) / "store"),
+            "RA_ADMIN_TOKEN": TOKEN,
+            "RA_DEMO_ADAPTERS": "false",
+            "RA_API_KEYS_FILE": str(keys),
+            "RA_API_KEYS_POLL_S": "0.2",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
+        server = subprocess.Popen(
+            [sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
+            env=env,
+            start_new_session=True,
+        )
         try:
             wait_ready(url)
             with httpx.Client(base_url=url, timeout=60) as client:
                 for name, path in zip(TENANTS, demo):
-                    client.post("/adapters", headers={"Authorization": f"Bearer {TOKEN}"},
-                                files={"bundle": ("b.safetensors", path.read_bytes())},
-                                data={"domain": name}).raise_for_status()
+                    client.post(
+                        "/adapters",
+                        headers={"Authorization": f"Bearer {TOKEN}"},
+                        files={"bundle": ("b.safetensors", path.read_bytes())},
+                        data={"domain": name},
+                    ).raise_for_status()
             calm = ["calm1", "calm2"]
             capacity = drive_wrk(url, ["flood"], images, 32, 4, 1, key=secret("flood"))["img_s"]
             flood_rate = round(capacity * args.flood_share, 1) if args.flood_share > 0 else None
@@ -124,8 +163,11 @@ def main(argv: list[str] | None = None) -> None:
             alone = steady(url, calm, images[0], args.rate, args.seconds)
             before = {s: key_count(url, "flood", s) for s in ("200", "429")}
             flooder = multiprocessing.get_context("spawn").Pool(1)
-            pending = flooder.apply_async(drive_wrk, (url, ["flood"], images, args.flood_connections,
-                                                      args.seconds + 2, 1), {"key": secret("flood")})
+            pending = flooder.apply_async(
+                drive_wrk,
+                (url, ["flood"], images, args.flood_connections, args.seconds + 2, 1),
+                {"key": secret("flood")},
+            )
             time.sleep(1.0)
             under = steady(url, calm, images[0], args.rate, args.seconds)
             flood_out = pending.get(timeout=args.seconds + 120)
@@ -142,13 +184,19 @@ def main(argv: list[str] | None = None) -> None:
         "under_flood": under,
         "p99_ratio": round(under["p99_ms"] / alone["p99_ms"], 2),
         "capacity_img_s": round(capacity, 1),
-        "flood": {"requests_s": round(flood_requests / flood_s, 1),
-                  "over_capacity": round(flood_requests / flood_s / capacity, 2),
-                  "rate_limit_per_s": flood_rate,
-                  "refused_429_rate": round(refused_429 / max(flood_requests, 1), 3),
-                  "served_img_s": round((after["200"] - before["200"]) / flood_s, 1)},
-        "settings": {"rate_per_tenant": args.rate, "seconds": args.seconds,
-                     "flood_connections": args.flood_connections, "cpus": os.cpu_count()},
+        "flood": {
+            "requests_s": round(flood_requests / flood_s, 1),
+            "over_capacity": round(flood_requests / flood_s / capacity, 2),
+            "rate_limit_per_s": flood_rate,
+            "refused_429_rate": round(refused_429 / max(flood_requests, 1), 3),
+            "served_img_s": round((after["200"] - before["200"]) / flood_s, 1),
+        },
+        "settings": {
+            "rate_per_tenant": args.rate,
+            "seconds": args.seconds,
+            "flood_connections": args.flood_connections,
+            "cpus": os.cpu_count(),
+        },
     }
     print(json.dumps(result))
 

@@ -60,8 +60,14 @@ def main(argv: list[str] | None = None) -> None:
         "adapt_img_s": round(args.batch / median([r["adapt"] for r in rounds]), 1),
         "full_img_s": round(args.batch / median([r["full"] for r in rounds]), 1),
         "adapt_over_full": round(median([r["adapt"] / r["full"] for r in rounds]), 3),
-        "settings": {"width": args.width, "input": args.input_size, "batch": args.batch, "rounds": args.rounds,
-                     "tensorflow": tf.__version__, "cpus": os.cpu_count()},
+        "settings": {
+            "width": args.width,
+            "input": args.input_size,
+            "batch": args.batch,
+            "rounds": args.rounds,
+            "tensorflow": tf.__version__,
+            "cpus": os.cpu_count(),
+        },
     }
     print(json.dumps(result))
 

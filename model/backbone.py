@@ -32,7 +32,7 @@ class Backbone:
     fingerprint: str
 
     @classmethod
-    def from_weights(cls, config: ArchConfig, weights: Mapping[str, np.ndarray]) -> "Backbone":
+    def from_weights(cls, config: ArchConfig, weights: Mapping[str, np.ndarray]) -> Backbone:
         """Take the shared part of `weights` (a full model's or only the shared ones)."""
         shared = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items() if is_shared(k)}
         check_weights(shared, expected_shapes(config, "shared"), "The backbone weights")
@@ -43,8 +43,11 @@ class Backbone:
 
 
 def architecture_metadata(config: ArchConfig) -> dict[str, str]:
-    return {"adapter": config.adapter, "width_factor": repr(float(config.width_factor)),
-            "input_size": str(config.input_size)}
+    return {
+        "adapter": config.adapter,
+        "width_factor": repr(float(config.width_factor)),
+        "input_size": str(config.input_size),
+    }
 
 
 def parse_architecture(metadata: Mapping[str, str], what: str, num_classes: int = 1) -> ArchConfig:
@@ -83,8 +86,12 @@ def check_format(metadata: Mapping[str, str], expected_format: str, known_keys: 
 
 
 def backbone_to_bytes(backbone: Backbone) -> bytes:
-    metadata = {"format": BACKBONE_FORMAT, "format_version": str(FORMAT_VERSION),
-                **architecture_metadata(backbone.config), "fingerprint": backbone.fingerprint}
+    metadata = {
+        "format": BACKBONE_FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        **architecture_metadata(backbone.config),
+        "fingerprint": backbone.fingerprint,
+    }
     return write_safetensors(dict(backbone.weights), metadata)
 
 
@@ -96,8 +103,12 @@ def load_backbone(source: str | os.PathLike | bytes) -> Backbone:
     """Read and fully validate a backbone file (path or bytes)."""
     what = "backbone file"
     tensors, metadata = read_safetensors(read_bytes(source), what)
-    check_format(metadata, BACKBONE_FORMAT,
-                 {"format", "format_version", "adapter", "width_factor", "input_size", "fingerprint"}, what)
+    check_format(
+        metadata,
+        BACKBONE_FORMAT,
+        {"format", "format_version", "adapter", "width_factor", "input_size", "fingerprint"},
+        what,
+    )
     config = parse_architecture(metadata, what)
     if "fingerprint" not in metadata:
         raise InvalidFileError("metadata", f"The {what} lacks the metadata key 'fingerprint'.")

@@ -43,8 +43,18 @@ BUNDLE_FORMAT = "residual-adapters.bundle"
 MAX_LABEL_CHARS = 200
 MAX_GOLDEN = 16
 GOLDEN_INPUTS, GOLDEN_LOGITS = "golden.inputs", "golden.logits"
-_KNOWN_KEYS = {"format", "format_version", "adapter", "width_factor", "input_size", "backbone_fingerprint",
-               "domain", "labels", "preprocessing", "metrics"}
+_KNOWN_KEYS = {
+    "format",
+    "format_version",
+    "adapter",
+    "width_factor",
+    "input_size",
+    "backbone_fingerprint",
+    "domain",
+    "labels",
+    "preprocessing",
+    "metrics",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +81,7 @@ class AdapterBundle:
         backbone: Backbone,
         preprocessing: Preprocessing | None = None,
         metrics: Mapping[str, object] | None = None,
-    ) -> "AdapterBundle":
+    ) -> AdapterBundle:
         """Take the domain part of `weights` (a full model's or only the domain's)."""
         domain_weights = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items() if not is_shared(k)}
         check_weights(domain_weights, expected_shapes(config, "domain"), "The domain weights")
@@ -91,12 +101,13 @@ class AdapterBundle:
     def num_classes(self) -> int:
         return self.config.num_classes
 
-    def with_golden(self, inputs: np.ndarray, logits: np.ndarray) -> "AdapterBundle":
+    def with_golden(self, inputs: np.ndarray, logits: np.ndarray) -> AdapterBundle:
         """Attach golden (preprocessed input, expected logits) pairs for a self-test on load."""
-        return dataclasses.replace(self, golden_inputs=np.asarray(inputs, np.float32),
-                                   golden_logits=np.asarray(logits, np.float32))
+        return dataclasses.replace(
+            self, golden_inputs=np.asarray(inputs, np.float32), golden_logits=np.asarray(logits, np.float32)
+        )
 
-    def renamed(self, domain: str) -> "AdapterBundle":
+    def renamed(self, domain: str) -> AdapterBundle:
         return dataclasses.replace(self, domain=check_domain_name(domain))
 
 
@@ -105,7 +116,8 @@ def _check_labels(labels: object, num_classes: int) -> None:
         raise InvalidFileError("labels", "The bundle's labels must be a JSON list of strings.")
     if len(labels) != num_classes:
         raise InvalidFileError(
-            "labels", f"The bundle has {len(labels)} labels but its head has {num_classes} classes; give one label per class."
+            "labels",
+            f"The bundle has {len(labels)} labels but its head has {num_classes} classes; give one label per class.",
         )
     bad = [x for x in labels if not 0 < len(x) <= MAX_LABEL_CHARS]
     if bad:
@@ -155,7 +167,9 @@ def load_bundle(
     golden_inputs = tensors.pop(GOLDEN_INPUTS, None)
     golden_logits = tensors.pop(GOLDEN_LOGITS, None)
     if "classifier.bias" not in tensors or tensors["classifier.bias"].ndim != 1:
-        raise InvalidFileError("tensors", "The bundle has no 1-D 'classifier.bias' tensor, so its class count is unknown.")
+        raise InvalidFileError(
+            "tensors", "The bundle has no 1-D 'classifier.bias' tensor, so its class count is unknown."
+        )
     config = parse_architecture(metadata, what, num_classes=int(tensors["classifier.bias"].shape[0]))
     try:
         check_weights(tensors, expected_shapes(config, "domain"), "The bundle's tensors")
@@ -189,8 +203,12 @@ def _check_golden(inputs: np.ndarray | None, logits: np.ndarray | None, config: 
         return
     s = config.input_size
     if (
-        inputs is None or logits is None or inputs.ndim != 4 or inputs.shape[1:] != (s, s, 3)
-        or logits.shape != (inputs.shape[0], config.num_classes) or not 0 < inputs.shape[0] <= MAX_GOLDEN
+        inputs is None
+        or logits is None
+        or inputs.ndim != 4
+        or inputs.shape[1:] != (s, s, 3)
+        or logits.shape != (inputs.shape[0], config.num_classes)
+        or not 0 < inputs.shape[0] <= MAX_GOLDEN
     ):
         raise InvalidFileError(
             "golden",

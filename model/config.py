@@ -56,7 +56,7 @@ class ArchConfig:
     def feature_width(self) -> int:
         return self.stage_widths[-1]
 
-    def replace(self, **changes: object) -> "ArchConfig":
+    def replace(self, **changes: object) -> ArchConfig:
         return dataclasses.replace(self, **changes)
 
 

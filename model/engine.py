@@ -83,23 +83,31 @@ class _Tables:
     its head `class_capacity` wide, and the two compiled forward functions that read it. A load is one
     row written by one op; a call gathers its slots' rows."""
 
-    def __init__(self, engine: "InferenceEngine", capacity: int, class_capacity: int):
+    def __init__(self, engine: InferenceEngine, capacity: int, class_capacity: int):
         self.capacity, self.class_capacity = capacity, class_capacity
         self.layout = engine.layout
         self.width = self.layout.length(class_capacity)
         self._padding = self.layout.padding(class_capacity)
-        self.store = engine.backend.Table(capacity, self.width, engine.compute_dtype, engine._kernels,
-                                          functools.partial(engine._forward, self), engine.input_size,
-                                          engine.jit_compile)
+        self.store = engine.backend.Table(
+            capacity,
+            self.width,
+            engine.compute_dtype,
+            engine._kernels,
+            functools.partial(engine._forward, self),
+            engine.input_size,
+            engine.jit_compile,
+        )
         self.mixed, self.single = self.store.mixed, self.store.single  # (images, slots) / (images, slot) -> logits
 
     def parts(self, rows, single: bool) -> dict[tuple[str, str], object]:
         """(unit, part) -> the tables in the gathered `rows` (one slot: its table; else one per sample, batch first)."""
         lead = () if single else (-1,)
-        out = {(unit, part): ops.reshape(rows[..., a:b], (*lead, *shape))
-               for unit, part, shape, a, b in self.layout.offsets}
+        out = {
+            (unit, part): ops.reshape(rows[..., a:b], (*lead, *shape))
+            for unit, part, shape, a, b in self.layout.offsets
+        }
         c = self.layout.feature_width
-        classes = ops.reshape(rows[..., self.layout.base:], (*lead, self.class_capacity, c + 1))
+        classes = ops.reshape(rows[..., self.layout.base :], (*lead, self.class_capacity, c + 1))
         out["head", "kernel"], out["head", "logit_bias"] = classes[..., :c], classes[..., c]  # (K, C), (K,)
         return out
 
@@ -139,10 +147,18 @@ class InferenceEngine:
         >>> engine.release(cars)
     """
 
-    def __init__(self, backbone: Backbone, capacity: int = 16, class_capacity: int = CLASS_CAPACITY,
-                 compute_dtype: str = "float32", jit_compile: bool = False):
+    def __init__(
+        self,
+        backbone: Backbone,
+        capacity: int = 16,
+        class_capacity: int = CLASS_CAPACITY,
+        compute_dtype: str = "float32",
+        jit_compile: bool = False,
+    ):
         if compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}. Received: compute_dtype={compute_dtype!r}")
+            raise ValueError(
+                f"compute_dtype must be one of {COMPUTE_DTYPES}. Received: compute_dtype={compute_dtype!r}"
+            )
         if capacity < 1 or class_capacity < 1:
             raise ValueError(f"capacity and class_capacity must be >= 1. Received: {capacity}, {class_capacity}")
         self.backbone = backbone
@@ -155,7 +171,8 @@ class InferenceEngine:
         self.stem, self.blocks = self._make_plan()
         self.plan = [self.stem] + [p for b in self.blocks for p in (b.conv1, b.conv2)]
         self._kernels = self.backend.constants(
-            {p.unit.name: backbone.weights[f"{p.unit.name}_conv3x3.kernel"] for p in self.plan}, compute_dtype)
+            {p.unit.name: backbone.weights[f"{p.unit.name}_conv3x3.kernel"] for p in self.plan}, compute_dtype
+        )
         self._lock = threading.Lock()  # guards the slot bookkeeping below (never held while computing)
         self._write_lock = threading.Lock()  # serialises table writes and growth
         self._used: dict[int, Slot] = {}  # rows held by a live or a still-referenced released slot
@@ -194,8 +211,9 @@ class InferenceEngine:
             if self.adapter == "series":
                 matrix = parts[name, "matrix"]
                 if p.fold_single:
-                    kernel = ops.reshape(ops.reshape(kernel, (-1, u.out_channels)) @ matrix,
-                                         (3, 3, u.in_channels, u.out_channels))
+                    kernel = ops.reshape(
+                        ops.reshape(kernel, (-1, u.out_channels)) @ matrix, (3, 3, u.in_channels, u.out_channels)
+                    )
                     return self._conv(x, kernel, u.stride) + bias
                 z = self._conv(x, kernel, u.stride)
                 return ops.reshape(ops.reshape(z, (-1, u.out_channels)) @ matrix + bias, out_shape)

@@ -59,7 +59,7 @@ class RowLayout:
 
     @classmethod
     @functools.cache  # one per architecture: every load folds with it
-    def of(cls, config: ArchConfig) -> "RowLayout":
+    def of(cls, config: ArchConfig) -> RowLayout:
         parts = []
         for unit in conv_units(config):
             c_in, c_out = unit.in_channels, unit.out_channels
@@ -107,8 +107,10 @@ class RowLayout:
     def num_classes(self, row: np.ndarray) -> int:
         classes, rest = divmod(row.shape[-1] - self.base, self.feature_width + 1)
         if rest or classes < 1:
-            raise ValueError(f"A row of {row.shape[-1]} numbers does not fit this layout (base {self.base}, "
-                             f"{self.feature_width + 1} per class).")
+            raise ValueError(
+                f"A row of {row.shape[-1]} numbers does not fit this layout (base {self.base}, "
+                f"{self.feature_width + 1} per class)."
+            )
         return classes
 
     @functools.cached_property
@@ -123,7 +125,7 @@ class RowLayout:
             local = {part: (start - first, stop - first, shape) for part, (start, stop, shape) in parts.items()}
             if groups and groups[-1][5] == local and groups[-1][2] == first:
                 names, row_start, _, ch_lo, _, _ = groups[-1]
-                groups[-1] = (names + [name], row_start, last, ch_lo, hi, local)
+                groups[-1] = ([*names, name], row_start, last, ch_lo, hi, local)
             else:
                 groups.append(([name], first, last, lo, hi, local))
         return groups
@@ -164,7 +166,7 @@ class RowLayout:
                 out = blocks[:, slice(*parts["side"][:2])].reshape(side.shape)
                 np.multiply(side, s_out.reshape(n, 1, c), out=out, casting="same_kind")
             blocks[:, slice(*parts["bias"][:2])] = bias
-        classes = row[self.base:].reshape(logit_bias.shape[0], self.feature_width + 1)
+        classes = row[self.base :].reshape(logit_bias.shape[0], self.feature_width + 1)
         classes[:, :-1] = kernel.T
         classes[:, -1] = logit_bias
         return row

@@ -45,12 +45,12 @@ class Preprocessing:
     grayscale: bool = False
 
     @classmethod
-    def for_input_size(cls, input_size: int, **changes: object) -> "Preprocessing":
+    def for_input_size(cls, input_size: int, **changes: object) -> Preprocessing:
         """The reference's eval transform scaled to `input_size`: resize to 9/8 of it, center crop."""
         return cls(resize=round(input_size * 9 / 8), crop=input_size, **changes)
 
     @classmethod
-    def from_json(cls, value: object, input_size: int) -> "Preprocessing":
+    def from_json(cls, value: object, input_size: int) -> Preprocessing:
         try:
             if not isinstance(value, dict):
                 raise TypeError("it must be a JSON object")
@@ -93,8 +93,9 @@ class ImageDecodeError(ValueError):
         self.code = code
 
 
-def open_image(source: bytes | str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
-               min_side: int | None = None) -> Image.Image:
+def open_image(
+    source: bytes | str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
+) -> Image.Image:
     """Decode an image (first frame of an animation) with EXIF orientation applied.
 
     The pixel count is checked from the header before any pixel is decoded, so a decompression
@@ -108,8 +109,11 @@ def open_image(source: bytes | str | os.PathLike, max_pixels: int = DEFAULT_MAX_
             image = Image.open(stream)
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageDecodeError("too_many_pixels", f"The image is {width}x{height} pixels, more than the "
-                                                          f"limit of {max_pixels:,}; send a smaller image.")
+                raise ImageDecodeError(
+                    "too_many_pixels",
+                    f"The image is {width}x{height} pixels, more than the "
+                    f"limit of {max_pixels:,}; send a smaller image.",
+                )
             image.seek(0)
             if min_side is not None and min(width, height) > min_side:
                 scale = min_side / min(width, height)
@@ -122,8 +126,9 @@ def open_image(source: bytes | str | os.PathLike, max_pixels: int = DEFAULT_MAX_
     except Image.DecompressionBombError as exc:  # Pillow refuses in `open` over twice its limit: say ours
         found = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{int(found.group(1)):,} pixels" if found else f"more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels"
-        raise ImageDecodeError("too_many_pixels", f"The image is {size}, more than the limit of {max_pixels:,}; "
-                                                  "send a smaller image.") from None
+        raise ImageDecodeError(
+            "too_many_pixels", f"The image is {size}, more than the limit of {max_pixels:,}; send a smaller image."
+        ) from None
     except Image.UnidentifiedImageError:
         raise ImageDecodeError(
             "not_image", "The file is not an image format we read (JPEG, PNG, WebP, BMP, GIF)."

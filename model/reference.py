@@ -21,8 +21,8 @@ import keras
 import numpy as np
 
 from model.config import ADAPTER_MODES, ArchConfig, conv_units
-from model.resnet26 import build_resnet26
 from model.keras_weights import set_weights
+from model.resnet26 import build_resnet26
 from model.weights import WeightsMismatchError, check_weights, expected_shapes
 
 _BN_FROM_TORCH = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
@@ -142,10 +142,18 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     save_backbone(backbone, args.out / "backbone.safetensors")
     save_bundle(bundle, args.out / f"{args.domain}.safetensors")
-    print(json.dumps({"backbone": str(args.out / "backbone.safetensors"),
-                      "bundle": str(args.out / f"{args.domain}.safetensors"),
-                      "fingerprint": backbone.fingerprint, "width_factor": config.width_factor,
-                      "num_classes": config.num_classes, "adapter": config.adapter}))
+    print(
+        json.dumps(
+            {
+                "backbone": str(args.out / "backbone.safetensors"),
+                "bundle": str(args.out / f"{args.domain}.safetensors"),
+                "fingerprint": backbone.fingerprint,
+                "width_factor": config.width_factor,
+                "num_classes": config.num_classes,
+                "adapter": config.adapter,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

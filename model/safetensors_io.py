@@ -52,9 +52,12 @@ def read_safetensors(data: bytes, what: str) -> tuple[dict[str, np.ndarray], dic
         raise InvalidFileError("not_safetensors", f"{hint}: it has only {len(data)} bytes.")
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > min(MAX_HEADER_BYTES, len(data) - 8):  # what a file of another kind looks like
-        raise InvalidFileError("not_safetensors", f"The {what} is not a .safetensors file (it does not start with a "
-                                                  "safetensors header); send the .safetensors file that training "
-                                                  "wrote.")
+        raise InvalidFileError(
+            "not_safetensors",
+            f"The {what} is not a .safetensors file (it does not start with a "
+            "safetensors header); send the .safetensors file that training "
+            "wrote.",
+        )
     try:
         header = msgspec.json.decode(memoryview(data)[8 : 8 + header_len])
     except msgspec.DecodeError as exc:
@@ -82,8 +85,10 @@ def read_safetensors(data: bytes, what: str) -> tuple[dict[str, np.ndarray], dic
     if not np.isfinite(flat).all():  # one pass over every value; naming the culprits only on failure
         bad = sorted(name for begin, end, _, name in spans if not np.isfinite(flat[begin // 4 : end // 4]).all())
         raise InvalidFileError("non_finite", f"The {what} has NaN or infinite values in {bad}.")
-    tensors = {name: flat[begin // 4 : end // 4] if len(shape) == 1 else flat[begin // 4 : end // 4].reshape(shape)
-               for begin, end, shape, name in spans}
+    tensors = {
+        name: flat[begin // 4 : end // 4] if len(shape) == 1 else flat[begin // 4 : end // 4].reshape(shape)
+        for begin, end, shape, name in spans
+    }
     return tensors, dict(metadata)
 
 
@@ -96,8 +101,11 @@ def _refuse_entries(header: dict, size: int, what: str, detail: str) -> NoReturn
     position = 0
     for begin, end, _, name in sorted(_span(name, info, size, hint) for name, info in header.items()):
         if begin != position:
-            raise InvalidFileError("not_safetensors", f"{hint}: the data of tensor {name!r} starts at byte {begin}, "
-                                                      f"not at {position} where the previous one ends.")
+            raise InvalidFileError(
+                "not_safetensors",
+                f"{hint}: the data of tensor {name!r} starts at byte {begin}, "
+                f"not at {position} where the previous one ends.",
+            )
         position = end
     raise InvalidFileError("not_safetensors", f"{hint}: its tensor entries are malformed ({detail}).")
 
@@ -105,13 +113,22 @@ def _refuse_entries(header: dict, size: int, what: str, detail: str) -> NoReturn
 def _span(name: str, info: dict, size: int, hint: str) -> tuple[int, int, tuple[int, ...], str]:
     """(begin, end, shape, name) of one tensor's entry, checked against the data's `size` in bytes."""
     shape, offsets = info.get("shape"), info.get("data_offsets")
-    if not (type(shape) is list and type(offsets) is list and len(offsets) == 2
-            and all(type(d) is int and d >= 0 for d in shape) and type(offsets[0]) is int and type(offsets[1]) is int):
+    if not (
+        type(shape) is list
+        and type(offsets) is list
+        and len(offsets) == 2
+        and all(type(d) is int and d >= 0 for d in shape)
+        and type(offsets[0]) is int
+        and type(offsets[1]) is int
+    ):
         raise InvalidFileError("not_safetensors", f"{hint}: tensor {name!r} has no valid shape and data_offsets.")
     begin, end = offsets
     if not 0 <= begin <= end <= size or end - begin != 4 * math.prod(shape):
-        raise InvalidFileError("not_safetensors", f"{hint}: tensor {name!r} has data_offsets {offsets}, which do not "
-                                                  f"hold its shape {shape} inside the file's {size} bytes of data.")
+        raise InvalidFileError(
+            "not_safetensors",
+            f"{hint}: tensor {name!r} has data_offsets {offsets}, which do not "
+            f"hold its shape {shape} inside the file's {size} bytes of data.",
+        )
     return begin, end, tuple(shape), name
 
 

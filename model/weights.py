@@ -87,7 +87,8 @@ def check_weights(weights: Mapping[str, np.ndarray], expected: Mapping[str, tupl
         problems.append(f"misshaped tensors {misshaped}")
     if problems:
         raise WeightsMismatchError(
-            f"{what} do not fit the architecture: " + "; ".join(problems)
+            f"{what} do not fit the architecture: "
+            + "; ".join(problems)
             + ". Check that the file was made for this adapter mode, width factor and class count."
         )
 

@@ -29,15 +29,24 @@ def workers_count(value: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default=os.environ.get("RA_HOST", "127.0.0.1"),
-                        help="bind address (default RA_HOST or 127.0.0.1; 0.0.0.0 in the container image)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("RA_PORT", "8000")),
-                        help="port (default RA_PORT or 8000)")
-    parser.add_argument("--workers", type=workers_count, default=os.environ.get("RA_WORKERS", "1"),
-                        help="front-end processes on this port, fed by one engine process; 1 serves from a single "
-                             "process, 'auto' runs one per core (default RA_WORKERS or 1)")
+    parser = argparse.ArgumentParser(
+        prog="python -m service", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("RA_HOST", "127.0.0.1"),
+        help="bind address (default RA_HOST or 127.0.0.1; 0.0.0.0 in the container image)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=int(os.environ.get("RA_PORT", "8000")), help="port (default RA_PORT or 8000)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=workers_count,
+        default=os.environ.get("RA_WORKERS", "1"),
+        help="front-end processes on this port, fed by one engine process; 1 serves from a single "
+        "process, 'auto' runs one per core (default RA_WORKERS or 1)",
+    )
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     if os.environ.get("RA_API_KEYS_FILE"):  # refuse a bad keys file before any process starts
@@ -56,8 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         return Supervisor(args.host, args.port, args.workers, args.log_level).run()
     import uvicorn
 
-    uvicorn.run("service.boot:single_process_app", factory=True, host=args.host, port=args.port, log_level=args.log_level,
-                access_log=False)
+    uvicorn.run(
+        "service.boot:single_process_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+    )
     return 0
 
 

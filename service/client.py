@@ -31,8 +31,14 @@ class Operations(typing.Protocol):
 
     async def card(self, domain: str) -> Card: ...
 
-    async def infer(self, domains: list[str], preprocessing: list[Preprocessing], images: np.ndarray,
-                    which: list[int], lane: str | None) -> list[Answer]: ...
+    async def infer(
+        self,
+        domains: list[str],
+        preprocessing: list[Preprocessing],
+        images: np.ndarray,
+        which: list[int],
+        lane: str | None,
+    ) -> list[Answer]: ...
 
     async def list_page(self, prefix: str, cursor: str | None, count: int) -> list[Row]: ...
 

@@ -53,6 +53,21 @@ class StaleCard(Exception):
     uses; it fetches the domain's card again and prepares them anew."""
 
 
-TRANSPORTED: dict[str, type[BaseException]] = {cls.__name__: cls for cls in (
-    UnknownDomainError, AdapterUnavailable, DomainUnloaded, NoPreviousVersion, Overloaded, QueueShareExceeded,
-    EngineUnavailable, StaleCard, DomainExists, RecordUnavailable, InvalidFileError, ImageDecodeError, TimeoutError)}
+TRANSPORTED: dict[str, type[BaseException]] = {
+    cls.__name__: cls
+    for cls in (
+        UnknownDomainError,
+        AdapterUnavailable,
+        DomainUnloaded,
+        NoPreviousVersion,
+        Overloaded,
+        QueueShareExceeded,
+        EngineUnavailable,
+        StaleCard,
+        DomainExists,
+        RecordUnavailable,
+        InvalidFileError,
+        ImageDecodeError,
+        TimeoutError,
+    )
+}

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import multiprocess
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def exposition(metrics: "Metrics") -> tuple[bytes, str]:
+def exposition(metrics: Metrics) -> tuple[bytes, str]:
     """The text exposition: this process's metrics, or every process's when the supervisor runs them."""
     path = os.environ.get(MULTIPROC_DIR)
     if not path:
@@ -31,57 +38,104 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         # no domain label on request metrics: with 100,000 domains it would be 100,000 series per metric
-        self.requests = Counter("ra_requests_total", "HTTP requests by route and status", ["route", "status"],
-                                registry=r)
-        self.latency = Histogram("ra_request_seconds", "Request latency by route", ["route"],
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
+        self.requests = Counter(
+            "ra_requests_total", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "ra_request_seconds",
+            "Request latency by route",
+            ["route"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
         # per key name (never the secret): 'anonymous' without a keys file, 'admin' for RA_ADMIN_TOKEN
-        self.key_requests = Counter("ra_key_requests_total", "HTTP requests by API key name and status",
-                                    ["key", "status"], registry=r)
-        self.keys_loaded = Gauge("ra_api_keys", "Keys in force from RA_API_KEYS_FILE", registry=r,
-                                 multiprocess_mode="livemax")
-        self.keys_reload_errors = Counter("ra_api_keys_reload_errors_total",
-                                          "Reloads of RA_API_KEYS_FILE refused (the last good keys stay)", registry=r)
+        self.key_requests = Counter(
+            "ra_key_requests_total", "HTTP requests by API key name and status", ["key", "status"], registry=r
+        )
+        self.keys_loaded = Gauge(
+            "ra_api_keys", "Keys in force from RA_API_KEYS_FILE", registry=r, multiprocess_mode="livemax"
+        )
+        self.keys_reload_errors = Counter(
+            "ra_api_keys_reload_errors_total",
+            "Reloads of RA_API_KEYS_FILE refused (the last good keys stay)",
+            registry=r,
+        )
         self.predictions = Counter("ra_predictions_total", "Images classified, by domain", ["domain"], registry=r)
-        self.batch_size = Histogram("ra_batch_size", "Images per engine call",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
-        self.batch_domains = Histogram("ra_batch_domains", "Distinct domains per engine call",
-                                       buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
-        self.queue_depth = Gauge("ra_queue_depth", "Images waiting for the engine", registry=r,
-                                 multiprocess_mode="livesum")
-        self.resident = Gauge("ra_resident_domains", "Domains cached by this process, by tier (device, host)",
-                              ["tier"], registry=r, multiprocess_mode="livesum")
-        self.budget_bytes = Gauge("ra_device_budget_bytes", "Memory for the resident domains' tables", registry=r,
-                                  multiprocess_mode="livesum")
-        self.domain_bytes = Gauge("ra_domain_bytes", "One resident domain's table row", registry=r,
-                                  multiprocess_mode="livesum")
+        self.batch_size = Histogram(
+            "ra_batch_size", "Images per engine call", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
+        )
+        self.batch_domains = Histogram(
+            "ra_batch_domains", "Distinct domains per engine call", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
+        )
+        self.queue_depth = Gauge(
+            "ra_queue_depth", "Images waiting for the engine", registry=r, multiprocess_mode="livesum"
+        )
+        self.resident = Gauge(
+            "ra_resident_domains",
+            "Domains cached by this process, by tier (device, host)",
+            ["tier"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.budget_bytes = Gauge(
+            "ra_device_budget_bytes", "Memory for the resident domains' tables", registry=r, multiprocess_mode="livesum"
+        )
+        self.domain_bytes = Gauge(
+            "ra_domain_bytes", "One resident domain's table row", registry=r, multiprocess_mode="livesum"
+        )
         self.domains_fit = Gauge("ra_domains_fit", "Domains the budget holds", registry=r, multiprocess_mode="livesum")
-        self.host_bytes = Gauge("ra_host_cache_bytes", "Bytes of folded tables in the host tier", registry=r,
-                                multiprocess_mode="livesum")
-        self.lookups = Counter("ra_adapter_lookups_total", "Requests for a domain, by tier and hit or miss",
-                               ["tier", "result"], registry=r)
-        self.loads = Counter("ra_adapter_loads_total", "Domain loads onto the device, by source (host, registry) "
-                             "and outcome (ok, invalid)", ["source", "outcome"], registry=r)
-        self.evictions = Counter("ra_adapter_evictions_total", "Domains evicted, by tier they left", ["tier"],
-                                 registry=r)
-        self.load_seconds = Histogram("ra_adapter_load_seconds", "Time to put a domain on the device, by source "
-                                      "(host: one table write; registry: read, validate, fold, self-test)",
-                                      ["source"], buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
-                                                           2.5), registry=r)
-        self.sync_connected = Gauge("ra_registry_connected", "1 while the registry of record answers", registry=r,
-                                    multiprocess_mode="livemax")
-        self.last_sync = Gauge("ra_registry_last_sync_timestamp_seconds",
-                               "When the registry of record last answered (Unix time)", registry=r,
-                               multiprocess_mode="livemax")
-        self.sync_lag = Gauge("ra_registry_sync_lag_seconds",
-                              "Seconds since this process was last known in step with the record", registry=r,
-                              multiprocess_mode="livemax")
-        self.sync_behind = Gauge("ra_registry_domains_behind",
-                                 "Domains whose served version differs from the record's", registry=r,
-                                 multiprocess_mode="livemax")
-        self.temporaries_removed = Counter("ra_registry_temporaries_removed_total",
-                                           "Temporary files of interrupted writes swept from the registry of record",
-                                           registry=r)
-        self.sync_errors = Counter("ra_registry_sync_errors_total",
-                                   "Failures while following the record, by kind (unavailable, invalid_bundle)",
-                                   ["kind"], registry=r)
+        self.host_bytes = Gauge(
+            "ra_host_cache_bytes", "Bytes of folded tables in the host tier", registry=r, multiprocess_mode="livesum"
+        )
+        self.lookups = Counter(
+            "ra_adapter_lookups_total", "Requests for a domain, by tier and hit or miss", ["tier", "result"], registry=r
+        )
+        self.loads = Counter(
+            "ra_adapter_loads_total",
+            "Domain loads onto the device, by source (host, registry) and outcome (ok, invalid)",
+            ["source", "outcome"],
+            registry=r,
+        )
+        self.evictions = Counter(
+            "ra_adapter_evictions_total", "Domains evicted, by tier they left", ["tier"], registry=r
+        )
+        self.load_seconds = Histogram(
+            "ra_adapter_load_seconds",
+            "Time to put a domain on the device, by source "
+            "(host: one table write; registry: read, validate, fold, self-test)",
+            ["source"],
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+        self.sync_connected = Gauge(
+            "ra_registry_connected", "1 while the registry of record answers", registry=r, multiprocess_mode="livemax"
+        )
+        self.last_sync = Gauge(
+            "ra_registry_last_sync_timestamp_seconds",
+            "When the registry of record last answered (Unix time)",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.sync_lag = Gauge(
+            "ra_registry_sync_lag_seconds",
+            "Seconds since this process was last known in step with the record",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.sync_behind = Gauge(
+            "ra_registry_domains_behind",
+            "Domains whose served version differs from the record's",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.temporaries_removed = Counter(
+            "ra_registry_temporaries_removed_total",
+            "Temporary files of interrupted writes swept from the registry of record",
+            registry=r,
+        )
+        self.sync_errors = Counter(
+            "ra_registry_sync_errors_total",
+            "Failures while following the record, by kind (unavailable, invalid_bundle)",
+            ["kind"],
+            registry=r,
+        )

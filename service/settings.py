@@ -22,53 +22,95 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="bind address (0.0.0.0 in the container image)")
     port: int = Field(8000, ge=1, le=65535, description="port (the container's health check follows it)")
-    grpc_port: int | None = Field(None, ge=1, le=65535, description="the Open Inference Protocol over gRPC on this "
-                                                                    "port (every front end); unset = no gRPC")
+    grpc_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="the Open Inference Protocol over gRPC on this port (every front end); unset = no gRPC",
+    )
     admin_token: SecretStr | None = Field(None, description="bearer token for POST/DELETE /adapters; unset = disabled")
-    api_keys_file: pathlib.Path | None = Field(None, description="JSON keys with domain scopes, admin flags and "
-                                                                "rate limits; unset = predicting and listing open")
+    api_keys_file: pathlib.Path | None = Field(
+        None,
+        description="JSON keys with domain scopes, admin flags and rate limits; unset = predicting and listing open",
+    )
     api_keys_poll_s: float = Field(1.0, gt=0, description="how often the keys file is checked for changes")
-    store_dir: pathlib.Path = Field(pathlib.Path.home() / ".local/share/residual-adapters/store",
-                                    description="the directory registry of record (used when registry_url is unset)")
-    registry_url: SecretStr | None = Field(None, description="postgresql://user:pass@host:port/db: the registry of "
-                                                             "record in PostgreSQL instead of store_dir")
-    workers: int = Field(1, ge=1, le=64, description="front-end processes on one port, fed by one engine process "
-                                                      "(python -m service --workers); 1 serves from one process")
+    store_dir: pathlib.Path = Field(
+        pathlib.Path.home() / ".local/share/residual-adapters/store",
+        description="the directory registry of record (used when registry_url is unset)",
+    )
+    registry_url: SecretStr | None = Field(
+        None,
+        description="postgresql://user:pass@host:port/db: the registry of record in PostgreSQL instead of store_dir",
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="front-end processes on one port, fed by one engine process "
+        "(python -m service --workers); 1 serves from one process",
+    )
     arena_mb: float = Field(64, gt=0, description="shared memory per front end for images on their way to the engine")
     resync_interval_s: float = Field(30.0, gt=0, description="full resync with the registry of record, as a safety net")
-    poll_interval_ms: float = Field(20.0, gt=0, le=1000, description="directory registry: how often to look for changes")
+    poll_interval_ms: float = Field(
+        20.0, gt=0, le=1000, description="directory registry: how often to look for changes"
+    )
     backbone: pathlib.Path = Field(DEMO_DIR / "backbone.safetensors", description="the backbone .safetensors")
     demo_adapters: bool = Field(True, description="seed an empty store with the shipped demo bundles (once)")
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_wait_ms: float = Field(2.0, ge=0, le=1000, description="how long a batch waits to fill")
     max_queue: int = Field(512, ge=1, description="queued images before requests get 503")
-    domain_queue_share: float = Field(0.5, gt=0, le=1, description="fraction of the queue one domain may hold "
-                                                                   "before its requests get 429")
+    domain_queue_share: float = Field(
+        0.5, gt=0, le=1, description="fraction of the queue one domain may hold before its requests get 429"
+    )
     request_timeout_s: float = Field(30.0, gt=0)
-    device_memory_mb: float | None = Field(None, gt=0, description="memory for the resident domains' tables "
-                                           "(default: RA_DEVICE_MEMORY_FRACTION of the memory available at start)")
-    device_memory_fraction: float = Field(0.5, gt=0, le=0.95, description="the default budget's share of the "
-                                          "available memory (host memory on a CPU host)")
-    max_resident: int | None = Field(None, ge=1, description="cap on resident domains below what the budget fits "
-                                     "(evicted in `service.engine.eviction`'s segmented-LRU order)")
-    host_cache_mb: float | None = Field(None, ge=0, description="host memory for the folded tables of evicted "
-                                        "domains (default: 1024 with a GPU; on a CPU host, one memory with the "
-                                        "device tier, what the budget leaves beyond RA_MAX_RESIDENT)")
+    device_memory_mb: float | None = Field(
+        None,
+        gt=0,
+        description="memory for the resident domains' tables "
+        "(default: RA_DEVICE_MEMORY_FRACTION of the memory available at start)",
+    )
+    device_memory_fraction: float = Field(
+        0.5, gt=0, le=0.95, description="the default budget's share of the available memory (host memory on a CPU host)"
+    )
+    max_resident: int | None = Field(
+        None,
+        ge=1,
+        description="cap on resident domains below what the budget fits "
+        "(evicted in `service.engine.eviction`'s segmented-LRU order)",
+    )
+    host_cache_mb: float | None = Field(
+        None,
+        ge=0,
+        description="host memory for the folded tables of evicted "
+        "domains (default: 1024 with a GPU; on a CPU host, one memory with the "
+        "device tier, what the budget leaves beyond RA_MAX_RESIDENT)",
+    )
     pinned: str = Field("", description="comma-separated domains this process loads at start and never evicts")
     load_concurrency: int = Field(8, ge=1, description="domain loads at a time")
-    loader_processes: int = Field(2, ge=0, le=64, description="with several workers: processes beside the engine "
-                                  "process that validate and fold bundles (0: threads of the engine process)")
+    loader_processes: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="with several workers: processes beside the engine "
+        "process that validate and fold bundles (0: threads of the engine process)",
+    )
     load_timeout_s: float = Field(10.0, gt=0, description="longest a request waits for its domain to load")
     max_fanout: int = Field(64, ge=1, description="domains one POST /predict may name (or 'all' may mean)")
-    backend: Literal["tensorflow", "jax", "torch"] = Field("tensorflow", description="the framework the engine "
-                                                           "runs on (Keras 3's backends)")
+    backend: Literal["tensorflow", "jax", "torch"] = Field(
+        "tensorflow", description="the framework the engine runs on (Keras 3's backends)"
+    )
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    require_gpu: bool = Field(False, description="refuse to start without a GPU instead of running on the CPU "
-                                                 "(set in the GPU compose files)")
+    require_gpu: bool = Field(
+        False, description="refuse to start without a GPU instead of running on the CPU (set in the GPU compose files)"
+    )
     max_bundle_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
-    max_image_pixels: int = Field(40_000_000, ge=1, le=178_956_970,
-                                  description="largest image by its header; Pillow refuses over 178,956,970 itself")
+    max_image_pixels: int = Field(
+        40_000_000,
+        ge=1,
+        le=178_956_970,
+        description="largest image by its header; Pillow refuses over 178,956,970 itself",
+    )
     max_files: int = Field(32, ge=1, description="images per predict request")
     preprocess_threads: int = Field(4, ge=1)
 

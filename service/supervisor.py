@@ -68,8 +68,12 @@ def frontend_main(host: str, port: int, endpoint: str, arena: str, tables_dir: s
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     engine = RemoteEngine(endpoint, arena, int(settings.arena_mb * MB), settings.request_timeout_s + 5)
-    config = uvicorn.Config(create_app(settings, engine, tables_dir), log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=int(STOP_GRACE_S))
+    config = uvicorn.Config(
+        create_app(settings, engine, tables_dir),
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=int(STOP_GRACE_S),
+    )
     uvicorn.Server(config).run(sockets=[sock])
 
 
@@ -111,8 +115,9 @@ class Supervisor:
         return [self.engine, *self.frontends]
 
     def _start(self, child: Child) -> None:
-        child.process = self._context.Process(target=_child, args=(os.getpid(), child.target, *child.args()),
-                                              name=child.name)
+        child.process = self._context.Process(
+            target=_child, args=(os.getpid(), child.target, *child.args()), name=child.name
+        )
         child.process.start()
         child.started_at = time.monotonic()
         _log.info("started %s (pid %d)", child.name, child.process.pid)
@@ -130,11 +135,13 @@ class Supervisor:
             remove_arenas(f"{self.prefix}fe{self.frontends.index(child)}-")
         lived = time.monotonic() - child.started_at
         child.failures = 0 if lived > 60 else child.failures + 1
-        wait = 0.0 if child.failures <= 1 else min(RESTART_BACKOFF_S[0] * 2 ** (child.failures - 2),
-                                                  RESTART_BACKOFF_S[1])
+        wait = (
+            0.0 if child.failures <= 1 else min(RESTART_BACKOFF_S[0] * 2 ** (child.failures - 2), RESTART_BACKOFF_S[1])
+        )
         child.next_start = time.monotonic() + wait
-        _log.error("%s (pid %d) exited with %s; starting it again in %.1f s", child.name, process.pid,
-                   process.exitcode, wait)
+        _log.error(
+            "%s (pid %d) exited with %s; starting it again in %.1f s", child.name, process.pid, process.exitcode, wait
+        )
 
     def run(self) -> int:
         """Start everything, keep it running until SIGTERM or SIGINT, then stop it all. Returns the exit code."""
@@ -142,8 +149,13 @@ class Supervisor:
         os.environ[MULTIPROC_DIR] = os.path.join(self.rundir, "metrics")  # inherited by every child
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stopping.set())
-        _log.info("supervisor %d: one engine process and %d front ends on %s:%d", os.getpid(), self.workers,
-                  self.host, self.port)
+        _log.info(
+            "supervisor %d: one engine process and %d front ends on %s:%d",
+            os.getpid(),
+            self.workers,
+            self.host,
+            self.port,
+        )
         try:
             from service.frontend.app import create_host_tables
 

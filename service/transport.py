@@ -33,8 +33,14 @@ import zmq
 
 from model.preprocessing import Preprocessing
 from service.client import OPERATIONS, Answer, Operations
-from service.exceptions import TRANSPORTED, EngineUnavailable, ImageDecodeError, InvalidFileError, Overloaded
-from service.exceptions import UnknownDomainError
+from service.exceptions import (
+    TRANSPORTED,
+    EngineUnavailable,
+    ImageDecodeError,
+    InvalidFileError,
+    Overloaded,
+    UnknownDomainError,
+)
 
 _log = logging.getLogger(__name__)
 SHM_DIR = pathlib.Path("/dev/shm")
@@ -45,6 +51,7 @@ START_WAIT_S = 120.0  # how long a starting front end waits for the engine befor
 
 
 # ----- shared memory -------------------------------------------------------------------------------
+
 
 class Arena:
     """A shared-memory file for one front end's images in flight; first-fit blocks of it."""
@@ -64,11 +71,11 @@ class Arena:
         self._free: list[tuple[int, int]] = [(0, size)]  # (offset, length), sorted by offset
 
     @classmethod
-    def create(cls, name: str, size: int) -> "Arena":
+    def create(cls, name: str, size: int) -> Arena:
         return cls(name, size, create=True)
 
     @classmethod
-    def attach(cls, name: str) -> "Arena":
+    def attach(cls, name: str) -> Arena:
         return cls(name, 0, create=False)
 
     def alloc(self, nbytes: int) -> int:
@@ -114,6 +121,7 @@ def remove_arenas(prefix: str) -> int:
 
 
 # ----- messages --------------------------------------------------------------------------------------
+
 
 class Images(msgspec.Struct, frozen=True):
     """Where a call's preprocessed images lie: float32 `shape` at `offset` of the arena `arena`."""
@@ -191,6 +199,7 @@ def raise_error(error: tuple[str, list]) -> typing.NoReturn:
 
 # ----- the front end's side ----------------------------------------------------------------------------
 
+
 class RemoteEngine:
     """The engine process, seen from a front end: every operation of `Operations` as one message."""
 
@@ -259,21 +268,24 @@ class RemoteEngine:
         self._pending[call_id] = future
         try:
             try:
-                self._sock.send_multipart([ENCODER.encode(Call(call_id, op, args, time.time() + timeout)), *frames],
-                                          zmq.NOBLOCK)
+                self._sock.send_multipart(
+                    [ENCODER.encode(Call(call_id, op, args, time.time() + timeout)), *frames], zmq.NOBLOCK
+                )
                 if not self._drain_due:  # a send can take the descriptor's signal of a reply: look again
                     self._drain_due = True
                     asyncio.get_running_loop().call_soon(self._drain)
             except zmq.Again:
-                raise EngineUnavailable("The engine process is not answering (starting or restarting); "
-                                        "retry shortly.") from None
+                raise EngineUnavailable(
+                    "The engine process is not answering (starting or restarting); retry shortly."
+                ) from None
             try:
                 async with asyncio.timeout(timeout):
                     reply, rest = await future
             except TimeoutError:
                 if probing:  # sent to a connection that died unnoticed, or to an engine still starting
-                    raise EngineUnavailable("The engine process is not answering (starting or restarting); "
-                                            "retry shortly.") from None
+                    raise EngineUnavailable(
+                        "The engine process is not answering (starting or restarting); retry shortly."
+                    ) from None
                 raise
         finally:
             self._pending.pop(call_id, None)
@@ -295,8 +307,14 @@ class RemoteEngine:
         call.__name__ = op
         return call
 
-    async def infer(self, domains: list[str], preprocessing: list[Preprocessing], images: np.ndarray,
-                    which: list[int], lane: str | None) -> list[Answer]:
+    async def infer(
+        self,
+        domains: list[str],
+        preprocessing: list[Preprocessing],
+        images: np.ndarray,
+        which: list[int],
+        lane: str | None,
+    ) -> list[Answer]:
         arena = self.arena
         nbytes = images.nbytes
         offset = arena.alloc(nbytes)
@@ -309,8 +327,10 @@ class RemoteEngine:
         answers = msgspec.convert(result, Answers)
         flat = np.frombuffer(rest[0], np.float32) if rest else np.zeros(0, np.float32)
         ends = np.cumsum(answers.classes)
-        return [Answer(flat[end - k:end], v, q, c) for k, end, v, q, c in
-                zip(answers.classes, ends, answers.versions, answers.queue_s, answers.compute_s)]
+        return [
+            Answer(flat[end - k : end], v, q, c)
+            for k, end, v, q, c in zip(answers.classes, ends, answers.versions, answers.queue_s, answers.compute_s)
+        ]
 
     # ----- replies and the engine's health -----------------------------------------------------
 

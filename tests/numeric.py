@@ -11,8 +11,15 @@ LOGIT_RTOL = 1e-4  # of the reference logits' scale, max |logit|; see assert_log
 LOGIT_ATOL_FLOOR = 1e-6  # so that a reference of all-but-zero logits does not ask for bit-exactness
 
 
-def assert_logits_close(actual, expected, *, logits=None, rtol_scale: float = LOGIT_RTOL,
-                        atol_floor: float = LOGIT_ATOL_FLOOR, err_msg: str = "") -> None:
+def assert_logits_close(
+    actual,
+    expected,
+    *,
+    logits=None,
+    rtol_scale: float = LOGIT_RTOL,
+    atol_floor: float = LOGIT_ATOL_FLOOR,
+    err_msg: str = "",
+) -> None:
     """Assert max |actual - expected| <= rtol_scale * scale + atol_floor, scale = max |expected logits|.
 
     Like the engine's golden self-test (`model.engine.GOLDEN_TOLERANCE`, relative to max |logit|), the

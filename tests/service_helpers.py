@@ -15,15 +15,15 @@ import threading
 import zlib
 
 import numpy as np
+from conftest import make_backbone, make_bundle
+from numeric import assert_logits_close
 from PIL import Image
 
-from conftest import make_backbone, make_bundle
 from model.backbone import Backbone, save_backbone
 from model.bundle import AdapterBundle, bundle_to_bytes, save_bundle
-from model.keras_weights import to_keras_model
 from model.config import ArchConfig
+from model.keras_weights import to_keras_model
 from model.preprocessing import open_image, preprocess
-from numeric import assert_logits_close
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ArchConfig(width_factor=0.125, input_size=16, adapter="series")
@@ -114,8 +114,9 @@ class NamedEngine:
         self.slots = {name: self.engine.load(bundle) for name, bundle in bundles.items()}
 
     def predict(self, images: np.ndarray, domains: str | list[str]) -> list[np.ndarray]:
-        return self.engine.predict(images, self.slots[domains] if isinstance(domains, str)
-                                   else [self.slots[d] for d in domains])
+        return self.engine.predict(
+            images, self.slots[domains] if isinstance(domains, str) else [self.slots[d] for d in domains]
+        )
 
 
 def reference_engine(assets: Assets) -> NamedEngine:
@@ -166,12 +167,21 @@ def check_scores(predictions: list[dict], logits: np.ndarray, labels) -> None:
 
 # ----- an app in this process ---------------------------------------------------------------------
 
+
 def make_settings(assets: Assets, store: pathlib.Path, **changes):
     """Settings of an in-process test app on the tiny assets and a store directory."""
     from service.settings import Settings
 
-    values = dict(backbone=assets.backbone_path, store_dir=store, demo_adapters=False, admin_token=ADMIN_TOKEN,
-                  max_wait_ms=1, max_batch_size=4, device_memory_mb=64, preprocess_threads=2)
+    values = {
+        "backbone": assets.backbone_path,
+        "store_dir": store,
+        "demo_adapters": False,
+        "admin_token": ADMIN_TOKEN,
+        "max_wait_ms": 1,
+        "max_batch_size": 4,
+        "device_memory_mb": 64,
+        "preprocess_threads": 2,
+    }
     return Settings(**{**values, **changes})
 
 
@@ -187,6 +197,7 @@ def running(settings):
 
 
 # ----- images ----------------------------------------------------------------------------------
+
 
 def noise(seed: int, size: tuple[int, int] = (24, 20), channels: int = 3) -> np.ndarray:
     shape = (size[1], size[0], channels) if channels > 1 else (size[1], size[0])
@@ -253,6 +264,7 @@ def corrupt_png_body(data: bytes) -> bytes:
 
 # ----- bundles that must be refused --------------------------------------------------------------
 
+
 def bad_bundles(assets: Assets) -> dict[str, bytes]:
     import pickle
 
@@ -265,7 +277,7 @@ def bad_bundles(assets: Assets) -> dict[str, bytes]:
     extra = {**weights, "extra.kernel": np.zeros((2, 2), np.float32)}
     return {
         "random": np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes(),
-        "pickle": pickle.dumps({"weights": {k: v for k, v in list(weights.items())[:3]}, "domain": "beta"}),
+        "pickle": pickle.dumps({"weights": dict(list(weights.items())[:3]), "domain": "beta"}),
         "empty": b"",
         "foreign": assets.data("foreign"),
         "nan": bundle_to_bytes(dataclasses.replace(beta, weights=nan)),
@@ -273,8 +285,9 @@ def bad_bundles(assets: Assets) -> dict[str, bytes]:
         "extra_tensor": bundle_to_bytes(dataclasses.replace(beta, weights=extra)),
         "too_many_labels": bundle_to_bytes(dataclasses.replace(beta, labels=(*beta.labels, "surplus"))),
         "too_few_labels": bundle_to_bytes(dataclasses.replace(beta, labels=beta.labels[:-1])),
-        "bad_golden": bundle_to_bytes(dataclasses.replace(
-            assets.bundles["alpha"], golden_logits=assets.bundles["alpha"].golden_logits + 5.0)),
+        "bad_golden": bundle_to_bytes(
+            dataclasses.replace(assets.bundles["alpha"], golden_logits=assets.bundles["alpha"].golden_logits + 5.0)
+        ),
         "truncated": assets.data("beta")[:-100],
     }
 
@@ -294,12 +307,15 @@ def store_snapshot(store: pathlib.Path) -> set[str]:
     """Every path under the store (hidden ones included), but the usage counts that serving updates."""
     if not store.exists():
         return set()
-    return {str(p.relative_to(store)) for p in store.rglob("*") if not p.name.startswith((".usage.json", "..usage.json"))}
+    return {
+        str(p.relative_to(store)) for p in store.rglob("*") if not p.name.startswith((".usage.json", "..usage.json"))
+    }
 
 
 def temp_files(store: pathlib.Path) -> list[str]:
-    return sorted(str(p.relative_to(store)) for p in store.rglob("*") if p.name.endswith(".tmp")
-                  or p.name.startswith(".trash-"))
+    return sorted(
+        str(p.relative_to(store)) for p in store.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".trash-")
+    )
 
 
 @contextlib.contextmanager
@@ -309,9 +325,11 @@ def stalled_upload(url: str, bundle: bytes, domain: str):
     import httpx
 
     boundary = "ra-test-boundary-7f3a"
-    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="domain"\r\n\r\n{domain}\r\n'
-            f'--{boundary}\r\nContent-Disposition: form-data; name="bundle"; filename="b.safetensors"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="domain"\r\n\r\n{domain}\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="bundle"; filename="b.safetensors"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
     body = head + bundle + f"\r\n--{boundary}--\r\n".encode()
     first_sent, release = threading.Event(), threading.Event()
     outcome: list[object] = []
@@ -325,8 +343,13 @@ def stalled_upload(url: str, bundle: bytes, domain: str):
     def upload():
         try:
             with httpx.Client(base_url=url, timeout=60) as client:
-                outcome.append(client.post("/adapters", content=chunks(), headers={
-                    **AUTH, "content-type": f"multipart/form-data; boundary={boundary}"}).status_code)
+                outcome.append(
+                    client.post(
+                        "/adapters",
+                        content=chunks(),
+                        headers={**AUTH, "content-type": f"multipart/form-data; boundary={boundary}"},
+                    ).status_code
+                )
         except httpx.HTTPError as exc:
             outcome.append(exc)
 

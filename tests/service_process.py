@@ -26,8 +26,13 @@ class ServiceProcess:
     """One `python -m service` process (or a group of `--workers`) on its own port, logging to a file."""
 
     def __init__(self, env: dict[str, str], log_path: pathlib.Path, workers: int = 1):
-        self.env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "",
-                    "RA_DEVICE_MEMORY_MB": "256", **env}  # several engines on one machine: a modest table each
+        self.env = {
+            **os.environ,
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "CUDA_VISIBLE_DEVICES": "",
+            "RA_DEVICE_MEMORY_MB": "256",
+            **env,
+        }  # several engines on one machine: a modest table each
         self.log_path, self.workers = log_path, workers
         self.proc: subprocess.Popen | None = None
         self.port = free_port()
@@ -41,17 +46,31 @@ class ServiceProcess:
         """The Open Inference Protocol's gRPC port (`RA_GRPC_PORT` in `env`)."""
         return int(self.env["RA_GRPC_PORT"])
 
-    def start(self) -> "ServiceProcess":
+    def start(self) -> ServiceProcess:
         """Start on a fresh free port (a restarted process does not wait for the old socket to close)."""
         self.port = free_port()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service", "--port", str(self.port), "--workers", str(self.workers),
-                 "--log-level", "info"], cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "service",
+                    "--port",
+                    str(self.port),
+                    "--workers",
+                    str(self.workers),
+                    "--log-level",
+                    "info",
+                ],
+                cwd=REPO,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         return self
 
-    def wait_ready(self, timeout: float = 120.0) -> "ServiceProcess":
+    def wait_ready(self, timeout: float = 120.0) -> ServiceProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -17,14 +17,14 @@ import time
 import httpx
 import numpy as np
 import pytest
+from service_helpers import png_bytes
+from service_process import ServiceProcess, free_port
 
 from bench.affinity import served_by
 from bench.domains import seed
 from bench.haproxy import HAPROXY, RATES, REPO, running_proxy
 from service.frontend import proxy_limits
 from service.frontend.access import hash_key
-from service_helpers import png_bytes
-from service_process import ServiceProcess, free_port
 
 DOMAINS = 24
 
@@ -44,9 +44,13 @@ def test_the_shipped_configuration_is_valid(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-KEYS = {"keys": [{"name": "flood", "key_sha256": hash_key("flood-secret"), "rate_per_s": 2.5, "burst": 4},
-                 {"name": "steady", "key_sha256": hash_key("steady-secret"), "rate_per_s": 100},
-                 {"name": "free", "key_sha256": hash_key("free-secret"), "domains": ["*"]}]}
+KEYS = {
+    "keys": [
+        {"name": "flood", "key_sha256": hash_key("flood-secret"), "rate_per_s": 2.5, "burst": 4},
+        {"name": "steady", "key_sha256": hash_key("steady-secret"), "rate_per_s": 100},
+        {"name": "free", "key_sha256": hash_key("free-secret"), "domains": ["*"]},
+    ]
+}
 
 
 def test_the_rates_map_holds_each_limited_key_to_its_largest_one_second_take(tmp_path):
@@ -72,8 +76,7 @@ def fleet(tmp_path_factory):
     store = tmp / "store"
     store.mkdir()
     names = seed(store, DOMAINS)
-    env = {"RA_STORE_DIR": str(store), "RA_DEMO_ADAPTERS": "false", "RA_PREPROCESS_THREADS": "1",
-           "RA_MAX_WAIT_MS": "2"}
+    env = {"RA_STORE_DIR": str(store), "RA_DEMO_ADAPTERS": "false", "RA_PREPROCESS_THREADS": "1", "RA_MAX_WAIT_MS": "2"}
     replicas = [ServiceProcess({**env, "RA_GRPC_PORT": str(free_port())}, tmp / f"replica{i}.log") for i in range(3)]
     for replica in replicas:
         replica.start()
@@ -122,8 +125,10 @@ def test_a_hot_domain_spills_over_to_other_replicas(fleet):
     url, replicas, names = fleet
     hot = names[-1]
     before = served(replicas, hot)
-    with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=48)) as client, \
-            concurrent.futures.ThreadPoolExecutor(48) as pool:
+    with (
+        httpx.Client(timeout=60, limits=httpx.Limits(max_connections=48)) as client,
+        concurrent.futures.ThreadPoolExecutor(48) as pool,
+    ):
         codes = list(pool.map(lambda _: predict(client, url, hot), range(480)))
     assert codes == [200] * 480
     gained = [after - b for after, b in zip(served(replicas, hot), before)]
@@ -137,13 +142,19 @@ def test_the_proxy_refuses_a_key_over_its_limit_before_any_replica_sees_it(fleet
     rates = tmp_path / "rates.map"
     proxy_limits.main([str(keys), "--out", str(rates)])
     domain = names[1]
-    with running_proxy([r.port for r in replicas], free_port(), rates=rates) as url, \
-            httpx.Client(timeout=60) as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
+    with (
+        running_proxy([r.port for r in replicas], free_port(), rates=rates) as url,
+        httpx.Client(timeout=60) as client,
+        concurrent.futures.ThreadPoolExecutor(8) as pool,
+    ):
         before = sum(served(replicas, domain))
 
         def call(key: str) -> httpx.Response:
-            return client.post(f"{url}/predict/{domain}", files={"file": ("x.png", png_bytes(1))},
-                               headers={"Authorization": f"Bearer {key}"})
+            return client.post(
+                f"{url}/predict/{domain}",
+                files={"file": ("x.png", png_bytes(1))},
+                headers={"Authorization": f"Bearer {key}"},
+            )
 
         flood = list(pool.map(lambda _: call("flood-secret"), range(24)))
         passed = [r for r in flood if r.status_code == 200]
@@ -171,8 +182,9 @@ def test_grpc_through_the_proxy_reaches_the_replicas_and_holds_keys_to_the_same_
     rates = tmp_path / "rates.map"
     proxy_limits.main([str(keys), "--out", str(rates)])
     domain, listen = names[2], free_port()
-    with running_proxy([r.port for r in replicas], free_port(), rates=rates,
-                       grpc=(listen, [r.grpc_port for r in replicas])):
+    with running_proxy(
+        [r.port for r in replicas], free_port(), rates=rates, grpc=(listen, [r.grpc_port for r in replicas])
+    ):
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{listen}")
         deadline = time.monotonic() + 30
         while not client.is_server_ready():  # the proxy's health checks of the gRPC servers

@@ -7,18 +7,18 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import FIXTURES, random_weights
-from model.config import ArchConfig, conv_units
-from model.resnet26 import build_resnet26
 from numeric import assert_logits_close
+
+from model.config import ArchConfig, conv_units
+from model.keras_weights import get_weights, set_weights
+from model.resnet26 import build_resnet26
 from model.weights import (
     WeightsMismatchError,
     count_parameters,
     expected_shapes,
     is_shared,
 )
-from model.keras_weights import get_weights, set_weights
 
 MODES = ("series", "parallel", "none")
 REFERENCE_MODES = {"bn": "none", "series_adapters": "series", "parallel_adapters": "parallel"}
@@ -79,8 +79,9 @@ def test_keras_model_has_exactly_the_expected_weights(adapter: str) -> None:
     assert actual == expected
     shared = expected_shapes(config, "shared")
     assert len(shared) == 25 == len(conv_units(config))
-    assert all(name.endswith("_conv3x3.kernel") and len(shape) == 4 and shape[:2] == (3, 3)
-               for name, shape in shared.items())
+    assert all(
+        name.endswith("_conv3x3.kernel") and len(shape) == 4 and shape[:2] == (3, 3) for name, shape in shared.items()
+    )
     assert set(get_weights(model, "shared")) == set(shared)
     assert set(get_weights(model, "domain")) == set(expected) - set(shared)
     assert not any(is_shared(name) for name in expected_shapes(config, "domain"))
@@ -184,8 +185,12 @@ def test_set_get_weights_round_trip_by_part(adapter: str) -> None:
         np.testing.assert_array_equal(value, weights[name], err_msg=name)
     # the same architecture, weights and batch: the same sums in the same order, so far tighter than the cross-batch
     # 1e-4; one part left unset is off by the order of the scale (the assert above)
-    assert_logits_close(np.asarray(target(x, training=False)), np.asarray(source(x, training=False)),
-                        rtol_scale=1e-6, err_msg="weights set by part vs all at once")
+    assert_logits_close(
+        np.asarray(target(x, training=False)),
+        np.asarray(source(x, training=False)),
+        rtol_scale=1e-6,
+        err_msg="weights set by part vs all at once",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -200,18 +205,35 @@ def series_model():
     ("part", "mutate", "key", "kind"),
     [
         ("domain", lambda w: w.pop("stage2_block3_conv2_bn.beta"), "stage2_block3_conv2_bn.beta", "missing"),
-        ("shared", lambda w: w.pop("stage3_block4_conv2_conv3x3.kernel"), "stage3_block4_conv2_conv3x3.kernel",
-         "missing"),
-        ("domain", lambda w: w.__setitem__("bogus_layer.kernel", np.zeros(3, np.float32)), "bogus_layer.kernel",
-         "unexpected"),
+        (
+            "shared",
+            lambda w: w.pop("stage3_block4_conv2_conv3x3.kernel"),
+            "stage3_block4_conv2_conv3x3.kernel",
+            "missing",
+        ),
+        (
+            "domain",
+            lambda w: w.__setitem__("bogus_layer.kernel", np.zeros(3, np.float32)),
+            "bogus_layer.kernel",
+            "unexpected",
+        ),
         ("shared", lambda w: w.__setitem__("stem_bn.gamma", np.ones(8, np.float32)), "stem_bn.gamma", "unexpected"),
-        ("domain", lambda w: w.__setitem__("classifier.bias", np.zeros(6, np.float32)), "classifier.bias",
-         "misshaped"),
-        ("shared", lambda w: w.__setitem__("stem_conv3x3.kernel", np.zeros((3, 3, 3, 9), np.float32)),
-         "stem_conv3x3.kernel", "misshaped"),
+        ("domain", lambda w: w.__setitem__("classifier.bias", np.zeros(6, np.float32)), "classifier.bias", "misshaped"),
+        (
+            "shared",
+            lambda w: w.__setitem__("stem_conv3x3.kernel", np.zeros((3, 3, 3, 9), np.float32)),
+            "stem_conv3x3.kernel",
+            "misshaped",
+        ),
     ],
-    ids=["domain-missing", "shared-missing", "domain-extra", "shared-gets-domain-key", "domain-misshaped",
-         "shared-misshaped"],
+    ids=[
+        "domain-missing",
+        "shared-missing",
+        "domain-extra",
+        "shared-gets-domain-key",
+        "domain-misshaped",
+        "shared-misshaped",
+    ],
 )
 def test_set_weights_rejects_mismatch(series_model, part: str, mutate, key: str, kind: str) -> None:
     """A missing, extra or misshaped tensor raises WeightsMismatchError naming it, and changes nothing."""

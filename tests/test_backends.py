@@ -13,7 +13,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from service_helpers import png_bytes
 from service_process import ServiceProcess
 from test_engine import parity_logits
@@ -36,9 +35,25 @@ def test_the_engine_tests_pass_and_equal_tensorflow_on(backend, tmp_path):
     reference = tmp_path / "tensorflow.npz"
     np.savez(reference, **parity_logits())
     env = {**os.environ, "KERAS_BACKEND": backend, "RA_TF_ENGINE_LOGITS": str(reference), "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-                          "-m", "every_backend", "tests/test_engine.py"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-rs",
+            "-m",
+            "every_backend",
+            "tests/test_engine.py",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     summary = run.stdout.strip().splitlines()[-1]
     assert "failed" not in summary and "skipped" not in summary, run.stdout[-3000:]  # the parity test ran
@@ -56,8 +71,9 @@ def serve_and_predict(backend: str, tmp: pathlib.Path) -> dict:
         server.wait_ready(240)
         with server.client() as client:
             ready = client.get("/readyz").json()
-            answer = client.post("/predict/fashion", params={"top_k": 10},
-                                 files={"file": ("noise.png", png_bytes(3, (28, 28)))}).json()
+            answer = client.post(
+                "/predict/fashion", params={"top_k": 10}, files={"file": ("noise.png", png_bytes(3, (28, 28)))}
+            ).json()
             metadata = client.get("/v2/models/fashion").json()
     finally:
         server.stop()
@@ -72,5 +88,6 @@ def test_the_service_serves_the_demo_on(backend, tensorflow_answer, tmp_path):
     assert got["metadata"]["platform"] == f"residual_adapters_{backend}"
     want = tensorflow_answer["answer"]
     assert [p["label"] for p in got["answer"]["predictions"]] == [p["label"] for p in want["predictions"]]
-    np.testing.assert_allclose([p["score"] for p in got["answer"]["predictions"]],
-                               [p["score"] for p in want["predictions"]], atol=1e-5)
+    np.testing.assert_allclose(
+        [p["score"] for p in got["answer"]["predictions"]], [p["score"] for p in want["predictions"]], atol=1e-5
+    )

@@ -9,8 +9,8 @@ import time
 
 import numpy as np
 import pytest
-
 from numeric import assert_logits_close
+
 from service.engine.batcher import DynamicBatcher, Overloaded, QueueShareExceeded
 from service.metrics import Metrics
 
@@ -43,7 +43,6 @@ class ScriptedEngine:
         self.hold.set()
         self.started = threading.Event()
         self.fail_with: Exception | None = None
-
 
     def predict(self, images: np.ndarray, slots: list[FakeSlot]):
         self.started.set()
@@ -89,8 +88,10 @@ def test_requests_queued_during_a_batch_share_the_next_one_without_cross_talk():
         engine = ScriptedEngine()
         batcher = await started(engine)
         first = await occupy(engine, batcher)
-        calls = [asyncio.create_task(batcher.predict([image(v), image(v + 0.5)], leased(d, d)))
-                 for v, d in ((1, "a"), (2, "b"), (3, "c"))]
+        calls = [
+            asyncio.create_task(batcher.predict([image(v), image(v + 0.5)], leased(d, d)))
+            for v, d in ((1, "a"), (2, "b"), (3, "c"))
+        ]
         await wait_until(lambda: batcher.depth == 6)
         engine.hold.set()
         answers = await asyncio.gather(first, *calls)
@@ -102,8 +103,10 @@ def test_requests_queued_during_a_batch_share_the_next_one_without_cross_talk():
     assert {d for _, d in batches[1]} == {"a", "b", "c"}
     for (value, domain), answer in zip(((1, "a"), (2, "b"), (3, "c")), answers[1:]):
         assert [float(a.logits[0]) for a in answer] == [value, value + 0.5]
-        assert all(a.logits[1] == ord(domain) and a.version == f"v-{domain}" and a.queue_s >= 0 and a.compute_s >= 0
-                   for a in answer)
+        assert all(
+            a.logits[1] == ord(domain) and a.version == f"v-{domain}" and a.queue_s >= 0 and a.compute_s >= 0
+            for a in answer
+        )
 
 
 def test_a_full_batch_leaves_at_once_and_a_partial_one_after_max_wait():
@@ -162,6 +165,7 @@ def test_cancelled_requests_are_not_computed():
 def test_submit_calls_back_once_with_the_answers_or_when_given_up():
     """The engine process's path: no future per call. A cancelled request hears of it once (so that its
     caller returns its leases) and its queued images are skipped; an answered one hears only its answers."""
+
     async def main():
         engine = ScriptedEngine()
         batcher = await started(engine)
@@ -285,8 +289,10 @@ def test_with_keys_the_lanes_are_tenants_so_many_domains_do_not_buy_more_turns()
         busy = await occupy(engine, batcher)
         domains = [chr(ord("d") + i) for i in range(12)]  # one tenant spreads its flood over 12 domains
         flood = asyncio.create_task(batcher.predict([image(10 + i) for i in range(12)], leased(*domains), "noisy"))
-        light = [asyncio.create_task(batcher.predict([image(v)], leased(d), lane))
-                 for v, d, lane in ((1, "b", "calm-1"), (2, "c", "calm-2"))]
+        light = [
+            asyncio.create_task(batcher.predict([image(v)], leased(d), lane))
+            for v, d, lane in ((1, "b", "calm-1"), (2, "c", "calm-2"))
+        ]
         await wait_until(lambda: batcher.depth == 14)
         with pytest.raises(QueueShareExceeded, match="'noisy'"):  # the share is the tenant's, over all its domains
             await batcher.predict([image(30)], leased("z"), "noisy")

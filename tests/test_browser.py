@@ -12,11 +12,11 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
+from service_process import running_server
 
 from model.bundle import load_bundle
 from model.engine import InferenceEngine
 from model.preprocessing import open_image, preprocess
-from service_process import running_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -24,7 +24,9 @@ CHROMEDRIVER = shutil.which("chromedriver")
 if not (CHROMIUM and CHROMEDRIVER):
     if os.environ.get("CI"):
         raise RuntimeError("CI must run the browser tests: apt-get install chromium chromium-driver")
-    pytest.skip("Chromium or chromedriver is missing: apt-get install chromium chromium-driver", allow_module_level=True)
+    pytest.skip(
+        "Chromium or chromedriver is missing: apt-get install chromium chromium-driver", allow_module_level=True
+    )
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is missing: pip install -e '.[dev]'")
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -44,9 +46,17 @@ def server(tmp_path_factory):
 def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                 "--window-size=1200,1000"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        "--window-size=1200,1000",
+    ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
@@ -59,8 +69,8 @@ def console_errors(driver) -> list[str]:
 
 
 def expected_top1(domain: str, image_bytes: bytes) -> str:
-    from service.settings import DEMO_DIR
     from model.backbone import load_backbone
+    from service.settings import DEMO_DIR
 
     backbone = load_backbone(DEMO_DIR / "backbone.safetensors")
     bundle = load_bundle(DEMO_DIR / f"{domain}.safetensors", backbone)
@@ -149,9 +159,16 @@ def test_with_keys_the_page_shows_only_the_keys_domains_and_keeps_the_key_for_th
 
     root = tmp_path_factory.mktemp("keyed")
     keys = root / "keys.json"
-    keys.write_text(json.dumps({"keys": [
-        {"name": "fashion-team", "key_sha256": hash_key("key-fashion"), "domains": ["fashion", "digits"]},
-        {"name": "pets", "key_sha256": hash_key("key-pets"), "domains": ["cat*"]}]}))
+    keys.write_text(
+        json.dumps(
+            {
+                "keys": [
+                    {"name": "fashion-team", "key_sha256": hash_key("key-fashion"), "domains": ["fashion", "digits"]},
+                    {"name": "pets", "key_sha256": hash_key("key-pets"), "domains": ["cat*"]},
+                ]
+            }
+        )
+    )
     with running_server(root / "store", {"RA_API_KEYS_FILE": str(keys)}) as url:
         browser.get(url + "/")
         wait = WebDriverWait(browser, 20)
@@ -199,9 +216,13 @@ def test_adapters_table_fits_at_1280_with_the_delete_buttons_visible(server, bro
     from service.settings import DEMO_DIR
 
     long_name = "a-rather-long-domain-name-for-the-table"  # a long name is cut, not widening the table
-    response = httpx.post(server + "/adapters", headers={"Authorization": f"Bearer {TOKEN}"},
-                          data={"domain": long_name, "replace": "true"}, timeout=60,
-                          files={"bundle": ("d.safetensors", (DEMO_DIR / "digits.safetensors").read_bytes())})
+    response = httpx.post(
+        server + "/adapters",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        data={"domain": long_name, "replace": "true"},
+        timeout=60,
+        files={"bundle": ("d.safetensors", (DEMO_DIR / "digits.safetensors").read_bytes())},
+    )
     assert response.status_code in (200, 201), response.text
     browser.set_window_size(1280, 800)
     try:
@@ -221,7 +242,7 @@ def test_adapters_table_fits_at_1280_with_the_delete_buttons_visible(server, bro
         assert len(fit["buttons"]) >= 2 and f"Delete {long_name}" in [b["label"] for b in fit["buttons"]], fit
         for button in fit["buttons"]:
             assert button["inViewport"] and button["inWrap"] and button["onTop"], button
-        cell = browser.find_element(By.CSS_SELECTOR, "#adapters tbody td[title='%s']" % long_name)
+        cell = browser.find_element(By.CSS_SELECTOR, f"#adapters tbody td[title='{long_name}']")
         assert cell.text == long_name  # whole in the DOM (and its title), only cut on screen
         assert browser.find_element(By.CSS_SELECTOR, f"button[aria-label='Delete {long_name}']").is_displayed()
     finally:

@@ -59,8 +59,9 @@ def test_hadolint_passes():
 
 def test_docker_compose_config_is_valid():
     compose = require("docker-compose", "install docker-compose to check the compose file")
-    result = subprocess.run([compose, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
-                            cwd=REPO, timeout=60)
+    result = subprocess.run(
+        [compose, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -93,14 +94,22 @@ def test_the_health_check_follows_ra_port(assets, tmp_path):
     RA_HOST / RA_PORT alone: healthy there, unhealthy when pointed at a port nothing serves."""
     import json
 
-    from service_process import REPO as ROOT, free_port
+    from service_process import REPO as ROOT
+    from service_process import free_port
 
     healthcheck = next(args for word, args in dockerfile_instructions() if word == "HEALTHCHECK")
-    command = json.loads(healthcheck[healthcheck.index("CMD") + 3:].strip())
+    command = json.loads(healthcheck[healthcheck.index("CMD") + 3 :].strip())
     command[0] = sys.executable
     port = free_port()
-    env = {**os.environ, "RA_HOST": "127.0.0.1", "RA_PORT": str(port), "RA_STORE_DIR": str(tmp_path / "store"),
-           "RA_BACKBONE": str(assets.backbone_path), "RA_DEMO_ADAPTERS": "false", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {
+        **os.environ,
+        "RA_HOST": "127.0.0.1",
+        "RA_PORT": str(port),
+        "RA_STORE_DIR": str(tmp_path / "store"),
+        "RA_BACKBONE": str(assets.backbone_path),
+        "RA_DEMO_ADAPTERS": "false",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
     server = subprocess.Popen([sys.executable, "-m", "service", "--log-level", "warning"], cwd=ROOT, env=env)
     try:
         deadline = time.monotonic() + 90
@@ -146,8 +155,11 @@ def test_compose_declares_gpu_healthcheck_volume_and_port():
 
 
 def test_compose_env_leaves_management_disabled():
-    env = dict(line.split("=", 1) for line in (REPO / "service" / "compose.env").read_text().splitlines()
-               if line.strip() and not line.startswith("#"))
+    env = dict(
+        line.split("=", 1)
+        for line in (REPO / "service" / "compose.env").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    )
     assert env.get("RA_ADMIN_TOKEN", "") == ""  # never ship a token
 
 
@@ -161,28 +173,37 @@ def test_the_fleet_compose_files_are_valid_and_need_the_database_password():
     compose = require("docker-compose", "install docker-compose to check the compose file")
     base = [compose, "-f", str(FLEET)]
     env = {**os.environ, "RA_DB_PASSWORD": "x"}
-    for files in (base, base + ["-f", str(FLEET_GPU)]):
-        result = subprocess.run(files + ["config", "-q"], capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+    for files in (base, [*base, "-f", str(FLEET_GPU)]):
+        result = subprocess.run([*files, "config", "-q"], capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
         assert result.returncode == 0, result.stdout + result.stderr
     unset = {k: v for k, v in os.environ.items() if k != "RA_DB_PASSWORD"}
-    result = subprocess.run(base + ["config", "-q"], capture_output=True, text=True, cwd=REPO, env=unset, timeout=60)
+    result = subprocess.run([*base, "config", "-q"], capture_output=True, text=True, cwd=REPO, env=unset, timeout=60)
     assert result.returncode != 0 and "RA_DB_PASSWORD" in result.stdout + result.stderr
 
 
 def kubernetes_documents() -> list[tuple[Path, dict]]:
     import yaml
 
-    return [(path, document) for path in sorted(KUBERNETES.glob("*.yaml"))
-            for document in yaml.safe_load_all(path.read_text()) if document]
+    return [
+        (path, document)
+        for path in sorted(KUBERNETES.glob("*.yaml"))
+        for document in yaml.safe_load_all(path.read_text())
+        if document
+    ]
 
 
 def test_the_kubernetes_manifests_validate_against_the_schemas():
     import kubernetes_validate
 
     documents = kubernetes_documents()
-    assert {d["kind"] for _, d in documents} == {"Deployment", "Service", "HorizontalPodAutoscaler", "Secret",
-                                                 "ConfigMap"}
-    for path, document in documents:
+    assert {d["kind"] for _, d in documents} == {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "Secret",
+        "ConfigMap",
+    }
+    for _path, document in documents:
         kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
 
     # the validator does catch mistakes: a misspelled field and a wrong type
@@ -205,8 +226,10 @@ def manifest(documents: list[tuple[Path, dict]], kind: str, name: str) -> dict:
 
 def test_the_kubernetes_manifests_wire_probes_gpu_secrets_and_autoscaling():
     documents = kubernetes_documents()
-    deployment, service, hpa, secret = (manifest(documents, kind, "residual-adapters") for kind in
-                                        ("Deployment", "Service", "HorizontalPodAutoscaler", "Secret"))
+    deployment, service, hpa, secret = (
+        manifest(documents, kind, "residual-adapters")
+        for kind in ("Deployment", "Service", "HorizontalPodAutoscaler", "Secret")
+    )
     pod = deployment["spec"]["template"]
     (container,) = pod["spec"]["containers"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -215,8 +238,9 @@ def test_the_kubernetes_manifests_wire_probes_gpu_secrets_and_autoscaling():
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     from_secret = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
     assert set(from_secret) == {"RA_ADMIN_TOKEN", "RA_REGISTRY_URL"}
-    assert all(ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
-               for ref in from_secret.values())
+    assert all(
+        ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"] for ref in from_secret.values()
+    )
     port = {p["name"]: p["containerPort"] for p in container["ports"]}
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["RA_PORT"] == str(port[container["readinessProbe"]["httpGet"]["port"]])
@@ -235,7 +259,8 @@ def kubernetes_proxy_config(compose_config: str) -> str:
         "    # Docker's DNS answers `adapters` with every replica's address (compose --scale)\n"
         "    nameserver dns 127.0.0.11:53\n",
         "    # the cluster's DNS (the pod's resolv.conf) answers the headless Service with every pod's address\n"
-        "    parse-resolv-conf\n")
+        "    parse-resolv-conf\n",
+    )
     text = text.replace("resolvers docker", "resolvers cluster")
     return re.sub(r" adapters:(\d+) ", r" residual-adapters-replicas.default.svc.cluster.local:\1 ", text)
 
@@ -248,9 +273,12 @@ def test_the_kubernetes_proxy_runs_the_fleet_configuration_over_every_replica_po
     assert data["rates.map"] == (REPO / "deploy" / "rates.map").read_text()  # the file the config reads
     haproxy = require("haproxy", "apt-get install haproxy")
     (tmp_path / "rates.map").write_text(data["rates.map"])
-    (tmp_path / "haproxy.cfg").write_text(config.replace("/usr/local/etc/haproxy/rates.map", str(tmp_path / "rates.map")))
-    result = subprocess.run([haproxy, "-c", "-f", str(tmp_path / "haproxy.cfg")], capture_output=True, text=True,
-                            timeout=30)
+    (tmp_path / "haproxy.cfg").write_text(
+        config.replace("/usr/local/etc/haproxy/rates.map", str(tmp_path / "rates.map"))
+    )
+    result = subprocess.run(
+        [haproxy, "-c", "-f", str(tmp_path / "haproxy.cfg")], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     proxy = manifest(documents, "Deployment", "residual-adapters-proxy")
     pod = proxy["spec"]["template"]
@@ -260,7 +288,8 @@ def test_the_kubernetes_proxy_runs_the_fleet_configuration_over_every_replica_po
     assert mount["mountPath"] == "/usr/local/etc/haproxy" and volume["configMap"]["name"] == "residual-adapters-proxy"
     assert {p["containerPort"] for p in container["ports"]} == {8080, 8081}  # config: bind :8080, :8081 (gRPC)
     assert {p["targetPort"] for p in manifest(documents, "Service", "residual-adapters-proxy")["spec"]["ports"]} == {
-        p["name"] for p in container["ports"]}
+        p["name"] for p in container["ports"]
+    }
     front = manifest(documents, "Service", "residual-adapters-proxy")
     assert front["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     replicas = manifest(documents, "Service", "residual-adapters-replicas")
@@ -287,8 +316,11 @@ def kserve_validator(kind: str):
 
     def strict(node):
         if isinstance(node, dict):
-            if ("properties" in node and "additionalProperties" not in node
-                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+            if (
+                "properties" in node
+                and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+            ):
                 node["additionalProperties"] = False
             for value in node.values():
                 strict(value)
@@ -305,7 +337,9 @@ def kserve_validator(kind: str):
 def kserve_documents() -> dict[str, dict]:
     import yaml
 
-    documents = [d for path in sorted((KUBERNETES / "kserve").glob("*.yaml")) for d in yaml.safe_load_all(path.read_text())]
+    documents = [
+        d for path in sorted((KUBERNETES / "kserve").glob("*.yaml")) for d in yaml.safe_load_all(path.read_text())
+    ]
     return {d["kind"]: d for d in documents if d}
 
 
@@ -334,7 +368,9 @@ def test_the_kserve_runtime_serves_both_protocols_on_the_ports_it_declares():
     runtime, isvc = documents["ServingRuntime"], documents["InferenceService"]
     model = isvc["spec"]["predictor"]["model"]
     assert model["runtime"] == runtime["metadata"]["name"] and model["protocolVersion"] == "v2"
-    assert model["modelFormat"] in [{k: f[k] for k in ("name", "version")} for f in runtime["spec"]["supportedModelFormats"]]
+    assert model["modelFormat"] in [
+        {k: f[k] for k in ("name", "version")} for f in runtime["spec"]["supportedModelFormats"]
+    ]
     assert {"v2", "grpc-v2"} <= set(runtime["spec"]["protocolVersions"])
     (container,) = runtime["spec"]["containers"]
     assert container["name"] == "kserve-container"

@@ -21,7 +21,6 @@ from pathlib import Path
 import httpx
 import pytest
 import tritonclient.grpc as grpcclient
-
 from service_process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,8 +59,18 @@ class Docker:
 
     def build(self, tag: str, context: Path, *extra: str) -> float:
         started = time.monotonic()
-        self("build", "--network", "host", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "-t", tag, *extra,
-             str(context), timeout=900)
+        self(
+            "build",
+            "--network",
+            "host",
+            "--build-arg",
+            f"BASE_IMAGE={BASE_IMAGE}",
+            "-t",
+            tag,
+            *extra,
+            str(context),
+            timeout=900,
+        )
         return time.monotonic() - started
 
 
@@ -82,21 +91,37 @@ def image(docker, container_facts) -> str:
     secret = ["--secret", f"id=ca_bundle,src={CA_BUNDLE}"] if CA_BUNDLE.exists() else []
     seconds = docker.build(tag, REPO, *secret)
     size = int(docker("image", "inspect", "-f", "{{.Size}}", tag).stdout)
-    container_facts.append(f"image {tag} on {BASE_IMAGE}: built in {seconds:.0f} s, "
-                                       f"{size / 1e9:.2f} GB")
+    container_facts.append(f"image {tag} on {BASE_IMAGE}: built in {seconds:.0f} s, {size / 1e9:.2f} GB")
     secrets_seen = docker("run", "--rm", "--entrypoint", "sh", tag, "-c", "ls -A /run/secrets 2>/dev/null; true")
     assert secrets_seen.stdout.strip() == "", "the CA bundle must not stay in the image"
     return tag
 
 
 @contextlib.contextmanager
-def container(docker: Docker, image: str, port: int, volume: str, name: str | None = None,
-              grpc_port: int | None = None):
+def container(
+    docker: Docker, image: str, port: int, volume: str, name: str | None = None, grpc_port: int | None = None
+):
     """The image on the host's network: its HTTP port `port`, its gRPC port `grpc_port` (a free one by default)."""
     name = name or f"ra-test-{uuid.uuid4().hex[:8]}"
-    docker("run", "-d", "--name", name, "--network", "host", "-e", f"RA_PORT={port}", "-e",
-           f"RA_GRPC_PORT={grpc_port or free_port()}", "-e", f"RA_ADMIN_TOKEN={TOKEN}", "-v", f"{volume}:/data/store",
-           "--health-interval", "1s", image)
+    docker(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        "host",
+        "-e",
+        f"RA_PORT={port}",
+        "-e",
+        f"RA_GRPC_PORT={grpc_port or free_port()}",
+        "-e",
+        f"RA_ADMIN_TOKEN={TOKEN}",
+        "-v",
+        f"{volume}:/data/store",
+        "--health-interval",
+        "1s",
+        image,
+    )
     try:
         yield name
     finally:
@@ -129,7 +154,9 @@ def volume(docker):
     docker("volume", "rm", "-f", name, check=False)
 
 
-def test_the_image_serves_keeps_a_registration_across_a_restart_and_reports_healthy(docker, image, volume, container_facts):
+def test_the_image_serves_keeps_a_registration_across_a_restart_and_reports_healthy(
+    docker, image, volume, container_facts
+):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     grpc_port = free_port()
@@ -142,10 +169,16 @@ def test_the_image_serves_keeps_a_registration_across_a_restart_and_reports_heal
         with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as triton:  # the image serves gRPC too
             assert triton.is_server_live() and triton.is_model_ready("fashion")
 
-        assert httpx.post(url + "/adapters", files={"bundle": BUNDLE.read_bytes()}, data={"domain": "kept"},
-                          timeout=60).status_code in (401, 403)
-        registered = httpx.post(url + "/adapters", files={"bundle": BUNDLE.read_bytes()}, data={"domain": "kept"},
-                                headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+        assert httpx.post(
+            url + "/adapters", files={"bundle": BUNDLE.read_bytes()}, data={"domain": "kept"}, timeout=60
+        ).status_code in (401, 403)
+        registered = httpx.post(
+            url + "/adapters",
+            files={"bundle": BUNDLE.read_bytes()},
+            data={"domain": "kept"},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=60,
+        )
         assert registered.status_code == 201, registered.text
 
         docker("restart", "-t", "30", name, timeout=90)
@@ -164,8 +197,14 @@ class Load:
 
     def __init__(self, port: int, threads: int = 6):
         boundary = "ra-load-boundary"
-        self.body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="s.png"\r\n'
-                     "Content-Type: image/png\r\n\r\n").encode() + SAMPLE.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+        self.body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="s.png"\r\n'
+                "Content-Type: image/png\r\n\r\n"
+            ).encode()
+            + SAMPLE.read_bytes()
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
         self.headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
         self.port, self.stop = port, threading.Event()
         self.results: list[tuple[float, float, int | str]] = []
@@ -187,7 +226,7 @@ class Load:
                 connection.close()
             self.results.append((started, time.monotonic(), outcome))
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for thread in self.threads:
             thread.start()
         return self
@@ -225,15 +264,22 @@ def test_sigterm_under_load_lets_in_flight_requests_finish(docker, image, volume
     assert any(r[2] == 200 for r in straddling), straddling  # requests in flight at SIGTERM were answered
     container_facts.append(
         f"SIGTERM under load: {len(before)} answered before, {sum(r[2] == 200 for r in straddling)} of "
-        f"{len(straddling)} in flight answered, {len(failed)} refused after; stopped in {stop_s:.1f} s, exit 0")
+        f"{len(straddling)} in flight answered, {len(failed)} refused after; stopped in {stop_s:.1f} s, exit 0"
+    )
 
 
 def compose(project: str, env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     cli = shutil.which("docker-compose")
     if cli is None:
         unavailable("docker-compose is not installed")
-    result = subprocess.run([cli, "-p", project, "-f", str(REPO / "docker-compose.fleet.yml"), *args], cwd=REPO,
-                            env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [cli, "-p", project, "-f", str(REPO / "docker-compose.fleet.yml"), *args],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -243,17 +289,24 @@ def in_replica(docker: Docker, container_id: str, path: str) -> dict:
     return json.loads(docker("exec", container_id, "python", "-c", code).stdout)
 
 
-def test_the_fleet_compose_file_serves_a_registration_through_haproxy_on_its_home_replica(docker, image,
-                                                                                          container_facts):
+def test_the_fleet_compose_file_serves_a_registration_through_haproxy_on_its_home_replica(
+    docker, image, container_facts
+):
     """Stand-ins for the official postgres and haproxy images, built from Debian's packages on the same base,
     keep their interface (tests/containers/)."""
     docker.build("residual-adapters-test-postgres", REPO / "tests" / "containers" / "postgres")
     docker.build("residual-adapters-test-haproxy", REPO / "tests" / "containers" / "haproxy")
     port, grpc_port = free_port(), free_port()
     project = f"ra{uuid.uuid4().hex[:8]}"
-    env = {"RA_DB_PASSWORD": uuid.uuid4().hex, "RA_ADMIN_TOKEN": TOKEN, "RA_IMAGE": image, "RA_FLEET_PORT": str(port),
-           "RA_FLEET_GRPC_PORT": str(grpc_port),
-           "RA_POSTGRES_IMAGE": "residual-adapters-test-postgres", "RA_PROXY_IMAGE": "residual-adapters-test-haproxy"}
+    env = {
+        "RA_DB_PASSWORD": uuid.uuid4().hex,
+        "RA_ADMIN_TOKEN": TOKEN,
+        "RA_IMAGE": image,
+        "RA_FLEET_PORT": str(port),
+        "RA_FLEET_GRPC_PORT": str(grpc_port),
+        "RA_POSTGRES_IMAGE": "residual-adapters-test-postgres",
+        "RA_PROXY_IMAGE": "residual-adapters-test-haproxy",
+    }
     url = f"http://127.0.0.1:{port}"
     try:
         started = time.monotonic()
@@ -265,13 +318,17 @@ def test_the_fleet_compose_file_serves_a_registration_through_haproxy_on_its_hom
                     break
             assert time.monotonic() < deadline, compose(project, env, "logs", "--tail", "40").stdout
             time.sleep(0.5)
-        container_facts.append(f"fleet (postgres, 2 replicas, haproxy) ready in "
-                                           f"{time.monotonic() - started:.1f} s")
+        container_facts.append(f"fleet (postgres, 2 replicas, haproxy) ready in {time.monotonic() - started:.1f} s")
         replicas = compose(project, env, "ps", "-q", "adapters").stdout.split()
         assert len(replicas) == 2
 
-        registered = httpx.post(url + "/adapters", files={"bundle": BUNDLE.read_bytes()}, data={"domain": "fleet"},
-                                headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+        registered = httpx.post(
+            url + "/adapters",
+            files={"bundle": BUNDLE.read_bytes()},
+            data={"domain": "fleet"},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=60,
+        )
         assert registered.status_code == 201, registered.text
         for replica in replicas:  # every replica knows it at once, from the registry of record
             assert in_replica(docker, replica, "/adapters/fleet")["version"] == 1

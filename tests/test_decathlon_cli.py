@@ -13,8 +13,18 @@ from training.__main__ import main
 from training.decathlon import BASELINE_ACCURACY, canonical_domain, decathlon_score, domain_score
 
 # DAN (Rosenfeld & Tsotsos), as published with the challenge results: S = 2851.
-DAN = {"imnet": 57.74, "aircraft": 64.12, "c100": 80.07, "dped": 91.30, "dtd": 56.54, "gtsrb": 98.46,
-       "flowers": 86.05, "omniglot": 89.67, "svhn": 96.77, "ucf": 49.38}
+DAN = {
+    "imnet": 57.74,
+    "aircraft": 64.12,
+    "c100": 80.07,
+    "dped": 91.30,
+    "dtd": 56.54,
+    "gtsrb": 98.46,
+    "flowers": 86.05,
+    "omniglot": 89.67,
+    "svhn": 96.77,
+    "ucf": 49.38,
+}
 
 
 def test_dan_published_score():
@@ -59,8 +69,9 @@ def test_aliases_and_errors():
 # ----- command line ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("argv", [[], ["pretrain"], ["scratch"], ["adapt"], ["finetune"], ["evaluate"],
-                                  ["decathlon-score"]])
+@pytest.mark.parametrize(
+    "argv", [[], ["pretrain"], ["scratch"], ["adapt"], ["finetune"], ["evaluate"], ["decathlon-score"]]
+)
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main([*argv, "--help"])
@@ -108,8 +119,20 @@ def test_decathlon_score_errors_are_reported(capsys):
 
 
 def test_bad_data_path(tmp_path, capsys):
-    code = main(["pretrain", "--data", str(tmp_path / "nowhere"), "--domain", "x", "--out", str(tmp_path / "out"),
-                 "--no-progress", "--epochs", "1"])
+    code = main(
+        [
+            "pretrain",
+            "--data",
+            str(tmp_path / "nowhere"),
+            "--domain",
+            "x",
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+            "--epochs",
+            "1",
+        ]
+    )
     assert code == 2
     captured = capsys.readouterr()
     assert captured.err.startswith("error: ") and "does not exist" in captured.err
@@ -118,15 +141,25 @@ def test_bad_data_path(tmp_path, capsys):
 
 def test_bad_data_content(tmp_path, capsys):
     (tmp_path / "only" / "a").mkdir(parents=True)
-    code = main(["scratch", "--data", str(tmp_path / "only"), "--domain", "x", "--out", str(tmp_path / "out"),
-                 "--no-progress"])
+    code = main(
+        ["scratch", "--data", str(tmp_path / "only"), "--domain", "x", "--out", str(tmp_path / "out"), "--no-progress"]
+    )
     assert code == 2
     assert capsys.readouterr().err.startswith("error: The class folder")
 
 
 def test_evaluate_missing_files(tmp_path, capsys):
-    code = main(["evaluate", "--backbone", str(tmp_path / "b.safetensors"), "--bundle", str(tmp_path / "d.safetensors"),
-                 "--data", str(tmp_path)])
+    code = main(
+        [
+            "evaluate",
+            "--backbone",
+            str(tmp_path / "b.safetensors"),
+            "--bundle",
+            str(tmp_path / "d.safetensors"),
+            "--data",
+            str(tmp_path),
+        ]
+    )
     assert code == 2
     assert capsys.readouterr().err.startswith("error: ")
 
@@ -139,7 +172,23 @@ def test_truncated_idx_is_an_error_not_a_crash(tmp_path, capsys):
     (root / "train-images-idx3-ubyte.gz").write_bytes(compressed[: len(compressed) // 2])
     labels = bytes([0, 0, 8, 1]) + struct.pack(">I", 4) + bytes([0, 1, 0, 1])
     (root / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels))
-    code = main(["pretrain", "--data", str(root), "--domain", "x", "--out", str(tmp_path / "out"), "--no-progress",
-                 "--epochs", "1", "--width", "0.125", "--input-size", "8"])
+    code = main(
+        [
+            "pretrain",
+            "--data",
+            str(root),
+            "--domain",
+            "x",
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+            "--epochs",
+            "1",
+            "--width",
+            "0.125",
+            "--input-size",
+            "8",
+        ]
+    )
     assert code == 2
     assert capsys.readouterr().err.startswith("error: ")

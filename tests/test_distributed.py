@@ -10,7 +10,7 @@ import textwrap
 
 import numpy as np
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import json, pathlib, tempfile
     import numpy as np, tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]
@@ -35,17 +35,19 @@ SCRIPT = textwrap.dedent('''
     result = trainer.fit(data, data, progress=False)
     print(json.dumps({"replicas": strategy.num_replicas_in_sync, "losses": [h["loss"] for h in result.history],
                       "val": result.best_val_top1}))
-''')
+""")
 
 
 def test_mirrored_strategy_trains_on_two_devices():
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300,
-                         env={"TF_CPP_MIN_LOG_LEVEL": "2", "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"TF_CPP_MIN_LOG_LEVEL": "2", "PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["replicas"] == 2
     assert all(np.isfinite(loss) for loss in result["losses"])
     assert result["losses"][-1] < result["losses"][0]
-
-
-

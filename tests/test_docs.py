@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import itertools
 import os
 import pathlib
 import re
@@ -27,7 +28,6 @@ import subprocess
 import sys
 
 import pytest
-
 from service_process import REPO, ServiceProcess, free_port
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -54,8 +54,9 @@ class Block:
 def blocks(page: pathlib.Path) -> list[Block]:
     """The page's fenced blocks, less the one that tests/test_train_folder_to_served.py runs."""
     text = TRAINING_BLOCK.sub(lambda m: "\n" * m.group(0).count("\n"), page.read_text())
-    return [Block(page, text.count("\n", 0, m.start()) + 1, m.group(1).strip(), m.group(2))
-            for m in FENCE.finditer(text)]
+    return [
+        Block(page, text.count("\n", 0, m.start()) + 1, m.group(1).strip(), m.group(2)) for m in FENCE.finditer(text)
+    ]
 
 
 def commands(text: str) -> list[str]:
@@ -76,12 +77,15 @@ def test_the_docs_exist_and_the_readme_links_to_each_page():
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_block_says_what_it_is_and_every_link_resolves(page):
     for block in blocks(page):
-        assert block.kind in KINDS, (f"{block.where()}: a fenced block must be one of {sorted(KINDS)} "
-                                     f"(see tests/test_docs.py), not {block.kind!r}")
+        assert block.kind in KINDS, (
+            f"{block.where()}: a fenced block must be one of {sorted(KINDS)} "
+            f"(see tests/test_docs.py), not {block.kind!r}"
+        )
         if block.kind == "bash":
             for line in commands(block.text):
                 assert not re.match(r"(\S+=\S+\s+)*(docker|docker-compose|kubectl)\b", line), (
-                    f"{block.where()}: {line!r} cannot run against the demo: put it in an sh block")
+                    f"{block.where()}: {line!r} cannot run against the demo: put it in an sh block"
+                )
     for target in LINK.findall(page.read_text()):
         if re.match(r"[a-z]+:", target) or target.startswith("#"):
             continue
@@ -89,10 +93,16 @@ def test_every_block_says_what_it_is_and_every_link_resolves(page):
         assert path.exists(), f"{page.relative_to(REPO)}: the link {target!r} points at nothing"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def help_text(module: str, subcommand: tuple[str, ...]) -> str:
-    done = subprocess.run([sys.executable, "-m", module, *subcommand, "--help"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"})
+    done = subprocess.run(
+        [sys.executable, "-m", module, *subcommand, "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     assert done.returncode == 0, f"python -m {module} {' '.join(subcommand)} --help failed:\n{done.stderr[-2000:]}"
     return done.stdout
 
@@ -109,7 +119,7 @@ def check_line(block: Block, line: str) -> None:
         if words[1:2] != ["-m"]:
             return
         module, rest = words[2], words[3:]
-        positional = tuple(w for w in rest[:next((i for i, w in enumerate(rest) if w.startswith("-")), len(rest))])
+        positional = tuple(w for w in rest[: next((i for i, w in enumerate(rest) if w.startswith("-")), len(rest))])
         if module == "pip":
             return
         subcommand = positional if module == "training" else ()
@@ -122,14 +132,15 @@ def check_line(block: Block, line: str) -> None:
     if "/" in words[0] and not words[0].startswith("/"):
         assert (REPO / words[0]).exists(), f"{where}: {words[0]} does not exist"
     if words[0] in ("docker", "docker-compose", "kubectl"):
-        for flag, value in zip(words, words[1:]):
+        for flag, value in itertools.pairwise(words):
             if flag in ("-f", "--file"):
                 assert (REPO / value).exists(), f"{where}: {value} does not exist"
 
 
 def test_every_sh_command_names_options_and_files_that_exist():
-    lines = [(block, line) for page in PAGES for block in blocks(page) if block.kind == "sh"
-             for line in commands(block.text)]
+    lines = [
+        (block, line) for page in PAGES for block in blocks(page) if block.kind == "sh" for line in commands(block.text)
+    ]
     assert lines
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda pair: check_line(*pair), lines))
@@ -149,12 +160,18 @@ RUNNABLE = [page for page in PAGES if any(block.kind in ("bash", "python") for b
 @pytest.mark.parametrize("page", RUNNABLE, ids=lambda p: str(p.relative_to(REPO)))
 def test_the_page_runs_against_the_demo(page, tmp_path):
     grpc_port = free_port()
-    server = ServiceProcess({"RA_STORE_DIR": str(tmp_path / "store"), "RA_ADMIN_TOKEN": TOKEN,
-                             "RA_GRPC_PORT": str(grpc_port)}, tmp_path / "server.log").start()
+    server = ServiceProcess(
+        {"RA_STORE_DIR": str(tmp_path / "store"), "RA_ADMIN_TOKEN": TOKEN, "RA_GRPC_PORT": str(grpc_port)},
+        tmp_path / "server.log",
+    ).start()
     (tmp_path / "work").mkdir()
     work = scratch(tmp_path / "work")
-    env = {**os.environ, "PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {
+        **os.environ,
+        "PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "CUDA_VISIBLE_DEVICES": "",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
     try:
         server.wait_ready(120)
         for block in blocks(page):
@@ -162,11 +179,16 @@ def test_the_page_runs_against_the_demo(page, tmp_path):
                 continue
             text = re.sub(r"(localhost|127\.0\.0\.1):8000\b", f"127.0.0.1:{server.port}", block.text)
             text = re.sub(r"(localhost|127\.0\.0\.1):8001\b", f"127.0.0.1:{grpc_port}", text)
-            argv = (["bash", "-euo", "pipefail", "-c", CURL + text] if block.kind == "bash"
-                    else [sys.executable, "-c", text])
+            argv = (
+                ["bash", "-euo", "pipefail", "-c", CURL + text]
+                if block.kind == "bash"
+                else [sys.executable, "-c", text]
+            )
             done = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=300)
-            assert done.returncode == 0, (f"{block.where()} failed ({done.returncode}):\n{block.text}\n"
-                                          f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}\n"
-                                          f"server:\n{server.log_tail()}")
+            assert done.returncode == 0, (
+                f"{block.where()} failed ({done.returncode}):\n{block.text}\n"
+                f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}\n"
+                f"server:\n{server.log_tail()}"
+            )
     finally:
         server.stop()

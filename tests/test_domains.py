@@ -15,17 +15,17 @@ import msgspec
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from service_helpers import ADMIN_TOKEN, AUTH, bundle_file, png_bytes
 
 from model.engine import InferenceEngine
+from model.folding import fold_domain
 from model.preprocessing import open_image, preprocess
 from service.boot import single_process_app
 from service.engine.loader import Loader
+from service.engine.registry import AdapterUnavailable, Limits, Registry, UnknownDomainError
 from service.metrics import Metrics
 from service.record.directory import DirectoryRecord
-from model.folding import fold_domain
-from service.engine.registry import AdapterUnavailable, Limits, Registry, UnknownDomainError
 from service.settings import Settings
-from service_helpers import ADMIN_TOKEN, AUTH, bundle_file, png_bytes
 
 
 def make_registry(assets, store, **limits) -> Registry:
@@ -85,7 +85,7 @@ def test_a_budget_of_k_domains_holds_exactly_k_and_evicts_the_least_recently_use
         registry.limits = dataclasses.replace(registry.limits, device_bytes=(k + 1) * row - 1)  # k, not k + 1
         assert registry.max_resident == k
         held = await registry.acquire(names[0]) if k > 1 else None  # the least recently used, but leased
-        await use(registry, *names[1 if held else 0:k])
+        await use(registry, *names[1 if held else 0 : k])
         full = tiers(registry)
         await use(registry, names[k])  # one more than fits
         after = tiers(registry)
@@ -94,10 +94,9 @@ def test_a_budget_of_k_domains_holds_exactly_k_and_evicts_the_least_recently_use
         return full, after
 
     full, after = asyncio.run(main())
-    assert full == {name: "device" for name in names[:k]}
+    assert full == dict.fromkeys(names[:k], "device")
     evicted = names[1] if k > 1 else names[0]  # the least recently used that no request holds
     assert after == {name: "device" for name in names if name != evicted}  # no host tier: it left the cache
-
 
 
 async def serve(registry: Registry, *domains: str) -> None:
@@ -120,7 +119,6 @@ def test_a_domain_served_again_outlives_a_stream_of_domains_requested_once(asset
     resident = asyncio.run(main())
     assert resident.get("hot") == "device" and "warm" not in resident
     assert sorted(resident) == ["hot", "once4", "once5"]
-
 
 
 def test_warming_the_host_tier_makes_first_requests_a_row_copy(assets, tmp_path):
@@ -163,6 +161,7 @@ def test_concurrent_cold_loads_do_not_evict_each_others_domains_before_use(asset
     outcomes = asyncio.run(main())
     assert [o for o in outcomes if o is not None] == []
 
+
 def test_the_eviction_order_protects_served_keys_within_their_share():
     from service.engine.eviction import SegmentedLru
 
@@ -179,6 +178,7 @@ def test_the_eviction_order_protects_served_keys_within_their_share():
     order.discard("c")
     order.promote("zz", capacity=4)  # not held: nothing happens
     assert list(order) == ["a", "b", "d"] and "zz" not in order
+
 
 def test_the_budget_comes_from_the_setting_or_the_memory_available(tmp_path):
     from service.engine import residency
@@ -419,8 +419,15 @@ def test_listing_pages_and_a_broken_bundle_over_http(assets, tmp_path):
     fill(tmp_path, assets, names)
     (tmp_path / "zeta-c").mkdir()
     (tmp_path / "zeta-c" / "000001.safetensors").write_bytes(b"\x00" * 100)
-    settings = Settings(backbone=assets.backbone_path, store_dir=tmp_path, demo_adapters=False,
-                        admin_token=ADMIN_TOKEN, max_resident=4, preprocess_threads=1, max_fanout=3)
+    settings = Settings(
+        backbone=assets.backbone_path,
+        store_dir=tmp_path,
+        demo_adapters=False,
+        admin_token=ADMIN_TOKEN,
+        max_resident=4,
+        preprocess_threads=1,
+        max_fanout=3,
+    )
     with TestClient(single_process_app(settings), raise_server_exceptions=False) as client:
         seen, cursor, pages = [], None, 0
         while True:
@@ -431,7 +438,7 @@ def test_listing_pages_and_a_broken_bundle_over_http(assets, tmp_path):
             cursor = body["next_cursor"]
             if cursor is None:
                 break
-        assert seen == sorted(names + ["zeta-c"]) and pages == 3
+        assert seen == sorted([*names, "zeta-c"]) and pages == 3
         zetas = client.get("/adapters", params={"prefix": "zeta-"}).json()
         assert [a["domain"] for a in zetas["adapters"]] == ["zeta-a", "zeta-b", "zeta-c"]
         assert zetas["next_cursor"] is None
@@ -455,13 +462,21 @@ def test_listing_pages_and_a_broken_bundle_over_http(assets, tmp_path):
 
 def test_start_up_loads_pinned_domains_and_warms_the_most_used(assets, tmp_path):
     fill(tmp_path, assets, [f"d{i}" for i in range(6)])
-    settings = Settings(backbone=assets.backbone_path, store_dir=tmp_path, demo_adapters=False,
-                        admin_token=ADMIN_TOKEN, max_resident=4, preprocess_threads=1, pinned="d5")
+    settings = Settings(
+        backbone=assets.backbone_path,
+        store_dir=tmp_path,
+        demo_adapters=False,
+        admin_token=ADMIN_TOKEN,
+        max_resident=4,
+        preprocess_threads=1,
+        pinned="d5",
+    )
     with TestClient(single_process_app(settings)) as client:
         for domain in ("d2", "d2", "d3"):
             assert client.post(f"/predict/{domain}", files={"file": ("x.png", png_bytes(1))}).status_code == 200
-        pinned = client.post("/adapters", headers=AUTH, files=bundle_file(assets.data("gamma")),
-                             data={"domain": "g", "pin": "true"})
+        pinned = client.post(
+            "/adapters", headers=AUTH, files=bundle_file(assets.data("gamma")), data={"domain": "g", "pin": "true"}
+        )
         assert pinned.status_code == 201 and pinned.json()["pinned"] is True
     # usage counts were written on shutdown; a restart loads the pinned domains, then warms d2 and d3
     with TestClient(single_process_app(settings)) as client:
@@ -484,8 +499,9 @@ def test_a_front_end_keeps_the_cards_of_every_domain_the_engine_holds(assets, tm
     from service.views import Residency
 
     front = inference.Inference(None, Settings(), None)
-    held = Residency(budget_mb=1, budget_source="test", bytes_per_domain=2**20, fits=17_000, resident=0,
-                     host_cache_mb=512)
+    held = Residency(
+        budget_mb=1, budget_source="test", bytes_per_domain=2**20, fits=17_000, resident=0, host_cache_mb=512
+    )
     front.follow_residency(held)
     assert front.cards_keep == 17_000 + 512
     front.follow_residency(msgspec.structs.replace(held, fits=10, host_cache_mb=0))
@@ -493,8 +509,9 @@ def test_a_front_end_keeps_the_cards_of_every_domain_the_engine_holds(assets, tm
 
     monkeypatch.setattr(inference, "CARDS_KEEP", 2)
     fill(tmp_path, assets, ["a", "b", "c", "d"])
-    settings = Settings(backbone=assets.backbone_path, store_dir=tmp_path, demo_adapters=False, max_resident=4,
-                        preprocess_threads=1)
+    settings = Settings(
+        backbone=assets.backbone_path, store_dir=tmp_path, demo_adapters=False, max_resident=4, preprocess_threads=1
+    )
     with TestClient(single_process_app(settings)) as client:
         for domain in ("a", "b", "c", "d", "a"):
             assert client.post(f"/predict/{domain}", files={"file": ("x.png", png_bytes(1))}).status_code == 200

@@ -13,13 +13,13 @@ import threading
 import keras
 import numpy as np
 import pytest
-
 from conftest import make_backbone, make_bundle
-from model.keras_weights import to_keras_model
+from numeric import assert_logits_close
+
 from model.config import ArchConfig
 from model.engine import InferenceEngine, ReleasedSlotError
+from model.keras_weights import to_keras_model
 from model.safetensors_io import InvalidFileError
-from numeric import assert_logits_close
 
 CLASSES = {"a": 3, "b": 7, "c": 12}
 
@@ -254,6 +254,7 @@ def test_read_back_then_load_row_serves_the_same_logits(setup):
 def test_engine_reproduces_the_reference_fixture(adapter):
     """The PyTorch reference's logits, from the engine's single and mixed paths (the fixture's README)."""
     from conftest import FIXTURES
+
     from model.backbone import Backbone
     from model.bundle import AdapterBundle
     from model.reference import load_npz_state_dict, reference_to_canonical

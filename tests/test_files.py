@@ -17,8 +17,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import safetensors.numpy
-
 from conftest import make_backbone, make_bundle, random_weights
+
 from model.backbone import Backbone, backbone_to_bytes, load_backbone, save_backbone
 from model.bundle import (
     AdapterBundle,
@@ -28,8 +28,8 @@ from model.bundle import (
     load_bundle,
     save_bundle,
 )
-from model.keras_weights import to_keras_model
 from model.config import ArchConfig
+from model.keras_weights import to_keras_model
 from model.safetensors_io import InvalidFileError, atomic_write_bytes, read_safetensors, write_safetensors
 
 CONFIG = ArchConfig(width_factor=0.25, input_size=16, adapter="series", num_classes=5)
@@ -60,8 +60,9 @@ def bundle_bytes(bundle: AdapterBundle) -> bytes:
     return bundle_to_bytes(bundle)
 
 
-def forge(data: bytes, tensors: Callable[[Tensors], None] | None = None,
-          metadata: Callable[[Metadata], None] | None = None) -> bytes:
+def forge(
+    data: bytes, tensors: Callable[[Tensors], None] | None = None, metadata: Callable[[Metadata], None] | None = None
+) -> bytes:
     """Re-serialise a valid file after mutating its tensors and/or metadata in place (any dtype allowed)."""
     t, m = read_safetensors(data, "file")
     t, m = dict(t), dict(m)
@@ -122,8 +123,13 @@ def test_bundle_round_trip_everything(backbone: Backbone, tmp_path: pathlib.Path
     """Weights, labels, preprocessing, metrics and golden tensors survive a save/load, bytes and path."""
     prep = Preprocessing(mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25), resize=20, crop=16, grayscale=True)
     original = AdapterBundle.from_weights(
-        "my-domain_2", CONFIG, random_weights(CONFIG, 3, "domain"), ["cat", "dog", "ünïcode label", "a b", "e"],
-        backbone, preprocessing=prep, metrics={"top1": 0.75, "epochs": 3, "note": "x"},
+        "my-domain_2",
+        CONFIG,
+        random_weights(CONFIG, 3, "domain"),
+        ["cat", "dog", "ünïcode label", "a b", "e"],
+        backbone,
+        preprocessing=prep,
+        metrics={"top1": 0.75, "epochs": 3, "note": "x"},
     )
     inputs = np.random.default_rng(0).normal(size=(3, 16, 16, 3)).astype(np.float32)
     logits = np.asarray(to_keras_model(backbone, original)(inputs, training=False))
@@ -193,8 +199,19 @@ def test_other_adapter_modes_round_trip(adapter: str) -> None:
         (raw_file("string"), "not a JSON object"),
         (raw_file(None), "not a JSON object"),
     ],
-    ids=["random", "empty", "3-bytes", "pickle", "header-too-long", "header-2^63", "header-not-utf8",
-         "header-not-json", "header-list", "header-string", "header-null"],
+    ids=[
+        "random",
+        "empty",
+        "3-bytes",
+        "pickle",
+        "header-too-long",
+        "header-2^63",
+        "header-not-utf8",
+        "header-not-json",
+        "header-list",
+        "header-string",
+        "header-null",
+    ],
 )
 @pytest.mark.parametrize("loader", [load_backbone, load_bundle], ids=["backbone", "bundle"])
 def test_not_safetensors(loader, data: bytes, fragment: str) -> None:
@@ -228,10 +245,13 @@ def test_bad_offsets_are_not_safetensors(header: dict, body: bytes) -> None:
 @pytest.mark.parametrize("dtype", [np.float64, np.int64, np.float16, np.int32])
 def test_non_float32_tensor_is_refused(backbone_bytes: bytes, bundle_bytes: bytes, dtype) -> None:
     """A tensor stored as anything but F32 is refused with code tensors, naming it."""
+
     def retype(name):
         return lambda t: t.__setitem__(name, t[name].astype(dtype))
-    refuse("tensors", "stem_conv3x3.kernel",
-           lambda: load_backbone(forge(backbone_bytes, retype("stem_conv3x3.kernel"))))
+
+    refuse(
+        "tensors", "stem_conv3x3.kernel", lambda: load_backbone(forge(backbone_bytes, retype("stem_conv3x3.kernel")))
+    )
     refuse("tensors", "head_bn.gamma", lambda: load_bundle(forge(bundle_bytes, retype("head_bn.gamma"))))
 
 
@@ -266,17 +286,22 @@ def test_backbone_and_bundle_are_not_interchangeable(backbone_bytes: bytes, bund
 def test_missing_format_key(backbone_bytes: bytes, bundle_bytes: bytes) -> None:
     """No format key at all -> format; no format_version -> format_version."""
     refuse("format", None, lambda: load_backbone(forge(backbone_bytes, metadata=lambda m: m.pop("format"))))
-    refuse("format_version", None,
-           lambda: load_bundle(forge(bundle_bytes, metadata=lambda m: m.pop("format_version"))))
+    refuse("format_version", None, lambda: load_bundle(forge(bundle_bytes, metadata=lambda m: m.pop("format_version"))))
 
 
 @pytest.mark.parametrize("value", ["2", "0", "1.0", "", "v1"])
 def test_wrong_format_version(backbone_bytes: bytes, bundle_bytes: bytes, value: str) -> None:
     """Any format_version but "1" -> format_version, with a hint to re-export."""
-    refuse("format_version", "Re-export",
-           lambda: load_backbone(forge(backbone_bytes, metadata=set_meta("format_version", value))))
-    refuse("format_version", "Re-export",
-           lambda: load_bundle(forge(bundle_bytes, metadata=set_meta("format_version", value))))
+    refuse(
+        "format_version",
+        "Re-export",
+        lambda: load_backbone(forge(backbone_bytes, metadata=set_meta("format_version", value))),
+    )
+    refuse(
+        "format_version",
+        "Re-export",
+        lambda: load_bundle(forge(bundle_bytes, metadata=set_meta("format_version", value))),
+    )
 
 
 @pytest.mark.parametrize("key", ["adapter", "width_factor", "input_size"])
@@ -287,8 +312,9 @@ def test_backbone_missing_metadata_key(backbone_bytes: bytes, key: str) -> None:
 
 def test_backbone_missing_fingerprint_key_is_metadata(backbone_bytes: bytes) -> None:
     """A backbone without its fingerprint key is a metadata problem, like any other missing key."""
-    refuse("metadata", "fingerprint",
-           lambda: load_backbone(forge(backbone_bytes, metadata=lambda m: m.pop("fingerprint"))))
+    refuse(
+        "metadata", "fingerprint", lambda: load_backbone(forge(backbone_bytes, metadata=lambda m: m.pop("fingerprint")))
+    )
 
 
 def test_backbone_missing_fingerprint_key_is_refused(backbone_bytes: bytes) -> None:
@@ -298,8 +324,8 @@ def test_backbone_missing_fingerprint_key_is_refused(backbone_bytes: bytes) -> N
 
 
 @pytest.mark.parametrize(
-    "key", ["adapter", "width_factor", "input_size", "backbone_fingerprint", "domain", "labels", "preprocessing",
-            "metrics"],
+    "key",
+    ["adapter", "width_factor", "input_size", "backbone_fingerprint", "domain", "labels", "preprocessing", "metrics"],
 )
 def test_bundle_missing_metadata_key(bundle_bytes: bytes, key: str) -> None:
     """A bundle without any required metadata key -> metadata, naming the key."""
@@ -318,8 +344,9 @@ def test_bundle_missing_metadata_key(bundle_bytes: bytes, key: str) -> None:
         ("input_size", "16.0", "not numbers"),
     ],
 )
-def test_bad_architecture_metadata(backbone_bytes: bytes, bundle_bytes: bytes, key: str, value: str,
-                                   fragment: str) -> None:
+def test_bad_architecture_metadata(
+    backbone_bytes: bytes, bundle_bytes: bytes, key: str, value: str, fragment: str
+) -> None:
     """Unknown adapter modes, non-numbers and impossible architectures -> metadata."""
     refuse("metadata", fragment, lambda: load_backbone(forge(backbone_bytes, metadata=set_meta(key, value))))
     refuse("metadata", fragment, lambda: load_bundle(forge(bundle_bytes, metadata=set_meta(key, value))))
@@ -374,8 +401,7 @@ def _add(name, shape):
         (_add("extra.kernel", (3,)), "extra.kernel", "unexpected"),
         (_add("stem_bn.gamma", (8,)), "stem_bn.gamma", "unexpected"),  # domain weight smuggled in
         (_add("stem_conv3x3.kernel", (3, 3, 3, 9)), "stem_conv3x3.kernel", "misshaped"),
-        (_add("stage3_block1_conv1_conv3x3.kernel", (3, 3, 64, 32)), "stage3_block1_conv1_conv3x3.kernel",
-         "misshaped"),
+        (_add("stage3_block1_conv1_conv3x3.kernel", (3, 3, 64, 32)), "stage3_block1_conv1_conv3x3.kernel", "misshaped"),
     ],
     ids=["missing", "extra", "domain-weight", "misshaped-stem", "misshaped-transposed"],
 )
@@ -394,11 +420,21 @@ def test_backbone_tensor_mismatch(backbone_bytes: bytes, mutate, name: str, kind
         (_add("extra", (1,)), "extra", "unexpected"),
         (_add("stem_bn.gamma", (7,)), "stem_bn.gamma", "misshaped"),
         (_add("classifier.kernel", (64, 4)), "classifier.kernel", "misshaped"),
-        (_add("stage1_block1_conv1_adapter.kernel", (1, 1, 8, 16)), "stage1_block1_conv1_adapter.kernel",
-         "misshaped"),  # a parallel-shaped adapter in a series bundle
+        (
+            _add("stage1_block1_conv1_adapter.kernel", (1, 1, 8, 16)),
+            "stage1_block1_conv1_adapter.kernel",
+            "misshaped",
+        ),  # a parallel-shaped adapter in a series bundle
     ],
-    ids=["missing-adapter", "missing-bn-stat", "shared-weight", "extra", "misshaped-bn", "misshaped-head",
-         "parallel-shaped-adapter"],
+    ids=[
+        "missing-adapter",
+        "missing-bn-stat",
+        "shared-weight",
+        "extra",
+        "misshaped-bn",
+        "misshaped-head",
+        "parallel-shaped-adapter",
+    ],
 )
 def test_bundle_tensor_mismatch(bundle_bytes: bytes, mutate, name: str, kind: str) -> None:
     """A missing, unexpected or misshaped bundle tensor -> tensors, naming it."""
@@ -416,16 +452,25 @@ def test_bundle_without_usable_classifier_bias(bundle_bytes: bytes, bias) -> Non
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
 def test_non_finite_weights(backbone_bytes: bytes, bundle_bytes: bytes, value: float) -> None:
     """NaN or infinite weights -> non_finite, naming the tensor."""
+
     def poison(name):
         def mutate(t):
             array = t[name].copy()
             array.flat[3] = value
             t[name] = array
+
         return mutate
-    refuse("non_finite", "stage1_block1_conv2_conv3x3.kernel",
-           lambda: load_backbone(forge(backbone_bytes, poison("stage1_block1_conv2_conv3x3.kernel"))))
-    refuse("non_finite", "head_bn.moving_variance",
-           lambda: load_bundle(forge(bundle_bytes, poison("head_bn.moving_variance"))))
+
+    refuse(
+        "non_finite",
+        "stage1_block1_conv2_conv3x3.kernel",
+        lambda: load_backbone(forge(backbone_bytes, poison("stage1_block1_conv2_conv3x3.kernel"))),
+    )
+    refuse(
+        "non_finite",
+        "head_bn.moving_variance",
+        lambda: load_bundle(forge(bundle_bytes, poison("head_bn.moving_variance"))),
+    )
 
 
 # --- fingerprint and architecture compatibility -----------------------------------------------
@@ -449,8 +494,12 @@ def test_forged_backbone_fingerprint_in_bundle(bundle_bytes: bytes, backbone: Ba
 
 @pytest.mark.parametrize(
     "other_config",
-    [CONFIG.replace(adapter="parallel"), CONFIG.replace(adapter="none"), CONFIG.replace(input_size=32),
-     CONFIG.replace(width_factor=0.5)],
+    [
+        CONFIG.replace(adapter="parallel"),
+        CONFIG.replace(adapter="none"),
+        CONFIG.replace(input_size=32),
+        CONFIG.replace(width_factor=0.5),
+    ],
     ids=["parallel", "none", "input-32", "width-0.5"],
 )
 def test_bundle_for_another_architecture(backbone: Backbone, other_config: ArchConfig) -> None:
@@ -464,13 +513,18 @@ def test_bundle_for_another_architecture(backbone: Backbone, other_config: ArchC
 
 def test_tampered_backbone(backbone_bytes: bytes) -> None:
     """One weight changed, recorded fingerprint kept -> fingerprint ('altered or damaged')."""
+
     def tamper(t):
         array = t["stage3_block2_conv1_conv3x3.kernel"].copy()
         array.flat[0] += 1e-3
         t["stage3_block2_conv1_conv3x3.kernel"] = array
+
     refuse("fingerprint", "altered", lambda: load_backbone(forge(backbone_bytes, tamper)))
-    refuse("fingerprint", "altered",
-           lambda: load_backbone(forge(backbone_bytes, metadata=set_meta("fingerprint", "sha256:" + "1" * 64))))
+    refuse(
+        "fingerprint",
+        "altered",
+        lambda: load_backbone(forge(backbone_bytes, metadata=set_meta("fingerprint", "sha256:" + "1" * 64))),
+    )
 
 
 def test_renamed_backbone_tensor_changes_fingerprint(backbone: Backbone) -> None:
@@ -503,8 +557,11 @@ def test_bad_labels(bundle_bytes: bytes, backbone: Backbone, labels, fragment: s
     """Label count differing from the head, duplicates, empty or non-string labels -> labels."""
     refuse("labels", fragment, lambda: load_bundle(forge(bundle_bytes, metadata=set_json("labels", labels))))
     if isinstance(labels, list):
-        refuse("labels", fragment, lambda: AdapterBundle.from_weights(
-            "dtd", CONFIG, random_weights(CONFIG, 1, "domain"), labels, backbone))
+        refuse(
+            "labels",
+            fragment,
+            lambda: AdapterBundle.from_weights("dtd", CONFIG, random_weights(CONFIG, 1, "domain"), labels, backbone),
+        )
 
 
 # --- domain names ------------------------------------------------------------------------------
@@ -524,18 +581,20 @@ def test_valid_domain_names(bundle_bytes: bytes, name: str) -> None:
 @pytest.mark.parametrize("name", INVALID_DOMAINS, ids=lambda n: repr(n[:12]) + f"-len{len(n)}")
 def test_invalid_domain_names(bundle_bytes: bytes, backbone: Backbone, name: str) -> None:
     """Bad names -> domain_name, whether passed to load_bundle, recorded in the file, or used to build."""
-    refuse("domain_name", "Invalid domain name", lambda: check_domain_name(name))
+    refuse("domain_name", "Invalid domain name", lambda name=name: check_domain_name(name))
     refuse("domain_name", "Invalid domain name", lambda: load_bundle(bundle_bytes, domain=name))
-    refuse("domain_name", "Invalid domain name",
-           lambda: load_bundle(forge(bundle_bytes, metadata=set_meta("domain", name))))
-    refuse("domain_name", "Invalid domain name",
-           lambda: make_bundle(backbone, name, 5, seed=1))
+    refuse(
+        "domain_name",
+        "Invalid domain name",
+        lambda: load_bundle(forge(bundle_bytes, metadata=set_meta("domain", name))),
+    )
+    refuse("domain_name", "Invalid domain name", lambda: make_bundle(backbone, name, 5, seed=1))
 
 
 def test_non_string_domain_name() -> None:
     """Non-strings are not domain names."""
     for name in (None, 5, b"dtd"):
-        refuse("domain_name", "Invalid domain name", lambda: check_domain_name(name))
+        refuse("domain_name", "Invalid domain name", lambda name=name: check_domain_name(name))
 
 
 # --- preprocessing -----------------------------------------------------------------------------
@@ -561,8 +620,22 @@ GOOD_PREP = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "resize": 18, "
         ({"colour": "rgb"}, "malformed"),
         ({"crop": None}, "malformed"),
     ],
-    ids=["crop", "std-zero", "std-negative", "std-nan", "mean-inf", "mean-2", "std-4", "resize-small",
-         "resize-large", "mean-scalar", "mean-strings", "resize-string", "unknown-key", "crop-null"],
+    ids=[
+        "crop",
+        "std-zero",
+        "std-negative",
+        "std-nan",
+        "mean-inf",
+        "mean-2",
+        "std-4",
+        "resize-small",
+        "resize-large",
+        "mean-scalar",
+        "mean-strings",
+        "resize-string",
+        "unknown-key",
+        "crop-null",
+    ],
 )
 def test_bad_preprocessing(bundle_bytes: bytes, changes: dict, fragment: str) -> None:
     """Invalid or malformed preprocessing -> metadata, saying what is wrong."""
@@ -605,6 +678,7 @@ def _golden(inputs_shape, logits_shape):
             t["golden.inputs"] = np.zeros(inputs_shape, np.float32)
         if logits_shape is not None:
             t["golden.logits"] = np.zeros(logits_shape, np.float32)
+
     return mutate
 
 
@@ -622,8 +696,18 @@ def _golden(inputs_shape, logits_shape):
         ((2, 16, 16, 3), None),  # inputs only
         (None, (2, 5)),  # logits only
     ],
-    ids=["size", "channels", "3d", "classes", "n-differs", "flat-logits", "empty", "too-many", "inputs-only",
-         "logits-only"],
+    ids=[
+        "size",
+        "channels",
+        "3d",
+        "classes",
+        "n-differs",
+        "flat-logits",
+        "empty",
+        "too-many",
+        "inputs-only",
+        "logits-only",
+    ],
 )
 def test_bad_golden_tensors(bundle_bytes: bytes, inputs_shape, logits_shape) -> None:
     """Golden tensors of the wrong shapes, counts, or only one of the pair -> golden."""
@@ -639,11 +723,14 @@ def test_golden_tensors_accepted_at_limits(bundle_bytes: bytes) -> None:
 
 def test_non_finite_golden_tensors(bundle_bytes: bytes) -> None:
     """NaN in golden inputs or Inf in golden logits -> non_finite."""
+
     def mutate(name, value):
         def apply(t):
             _golden((2, 16, 16, 3), (2, 5))(t)
             t[name].flat[0] = value
+
         return apply
+
     refuse("non_finite", "golden.inputs", lambda: load_bundle(forge(bundle_bytes, mutate("golden.inputs", np.nan))))
     refuse("non_finite", "golden.logits", lambda: load_bundle(forge(bundle_bytes, mutate("golden.logits", np.inf))))
 
@@ -707,8 +794,9 @@ def test_atomic_write_bytes_failure_while_writing(tmp_path: pathlib.Path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.safetensors"]
 
 
-def test_save_functions_are_atomic(backbone: Backbone, bundle: AdapterBundle, tmp_path: pathlib.Path,
-                                   monkeypatch) -> None:
+def test_save_functions_are_atomic(
+    backbone: Backbone, bundle: AdapterBundle, tmp_path: pathlib.Path, monkeypatch
+) -> None:
     """save_backbone / save_bundle go through the atomic write: a failed save keeps the previous file."""
     bb_path, bd_path = tmp_path / "backbone.safetensors", tmp_path / "dtd.safetensors"
     save_backbone(backbone, bb_path)

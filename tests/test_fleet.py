@@ -17,11 +17,10 @@ import time
 
 import httpx
 import pytest
+from service_helpers import ADMIN_TOKEN, AUTH, bundle_file, check_scores, png_bytes, reference_logits, stalled_upload
+from service_process import ServiceProcess
 
 from bench.postgres_cluster import Cluster, server_bin
-from service_helpers import ADMIN_TOKEN, AUTH, bundle_file, check_scores, png_bytes, reference_logits, \
-    stalled_upload
-from service_process import ServiceProcess
 
 CONVERGE_S = 10.0  # generous bound for every replica to follow a change (measured: tens of ms)
 
@@ -42,8 +41,14 @@ def cluster(tmp_path_factory):
 
 
 def replica_env(assets, cluster) -> dict[str, str]:
-    return {"RA_BACKBONE": str(assets.backbone_path), "RA_REGISTRY_URL": cluster.url, "RA_DEMO_ADAPTERS": "false",
-            "RA_ADMIN_TOKEN": ADMIN_TOKEN, "RA_MAX_WAIT_MS": "2", "RA_PREPROCESS_THREADS": "1"}
+    return {
+        "RA_BACKBONE": str(assets.backbone_path),
+        "RA_REGISTRY_URL": cluster.url,
+        "RA_DEMO_ADAPTERS": "false",
+        "RA_ADMIN_TOKEN": ADMIN_TOKEN,
+        "RA_MAX_WAIT_MS": "2",
+        "RA_PREPROCESS_THREADS": "1",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +94,13 @@ def predicts_like(replica, domain: str, version: int, bundle, engine_domain: str
 
 
 def register(replica, data: bytes, domain: str, replace: bool = False) -> httpx.Response:
-    return httpx.post(f"{replica.url}/adapters", headers=AUTH, files=bundle_file(data),
-                      data={"domain": domain, "replace": str(replace).lower()}, timeout=60)
+    return httpx.post(
+        f"{replica.url}/adapters",
+        headers=AUTH,
+        files=bundle_file(data),
+        data={"domain": domain, "replace": str(replace).lower()},
+        timeout=60,
+    )
 
 
 def test_every_change_on_any_replica_reaches_all(fleet, cluster, assets, ref, tmp_path_factory):
@@ -152,8 +162,11 @@ def until_every_replica(fleet, domain: str, status: int) -> None:
     """Wait until a prediction for `domain` answers `status` on every replica."""
     deadline = time.monotonic() + CONVERGE_S
     for replica in fleet.values():
-        while (code := httpx.post(f"{replica.url}/predict/{domain}", files={"file": ("x.png", png_bytes(2))},
-                                  timeout=30).status_code) != status:
+        while (
+            code := httpx.post(
+                f"{replica.url}/predict/{domain}", files={"file": ("x.png", png_bytes(2))}, timeout=30
+            ).status_code
+        ) != status:
             assert time.monotonic() < deadline, f"{replica.url}: {domain} answers {code}, not {status}"
             time.sleep(0.05)
 

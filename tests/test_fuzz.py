@@ -13,11 +13,10 @@ import subprocess
 import sys
 
 import pytest
-
-from service.record.directory import DirectoryRecord
 from service_helpers import ADMIN_TOKEN, get_assets
 from service_process import running_server
 
+from service.record.directory import DirectoryRecord
 
 
 def schemathesis_command() -> list[str]:
@@ -29,10 +28,28 @@ def schemathesis_command() -> list[str]:
 
 def fuzz(url: str, examples: int, seed: int, cwd: pathlib.Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        schemathesis_command() + ["run", f"{url}/openapi.json", "-n", str(examples), "--seed", str(seed),
-                                  "--checks", "all", "--exclude-checks", "positive_data_acceptance",
-                                  "-H", f"Authorization: Bearer {ADMIN_TOKEN}", "--request-timeout", "30"],
-        capture_output=True, text=True, timeout=600, cwd=cwd)  # its cache goes to cwd
+        [
+            *schemathesis_command(),
+            "run",
+            f"{url}/openapi.json",
+            "-n",
+            str(examples),
+            "--seed",
+            str(seed),
+            "--checks",
+            "all",
+            "--exclude-checks",
+            "positive_data_acceptance",
+            "-H",
+            f"Authorization: Bearer {ADMIN_TOKEN}",
+            "--request-timeout",
+            "30",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+    )  # its cache goes to cwd
 
 
 def test_schemathesis_finds_no_server_error_or_schema_violation(tmp_path_factory):

@@ -9,12 +9,12 @@ import json
 
 import numpy as np
 import pytest
-
 from numeric import assert_logits_close
-from service.frontend.access import hash_key
-from service.settings import DEMO_DIR
 from service_helpers import png_bytes
 from service_process import ServiceProcess, free_port
+
+from service.frontend.access import hash_key
+from service.settings import DEMO_DIR
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 import grpc  # noqa: E402
@@ -22,9 +22,13 @@ import tritonclient.http as httpclient  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 ADMIN, CATS, SLOW = "admin-secret", "cats-secret", "slow-secret"
-KEYS = {"keys": [{"name": "ops", "key_sha256": hash_key(ADMIN), "domains": ["*"], "admin": True},
-                 {"name": "cats", "key_sha256": hash_key(CATS), "domains": ["catsdogs"]},
-                 {"name": "slow", "key_sha256": hash_key(SLOW), "domains": ["*"], "rate_per_s": 0.2, "burst": 1}]}
+KEYS = {
+    "keys": [
+        {"name": "ops", "key_sha256": hash_key(ADMIN), "domains": ["*"], "admin": True},
+        {"name": "cats", "key_sha256": hash_key(CATS), "domains": ["catsdogs"]},
+        {"name": "slow", "key_sha256": hash_key(SLOW), "domains": ["*"], "rate_per_s": 0.2, "burst": 1},
+    ]
+}
 
 
 def auth(key: str) -> dict[str, str]:
@@ -35,8 +39,14 @@ def auth(key: str) -> dict[str, str]:
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("grpc")
     (tmp / "keys.json").write_text(json.dumps(KEYS))
-    env = {"RA_STORE_DIR": str(tmp / "store"), "RA_API_KEYS_FILE": str(tmp / "keys.json"), "RA_MAX_FILES": "4",
-           "RA_GRPC_PORT": str(free_port()), "RA_MAX_WAIT_MS": "1", "RA_PREPROCESS_THREADS": "1"}
+    env = {
+        "RA_STORE_DIR": str(tmp / "store"),
+        "RA_API_KEYS_FILE": str(tmp / "keys.json"),
+        "RA_MAX_FILES": "4",
+        "RA_GRPC_PORT": str(free_port()),
+        "RA_MAX_WAIT_MS": "1",
+        "RA_PREPROCESS_THREADS": "1",
+    }
     srv = ServiceProcess(env, tmp / "service.log", workers=2).start().wait_ready(180)
     try:
         yield srv
@@ -77,24 +87,32 @@ def test_health_and_metadata_answer_as_over_rest(clients):
     server = g.get_server_metadata(as_json=True)
     assert server == {k: v for k, v in h.get_server_metadata().items() if k in server}
     assert set(server["extensions"]) >= {"classification", "model_repository", "statistics"}
-    meta = g.get_model_metadata("digits", headers=auth(ADMIN),
-                                as_json=True)
+    meta = g.get_model_metadata("digits", headers=auth(ADMIN), as_json=True)
     rest = h.get_model_metadata("digits", headers=auth(ADMIN))
-    assert meta["name"] == rest["name"] and meta["versions"] == rest["versions"] and meta["platform"] == rest["platform"]
+    assert (
+        meta["name"] == rest["name"] and meta["versions"] == rest["versions"] and meta["platform"] == rest["platform"]
+    )
     for side in ("inputs", "outputs"):
-        assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in meta[side]] == \
-               [(t["name"], t["datatype"], t["shape"]) for t in rest[side]]
+        assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in meta[side]] == [
+            (t["name"], t["datatype"], t["shape"]) for t in rest[side]
+        ]
     assert g.is_model_ready("catsdogs", headers=auth(CATS))
 
 
 def test_infer_answers_equal_rest_for_images_pixels_and_classification(clients):
     g, h = clients
     images = [png_bytes(1, (40, 30)), png_bytes(2, (28, 28))]
-    outputs_g = [grpcclient.InferRequestedOutput("LOGITS"), grpcclient.InferRequestedOutput("PROBABILITIES", class_count=2)]
-    outputs_h = [httpclient.InferRequestedOutput("LOGITS", binary_data=True),
-                 httpclient.InferRequestedOutput("PROBABILITIES", binary_data=True, class_count=2)]
-    over_grpc = g.infer("catsdogs", [images_input(grpcclient, images)], outputs=outputs_g, headers=auth(CATS),
-                        request_id="r1")
+    outputs_g = [
+        grpcclient.InferRequestedOutput("LOGITS"),
+        grpcclient.InferRequestedOutput("PROBABILITIES", class_count=2),
+    ]
+    outputs_h = [
+        httpclient.InferRequestedOutput("LOGITS", binary_data=True),
+        httpclient.InferRequestedOutput("PROBABILITIES", binary_data=True, class_count=2),
+    ]
+    over_grpc = g.infer(
+        "catsdogs", [images_input(grpcclient, images)], outputs=outputs_g, headers=auth(CATS), request_id="r1"
+    )
     over_rest = h.infer("catsdogs", [images_input(httpclient, images)], outputs=outputs_h, headers=auth(CATS))
     logits = over_grpc.as_numpy("LOGITS")
     assert logits.shape == (2, 2) and logits.dtype == np.float32
@@ -106,8 +124,12 @@ def test_infer_answers_equal_rest_for_images_pixels_and_classification(clients):
     pixels = np.random.default_rng(0).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
     out = [grpcclient.InferRequestedOutput("PROBABILITIES")]
     by_grpc = g.infer("digits", [pixels_input(grpcclient, pixels)], outputs=out, headers=auth(ADMIN))
-    by_rest = h.infer("digits", [pixels_input(httpclient, pixels)], headers=auth(ADMIN),
-                      outputs=[httpclient.InferRequestedOutput("PROBABILITIES", binary_data=True)])
+    by_rest = h.infer(
+        "digits",
+        [pixels_input(httpclient, pixels)],
+        headers=auth(ADMIN),
+        outputs=[httpclient.InferRequestedOutput("PROBABILITIES", binary_data=True)],
+    )
     np.testing.assert_allclose(by_grpc.as_numpy("PROBABILITIES"), by_rest.as_numpy("PROBABILITIES"), atol=1e-6)
     np.testing.assert_allclose(by_grpc.as_numpy("PROBABILITIES").sum(axis=1), 1.0, atol=1e-5)
     stats = g.get_inference_statistics("catsdogs", headers=auth(CATS), as_json=True)["model_stats"][0]
@@ -140,16 +162,33 @@ def test_every_refusal_has_its_status_code_and_changes_nothing(clients):
         (lambda: g.infer("catsdogs", image, headers=auth("wrong")), "StatusCode.UNAUTHENTICATED", "not known"),
         (lambda: g.infer("nowhere", image, headers=auth(ADMIN)), "StatusCode.NOT_FOUND", "unknown_domain"),
         (lambda: g.get_model_repository_index(headers=auth(CATS)), "StatusCode.PERMISSION_DENIED", "forbidden"),
-        (lambda: g.load_model("evil", headers=auth(CATS), files={"file:e.safetensors": b"x"}),
-         "StatusCode.PERMISSION_DENIED", "forbidden"),
-        (lambda: g.load_model("broken", headers=auth(ADMIN), files={"file:b.safetensors": b"not a bundle"}),
-         "StatusCode.INVALID_ARGUMENT", "invalid_bundle"),
-        (lambda: g.infer("catsdogs", [images_input(grpcclient, [png_bytes(4)] * 5)], headers=auth(CATS)),
-         "StatusCode.INVALID_ARGUMENT", "too_many_files"),
-        (lambda: g.infer("catsdogs", [images_input(grpcclient, [b"not an image"])], headers=auth(CATS)),
-         "StatusCode.INVALID_ARGUMENT", "not_image"),
-        (lambda: g.infer("catsdogs", [pixels_input(grpcclient, np.zeros((1, 3, 3, 3), np.uint8))], headers=auth(CATS)),
-         "StatusCode.INVALID_ARGUMENT", "PIXELS must be UINT8 with shape"),
+        (
+            lambda: g.load_model("evil", headers=auth(CATS), files={"file:e.safetensors": b"x"}),
+            "StatusCode.PERMISSION_DENIED",
+            "forbidden",
+        ),
+        (
+            lambda: g.load_model("broken", headers=auth(ADMIN), files={"file:b.safetensors": b"not a bundle"}),
+            "StatusCode.INVALID_ARGUMENT",
+            "invalid_bundle",
+        ),
+        (
+            lambda: g.infer("catsdogs", [images_input(grpcclient, [png_bytes(4)] * 5)], headers=auth(CATS)),
+            "StatusCode.INVALID_ARGUMENT",
+            "too_many_files",
+        ),
+        (
+            lambda: g.infer("catsdogs", [images_input(grpcclient, [b"not an image"])], headers=auth(CATS)),
+            "StatusCode.INVALID_ARGUMENT",
+            "not_image",
+        ),
+        (
+            lambda: g.infer(
+                "catsdogs", [pixels_input(grpcclient, np.zeros((1, 3, 3, 3), np.uint8))], headers=auth(CATS)
+            ),
+            "StatusCode.INVALID_ARGUMENT",
+            "PIXELS must be UINT8 with shape",
+        ),
     ]
     for call, status, words in cases:
         error = refusal(call)

@@ -12,11 +12,11 @@ import time
 
 import numpy as np
 import pytest
+from service_process import REPO
 
 from service.frontend.access import BUCKETS, Access, Denied, KeyRing, Principal, RateLimits, hash_key
 from service.frontend.host_table import HostTable, HostTableError, Layout
 from service.frontend.oip import STATS, STATS_KEEP, Statistics
-from service_process import REPO
 
 COUNTER = np.dtype([("key", "<u8"), ("stamp", "<f8"), ("n", "<i8")])
 
@@ -35,8 +35,12 @@ def test_two_tables_on_one_file_see_each_others_writes(tmp_path):
         for table in (a, b):
             stats = Statistics(table).peek("alpha")
             assert (stats.inference_count, stats.execution_count) == (3, 1)
-            assert (stats.success.count, stats.success.ns, stats.fail.count, stats.fail.ns) == (1, 250_000_000, 1,
-                                                                                               500_000_000)
+            assert (stats.success.count, stats.success.ns, stats.fail.count, stats.fail.ns) == (
+                1,
+                250_000_000,
+                1,
+                500_000_000,
+            )
         assert a.peek("beta") is None and Statistics(b).peek("beta").inference_count == 0
     assert path.stat().st_size == STATS.file_bytes
 
@@ -100,8 +104,11 @@ def test_a_process_killed_holding_the_lock_does_not_block_the_others(tmp_path):
 
 def test_a_file_of_the_wrong_size_or_layout_is_refused_with_what_to_do(tmp_path):
     path = table_file(tmp_path)
-    with pytest.raises(HostTableError, match=r"is \d+ bytes, but 4096 slots of 40-byte records need 163904.*"
-                                             "Remove it and make it again"):
+    with pytest.raises(
+        HostTableError,
+        match=r"is \d+ bytes, but 4096 slots of 40-byte records need 163904.*"
+        "Remove it and make it again",
+    ):
         HostTable(BUCKETS, path)
     with open(path, "r+b") as f:
         f.truncate(STATS.file_bytes - 1)  # a short file
@@ -111,7 +118,7 @@ def test_a_file_of_the_wrong_size_or_layout_is_refused_with_what_to_do(tmp_path)
     same_size = Layout(COUNTER, slots=4, window=2)
     with pytest.raises(HostTableError, match="made for another layout"):
         HostTable(same_size, table_file(tmp_path, other, "other.table"))
-    with pytest.raises(HostTableError, match="cannot open it.*supervisor makes it"):
+    with pytest.raises(HostTableError, match=r"cannot open it.*supervisor makes it"):
         HostTable(STATS, tmp_path / "missing.table")
     with pytest.raises(ValueError, match=r"key \(uint64\) and stamp \(float64\).*\['stamp'\]"):
         Layout(np.dtype([("key", "<u8"), ("n", "<i8")]), slots=4)
@@ -138,8 +145,21 @@ def test_token_buckets_burst_then_refill_at_their_rate_once_per_host(tmp_path):
 
 def test_over_its_rate_a_key_gets_429_with_retry_after(tmp_path):
     keys = tmp_path / "keys.json"
-    keys.write_text(json.dumps({"keys": [{"name": "slow", "key_sha256": hash_key("key-slow"), "domains": ["*"],
-                                          "rate_per_s": 0.05, "burst": 1}]}))
+    keys.write_text(
+        json.dumps(
+            {
+                "keys": [
+                    {
+                        "name": "slow",
+                        "key_sha256": hash_key("key-slow"),
+                        "domains": ["*"],
+                        "rate_per_s": 0.05,
+                        "burst": 1,
+                    }
+                ]
+            }
+        )
+    )
     access = Access(None, KeyRing(keys), RateLimits(HostTable(BUCKETS)))
     assert access.decide("GET", "/adapters", "Bearer key-slow").name == "slow"
     with pytest.raises(Denied) as denied:

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from model.preprocessing import center_crop, open_image, square, to_rgb
 from numeric import assert_logits_close
-from service.settings import Settings
 from service_helpers import ADMIN_TOKEN, AUTH, bundle_file, png_bytes, softmax
 from service_process import ServiceProcess
+
+from model.preprocessing import center_crop, open_image, square, to_rgb
+from service.settings import Settings
 
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -20,8 +20,15 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 @pytest.fixture(scope="module")
 def server(assets, tmp_path_factory):
     store = tmp_path_factory.mktemp("oip-store")
-    env = {"RA_STORE_DIR": str(store), "RA_BACKBONE": str(assets.backbone_path), "RA_DEMO_ADAPTERS": "false",
-           "RA_ADMIN_TOKEN": ADMIN_TOKEN, "RA_MAX_WAIT_MS": "1", "RA_PREPROCESS_THREADS": "1", "RA_MAX_FILES": "4"}
+    env = {
+        "RA_STORE_DIR": str(store),
+        "RA_BACKBONE": str(assets.backbone_path),
+        "RA_DEMO_ADAPTERS": "false",
+        "RA_ADMIN_TOKEN": ADMIN_TOKEN,
+        "RA_MAX_WAIT_MS": "1",
+        "RA_PREPROCESS_THREADS": "1",
+        "RA_MAX_FILES": "4",
+    }
     srv = ServiceProcess(env, store.parent / "oip.log").start().wait_ready()
     with srv.client() as client:
         for domain in ("alpha", "beta"):
@@ -39,7 +46,7 @@ def triton(server):
     client.close()
 
 
-def image_input(images: list[bytes]) -> "httpclient.InferInput":
+def image_input(images: list[bytes]) -> httpclient.InferInput:
     tensor = httpclient.InferInput("IMAGE", [len(images)], "BYTES")
     tensor.set_data_from_numpy(np.array(images, dtype=np.object_), binary_data=True)
     return tensor
@@ -68,7 +75,9 @@ def test_server_and_model_metadata(triton, assets):
     s = assets.backbone.config.input_size
     assert model["name"] == "beta" and model["versions"] == ["1"]
     assert {i["name"]: (i["datatype"], i["shape"]) for i in model["inputs"]} == {
-        "IMAGE": ("BYTES", [-1]), "PIXELS": ("UINT8", [-1, s, s, 3])}
+        "IMAGE": ("BYTES", [-1]),
+        "PIXELS": ("UINT8", [-1, s, s, 3]),
+    }
     assert {o["name"]: o["shape"] for o in model["outputs"]} == {"LOGITS": [-1, 3], "PROBABILITIES": [-1, 3]}
     assert triton.is_model_ready("beta") and triton.is_model_ready("beta", "1")
     assert not triton.is_model_ready("beta", "7") and not triton.is_model_ready("nope")
@@ -138,13 +147,13 @@ def test_refusals_are_clear_and_change_nothing(server, triton, assets):
     assert listing == {"alpha": 1, "beta": 1}
 
 
-def _named(name: str, array: np.ndarray) -> "httpclient.InferInput":
+def _named(name: str, array: np.ndarray) -> httpclient.InferInput:
     tensor = httpclient.InferInput(name, list(array.shape), "UINT8")
     tensor.set_data_from_numpy(array, binary_data=True)
     return tensor
 
 
-def _pixels(array: np.ndarray, datatype: str = "UINT8") -> "httpclient.InferInput":
+def _pixels(array: np.ndarray, datatype: str = "UINT8") -> httpclient.InferInput:
     tensor = httpclient.InferInput("PIXELS", list(array.shape), datatype)
     tensor.set_data_from_numpy(array, binary_data=True)
     return tensor

@@ -20,11 +20,20 @@ import time
 
 import httpx
 import pytest
+from service_helpers import (
+    ADMIN_TOKEN,
+    AUTH,
+    bundle_file,
+    check_scores,
+    get_assets,
+    png_bytes,
+    png_with_size,
+    reference_engine,
+    reference_logits,
+)
+from service_process import ServiceProcess
 
 from service.frontend.access import hash_key
-from service_helpers import (ADMIN_TOKEN, AUTH, bundle_file, check_scores, get_assets, png_bytes, png_with_size,
-                             reference_engine, reference_logits)
-from service_process import ServiceProcess
 
 DOMAINS = ("alpha", "beta", "gamma")
 
@@ -32,8 +41,15 @@ DOMAINS = ("alpha", "beta", "gamma")
 def split_server(tmp_path_factory, name: str, extra_env: dict[str, str] | None = None) -> ServiceProcess:
     assets = get_assets(tmp_path_factory)
     store = tmp_path_factory.mktemp(name)
-    env = {"RA_STORE_DIR": str(store), "RA_BACKBONE": str(assets.backbone_path), "RA_DEMO_ADAPTERS": "false",
-           "RA_ADMIN_TOKEN": ADMIN_TOKEN, "RA_MAX_WAIT_MS": "2", "RA_PREPROCESS_THREADS": "1", **(extra_env or {})}
+    env = {
+        "RA_STORE_DIR": str(store),
+        "RA_BACKBONE": str(assets.backbone_path),
+        "RA_DEMO_ADAPTERS": "false",
+        "RA_ADMIN_TOKEN": ADMIN_TOKEN,
+        "RA_MAX_WAIT_MS": "2",
+        "RA_PREPROCESS_THREADS": "1",
+        **(extra_env or {}),
+    }
     server = ServiceProcess(env, store.parent / f"{name}.log", workers=2)
     try:
         server.start().wait_ready()
@@ -93,11 +109,13 @@ def split(tmp_path_factory):
 
 
 def test_front_ends_the_supervisor_and_the_loaders_import_no_framework():
-    code = ("import shutil, sys, service.frontend.app, service.supervisor, service.transport, service.frontend.inference, "
-            "service.engine.loader\n"
-            "supervisor = service.supervisor.Supervisor('127.0.0.1', 0, 2, 'info')\n"
-            "shutil.rmtree(supervisor.rundir)\n"
-            "print(sorted(m for m in ('tensorflow', 'keras', 'jax', 'torch') if m in sys.modules))")
+    code = (
+        "import shutil, sys, service.frontend.app, service.supervisor, service.transport, service.frontend.inference, "
+        "service.engine.loader\n"
+        "supervisor = service.supervisor.Supervisor('127.0.0.1', 0, 2, 'info')\n"
+        "shutil.rmtree(supervisor.rundir)\n"
+        "print(sorted(m for m in ('tensorflow', 'keras', 'jax', 'torch') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out
 
@@ -121,15 +139,22 @@ def test_answers_through_every_front_end_equal_the_engine_alone(split, tmp_path_
         answers = dict(pool.map(ask, range(48)))
     for i, body in answers.items():
         domain = DOMAINS[i % 3]
-        check_scores(body["predictions"], reference_logits(ref, png_bytes(900 + i), assets.bundles[domain], domain),
-                     assets.bundles[domain].labels)
-    fanout = fresh("POST", f"{split.url}/predict", files={"file": ("x.png", png_bytes(5))},
-                   data={"domains": ",".join(DOMAINS)})
+        check_scores(
+            body["predictions"],
+            reference_logits(ref, png_bytes(900 + i), assets.bundles[domain], domain),
+            assets.bundles[domain].labels,
+        )
+    fanout = fresh(
+        "POST", f"{split.url}/predict", files={"file": ("x.png", png_bytes(5))}, data={"domains": ",".join(DOMAINS)}
+    )
     assert fanout.status_code == 200, fanout.text
     for result in fanout.json()["results"]:
         domain = result["domain"]
-        check_scores(result["predictions"], reference_logits(ref, png_bytes(5), assets.bundles[domain], domain),
-                     assets.bundles[domain].labels)
+        check_scores(
+            result["predictions"],
+            reference_logits(ref, png_bytes(5), assets.bundles[domain], domain),
+            assets.bundles[domain].labels,
+        )
     metrics = fresh("GET", split.url + "/metrics").text  # the engine's counters, through any front end
     assert 'ra_predictions_total{domain="alpha"}' in metrics and "ra_batch_size_count" in metrics
 
@@ -138,8 +163,13 @@ def test_a_registration_is_served_by_every_front_end_on_the_next_request(split, 
     assets = get_assets(tmp_path_factory)
     frontends(split.url)  # every front end has answered (and holds its cards) before the change
     for version, data in ((1, assets.data("beta")), (2, assets.data("alt-beta"))):
-        created = fresh("POST", split.url + "/adapters", headers=AUTH, files=bundle_file(data),
-                        data={"domain": "fresh", "replace": "true"})
+        created = fresh(
+            "POST",
+            split.url + "/adapters",
+            headers=AUTH,
+            files=bundle_file(data),
+            data={"domain": "fresh", "replace": "true"},
+        )
         assert created.status_code == 201 and created.json()["version"] == version, created.text
         answered = set()
         for i in range(30):
@@ -151,8 +181,11 @@ def test_a_registration_is_served_by_every_front_end_on_the_next_request(split, 
 
 def loaders_of(engine_pid: int) -> list[int]:
     """The engine process's loader processes (its children but multiprocessing's resource tracker)."""
-    return [p for p in processes_of(engine_pid)
-            if b"resource_tracker" not in pathlib.Path(f"/proc/{p}/cmdline").read_bytes()]
+    return [
+        p
+        for p in processes_of(engine_pid)
+        if b"resource_tracker" not in pathlib.Path(f"/proc/{p}/cmdline").read_bytes()
+    ]
 
 
 def cpu_ns(pid: int) -> int:
@@ -171,8 +204,13 @@ def test_bundles_are_validated_and_folded_in_loader_processes_without_the_framew
         assert rss_mb(pid) < 150, rss_mb(pid)
     before = sum(cpu_ns(p) for p in loaders)
     for i in range(10):
-        created = fresh("POST", split.url + "/adapters", headers=AUTH, files=bundle_file(assets.data("gamma")),
-                        data={"domain": f"loaded-{i}"})
+        created = fresh(
+            "POST",
+            split.url + "/adapters",
+            headers=AUTH,
+            files=bundle_file(assets.data("gamma")),
+            data={"domain": f"loaded-{i}"},
+        )
         assert created.status_code == 201, created.text
     # they did the validation and folding: 0.3 ms or more each; an idle loader waits on its pipe
     assert sum(cpu_ns(p) for p in loaders) - before > 10 * 100_000
@@ -180,8 +218,13 @@ def test_bundles_are_validated_and_folded_in_loader_processes_without_the_framew
     os.kill(loaders[0], signal.SIGKILL)  # a loader that dies is replaced; a registration is refused, not lost
     outcomes = []
     for i in range(6):
-        response = fresh("POST", split.url + "/adapters", headers=AUTH, files=bundle_file(assets.data("gamma")),
-                         data={"domain": f"after-kill-{i}"})
+        response = fresh(
+            "POST",
+            split.url + "/adapters",
+            headers=AUTH,
+            files=bundle_file(assets.data("gamma")),
+            data={"domain": f"after-kill-{i}"},
+        )
         outcomes.append((response.status_code, response.json().get("error")))
     assert set(outcomes) <= {(201, None), (503, "adapter_unavailable")}, outcomes
     assert outcomes[-1] == (201, None), outcomes
@@ -192,11 +235,13 @@ def test_bundles_are_validated_and_folded_in_loader_processes_without_the_framew
 
 
 def test_bad_input_gets_the_same_errors_through_every_front_end(split):
-    cases = [("POST", "/predict/alpha", {"files": {"file": ("big.png", png_with_size(9000, 9000))}}, 413),
-             ("POST", "/predict/alpha", {"content": png_bytes(1), "headers": {"content-type": "image/png"}}, 415),
-             ("POST", "/predict/nope", {"files": {"file": ("x.png", png_bytes(1))}}, 404),
-             ("POST", "/adapters", {"files": bundle_file(b"not a bundle" * 100), "headers": AUTH}, 422),
-             ("POST", "/adapters", {"files": bundle_file(b"x" * 100)}, 401)]
+    cases = [
+        ("POST", "/predict/alpha", {"files": {"file": ("big.png", png_with_size(9000, 9000))}}, 413),
+        ("POST", "/predict/alpha", {"content": png_bytes(1), "headers": {"content-type": "image/png"}}, 415),
+        ("POST", "/predict/nope", {"files": {"file": ("x.png", png_bytes(1))}}, 404),
+        ("POST", "/adapters", {"files": bundle_file(b"not a bundle" * 100), "headers": AUTH}, 422),
+        ("POST", "/adapters", {"files": bundle_file(b"x" * 100)}, 401),
+    ]
     for method, path, kwargs, status in cases:
         bodies = {fresh(method, split.url + path, **kwargs).text for _ in range(8)}
         assert len(bodies) == 1, bodies  # the same answer from whichever front end took it
@@ -214,9 +259,17 @@ def test_oip_statistics_count_the_requests_of_every_front_end(split, tmp_path_fa
 
     before = counts()
     assert len(before) == 1, before
-    (inferences, executions), = before
-    pixels = {"inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [2, size, size, 3],
-                          "data": [i % 256 for i in range(2 * size * size * 3)]}]}
+    ((inferences, executions),) = before
+    pixels = {
+        "inputs": [
+            {
+                "name": "PIXELS",
+                "datatype": "UINT8",
+                "shape": [2, size, size, 3],
+                "data": [i % 256 for i in range(2 * size * size * 3)],
+            }
+        ]
+    }
     for _ in range(10):  # each on a new connection: the kernel spreads them over both front ends
         response = fresh("POST", url + "/infer", json=pixels)
         assert response.status_code == 200, response.text
@@ -225,15 +278,30 @@ def test_oip_statistics_count_the_requests_of_every_front_end(split, tmp_path_fa
 
 def test_a_keys_rate_limit_holds_once_for_every_front_end(tmp_path_factory):
     keys_file = tmp_path_factory.mktemp("split-keys") / "keys.json"
-    keys_file.write_text(json.dumps({"keys": [{"name": "slow", "key_sha256": hash_key("key-slow-0123456789"),
-                                               "domains": ["*"], "rate_per_s": 0.05, "burst": 3}]}))
+    keys_file.write_text(
+        json.dumps(
+            {
+                "keys": [
+                    {
+                        "name": "slow",
+                        "key_sha256": hash_key("key-slow-0123456789"),
+                        "domains": ["*"],
+                        "rate_per_s": 0.05,
+                        "burst": 3,
+                    }
+                ]
+            }
+        )
+    )
     server = split_server(tmp_path_factory, "rate-limit-store", {"RA_API_KEYS_FILE": str(keys_file)})
     try:
         frontends(server.url)  # both serve
         # 12 new connections: with a bucket per front end, 3 + 3 would pass unless one front end got fewer
         # than 3 of them (odds about 4%); with one per host, exactly the burst passes (no refill for 20 s)
-        answers = [fresh("GET", server.url + "/adapters", headers={"Authorization": "Bearer key-slow-0123456789"})
-                   for _ in range(12)]
+        answers = [
+            fresh("GET", server.url + "/adapters", headers={"Authorization": "Bearer key-slow-0123456789"})
+            for _ in range(12)
+        ]
     finally:
         server.stop()
     assert [a.status_code for a in answers] == [200] * 3 + [429] * 9, [a.text for a in answers]
@@ -310,8 +378,11 @@ def test_front_end_kill_9_leaves_the_other_serving_and_is_restarted(tmp_path_fac
         engine = next(iter(after.values()))["engine_pid"]
         deadline = time.monotonic() + 20  # and the engine process lets go of the removed one's memory
         removed = f"/dev/shm/ra-{server.proc.pid}-fe"  # (not its loader pool's unlinked semaphores, /dev/shm/sem.*)
-        while [m for m in pathlib.Path(f"/proc/{engine}/maps").read_text().splitlines()
-               if removed in m and m.endswith("(deleted)")]:
+        while [
+            m
+            for m in pathlib.Path(f"/proc/{engine}/maps").read_text().splitlines()
+            if removed in m and m.endswith("(deleted)")
+        ]:
             assert time.monotonic() < deadline, "the engine still maps a removed arena"
             time.sleep(0.5)
     finally:

@@ -11,12 +11,21 @@ import random
 import threading
 
 import httpx
-
 from numeric import assert_logits_close
-from service.record.directory import DirectoryRecord
-from service_helpers import (ADMIN_TOKEN, AUTH, bundle_file, get_assets, live_versions, png_bytes, reference_engine,
-                             reference_logits, softmax)
+from service_helpers import (
+    ADMIN_TOKEN,
+    AUTH,
+    bundle_file,
+    get_assets,
+    live_versions,
+    png_bytes,
+    reference_engine,
+    reference_logits,
+    softmax,
+)
 from service_process import running_server
+
+from service.record.directory import DirectoryRecord
 
 
 def start(tmp_path_factory, domains=("alpha",)):
@@ -24,8 +33,12 @@ def start(tmp_path_factory, domains=("alpha",)):
     store = tmp_path_factory.mktemp("reliability-store")
     for domain in domains:
         DirectoryRecord(store).add(domain, replace=False, data=assets.data(domain))
-    env = {"RA_BACKBONE": str(assets.backbone_path), "RA_DEMO_ADAPTERS": "false", "RA_ADMIN_TOKEN": ADMIN_TOKEN,
-           "RA_MAX_WAIT_MS": "5"}
+    env = {
+        "RA_BACKBONE": str(assets.backbone_path),
+        "RA_DEMO_ADAPTERS": "false",
+        "RA_ADMIN_TOKEN": ADMIN_TOKEN,
+        "RA_MAX_WAIT_MS": "5",
+    }
     return assets, store, running_server(store, env)
 
 
@@ -33,6 +46,7 @@ def test_twenty_simultaneous_registrations_of_one_domain_have_one_winner(tmp_pat
     assets, store, server = start(tmp_path_factory, domains=())
     data = assets.data("beta")
     with server as url, concurrent.futures.ThreadPoolExecutor(20) as pool:
+
         def register(_):
             with httpx.Client(base_url=url, timeout=60) as client:
                 return client.post("/adapters", headers=AUTH, files=bundle_file(data)).status_code
@@ -45,16 +59,18 @@ def test_twenty_simultaneous_registrations_of_one_domain_have_one_winner(tmp_pat
 
 
 def test_registrations_while_fifty_clients_predict(tmp_path_factory):
-    assets, store, server = start(tmp_path_factory, domains=("alpha",))
+    assets, _store, server = start(tmp_path_factory, domains=("alpha",))
     ref = reference_engine(assets)
     images = [png_bytes(seed) for seed in range(6)]
     names = [f"d{i:02d}" for i in range(20)]
     sources = {name: ("beta", "gamma")[i % 2] for i, name in enumerate(names)}
     with server as url, concurrent.futures.ThreadPoolExecutor(70) as pool:
+
         def register(name):
             with httpx.Client(base_url=url, timeout=60) as client:
-                return client.post("/adapters", headers=AUTH, files=bundle_file(assets.data(sources[name])),
-                                   data={"domain": name}).status_code
+                return client.post(
+                    "/adapters", headers=AUTH, files=bundle_file(assets.data(sources[name])), data={"domain": name}
+                ).status_code
 
         registered = threading.Event()
 
@@ -66,8 +82,9 @@ def test_registrations_while_fifty_clients_predict(tmp_path_factory):
                     extra -= registered.is_set()
                     domain = rng.choice(["alpha", *names])
                     k = rng.randrange(len(images))
-                    r = client.post(f"/predict/{domain}", files={"file": ("x.png", images[k], "image/png")},
-                                    data={"top_k": "10"})
+                    r = client.post(
+                        f"/predict/{domain}", files={"file": ("x.png", images[k], "image/png")}, data={"top_k": "10"}
+                    )
                     answers.append((domain, k, r.status_code, r.json()))
             return answers
 
@@ -87,6 +104,7 @@ def test_registrations_while_fifty_clients_predict(tmp_path_factory):
         logits = reference_logits(ref, images[k], assets.bundles[source], source)
         got = {p["index"]: p["score"] for p in body["predictions"]}
         # served in batches of other compositions: float32 rounding, relative to the logits' scale
-        assert_logits_close([got[i] for i in range(len(logits))], softmax(logits), logits=logits,
-                            err_msg=f"{domain} image {k}")
+        assert_logits_close(
+            [got[i] for i in range(len(logits))], softmax(logits), logits=logits, err_msg=f"{domain} image {k}"
+        )
     assert served >= 100

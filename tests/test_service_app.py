@@ -11,18 +11,9 @@ import types
 
 import numpy as np
 import pytest
-from PIL import Image, PngImagePlugin
 from fastapi.testclient import TestClient
-
-import service.engine.core
-from model.bundle import load_bundle
-from service.boot import single_process_app
-from service.engine.core import DEMO_MARKER
-from service.frontend.inference import INLINE_BYTES
-from service.record.directory import DirectoryRecord
+from PIL import Image, PngImagePlugin
 from service_helpers import (
-    make_settings,
-    running,
     ADMIN_TOKEN,
     AUTH,
     CLASSES,
@@ -35,14 +26,23 @@ from service_helpers import (
     image_variants,
     jpeg_bytes,
     live_versions,
+    make_settings,
     noise,
     png_bytes,
     png_with_size,
     reference_logits,
     reference_probs,
+    running,
     store_snapshot,
     temp_files,
 )
+
+import service.engine.core
+from model.bundle import load_bundle
+from service.boot import single_process_app
+from service.engine.core import DEMO_MARKER
+from service.frontend.inference import INLINE_BYTES
+from service.record.directory import DirectoryRecord
 
 
 def register(client, data: bytes, domain: str | None = None, replace: bool | None = None, headers=AUTH, **kw):
@@ -72,8 +72,9 @@ def assert_error(response, status: int, code: str | None = None) -> dict:
 
 def domain_dirs(store: pathlib.Path) -> list[str]:
     """Domains with a live version in the directory registry of record."""
-    return sorted(p.name for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")
-                  and live_versions(store, p.name))
+    return sorted(
+        p.name for p in store.iterdir() if p.is_dir() and not p.name.startswith(".") and live_versions(store, p.name)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +91,7 @@ def served(assets, tmp_path_factory):
 
 
 # ----- health, docs, metrics ------------------------------------------------------------------
+
 
 def test_health_docs_and_metrics(served):
     client = served.client
@@ -118,8 +120,8 @@ def test_readyz_and_metrics_report_the_residency_budget(served):
     assert abs(residency["fits"] - residency["budget_mb"] * 1024 * 1024 / residency["bytes_per_domain"]) < 2
     assert residency["resident"] >= 3
     text = served.client.get("/metrics").text
-    assert re.search(rf'^ra_domains_fit {residency["fits"]}\.0$', text, re.M)
-    assert re.search(rf'^ra_domain_bytes {residency["bytes_per_domain"]}\.0$', text, re.M)
+    assert re.search(rf"^ra_domains_fit {residency['fits']}\.0$", text, re.M)
+    assert re.search(rf"^ra_domain_bytes {residency['bytes_per_domain']}\.0$", text, re.M)
 
 
 def test_metrics_count_requests_by_route_and_keep_unknown_domains_out(served):
@@ -138,6 +140,7 @@ def test_metrics_count_requests_by_route_and_keep_unknown_domains_out(served):
 
 # ----- registration and listing ---------------------------------------------------------------
 
+
 def test_register_answers_the_adapter(served, assets):
     for domain, info in served.registered.items():
         bundle = assets.bundles[domain]
@@ -146,8 +149,11 @@ def test_register_answers_the_adapter(served, assets):
         assert info["labels"] == list(bundle.labels)
         assert info["num_classes"] == CLASSES[domain]
         assert info["params"] > 0
-        assert info["preprocessing"] == {**bundle.preprocessing.to_json(), "mean": list(bundle.preprocessing.mean),
-                                         "std": list(bundle.preprocessing.std)}
+        assert info["preprocessing"] == {
+            **bundle.preprocessing.to_json(),
+            "mean": list(bundle.preprocessing.mean),
+            "std": list(bundle.preprocessing.std),
+        }
         assert info["backbone_fingerprint"] == assets.backbone.fingerprint
         assert info["golden_self_test"] is (domain == "alpha")
 
@@ -166,10 +172,11 @@ def test_list_and_show_adapters(served, assets):
 
 # ----- prediction -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("domain", list(CLASSES))
 def test_predict_equals_the_engine(served, assets, ref, domain):
     bundle = assets.bundles[domain]
-    for seed, image in [(101, png_bytes(101)), (102, jpeg_bytes(102)), (103, png_bytes(103, (40, 17)))]:
+    for _seed, image in [(101, png_bytes(101)), (102, jpeg_bytes(102)), (103, png_bytes(103, (40, 17)))]:
         response = predict(served.client, domain, image)
         assert response.status_code == 200, response.text
         body = response.json()
@@ -194,8 +201,11 @@ def test_several_files_answer_in_upload_order(served, assets, ref):
     assert [r["filename"] for r in results] == names
     for image, result in zip(images, results):
         assert len(result["predictions"]) == 2
-        check_scores(result["predictions"], reference_logits(ref, image, assets.bundles["gamma"], "gamma"),
-                     assets.bundles["gamma"].labels)
+        check_scores(
+            result["predictions"],
+            reference_logits(ref, image, assets.bundles["gamma"], "gamma"),
+            assets.bundles["gamma"].labels,
+        )
     assert response.json()["predictions"] is None  # at the top only for a single image
 
 
@@ -214,8 +224,11 @@ def test_small_images_decode_inline_large_ones_in_the_pool(served, assets, ref, 
     assert response.status_code == 200, response.text
     assert handed == images[1:]
     for image, result in zip(images, response.json()["results"]):
-        check_scores(result["predictions"], reference_logits(ref, image, assets.bundles["beta"], "beta"),
-                     assets.bundles["beta"].labels)
+        check_scores(
+            result["predictions"],
+            reference_logits(ref, image, assets.bundles["beta"], "beta"),
+            assets.bundles["beta"].labels,
+        )
 
 
 def test_fanout_answers_one_result_per_domain(served, assets, ref):
@@ -236,8 +249,11 @@ def test_fanout_answers_one_result_per_domain(served, assets, ref):
     default = served.client.post("/predict", files={"file": ("x.png", image)}).json()
     assert [r["domain"] for r in default["results"]] == listed
 
-    assert_error(served.client.post("/predict", files={"file": ("x.png", image)}, data={"domains": "alpha,nope"}),
-                 404, "unknown_domain")
+    assert_error(
+        served.client.post("/predict", files={"file": ("x.png", image)}, data={"domains": "alpha,nope"}),
+        404,
+        "unknown_domain",
+    )
     assert_error(served.client.post("/predict", files={"file": ("x.png", image)}, data={"domains": " , "}), 400)
 
 
@@ -289,6 +305,7 @@ def test_request_errors(served):
 
 # ----- replace, rollback, delete ---------------------------------------------------------------
 
+
 def test_replace_rollback_delete(served, assets, ref):
     client, store = served.client, served.store
     image = png_bytes(400)
@@ -306,8 +323,11 @@ def test_replace_rollback_delete(served, assets, ref):
     assert second.json()["version"] == 2
     body = predict(client, "life", image).json()
     assert body["version"] == 2
-    check_scores(body["predictions"], reference_logits(ref, image, assets.alt["alpha"], "alt-alpha"),
-                 assets.bundles["alpha"].labels)
+    check_scores(
+        body["predictions"],
+        reference_logits(ref, image, assets.alt["alpha"], "alt-alpha"),
+        assets.bundles["alpha"].labels,
+    )
     assert live_versions(store, "life") == [1, 2]
 
     back = client.post("/adapters/life/rollback", headers=AUTH)
@@ -315,8 +335,11 @@ def test_replace_rollback_delete(served, assets, ref):
     assert back.json()["version"] == 1
     body = predict(client, "life", image).json()
     assert body["version"] == 1
-    check_scores(body["predictions"], reference_logits(ref, image, assets.bundles["alpha"], "alpha"),
-                 assets.bundles["alpha"].labels)
+    check_scores(
+        body["predictions"],
+        reference_logits(ref, image, assets.bundles["alpha"], "alpha"),
+        assets.bundles["alpha"].labels,
+    )
     assert live_versions(store, "life") == [1]
     assert_error(client.post("/adapters/life/rollback", headers=AUTH), 409, "no_previous_version")
     assert client.get("/adapters/life").json()["version"] == 1
@@ -348,8 +371,11 @@ def test_replace_may_change_the_class_count(served, assets, ref):
     image = png_bytes(450)
     body = predict(client, "morph", image).json()
     assert len(body["predictions"]) == 5
-    check_scores(body["predictions"], reference_logits(ref, image, assets.bundles["gamma"], "gamma"),
-                 assets.bundles["gamma"].labels)
+    check_scores(
+        body["predictions"],
+        reference_logits(ref, image, assets.bundles["gamma"], "gamma"),
+        assets.bundles["gamma"].labels,
+    )
     assert client.delete("/adapters/morph", headers=AUTH).status_code == 200
 
 
@@ -373,8 +399,9 @@ def test_management_needs_the_bearer_token(served, assets, case):
     headers, query = BAD_AUTH[case]
     client, store = served.client, served.store
     before = store_snapshot(store)
-    response = client.post(f"/adapters{query}", files=bundle_file(assets.data("beta")),
-                           data={"domain": "intruder"}, headers=headers)
+    response = client.post(
+        f"/adapters{query}", files=bundle_file(assets.data("beta")), data={"domain": "intruder"}, headers=headers
+    )
     assert_error(response, 401, "unauthorized")
     assert response.headers["www-authenticate"] == "Bearer"
     assert_error(client.delete(f"/adapters/alpha{query}", headers=headers), 401, "unauthorized")
@@ -385,8 +412,9 @@ def test_management_needs_the_bearer_token(served, assets, case):
 
 
 def test_bearer_scheme_is_case_insensitive(served, assets):
-    response = register(served.client, assets.data("beta"), domain="casetest",
-                        headers={"Authorization": f"bearer {ADMIN_TOKEN}"})
+    response = register(
+        served.client, assets.data("beta"), domain="casetest", headers={"Authorization": f"bearer {ADMIN_TOKEN}"}
+    )
     assert response.status_code == 201, response.text
     assert served.client.delete("/adapters/casetest", headers=AUTH).status_code == 200
 
@@ -410,9 +438,17 @@ def test_no_admin_token_disables_management(assets, tmp_path, token):
 # ----- invalid bundles ------------------------------------------------------------------------
 
 BUNDLE_CODES = {
-    "random": "not_safetensors", "pickle": "not_safetensors", "empty": "not_safetensors",
-    "truncated": "not_safetensors", "foreign": "fingerprint", "nan": "non_finite", "wrong_shape": "tensors",
-    "extra_tensor": "tensors", "too_many_labels": "labels", "too_few_labels": "labels", "bad_golden": "golden",
+    "random": "not_safetensors",
+    "pickle": "not_safetensors",
+    "empty": "not_safetensors",
+    "truncated": "not_safetensors",
+    "foreign": "fingerprint",
+    "nan": "non_finite",
+    "wrong_shape": "tensors",
+    "extra_tensor": "tensors",
+    "too_many_labels": "labels",
+    "too_few_labels": "labels",
+    "bad_golden": "golden",
 }
 
 
@@ -439,6 +475,7 @@ def test_invalid_domain_names_are_refused(served, assets, name):
 
 
 # ----- size limits -----------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def small(assets, tmp_path_factory):
@@ -525,6 +562,7 @@ def test_request_timeout_answers_504(assets, tmp_path):
 
 # ----- persistence -----------------------------------------------------------------------------
 
+
 def test_restart_keeps_the_registry(assets, ref, tmp_path):
     store = tmp_path / "store"
     with running(make_settings(assets, store)) as client:
@@ -539,8 +577,11 @@ def test_restart_keeps_the_registry(assets, ref, tmp_path):
         image = png_bytes(500)
         body = predict(client, "alpha", image).json()
         assert body["version"] == 2
-        check_scores(body["predictions"], reference_logits(ref, image, assets.alt["alpha"], "alt-alpha"),
-                     assets.bundles["alpha"].labels)
+        check_scores(
+            body["predictions"],
+            reference_logits(ref, image, assets.alt["alpha"], "alt-alpha"),
+            assets.bundles["alpha"].labels,
+        )
         assert client.get("/readyz").json()["adapters"] == 2
 
 
@@ -561,8 +602,11 @@ def test_store_recovers_from_a_crash(assets, ref, tmp_path):
         image = png_bytes(600)
         body = predict(client, "alpha", image).json()
         assert body["version"] == 1  # v3 is garbage and v2 dropped: v1 serves
-        check_scores(body["predictions"], reference_logits(ref, image, assets.bundles["alpha"], "alpha"),
-                     assets.bundles["alpha"].labels)
+        check_scores(
+            body["predictions"],
+            reference_logits(ref, image, assets.bundles["alpha"], "alpha"),
+            assets.bundles["alpha"].labels,
+        )
         listing = {a["domain"]: (a["version"], a["tier"]) for a in client.get("/adapters").json()["adapters"]}
         assert listing == {"alpha": (1, "device")}
         described = client.get("/adapters/alpha").json()

@@ -16,7 +16,6 @@ import time
 import httpx
 import numpy as np
 import pytest
-
 from service_helpers import (
     ADMIN_TOKEN,
     AUTH,
@@ -29,7 +28,6 @@ from service_helpers import (
     stalled_upload,
     temp_files,
 )
-
 from service_process import ServiceProcess
 
 START_TIMEOUT_S = 90
@@ -39,12 +37,18 @@ class Server(ServiceProcess):
     """The server under test on a fixed store; restarts keep the store."""
 
     def __init__(self, assets, store, log_dir):
-        env = {"RA_BACKBONE": str(assets.backbone_path), "RA_STORE_DIR": str(store), "RA_DEMO_ADAPTERS": "false",
-               "RA_ADMIN_TOKEN": ADMIN_TOKEN, "RA_MAX_WAIT_MS": "5", "RA_PREPROCESS_THREADS": "2"}
+        env = {
+            "RA_BACKBONE": str(assets.backbone_path),
+            "RA_STORE_DIR": str(store),
+            "RA_DEMO_ADAPTERS": "false",
+            "RA_ADMIN_TOKEN": ADMIN_TOKEN,
+            "RA_MAX_WAIT_MS": "5",
+            "RA_PREPROCESS_THREADS": "2",
+        }
         super().__init__(env, log_dir / "server.log")
         self.store = store
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         super().start()
         self.wait_ready(START_TIMEOUT_S)
         return self
@@ -93,7 +97,7 @@ def test_register_over_http(server, assets):
             assert response.status_code == 201, response.text
             assert response.json()["version"] == 1
             EXPECTED[domain] = (domain, 1)
-        assert versions(client) == {d: 1 for d in CLASSES}
+        assert versions(client) == dict.fromkeys(CLASSES, 1)
 
 
 def test_concurrent_mixed_domain_requests_do_not_cross_talk(server, assets, ref):
@@ -104,6 +108,7 @@ def test_concurrent_mixed_domain_requests_do_not_cross_talk(server, assets, ref)
     expected = {pair: reference_logits(ref, images[pair[0]], assets.bundles[pair[1]], pair[1]) for pair in set(pairs)}
 
     with server.client(limits=httpx.Limits(max_connections=32)) as client:
+
         def call(pair):
             index, domain = pair
             return client.post(f"/predict/{domain}", files={"file": (f"{index}.img", images[index])})
@@ -145,11 +150,13 @@ def test_registering_while_serving_fails_no_request(server, assets, ref):
     try:
         with server.client() as client:
             time.sleep(0.2)
-            added = client.post("/adapters", files=bundle_file(assets.data("gamma")), data={"domain": "delta"},
-                                headers=AUTH)
+            added = client.post(
+                "/adapters", files=bundle_file(assets.data("gamma")), data={"domain": "delta"}, headers=AUTH
+            )
             assert added.status_code == 201, added.text
-            replaced = client.post("/adapters", files=bundle_file(assets.data("alt-beta")), data={"replace": "true"},
-                                   headers=AUTH)
+            replaced = client.post(
+                "/adapters", files=bundle_file(assets.data("alt-beta")), data={"replace": "true"}, headers=AUTH
+            )
             assert replaced.status_code == 201, replaced.text
             assert replaced.json()["version"] == 2
             time.sleep(0.2)
@@ -166,9 +173,9 @@ def test_registering_while_serving_fails_no_request(server, assets, ref):
 
 def test_concurrent_registrations_of_one_domain_have_one_winner(server, assets):
     with server.client() as client:
+
         def register(name):
-            return client.post("/adapters", files=bundle_file(assets.data(name)), data={"domain": "zeta"},
-                               headers=AUTH)
+            return client.post("/adapters", files=bundle_file(assets.data(name)), data={"domain": "zeta"}, headers=AUTH)
 
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             statuses = sorted(r.status_code for r in pool.map(register, ["alpha", "alt-alpha", "alpha"]))

@@ -19,12 +19,12 @@ import time
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-
-from service.frontend.access import KeysFileError, hash_key
-from service.boot import single_process_app
-from service.settings import Settings
 from service_helpers import ADMIN_TOKEN, bundle_file, png_bytes
 from service_process import REPO
+
+from service.boot import single_process_app
+from service.frontend.access import KeysFileError, hash_key
+from service.settings import Settings
 
 KEYS = {  # name -> (secret, patterns, admin)
     "acme": ("key-acme-0123456789", ["acme-*"], False),
@@ -38,8 +38,10 @@ ADMIN_CALLERS = {"ops", "admin-token"}
 
 
 def keys_json(keys: dict = KEYS, **extra) -> str:
-    entries = [{"name": name, "key_sha256": hash_key(secret), "domains": patterns, "admin": admin,
-                **extra.get(name, {})} for name, (secret, patterns, admin) in keys.items()]
+    entries = [
+        {"name": name, "key_sha256": hash_key(secret), "domains": patterns, "admin": admin, **extra.get(name, {})}
+        for name, (secret, patterns, admin) in keys.items()
+    ]
     return json.dumps({"keys": entries})
 
 
@@ -54,9 +56,18 @@ def sees(caller: str, domain: str) -> bool:
 
 
 def settings_for(assets, tmp: pathlib.Path, keys_file: pathlib.Path, **changes) -> Settings:
-    values = dict(backbone=assets.backbone_path, store_dir=tmp / "store", demo_adapters=False, admin_token=ADMIN_TOKEN,
-                  api_keys_file=keys_file, api_keys_poll_s=0.05, max_wait_ms=1, max_batch_size=4, device_memory_mb=64,
-                  preprocess_threads=2)
+    values = {
+        "backbone": assets.backbone_path,
+        "store_dir": tmp / "store",
+        "demo_adapters": False,
+        "admin_token": ADMIN_TOKEN,
+        "api_keys_file": keys_file,
+        "api_keys_poll_s": 0.05,
+        "max_wait_ms": 1,
+        "max_batch_size": 4,
+        "device_memory_mb": 64,
+        "preprocess_threads": 2,
+    }
     values.update(changes)
     return Settings(**values)
 
@@ -74,8 +85,12 @@ def tenants(assets, tmp_path_factory):
     keys_file.write_text(keys_json())
     with serving(settings_for(assets, tmp, keys_file)) as client:
         for domain, source in DOMAINS.items():
-            response = client.post("/adapters", files=bundle_file(assets.data(source)), data={"domain": domain},
-                                   headers=auth("admin-token"))
+            response = client.post(
+                "/adapters",
+                files=bundle_file(assets.data(source)),
+                data={"domain": domain},
+                headers=auth("admin-token"),
+            )
             assert response.status_code == 201, response.text
         yield client
 
@@ -92,7 +107,9 @@ def endpoints(client, assets) -> dict:
 
     return {
         "predict": lambda d, h: client.post(f"/predict/{d}", files={"file": ("x.png", image)}, headers=h),
-        "fanout": lambda d, h: client.post("/predict", files={"file": ("x.png", image)}, data={"domains": d}, headers=h),
+        "fanout": lambda d, h: client.post(
+            "/predict", files={"file": ("x.png", image)}, data={"domains": d}, headers=h
+        ),
         "describe": lambda d, h: client.get(f"/adapters/{d}", headers=h),
         "oip-metadata": lambda d, h: client.get(f"/v2/models/{d}", headers=h),
         "oip-ready": lambda d, h: client.get(f"/v2/models/{d}/ready", headers=h),
@@ -131,16 +148,20 @@ def test_listing_and_fanout_all_show_only_the_keys_domains(tenants, caller):
     assert [a["domain"] for a in listed.json()["adapters"]] == visible
     paged, cursor = [], None
     while True:  # one at a time: pages stay full and cursors work within the scope
-        page = tenants.get("/adapters", params={"limit": 1, **({"cursor": cursor} if cursor else {})},
-                           headers=auth(caller)).json()
+        page = tenants.get(
+            "/adapters", params={"limit": 1, **({"cursor": cursor} if cursor else {})}, headers=auth(caller)
+        ).json()
         paged += [a["domain"] for a in page["adapters"]]
         if not (cursor := page["next_cursor"]):
             break
     assert paged == visible
-    assert [a["domain"] for a in tenants.get("/adapters", params={"prefix": "acme-"}, headers=auth(caller))
-            .json()["adapters"]] == [d for d in visible if d.startswith("acme-")]
-    fanout = tenants.post("/predict", files={"file": ("x.png", png_bytes(2))}, data={"domains": "all"},
-                          headers=auth(caller))
+    assert [
+        a["domain"]
+        for a in tenants.get("/adapters", params={"prefix": "acme-"}, headers=auth(caller)).json()["adapters"]
+    ] == [d for d in visible if d.startswith("acme-")]
+    fanout = tenants.post(
+        "/predict", files={"file": ("x.png", png_bytes(2))}, data={"domains": "all"}, headers=auth(caller)
+    )
     if visible:
         assert sorted(r["domain"] for r in fanout.json()["results"]) == visible
     else:
@@ -148,16 +169,18 @@ def test_listing_and_fanout_all_show_only_the_keys_domains(tenants, caller):
 
 
 def test_a_fanout_naming_a_hidden_domain_is_refused_whole(tenants):
-    response = tenants.post("/predict", files={"file": ("x.png", png_bytes(2))}, data={"domains": "acme-one,beta-one"},
-                            headers=auth("acme"))
+    response = tenants.post(
+        "/predict", files={"file": ("x.png", png_bytes(2))}, data={"domains": "acme-one,beta-one"}, headers=auth("acme")
+    )
     assert response.status_code == 404 and "'beta-one'" in response.json()["detail"]
 
 
 @pytest.mark.parametrize("caller", [None, "wrong-key", *CALLERS])
 def test_management_needs_an_admin_key(tenants, assets, caller):
     calls = {
-        "register": lambda h: tenants.post("/adapters", files=bundle_file(assets.data("alpha")),
-                                           data={"domain": "acme-one"}, headers=h),
+        "register": lambda h: tenants.post(
+            "/adapters", files=bundle_file(assets.data("alpha")), data={"domain": "acme-one"}, headers=h
+        ),
         "rollback": lambda h: tenants.post("/adapters/acme-one/rollback", headers=h),
         "delete": lambda h: tenants.delete("/adapters/zz-ghost", headers=h),
         "oip-unload": lambda h: tenants.post("/v2/repository/models/zz-ghost/unload", headers=h),
@@ -189,22 +212,58 @@ def test_management_is_audited_with_key_action_domain_version_and_hash(tenants, 
 
     data = assets.data("gamma")
     with caplog.at_level(logging.INFO, logger="service.frontend.audit"):
-        assert tenants.post("/adapters", files=bundle_file(data), data={"domain": "acme-audit"},
-                            headers=auth("ops")).status_code == 201
+        assert (
+            tenants.post(
+                "/adapters", files=bundle_file(data), data={"domain": "acme-audit"}, headers=auth("ops")
+            ).status_code
+            == 201
+        )
         assert tenants.post("/adapters/acme-audit/rollback", headers=auth("acme")).status_code == 403
-        assert tenants.post("/adapters", files=bundle_file(b"not a bundle"), data={"domain": "acme-bad"},
-                            headers=auth("ops")).status_code == 422
+        assert (
+            tenants.post(
+                "/adapters", files=bundle_file(b"not a bundle"), data={"domain": "acme-bad"}, headers=auth("ops")
+            ).status_code
+            == 422
+        )
         assert tenants.delete("/adapters/acme-audit", headers=auth("admin-token")).status_code == 200
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "service.frontend.audit"]
     assert lines == [
-        {"key": "ops", "action": "register", "domain": "acme-audit", "version": 1,
-         "sha256": hashlib.sha256(data).hexdigest(), "status": 201, "outcome": "ok"},
-        {"key": "acme", "action": "rollback", "domain": "acme-audit", "version": None, "sha256": None, "status": 403,
-         "outcome": "refused"},
-        {"key": "ops", "action": "register", "domain": "acme-bad", "version": None,
-         "sha256": hashlib.sha256(b"not a bundle").hexdigest(), "status": 422, "outcome": "failed"},
-        {"key": "admin", "action": "delete", "domain": "acme-audit", "version": 1,
-         "sha256": hashlib.sha256(data).hexdigest(), "status": 200, "outcome": "ok"},
+        {
+            "key": "ops",
+            "action": "register",
+            "domain": "acme-audit",
+            "version": 1,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "status": 201,
+            "outcome": "ok",
+        },
+        {
+            "key": "acme",
+            "action": "rollback",
+            "domain": "acme-audit",
+            "version": None,
+            "sha256": None,
+            "status": 403,
+            "outcome": "refused",
+        },
+        {
+            "key": "ops",
+            "action": "register",
+            "domain": "acme-bad",
+            "version": None,
+            "sha256": hashlib.sha256(b"not a bundle").hexdigest(),
+            "status": 422,
+            "outcome": "failed",
+        },
+        {
+            "key": "admin",
+            "action": "delete",
+            "domain": "acme-audit",
+            "version": 1,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "status": 200,
+            "outcome": "ok",
+        },
     ]
 
 
@@ -212,8 +271,12 @@ def test_rate_limits_per_key_answer_429_and_are_counted_per_key_name(assets, tmp
     keys_file = tmp_path / "keys.json"
     keys_file.write_text(keys_json(acme={"rate_per_s": 0.5, "burst": 2}))
     with serving(settings_for(assets, tmp_path, keys_file)) as client:
-        client.post("/adapters", files=bundle_file(assets.data("alpha")), data={"domain": "acme-one"},
-                    headers=auth("admin-token"))
+        client.post(
+            "/adapters",
+            files=bundle_file(assets.data("alpha")),
+            data={"domain": "acme-one"},
+            headers=auth("admin-token"),
+        )
         answers = [client.get("/adapters/acme-one", headers=auth("acme")) for _ in range(3)]
         assert [a.status_code for a in answers] == [200, 200, 429]
         assert answers[2].json()["error"] == "rate_limited" and int(answers[2].headers["retry-after"]) >= 1
@@ -243,8 +306,12 @@ def test_the_keys_file_reloads_while_serving_and_a_bad_one_keeps_the_last_good_k
     keys_file = tmp_path / "keys.json"
     keys_file.write_text(keys_json({"acme": KEYS["acme"]}))
     with serving(settings_for(assets, tmp_path, keys_file)) as client:
-        client.post("/adapters", files=bundle_file(assets.data("alpha")), data={"domain": "acme-one"},
-                    headers=auth("admin-token"))
+        client.post(
+            "/adapters",
+            files=bundle_file(assets.data("alpha")),
+            data={"domain": "acme-one"},
+            headers=auth("admin-token"),
+        )
         assert client.get("/adapters/acme-one", headers=auth("beta")).status_code == 401
 
         replace_file(keys_file, keys_json({"acme": KEYS["acme"], "beta": ("key-beta-0123456789", ["acme-one"], False)}))
@@ -260,14 +327,21 @@ def test_the_keys_file_reloads_while_serving_and_a_bad_one_keeps_the_last_good_k
         wait_for(lambda: client.get("/adapters/acme-one", headers=auth("beta")).status_code == 401)
 
 
-@pytest.mark.parametrize("content, problem", [
-    ("{not json", "not JSON"),
-    ('{"keys": [{"name": "a", "key_sha256": "abc", "domains": []}]}', "key_sha256"),
-    ('{"keys": [{"name": "a", "key_sha256": "%s", "domains": ["ACME/*"]}]}' % ("0" * 64), "domain patterns"),
-    ('{"keys": [{"name": "a", "key_sha256": "%s", "secret": "x"}]}' % ("0" * 64), "secret"),
-    ('{"keys": [{"name": "a", "key_sha256": "%s"}, {"name": "a", "key_sha256": "%s"}]}' % ("0" * 64, "1" * 64),
-     "repeats"),
-])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("{not json", "not JSON"),
+        ('{"keys": [{"name": "a", "key_sha256": "abc", "domains": []}]}', "key_sha256"),
+        ('{"keys": [{"name": "a", "key_sha256": "%s", "domains": ["ACME/*"]}]}' % ("0" * 64), "domain patterns"),
+        ('{"keys": [{"name": "a", "key_sha256": "%s", "secret": "x"}]}' % ("0" * 64), "secret"),
+        (
+            '{{"keys": [{{"name": "a", "key_sha256": "{}"}}, {{"name": "a", "key_sha256": "{}"}}]}}'.format(
+                "0" * 64, "1" * 64
+            ),
+            "repeats",
+        ),
+    ],
+)
 def test_a_malformed_keys_file_at_start_is_a_clear_error(assets, tmp_path, content, problem):
     keys_file = tmp_path / "keys.json"
     keys_file.write_text(content)
@@ -279,8 +353,14 @@ def test_a_malformed_keys_file_at_start_is_a_clear_error(assets, tmp_path, conte
 def test_python_m_service_refuses_a_malformed_keys_file_before_serving(tmp_path):
     keys_file = tmp_path / "keys.json"
     keys_file.write_text("{not json")
-    result = subprocess.run([sys.executable, "-m", "service", "--port", "1"], cwd=REPO, capture_output=True,
-                            text=True, timeout=120, env={"RA_API_KEYS_FILE": str(keys_file), "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "--port", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"RA_API_KEYS_FILE": str(keys_file), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 2
     assert f"RA_API_KEYS_FILE {keys_file}: not JSON" in result.stderr
 

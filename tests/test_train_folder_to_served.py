@@ -25,7 +25,6 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-
 from service_process import REPO, ServiceProcess
 
 README = REPO / "README.md"
@@ -89,6 +88,7 @@ def make_workdir(root: pathlib.Path) -> None:
 def foreign_bundle(path: pathlib.Path) -> None:
     """A `pets` bundle of the demo's architecture, made for another backbone (random shared weights)."""
     from conftest import make_backbone, make_bundle
+
     from model.backbone import load_backbone
     from model.bundle import save_bundle
 
@@ -98,10 +98,14 @@ def foreign_bundle(path: pathlib.Path) -> None:
 
 
 def shell(command: str, cwd: pathlib.Path, timeout: float) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    env = {
+        **os.environ,
+        "PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(REPO),
+        "CUDA_VISIBLE_DEVICES": "",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    return subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def json_answer(done: subprocess.CompletedProcess) -> dict:
@@ -115,8 +119,13 @@ def json_answer(done: subprocess.CompletedProcess) -> dict:
 def test_readme_block_is_train_register_predict():
     train, register, predict = readme_commands()
     assert train.startswith("python -m training adapt ")
-    for flag in ("--data my-images", f"--domain {DOMAIN}", "--backbone service/demo/backbone.safetensors",
-                 "--source service/demo/fashion.safetensors", f"--out out/{DOMAIN}"):
+    for flag in (
+        "--data my-images",
+        f"--domain {DOMAIN}",
+        "--backbone service/demo/backbone.safetensors",
+        "--source service/demo/fashion.safetensors",
+        f"--out out/{DOMAIN}",
+    ):
         assert flag in train, flag
     assert register.startswith("curl ") and f"-F bundle=@{BUNDLE}" in register
     assert f"Authorization: Bearer {TOKEN}" in register and register.endswith(f"{README_URL}/adapters")
@@ -151,9 +160,10 @@ def test_image_folder_to_served_domain(tmp_path):
         registered = json_answer(shell(at(register), work, 60))
         assert registered.get("domain") == DOMAIN and registered.get("version") == 1, registered
         assert registered["labels"] == list(CLASSES) and registered["golden_self_test"] is True
+        from service_helpers import NamedEngine, check_scores, reference_logits
+
         from model.backbone import load_backbone
         from model.bundle import load_bundle
-        from service_helpers import NamedEngine, check_scores, reference_logits
 
         backbone = load_backbone(DEMO_BACKBONE)
         assert registered["backbone_fingerprint"] == backbone.fingerprint
@@ -163,8 +173,9 @@ def test_image_folder_to_served_domain(tmp_path):
         predictions = answer["predictions"]
         assert len(predictions) == 2, predictions
         bundle = load_bundle(work / BUNDLE, backbone)  # the served answer is the trained bundle's, exactly
-        logits = reference_logits(NamedEngine(backbone, {DOMAIN: bundle}), (work / "photo.jpg").read_bytes(),
-                                  bundle, DOMAIN)
+        logits = reference_logits(
+            NamedEngine(backbone, {DOMAIN: bundle}), (work / "photo.jpg").read_bytes(), bundle, DOMAIN
+        )
         check_scores(predictions, logits, bundle.labels)
         assert predictions[0]["label"] == "horizontal", predictions  # and it learned: photo.jpg has such stripes
         listed = httpx.get(f"{server.url}/adapters").json()

@@ -14,13 +14,14 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import make_backbone, make_bundle
 from PIL import Image
 
 from model.backbone import load_backbone, save_backbone
 from model.bundle import Preprocessing, load_bundle, save_bundle
-from model.keras_weights import to_keras_model
 from model.config import ArchConfig
 from model.engine import InferenceEngine
+from model.keras_weights import to_keras_model
 from model.preprocessing import center_crop, normalize, open_image, preprocess
 from model.resnet26 import build_resnet26
 from model.safetensors_io import read_safetensors
@@ -32,8 +33,6 @@ from training.evaluate import evaluate
 from training.pipeline import eval_inputs, train_batches
 from training.recipe import Recipe, auto_adapter_decay, decay_group
 from training.trainer import CHECKPOINT_DIR, Trainer, freeze_shared
-
-from conftest import make_backbone, make_bundle
 
 INPUT = 16
 SIDE = 18  # round(16 * 9 / 8): the natural preset's resize for input 16
@@ -69,8 +68,16 @@ def stripes_npz(path: pathlib.Path, n: int = 24, seed: int = 1) -> pathlib.Path:
 
 
 def pretrain_spec(data: pathlib.Path, out: pathlib.Path, **changes) -> TrainSpec:
-    spec = TrainSpec(mode="pretrain", data=str(data), domain="easy", out=out, width_factor=0.125, input_size=INPUT,
-                     overrides=dict(OVERRIDES), progress=False)
+    spec = TrainSpec(
+        mode="pretrain",
+        data=str(data),
+        domain="easy",
+        out=out,
+        width_factor=0.125,
+        input_size=INPUT,
+        overrides=dict(OVERRIDES),
+        progress=False,
+    )
     return dataclasses.replace(spec, **changes)
 
 
@@ -89,9 +96,16 @@ def adapted(pretrained):
     data = stripes_npz(root / "stripes.npz")
     out = root / "adapt"
     backbone_path = pretrained["out"] / "backbone.safetensors"
-    spec = TrainSpec(mode="adapt", data=str(data), domain="stripes", out=out, backbone=backbone_path,
-                     source=pretrained["out"] / "easy.safetensors", overrides={"epochs": 2, "batch_size": 8, "lr": 0.05},
-                     progress=False)
+    spec = TrainSpec(
+        mode="adapt",
+        data=str(data),
+        domain="stripes",
+        out=out,
+        backbone=backbone_path,
+        source=pretrained["out"] / "easy.safetensors",
+        overrides={"epochs": 2, "batch_size": 8, "lr": 0.05},
+        progress=False,
+    )
     metrics = run_training(spec)
     return {"data": data, "out": out, "metrics": metrics, "backbone": backbone_path}
 
@@ -148,7 +162,9 @@ def test_adapt_keeps_the_backbone(adapted):
     # The trained model's own shared weights (not just the recorded fingerprint) are the backbone's.
     tensors, _ = read_safetensors((out / "stripes_run" / CHECKPOINT_DIR / "last.safetensors").read_bytes(), "ckpt")
     for prefix in ("model.", "best."):
-        shared = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and is_shared(k[len(prefix):])}
+        shared = {
+            k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and is_shared(k[len(prefix) :])
+        }
         assert len(shared) == 25
         assert fingerprint(shared) == backbone.fingerprint
     bundle = load_bundle(out / "stripes.safetensors", backbone)
@@ -227,8 +243,7 @@ def test_one_step_applies_each_groups_decay(small_model, tmp_path):
     for v, old, g in zip(trainer.variables, before, grads):
         wd = RATES[decay_group(names[id(v)])]  # what the variable's own group asks for
         applied = (old - v.numpy()) / DECAY_RECIPE.lr - g  # the decay term the step used
-        np.testing.assert_allclose(applied, wd * old, atol=2e-5 + 1e-3 * np.abs(g).max(),
-                                   err_msg=names[id(v)])
+        np.testing.assert_allclose(applied, wd * old, atol=2e-5 + 1e-3 * np.abs(g).max(), err_msg=names[id(v)])
 
 
 def test_adapt_trains_no_3x3_kernel(small_model, tmp_path):
@@ -324,8 +339,7 @@ def test_resume_continues_exactly(pretrained, interrupted, tmp_path):
 
 
 def test_resume_with_other_settings_is_refused(pretrained, tmp_path):
-    spec = pretrain_spec(pretrained["data"], pretrained["out"], resume=True,
-                         overrides={**OVERRIDES, "lr": 0.01})
+    spec = pretrain_spec(pretrained["data"], pretrained["out"], resume=True, overrides={**OVERRIDES, "lr": 0.01})
     with pytest.raises(ValueError, match="other settings") as info:
         run_training(spec)
     assert "'lr': 0.05" in str(info.value) and "seed 0" in str(info.value)
@@ -379,11 +393,15 @@ def test_digits_preset_takes_the_center_crop():
 def test_random_crops_are_windows_of_the_square():
     data = pipeline_data(4)
     prep = Preprocessing(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), resize=SIDE, crop=INPUT)
-    x, y = collect(train_batches(data, prep, 4, flip=False, random_crop=True, seed=0, epoch=0))
+    x, _y = collect(train_batches(data, prep, 4, flip=False, random_crop=True, seed=0, epoch=0))
     for image in x:
         pixels = np.round(image * 255).astype(np.uint8)
-        assert any(np.array_equal(pixels, sq[dy : dy + INPUT, dx : dx + INPUT])
-                   for sq in data.images for dy in range(3) for dx in range(3))
+        assert any(
+            np.array_equal(pixels, sq[dy : dy + INPUT, dx : dx + INPUT])
+            for sq in data.images
+            for dy in range(3)
+            for dx in range(3)
+        )
 
 
 def color_folder(root: pathlib.Path) -> list[pathlib.Path]:
@@ -446,12 +464,16 @@ def test_evaluate_aligns_labels_by_name(tmp_path):
     np.savez(tmp_path / "same.npz", x=x, y=y, labels=np.array(list(bundle.labels)))
     np.savez(tmp_path / "reversed.npz", x=x, y=2 - y, labels=np.array(list(bundle.labels)[::-1]))
     same = evaluate(tmp_path / "backbone.safetensors", tmp_path / "three.safetensors", str(tmp_path / "same.npz"))
-    flipped = evaluate(tmp_path / "backbone.safetensors", tmp_path / "three.safetensors",
-                       str(tmp_path / "reversed.npz"))
+    flipped = evaluate(
+        tmp_path / "backbone.safetensors", tmp_path / "three.safetensors", str(tmp_path / "reversed.npz")
+    )
     assert same["confusion"] == flipped["confusion"]
     assert same["test_top1"] == flipped["test_top1"]
     assert "confusion_png" not in same
     # the engine's predictions are the Keras model's
-    logits = np.asarray(to_keras_model(backbone, bundle)(eval_inputs(load_data(str(tmp_path / "same.npz"), SIDE),
-                                                                       bundle.preprocessing), training=False))
+    logits = np.asarray(
+        to_keras_model(backbone, bundle)(
+            eval_inputs(load_data(str(tmp_path / "same.npz"), SIDE), bundle.preprocessing), training=False
+        )
+    )
     assert same["test_top1"] == pytest.approx(float(np.mean(np.argmax(logits, -1) == y)))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import httpx
-
 from service_helpers import ADMIN_TOKEN, AUTH, bundle_file, get_assets, png_bytes
 from service_process import ServiceProcess
 
@@ -32,8 +31,14 @@ def worker_status(url: str, want: int = 2, timeout: float = 120) -> dict[int, di
 def test_a_registration_through_the_port_is_served_by_both_workers(tmp_path_factory):
     assets = get_assets(tmp_path_factory)
     store = tmp_path_factory.mktemp("workers-store")
-    env = {"RA_STORE_DIR": str(store), "RA_BACKBONE": str(assets.backbone_path), "RA_DEMO_ADAPTERS": "false",
-           "RA_ADMIN_TOKEN": ADMIN_TOKEN, "RA_MAX_WAIT_MS": "1", "RA_PREPROCESS_THREADS": "1"}
+    env = {
+        "RA_STORE_DIR": str(store),
+        "RA_BACKBONE": str(assets.backbone_path),
+        "RA_DEMO_ADAPTERS": "false",
+        "RA_ADMIN_TOKEN": ADMIN_TOKEN,
+        "RA_MAX_WAIT_MS": "1",
+        "RA_PREPROCESS_THREADS": "1",
+    }
     server = ServiceProcess(env, store.parent / "workers.log", workers=2)
     server.start()
     try:
@@ -42,8 +47,9 @@ def test_a_registration_through_the_port_is_served_by_both_workers(tmp_path_fact
         assert all(w["workers"] == 2 and w["adapters"] == 0 for w in workers.values()), workers
 
         with httpx.Client(timeout=60) as client:
-            created = client.post(server.url + "/adapters", headers=AUTH, files=bundle_file(assets.data("beta")),
-                                  data={"domain": "both"})
+            created = client.post(
+                server.url + "/adapters", headers=AUTH, files=bundle_file(assets.data("beta")), data={"domain": "both"}
+            )
         assert created.status_code == 201, created.text
 
         answers = []

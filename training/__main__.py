@@ -22,8 +22,15 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-RECIPE_FLAGS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "wd": "wd", "wd_3x3": "wd_3x3",
-                "wd_adapter": "wd_adapter", "wd_bn": "wd_bn"}
+RECIPE_FLAGS = {
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "wd": "wd",
+    "wd_3x3": "wd_3x3",
+    "wd_adapter": "wd_adapter",
+    "wd_bn": "wd_bn",
+}
 
 
 def _decay(value: str) -> float | str:
@@ -31,8 +38,11 @@ def _decay(value: str) -> float | str:
 
 
 def _add_training_options(p: argparse.ArgumentParser, full: bool) -> None:
-    p.add_argument("--data", required=True, help="training data: PATH[:SPLIT] (image folder, Decathlon devkit, "
-                   "IDX folder or .npz; SPLIT train/val/test)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="training data: PATH[:SPLIT] (image folder, Decathlon devkit, IDX folder or .npz; SPLIT train/val/test)",
+    )
     p.add_argument("--val", help="validation data, PATH[:SPLIT] (default: --val-split of the training data)")
     p.add_argument("--val-split", type=float, default=0.1, help="fraction held out for validation (default 0.1)")
     p.add_argument("--domain", required=True, help="domain name of the bundle ([a-z0-9][a-z0-9_-]*)")
@@ -42,36 +52,55 @@ def _add_training_options(p: argparse.ArgumentParser, full: bool) -> None:
     p.add_argument("--lr", type=float, help="initial learning rate (default 0.1)")
     p.add_argument("--wd", type=float, help="weight decay of the head (default 0.0005)")
     p.add_argument("--wd-3x3", type=float, help="weight decay of the 3x3 convolutions (default 0.0005)")
-    p.add_argument("--wd-adapter", type=_decay, help="weight decay of the 1x1 adapters, or 'auto' by training-set "
-                   "size: <=5k images 0.005, <=50k 0.002, else 0.0005 (default: auto for adapt, else 0.0005)")
+    p.add_argument(
+        "--wd-adapter",
+        type=_decay,
+        help="weight decay of the 1x1 adapters, or 'auto' by training-set "
+        "size: <=5k images 0.005, <=50k 0.002, else 0.0005 (default: auto for adapt, else 0.0005)",
+    )
     p.add_argument("--wd-bn", type=float, help="weight decay of the BatchNorms (default 0)")
-    p.add_argument("--preset", choices=["natural", "digits"], default="natural",
-                   help="augmentation: natural = random crop + flip; digits = center, no flip (digits, signs, text)")
+    p.add_argument(
+        "--preset",
+        choices=["natural", "digits"],
+        default="natural",
+        help="augmentation: natural = random crop + flip; digits = center, no flip (digits, signs, text)",
+    )
     p.add_argument("--no-flip", action="store_true", help="never flip horizontally")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--mixed-precision", action="store_true", help="bfloat16 compute (GPUs with bf16 support)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
-    p.add_argument("--json", action="store_true",
-                   help="print the final metrics (and the bundle's path) as one JSON line last")
+    p.add_argument(
+        "--json", action="store_true", help="print the final metrics (and the bundle's path) as one JSON line last"
+    )
     if full:
         p.add_argument("--width", type=float, default=0.5, help="width factor (default 0.5)")
         p.add_argument("--input-size", type=int, default=64, help="input side, a multiple of 8 (default 64)")
         p.add_argument("--adapter", choices=["series", "parallel", "none"], default="series")
     else:
         p.add_argument("--backbone", required=True, type=pathlib.Path, help="backbone .safetensors")
-        p.add_argument("--source", type=pathlib.Path, help="the source domain's bundle: BatchNorms and adapters "
-                       "start from it, as in the reference (default: identity init)")
+        p.add_argument(
+            "--source",
+            type=pathlib.Path,
+            help="the source domain's bundle: BatchNorms and adapters "
+            "start from it, as in the reference (default: identity init)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    helps = {"pretrain": "learn all weights on a source domain -> backbone + its bundle",
-             "scratch": "learn all weights from random init (baseline) -> backbone + bundle",
-             "adapt": "train one domain's BatchNorms, adapters and head on a frozen backbone -> bundle",
-             "finetune": "learn all weights starting from a backbone (baseline) -> backbone + bundle"}
+    helps = {
+        "pretrain": "learn all weights on a source domain -> backbone + its bundle",
+        "scratch": "learn all weights from random init (baseline) -> backbone + bundle",
+        "adapt": "train one domain's BatchNorms, adapters and head on a frozen backbone -> bundle",
+        "finetune": "learn all weights starting from a backbone (baseline) -> backbone + bundle",
+    }
     for name, text in helps.items():
         _add_training_options(sub.add_parser(name, help=text, description=text), full=name in ("pretrain", "scratch"))
     ev = sub.add_parser("evaluate", help="top-1, per-class accuracy and confusion matrix of a bundle on test data")
@@ -82,8 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ds = sub.add_parser("decathlon-score", help="Visual Decathlon S-score from per-domain accuracies")
     ds.add_argument("--accuracies", type=pathlib.Path, help='JSON file {"domain": accuracy, ...}')
-    ds.add_argument("--acc", action="append", default=[], metavar="DOMAIN=ACCURACY",
-                    help="one domain's top-1 accuracy in percent (repeatable)")
+    ds.add_argument(
+        "--acc",
+        action="append",
+        default=[],
+        metavar="DOMAIN=ACCURACY",
+        help="one domain's top-1 accuracy in percent (repeatable)",
+    )
     ds.add_argument("--json", action="store_true")
     return parser
 
@@ -113,11 +147,22 @@ def _train(args: argparse.Namespace) -> int:
         overrides["flip"] = False
     full = args.command in ("pretrain", "scratch")
     spec = TrainSpec(
-        mode=args.command, data=args.data, domain=args.domain, out=args.out, val=args.val, val_split=args.val_split,
-        seed=args.seed, backbone=None if full else args.backbone, source=None if full else args.source,
-        width_factor=args.width if full else 0.5, input_size=args.input_size if full else 64,
-        adapter=args.adapter if full else "series", preset=args.preset,
-        overrides=overrides, resume=args.resume, progress=not args.no_progress,
+        mode=args.command,
+        data=args.data,
+        domain=args.domain,
+        out=args.out,
+        val=args.val,
+        val_split=args.val_split,
+        seed=args.seed,
+        backbone=None if full else args.backbone,
+        source=None if full else args.source,
+        width_factor=args.width if full else 0.5,
+        input_size=args.input_size if full else 64,
+        adapter=args.adapter if full else "series",
+        preset=args.preset,
+        overrides=overrides,
+        resume=args.resume,
+        progress=not args.no_progress,
     )
     metrics = run_training(spec)
     if args.json:

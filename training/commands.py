@@ -20,10 +20,10 @@ import tensorflow as tf
 from model.backbone import Backbone, load_backbone, save_backbone
 from model.bundle import AdapterBundle, Preprocessing, load_bundle, save_bundle
 from model.config import ArchConfig
-from model.resnet26 import build_resnet26
 from model.keras_weights import get_weights, set_weights
+from model.resnet26 import build_resnet26
 from model.weights import count_parameters
-from training.data import Dataset, DataError, load_data
+from training.data import DataError, Dataset, load_data
 from training.pipeline import eval_inputs
 from training.recipe import PRESETS, Recipe, auto_adapter_decay
 from training.trainer import Trainer, freeze_shared, predict_logits, save_curves
@@ -63,8 +63,10 @@ def load_train_val(spec: TrainSpec, side: int) -> tuple[Dataset, Dataset]:
     if spec.val:
         val = load_data(spec.val, side, spec.domain)
         if val.class_names != train.class_names:
-            raise DataError(f"The validation classes {list(val.class_names)[:10]} differ from the training classes "
-                            f"{list(train.class_names)[:10]}.")
+            raise DataError(
+                f"The validation classes {list(val.class_names)[:10]} differ from the training classes "
+                f"{list(train.class_names)[:10]}."
+            )
     else:
         train, val = train.split(spec.val_split, spec.seed)
     _say(f"validation data: {val.describe()}", spec.progress)
@@ -83,7 +85,7 @@ def run_training(spec: TrainSpec) -> dict:
     resize = round(input_size * 9 / 8) if preset["random_crop"] else input_size
     train, val = load_train_val(spec, resize)
 
-    config = (backbone.config if backbone else ArchConfig(spec.width_factor, input_size, spec.adapter))
+    config = backbone.config if backbone else ArchConfig(spec.width_factor, input_size, spec.adapter)
     config = config.replace(num_classes=train.num_classes)
     mean, std = train.channel_stats()
     prep = Preprocessing(mean=mean, std=std, resize=resize, crop=input_size, grayscale=train.grayscale)
@@ -92,8 +94,11 @@ def run_training(spec: TrainSpec) -> dict:
     overrides = {k: auto_decay if v == "auto" else v for k, v in spec.overrides.items()}
     recipe = Recipe(**{**defaults, **overrides})
 
-    strategy = tf.distribute.MirroredStrategy() if len(tf.config.list_logical_devices("GPU")) > 1 \
+    strategy = (
+        tf.distribute.MirroredStrategy()
+        if len(tf.config.list_logical_devices("GPU")) > 1
         else tf.distribute.get_strategy()
+    )
     with strategy.scope():
         model = build_resnet26(config, name=f"resnet26_{spec.domain}")
     if backbone:
@@ -117,22 +122,40 @@ def run_training(spec: TrainSpec) -> dict:
         backbone = Backbone.from_weights(config, result.best_weights)
         save_backbone(backbone, spec.out / "backbone.safetensors")
     metrics = {
-        "command": spec.mode, "domain": spec.domain, "val_top1": round(result.best_val_top1, 6),
-        "best_epoch": result.best_epoch, "epochs": recipe.epochs, "train_images": int(len(train.labels)),
-        "val_images": int(len(val.labels)), "num_classes": train.num_classes,
+        "command": spec.mode,
+        "domain": spec.domain,
+        "val_top1": round(result.best_val_top1, 6),
+        "best_epoch": result.best_epoch,
+        "epochs": recipe.epochs,
+        "train_images": len(train.labels),
+        "val_images": len(val.labels),
+        "num_classes": train.num_classes,
         "params_domain": count_parameters(config) if full_network else count_parameters(config, "domain"),
-        "params_total": count_parameters(config), "seconds": round(result.seconds, 1),
-        "recipe": dataclasses.asdict(recipe), "seed": spec.seed,
+        "params_total": count_parameters(config),
+        "seconds": round(result.seconds, 1),
+        "recipe": dataclasses.asdict(recipe),
+        "seed": spec.seed,
     }
-    bundle = AdapterBundle.from_weights(spec.domain, config, result.best_weights, train.class_names, backbone,
-                                        prep, {k: v for k, v in metrics.items() if k != "recipe"})
+    bundle = AdapterBundle.from_weights(
+        spec.domain,
+        config,
+        result.best_weights,
+        train.class_names,
+        backbone,
+        prep,
+        {k: v for k, v in metrics.items() if k != "recipe"},
+    )
     golden = eval_inputs(val.subset(np.arange(min(GOLDEN_COUNT, len(val.labels)))), prep)
     bundle = bundle.with_golden(golden, predict_logits(model, golden))
     bundle_path = spec.out / f"{spec.domain}.safetensors"
     save_bundle(bundle, bundle_path)
     save_curves(result.history, spec.out / f"{spec.domain}_curves.png", f"{spec.mode} {spec.domain}")
     (spec.out / f"{spec.domain}_metrics.json").write_text(json.dumps({**metrics, "history": result.history}, indent=1))
-    _say(f"wrote {bundle_path}" + (f" and {spec.out / 'backbone.safetensors'}" if full_network else "")
-         + f" (domain {spec.domain}, {train.num_classes} classes, val top-1 {result.best_val_top1:.4f}; "
-         f"register it with POST /adapters, multipart field bundle)", spec.progress)
+    _say(
+        f"wrote {bundle_path}"
+        + (f" and {spec.out / 'backbone.safetensors'}" if full_network else "")
+        + f" (domain {spec.domain}, {train.num_classes} classes, val top-1 {result.best_val_top1:.4f}; "
+        f"register it with POST /adapters, multipart field bundle)",
+        spec.progress,
+    )
     return {**metrics, "bundle": str(bundle_path)}

@@ -68,10 +68,10 @@ class Dataset:
             text += f", {len(self.skipped)} unreadable skipped (first: {self.skipped[0]})"
         return text
 
-    def subset(self, index: np.ndarray) -> "Dataset":
+    def subset(self, index: np.ndarray) -> Dataset:
         return dataclasses.replace(self, images=self.images[index], labels=self.labels[index], skipped=())
 
-    def split(self, fraction: float, seed: int) -> tuple["Dataset", "Dataset"]:
+    def split(self, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
         """A stratified (train, val) split with `fraction` of each class in val."""
         rng = np.random.default_rng(seed)
         val = []
@@ -110,7 +110,7 @@ def load_data(spec: str, side: int, domain: str | None = None, grayscale: bool =
     if path.is_dir() and _idx_file(path, "train", "images", required=False):
         return _load_idx(path, split or "train", side)
     if path.is_dir():
-        if split or (path / "train").is_dir() and any((path / s).is_dir() for s in ("val", "test")):
+        if split or ((path / "train").is_dir() and any((path / s).is_dir() for s in ("val", "test"))):
             path = path / (split or "train")
             if not path.is_dir():
                 raise DataError(f"{path} does not exist.")
@@ -126,8 +126,9 @@ def _squares(images: list[Image.Image], side: int, grayscale: bool = False) -> n
     return np.stack([square(to_rgb(im, grayscale), side) for im in images])
 
 
-def _decode_files(files: list[pathlib.Path], side: int,
-                  grayscale: bool) -> tuple[list[np.ndarray | None], list[str], bool]:
+def _decode_files(
+    files: list[pathlib.Path], side: int, grayscale: bool
+) -> tuple[list[np.ndarray | None], list[str], bool]:
     """Decode in a thread pool; returns squares (None where unreadable), skip reasons, all-gray flag."""
 
     def decode(file: pathlib.Path) -> tuple[np.ndarray | None, str | None, bool]:
@@ -216,8 +217,18 @@ def _read_idx(file: pathlib.Path) -> np.ndarray:
     return data.reshape(shape)
 
 
-FASHION_MNIST_LABELS = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
-                        "ankle-boot")
+FASHION_MNIST_LABELS = (
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle-boot",
+)
 
 
 def _load_idx(path: pathlib.Path, split: str, side: int) -> Dataset:
@@ -256,6 +267,4 @@ def _load_devkit(path: pathlib.Path, split: str, domain: str | None, side: int, 
     squares, skipped, gray = _decode_files(files, side, grayscale)
     keep = [i for i, s in enumerate(squares) if s is not None]
     images = np.stack([squares[i] for i in keep]) if keep else np.zeros((0, side, side, 3), np.uint8)
-    return Dataset(images, np.asarray(labels, np.int64)[keep], names, "decathlon", gray,
-                   tuple(unannotated + skipped))
-
+    return Dataset(images, np.asarray(labels, np.int64)[keep], names, "decathlon", gray, tuple(unannotated + skipped))

@@ -13,19 +13,35 @@ from collections.abc import Mapping
 
 # Baseline top-1 accuracies (%) published with the challenge, by the devkit's domain names.
 BASELINE_ACCURACY = {
-    "imagenet12": 59.87, "aircraft": 60.34, "cifar100": 82.12, "daimlerpedcls": 92.82, "dtd": 55.53,
-    "gtsrb": 97.53, "vgg-flowers": 81.41, "omniglot": 87.69, "svhn": 96.55, "ucf101": 51.20,
+    "imagenet12": 59.87,
+    "aircraft": 60.34,
+    "cifar100": 82.12,
+    "daimlerpedcls": 92.82,
+    "dtd": 55.53,
+    "gtsrb": 97.53,
+    "vgg-flowers": 81.41,
+    "omniglot": 87.69,
+    "svhn": 96.55,
+    "ucf101": 51.20,
 }
-ALIASES = {"imnet": "imagenet12", "imagenet": "imagenet12", "c100": "cifar100", "dped": "daimlerpedcls",
-           "flowers": "vgg-flowers", "vgg_flowers": "vgg-flowers", "ucf": "ucf101"}
+ALIASES = {
+    "imnet": "imagenet12",
+    "imagenet": "imagenet12",
+    "c100": "cifar100",
+    "dped": "daimlerpedcls",
+    "flowers": "vgg-flowers",
+    "vgg_flowers": "vgg-flowers",
+    "ucf": "ucf101",
+}
 
 
 def canonical_domain(name: str) -> str:
     key = name.strip().lower()
     key = ALIASES.get(key, key)
     if key not in BASELINE_ACCURACY:
-        raise ValueError(f"Unknown Decathlon domain {name!r}; use one of {sorted(BASELINE_ACCURACY)} "
-                         f"(aliases {sorted(ALIASES)}).")
+        raise ValueError(
+            f"Unknown Decathlon domain {name!r}; use one of {sorted(BASELINE_ACCURACY)} (aliases {sorted(ALIASES)})."
+        )
     return key
 
 

@@ -67,15 +67,64 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(code)
 
     if not args.skip_pretrain:
-        run("pretrain", "--data", FASHION, "--domain", "fashion", "--width", "0.5", "--input-size", "32",
-            "--adapter", "series", "--epochs", args.epochs, "--seed", "0", "--out", out)
+        run(
+            "pretrain",
+            "--data",
+            FASHION,
+            "--domain",
+            "fashion",
+            "--width",
+            "0.5",
+            "--input-size",
+            "32",
+            "--adapter",
+            "series",
+            "--epochs",
+            args.epochs,
+            "--seed",
+            "0",
+            "--out",
+            out,
+        )
     with tempfile.TemporaryDirectory() as tmp:
         train_npz, test_npz = digits_npz(pathlib.Path(tmp))
-        run("adapt", "--backbone", backbone, "--source", fashion, "--data", train_npz, "--domain", "digits",
-            "--no-flip", "--epochs", args.adapt_epochs, "--seed", "0", "--out", out)
-        run("adapt", "--backbone", backbone, "--source", fashion, "--data", f"{CATSDOGS}:train",
-            "--val", f"{CATSDOGS}:val", "--domain", "catsdogs", "--epochs", args.adapt_epochs, "--seed", "0",
-            "--out", out)
+        run(
+            "adapt",
+            "--backbone",
+            backbone,
+            "--source",
+            fashion,
+            "--data",
+            train_npz,
+            "--domain",
+            "digits",
+            "--no-flip",
+            "--epochs",
+            args.adapt_epochs,
+            "--seed",
+            "0",
+            "--out",
+            out,
+        )
+        run(
+            "adapt",
+            "--backbone",
+            backbone,
+            "--source",
+            fashion,
+            "--data",
+            f"{CATSDOGS}:train",
+            "--val",
+            f"{CATSDOGS}:val",
+            "--domain",
+            "catsdogs",
+            "--epochs",
+            args.adapt_epochs,
+            "--seed",
+            "0",
+            "--out",
+            out,
+        )
         from training.evaluate import evaluate
 
         results = {
@@ -83,10 +132,17 @@ def main(argv: list[str] | None = None) -> None:
             "digits": evaluate(backbone, out / "digits.safetensors", test_npz),
             "catsdogs": evaluate(backbone, out / "catsdogs.safetensors", f"{CATSDOGS}:test"),
         }
-    summary = {name: {"test_top1": round(r["test_top1"], 4), "test_images": r["images"],
-                      **{k: json.loads((out / f"{name}_metrics.json").read_text())[k]
-                         for k in ("val_top1", "train_images", "epochs", "params_domain", "params_total", "seconds")}}
-               for name, r in results.items()}
+    summary = {
+        name: {
+            "test_top1": round(r["test_top1"], 4),
+            "test_images": r["images"],
+            **{
+                k: json.loads((out / f"{name}_metrics.json").read_text())[k]
+                for k in ("val_top1", "train_images", "epochs", "params_domain", "params_total", "seconds")
+            },
+        }
+        for name, r in results.items()
+    }
     (out / "demo_metrics.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
 

@@ -15,8 +15,9 @@ from training.pipeline import eval_inputs
 BATCH = 128
 
 
-def evaluate(backbone_path: pathlib.Path, bundle_path: pathlib.Path, data_spec: str,
-             out: pathlib.Path | None = None) -> dict:
+def evaluate(
+    backbone_path: pathlib.Path, bundle_path: pathlib.Path, data_spec: str, out: pathlib.Path | None = None
+) -> dict:
     """Top-1, per-class accuracy and the confusion matrix (PNG in `out` when given)."""
     backbone = load_backbone(backbone_path)
     bundle = load_bundle(bundle_path, backbone)
@@ -25,15 +26,24 @@ def evaluate(backbone_path: pathlib.Path, bundle_path: pathlib.Path, data_spec: 
     engine = InferenceEngine(backbone, capacity=1, class_capacity=bundle.num_classes)
     slot = engine.load(bundle)
     inputs = eval_inputs(data, bundle.preprocessing)
-    predicted = np.concatenate([np.argmax(np.stack(engine.predict(inputs[i : i + BATCH], slot)), -1)
-                                for i in range(0, len(inputs), BATCH)])
+    predicted = np.concatenate(
+        [np.argmax(np.stack(engine.predict(inputs[i : i + BATCH], slot)), -1) for i in range(0, len(inputs), BATCH)]
+    )
     k = bundle.num_classes
     confusion = np.zeros((k, k), np.int64)
     np.add.at(confusion, (labels, predicted), 1)
-    per_class = {name: (float(confusion[i, i] / confusion[i].sum()) if confusion[i].sum() else None)
-                 for i, name in enumerate(bundle.labels)}
-    metrics = {"domain": bundle.domain, "test_top1": float(np.mean(predicted == labels)), "images": int(len(labels)),
-               "skipped": len(data.skipped), "per_class_top1": per_class, "confusion": confusion.tolist()}
+    per_class = {
+        name: (float(confusion[i, i] / confusion[i].sum()) if confusion[i].sum() else None)
+        for i, name in enumerate(bundle.labels)
+    }
+    metrics = {
+        "domain": bundle.domain,
+        "test_top1": float(np.mean(predicted == labels)),
+        "images": len(labels),
+        "skipped": len(data.skipped),
+        "per_class_top1": per_class,
+        "confusion": confusion.tolist(),
+    }
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         metrics["confusion_png"] = str(out / f"{bundle.domain}_confusion.png")
@@ -69,8 +79,15 @@ def save_confusion(confusion: np.ndarray, labels: tuple[str, ...], path: pathlib
         for i in range(k):
             for j in range(k):
                 if confusion[i, j]:
-                    ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if rates[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        str(confusion[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if rates[i, j] > 0.5 else "black",
+                    )
     ax.set(xlabel="predicted", ylabel="true", title=f"{title}: confusion")
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -10,8 +10,9 @@ from model.preprocessing import center_crop, normalize
 from training.data import Dataset
 
 
-def train_batches(data: Dataset, prep: Preprocessing, batch_size: int, flip: bool, random_crop: bool,
-                  seed: int, epoch: int) -> tf.data.Dataset:
+def train_batches(
+    data: Dataset, prep: Preprocessing, batch_size: int, flip: bool, random_crop: bool, seed: int, epoch: int
+) -> tf.data.Dataset:
     """One epoch of shuffled, augmented, normalised batches; the same seed and epoch give the same batches."""
     n = len(data.labels)
     order = np.random.default_rng([seed, epoch]).permutation(n)

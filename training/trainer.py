@@ -20,8 +20,8 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from model.bundle import Preprocessing
-from model.safetensors_io import atomic_write_bytes, read_safetensors, write_safetensors
 from model.keras_weights import get_weights, set_weights
+from model.safetensors_io import atomic_write_bytes, read_safetensors, write_safetensors
 from training.data import Dataset
 from training.pipeline import eval_inputs, train_batches
 from training.recipe import MOMENTUM, Recipe, decay_group
@@ -49,8 +49,9 @@ def freeze_shared(model: keras.Model) -> None:
 def predict_logits(model: keras.Model, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
     if len(inputs) == 0:
         return np.zeros((0, model.output_shape[-1]), np.float32)
-    return np.concatenate([np.asarray(model(inputs[i : i + batch_size], training=False))
-                           for i in range(0, len(inputs), batch_size)])
+    return np.concatenate(
+        [np.asarray(model(inputs[i : i + batch_size], training=False)) for i in range(0, len(inputs), batch_size)]
+    )
 
 
 def top1(model: keras.Model, data: Dataset, prep: Preprocessing) -> float:
@@ -61,8 +62,16 @@ def top1(model: keras.Model, data: Dataset, prep: Preprocessing) -> float:
 class Trainer:
     """Train `model`'s trainable weights on `train` with the `recipe`; checkpoints go to `out_dir`."""
 
-    def __init__(self, model: keras.Model, recipe: Recipe, prep: Preprocessing, out_dir: pathlib.Path,
-                 seed: int, steps_per_epoch: int, strategy: tf.distribute.Strategy | None = None):
+    def __init__(
+        self,
+        model: keras.Model,
+        recipe: Recipe,
+        prep: Preprocessing,
+        out_dir: pathlib.Path,
+        seed: int,
+        steps_per_epoch: int,
+        strategy: tf.distribute.Strategy | None = None,
+    ):
         """Build the trainer inside `strategy.scope()` when a strategy is given (several GPUs)."""
         self.model, self.recipe, self.prep, self.seed = model, recipe, prep, seed
         self.strategy = strategy or tf.distribute.get_strategy()
@@ -97,37 +106,65 @@ class Trainer:
         reduce = tf.distribute.ReduceOp.SUM
         return self.strategy.reduce(reduce, loss_sum, axis=None), self.strategy.reduce(reduce, correct, axis=None)
 
-    def fit(self, train: Dataset, val: Dataset, resume: bool = False, progress: bool = True,
-            on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+    def fit(
+        self,
+        train: Dataset,
+        val: Dataset,
+        resume: bool = False,
+        progress: bool = True,
+        on_epoch: Callable[[dict], None] | None = None,
+    ) -> TrainResult:
         start_epoch, history, best = 0, [], (-1.0, -1, None)
         if resume:
             start_epoch, history, best = self._restore()
         started = time.perf_counter() - sum(h["seconds"] for h in history)
         for epoch in range(start_epoch, self.recipe.epochs):
             t0 = time.perf_counter()
-            batches = self.strategy.experimental_distribute_dataset(train_batches(
-                train, self.prep, self.recipe.batch_size, self.recipe.flip, self.recipe.random_crop, self.seed, epoch))
+            batches = self.strategy.experimental_distribute_dataset(
+                train_batches(
+                    train,
+                    self.prep,
+                    self.recipe.batch_size,
+                    self.recipe.flip,
+                    self.recipe.random_crop,
+                    self.seed,
+                    epoch,
+                )
+            )
             steps = int(np.ceil(len(train.labels) / self.recipe.batch_size))
             total_loss = correct = seen = 0.0
-            bar = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{self.recipe.epochs}", disable=not progress,
-                       leave=False, unit="batch")
+            bar = tqdm(
+                batches,
+                total=steps,
+                desc=f"epoch {epoch + 1}/{self.recipe.epochs}",
+                disable=not progress,
+                leave=False,
+                unit="batch",
+            )
             for step, (images, labels) in enumerate(bar):
                 loss_sum, hits = self.train_step(images, labels)
                 n = min(self.recipe.batch_size, len(train.labels) - step * self.recipe.batch_size)
                 total_loss, correct, seen = total_loss + float(loss_sum), correct + float(hits), seen + n
                 bar.set_postfix(loss=f"{total_loss / seen:.3f}", top1=f"{correct / seen:.3f}")
             val_top1 = top1(self.model, val, self.prep)
-            record = {"epoch": epoch + 1, "loss": total_loss / seen, "train_top1": correct / seen,
-                      "val_top1": val_top1, "lr": float(self.schedule(self.optimizer.iterations - 1)),
-                      "seconds": time.perf_counter() - t0}
+            record = {
+                "epoch": epoch + 1,
+                "loss": total_loss / seen,
+                "train_top1": correct / seen,
+                "val_top1": val_top1,
+                "lr": float(self.schedule(self.optimizer.iterations - 1)),
+                "seconds": time.perf_counter() - t0,
+            }
             history.append(record)
             if val_top1 > best[0]:
                 best = (val_top1, epoch + 1, get_weights(self.model))
             self._checkpoint(epoch + 1, history, best)
             if progress:
-                print(f"epoch {epoch + 1}/{self.recipe.epochs}: loss {record['loss']:.4f} "
-                      f"train_top1 {record['train_top1']:.4f} val_top1 {val_top1:.4f} ({record['seconds']:.0f}s)",
-                      flush=True)
+                print(
+                    f"epoch {epoch + 1}/{self.recipe.epochs}: loss {record['loss']:.4f} "
+                    f"train_top1 {record['train_top1']:.4f} val_top1 {val_top1:.4f} ({record['seconds']:.0f}s)",
+                    flush=True,
+                )
             if on_epoch:
                 on_epoch(record)
         if best[2] is None:  # resumed a finished run
@@ -142,8 +179,14 @@ class Trainer:
         tensors = {f"model.{k}": v for k, v in get_weights(self.model).items()}
         tensors.update({f"optimizer.{i}": np.asarray(v, np.float32) for i, v in enumerate(self.optimizer.variables)})
         tensors.update({f"best.{k}": v for k, v in best[2].items()})
-        state = {"epoch": epoch, "history": history, "best_val_top1": best[0], "best_epoch": best[1],
-                 "seed": self.seed, "recipe": dataclasses.asdict(self.recipe)}
+        state = {
+            "epoch": epoch,
+            "history": history,
+            "best_val_top1": best[0],
+            "best_epoch": best[1],
+            "seed": self.seed,
+            "recipe": dataclasses.asdict(self.recipe),
+        }
         atomic_write_bytes(folder / "last.safetensors", write_safetensors(tensors, {"state": json.dumps(state)}))
 
     def _restore(self) -> tuple[int, list[dict], tuple]:
@@ -154,8 +197,10 @@ class Trainer:
         tensors, metadata = read_safetensors(path.read_bytes(), "checkpoint")
         state = json.loads(metadata["state"])
         if state["recipe"] != dataclasses.asdict(self.recipe) or state["seed"] != self.seed:
-            raise ValueError(f"The checkpoint in {path.parent} was made with other settings "
-                             f"({state['recipe']}, seed {state['seed']}); resume with the same options or use a new --out.")
+            raise ValueError(
+                f"The checkpoint in {path.parent} was made with other settings "
+                f"({state['recipe']}, seed {state['seed']}); resume with the same options or use a new --out."
+            )
         set_weights(self.model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         for i, var in enumerate(self.optimizer.variables):
             var.assign(tensors[f"optimizer.{i}"].astype(var.dtype))

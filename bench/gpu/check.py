@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -35,8 +36,18 @@ def engine_part(args: argparse.Namespace) -> dict:
     if args.cpu:
         command += ["--quick", "--batch", "32", "--dtype", "float32", "--rounds", "2", "--seconds", "0.5"]
     else:
-        command += ["--batch", "32,128,512", "--dtype", "float32,bfloat16", "--rounds", "3", "--seconds", "1",
-                    "--peak-tflops", args.peak_tflops]
+        command += [
+            "--batch",
+            "32,128,512",
+            "--dtype",
+            "float32,bfloat16",
+            "--rounds",
+            "3",
+            "--seconds",
+            "1",
+            "--peak-tflops",
+            args.peak_tflops,
+        ]
     run = subprocess.run(command, capture_output=True, text=True, timeout=args.engine_timeout)
     if run.returncode != 0:
         return {"error": run.stderr.strip()[-2000:]}
@@ -61,13 +72,33 @@ def http_part(args: argparse.Namespace) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "RA_BACKEND": args.backend, "RA_STORE_DIR": os.path.join(tmp, "store"),
-               "RA_MAX_BATCH_SIZE": str(args.max_batch_size), "RA_REQUIRE_GPU": "false" if args.cpu else "true",
-               "RA_DEVICE_MEMORY_MB": "4096"}
-        log = open(os.path.join(tmp, "server.log"), "wb")
-        server = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--workers", args.workers,
-                                   "--log-level", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        env = {
+            **os.environ,
+            "RA_BACKEND": args.backend,
+            "RA_STORE_DIR": os.path.join(tmp, "store"),
+            "RA_MAX_BATCH_SIZE": str(args.max_batch_size),
+            "RA_REQUIRE_GPU": "false" if args.cpu else "true",
+            "RA_DEVICE_MEMORY_MB": "4096",
+        }
+        log_path = pathlib.Path(tmp) / "server.log"
+        with log_path.open("wb") as log:  # the server writes to its own copy of the descriptor
+            server = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "service",
+                    "--port",
+                    str(port),
+                    "--workers",
+                    args.workers,
+                    "--log-level",
+                    "warning",
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
             start = time.perf_counter()
             wait_up(server, url, timeout=300)
@@ -79,24 +110,31 @@ def http_part(args: argparse.Namespace) -> dict:
             threads = max(1, min(4, (os.cpu_count() or 2) // 4))
             drive_wrk(url, DOMAINS, images, 64, 2, 1, threads=threads)  # warm-up: connections, batches
             runs = {}
-            for name, files, connections in (("single_image", 1, args.connections), ("eight_images", 8,
-                                                                                      args.connections // 2)):
+            for name, files, connections in (
+                ("single_image", 1, args.connections),
+                ("eight_images", 8, args.connections // 2),
+            ):
                 runs[name] = drive_wrk(url, DOMAINS, images, connections, args.seconds, files, threads=threads)
-            return {"ready_s": round(ready_s, 1), "device": status.get("device"), "workers": status.get("workers"),
-                    "single_image_img_s": round(runs["single_image"]["img_s"], 1),
-                    "eight_images_img_s": round(runs["eight_images"]["img_s"], 1),
-                    "runs": runs, "wrk_threads": threads}
+            return {
+                "ready_s": round(ready_s, 1),
+                "device": status.get("device"),
+                "workers": status.get("workers"),
+                "single_image_img_s": round(runs["single_image"]["img_s"], 1),
+                "eight_images_img_s": round(runs["eight_images"]["img_s"], 1),
+                "runs": runs,
+                "wrk_threads": threads,
+            }
         except Exception as exc:  # the figures that came back are still worth printing
-            log.flush()
-            return {"error": f"{type(exc).__name__}: {exc}",
-                    "server_log": open(os.path.join(tmp, "server.log"), errors="replace").read()[-3000:]}
+            return {
+                "error": f"{type(exc).__name__}: {exc}",
+                "server_log": log_path.read_text(errors="replace")[-3000:],
+            }
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             try:
                 server.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
-            log.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,8 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--connections", type=int, default=512, help="wrk connections for single images")
     parser.add_argument("--seconds", type=float, default=15.0, help="each wrk run")
     parser.add_argument("--max-batch-size", type=int, default=256)
-    parser.add_argument("--peak-tflops", default="float32=67,bfloat16=989", help="the chip's datasheet peaks "
-                        "(default: an H200 SXM's dense float32 and bfloat16)")
+    parser.add_argument(
+        "--peak-tflops",
+        default="float32=67,bfloat16=989",
+        help="the chip's datasheet peaks (default: an H200 SXM's dense float32 and bfloat16)",
+    )
     parser.add_argument("--engine-timeout", type=float, default=300.0)
     parser.add_argument("--skip", choices=("engine", "http"), default=None)
     args = parser.parse_args(argv)

@@ -53,8 +53,16 @@ class Table:
     """See `model.backends.tensorflow.Table` for the contract. (JAX zero-fills the table: its pages are
     touched at once.)"""
 
-    def __init__(self, capacity: int, width: int, dtype: str, kernels: Mapping, forward: Callable,
-                 input_size: int, jit_compile: bool = True):
+    def __init__(
+        self,
+        capacity: int,
+        width: int,
+        dtype: str,
+        kernels: Mapping,
+        forward: Callable,
+        input_size: int,
+        jit_compile: bool = True,
+    ):
         self.dtype = jnp.dtype(dtype)
         self.rows = jnp.zeros((capacity, width), self.dtype)
         self._kernels = kernels

@@ -55,18 +55,33 @@ class Table:
     no memory). Writes go to rows no running call reads (the engine's slot bookkeeping sees to it).
     """
 
-    def __init__(self, capacity: int, width: int, dtype: str, kernels: Mapping, forward: Callable,
-                 input_size: int, jit_compile: bool = False):
+    def __init__(
+        self,
+        capacity: int,
+        width: int,
+        dtype: str,
+        kernels: Mapping,
+        forward: Callable,
+        input_size: int,
+        jit_compile: bool = False,
+    ):
         self.dtype = tf.as_dtype(dtype)
-        self.rows = tf.Variable(tf.raw_ops.Empty(shape=(capacity, width), dtype=self.dtype, init=False),
-                                trainable=False)
+        self.rows = tf.Variable(
+            tf.raw_ops.Empty(shape=(capacity, width), dtype=self.dtype, init=False), trainable=False
+        )
         image = tf.TensorSpec((None, input_size, input_size, 3), tf.float32)
-        self._mixed = tf.function(lambda x, slots: forward(kernels, tf.gather(self.rows, slots), x, False),
-                                  input_signature=[image, tf.TensorSpec((None,), tf.int32)],
-                                  jit_compile=jit_compile, reduce_retracing=True)
-        self._single = tf.function(lambda x, slot: forward(kernels, tf.gather(self.rows, slot), x, True),
-                                   input_signature=[image, tf.TensorSpec((), tf.int32)],
-                                   jit_compile=jit_compile, reduce_retracing=True)
+        self._mixed = tf.function(
+            lambda x, slots: forward(kernels, tf.gather(self.rows, slots), x, False),
+            input_signature=[image, tf.TensorSpec((None,), tf.int32)],
+            jit_compile=jit_compile,
+            reduce_retracing=True,
+        )
+        self._single = tf.function(
+            lambda x, slot: forward(kernels, tf.gather(self.rows, slot), x, True),
+            input_signature=[image, tf.TensorSpec((), tf.int32)],
+            jit_compile=jit_compile,
+            reduce_retracing=True,
+        )
 
     def mixed(self, images: np.ndarray, slots: np.ndarray) -> np.ndarray:
         return self._mixed(tf.constant(images), tf.constant(slots, tf.int32)).numpy()
@@ -76,13 +91,15 @@ class Table:
 
     def write(self, slots: np.ndarray, rows: np.ndarray) -> None:
         """Write full-width `rows` into `slots`: one op, in place."""
-        tf.raw_ops.ResourceScatterUpdate(resource=self.rows.handle, indices=tf.constant(slots, tf.int32),
-                                         updates=tf.constant(rows, self.dtype))
+        tf.raw_ops.ResourceScatterUpdate(
+            resource=self.rows.handle, indices=tf.constant(slots, tf.int32), updates=tf.constant(rows, self.dtype)
+        )
 
     def read(self, slots: np.ndarray) -> np.ndarray:
         """The rows of `slots` as float32 host arrays."""
-        rows = tf.raw_ops.ResourceGather(resource=self.rows.handle, indices=tf.constant(slots, tf.int32),
-                                         dtype=self.dtype)
+        rows = tf.raw_ops.ResourceGather(
+            resource=self.rows.handle, indices=tf.constant(slots, tf.int32), dtype=self.dtype
+        )
         return np.asarray(rows.numpy(), np.float32)
 
     def tracing_count(self) -> int:

@@ -41,8 +41,16 @@ def constants(arrays: Mapping[str, np.ndarray], dtype: str) -> dict[str, torch.T
 class Table:
     """See `model.backends.tensorflow.Table` for the contract."""
 
-    def __init__(self, capacity: int, width: int, dtype: str, kernels: Mapping, forward: Callable,
-                 input_size: int, jit_compile: bool = False):
+    def __init__(
+        self,
+        capacity: int,
+        width: int,
+        dtype: str,
+        kernels: Mapping,
+        forward: Callable,
+        input_size: int,
+        jit_compile: bool = False,
+    ):
         self.device, self.dtype = _device(), _DTYPES[dtype]
         self.rows = torch.empty((capacity, width), dtype=self.dtype, device=self.device)  # pages untouched
         self._kernels, self._forward = kernels, forward

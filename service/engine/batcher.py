@@ -43,7 +43,8 @@ Done = Callable[["list[Answer] | BaseException"], None]
 
 def settle(future: asyncio.Future) -> Done:
     """A `Done` that resolves `future` with the answers or the error (unless it is already done)."""
-    def done(result: "list[Answer] | BaseException") -> None:
+
+    def done(result: list[Answer] | BaseException) -> None:
         if future.done():
             return
         if isinstance(result, BaseException):
@@ -58,7 +59,7 @@ class _Request:
     """One caller's images; `done` is called (on the event loop) once every image has an answer, or with
     the first error. A closed request's images still queued are skipped."""
 
-    __slots__ = ("done", "results", "missing", "closed", "deadline")
+    __slots__ = ("closed", "deadline", "done", "missing", "results")
 
     def __init__(self, size: int, done: Done, deadline: float):
         self.done = done
@@ -70,7 +71,7 @@ class _Request:
     def given_up(self, now: float) -> bool:
         return self.closed or self.deadline < now
 
-    def deliver(self, index: int, result: "Answer | BaseException") -> None:
+    def deliver(self, index: int, result: Answer | BaseException) -> None:
         """Event-loop side: record one image's answer; the first error fails the request."""
         if self.closed:
             return
@@ -107,8 +108,15 @@ class DynamicBatcher:
     lanes that wait, so a flooding lane cannot push the others' images out of the next batch; a lane
     may hold at most `domain_share` queued images (then `QueueShareExceeded`, a 429)."""
 
-    def __init__(self, engine: InferenceEngine, max_batch_size: int, max_wait_ms: float, max_queue: int,
-                 metrics: Metrics, domain_share: int | None = None):
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_queue: int,
+        metrics: Metrics,
+        domain_share: int | None = None,
+    ):
         self.engine, self.metrics = engine, metrics
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000.0
         self.max_queue = max_queue
@@ -160,16 +168,19 @@ class DynamicBatcher:
         finally:
             request.cancel()  # no-op when answered; queued images of a cancelled call are skipped
 
-    def submit(self, images: list[np.ndarray], entries: list, lane: str | None, done: Done,
-               deadline: float = math.inf) -> _Request:
+    def submit(
+        self, images: list[np.ndarray], entries: list, lane: str | None, done: Done, deadline: float = math.inf
+    ) -> _Request:
         """Queue the images and return at once; `done` gets the answers (or the first error) on the event
         loop. Raises `Overloaded` or `QueueShareExceeded` (nothing queued). The caller holds the entries until
         `done` is called; cancelling the returned request, or its `deadline` (time.monotonic()) passing,
         drops its images that have not started yet (and `done` gets a TimeoutError)."""
         request = _Request(len(images), done, deadline)
         now = time.monotonic()
-        items = [_Item(image, lane or entry.domain, entry.slot, entry.version, request, i, now)
-                 for i, (image, entry) in enumerate(zip(images, entries))]
+        items = [
+            _Item(image, lane or entry.domain, entry.slot, entry.version, request, i, now)
+            for i, (image, entry) in enumerate(zip(images, entries))
+        ]
         adding = {items[0].lane: 1} if len(items) == 1 else collections.Counter(item.lane for item in items)
         with self._ready:
             if self._stopping:
@@ -179,8 +190,9 @@ class DynamicBatcher:
             for name, n in adding.items():
                 queued = len(self._queues.get(name, ()))
                 if queued + n > self.domain_share:
-                    raise QueueShareExceeded(f"{queued} images of {name!r} are queued (its share is "
-                                             f"{self.domain_share}); retry shortly.")
+                    raise QueueShareExceeded(
+                        f"{queued} images of {name!r} are queued (its share is {self.domain_share}); retry shortly."
+                    )
             for item in items:
                 self._queues.setdefault(item.lane, collections.deque()).append(item)
                 self._per_slot[item.slot] += 1
@@ -297,9 +309,11 @@ class DynamicBatcher:
             self.metrics.batch_size.observe(len(batch))
             self.metrics.batch_domains.observe(len({item.slot.index for item in batch}))
             done = time.monotonic()
-            results = [(item, Answer(row, item.version, start - item.queued_at, done - start))
-                       for item, row in zip(batch, logits)]
-        except Exception as exc:  # noqa: BLE001 - handed to the waiting requests
+            results = [
+                (item, Answer(row, item.version, start - item.queued_at, done - start))
+                for item, row in zip(batch, logits)
+            ]
+        except Exception as exc:
             results = [(item, exc) for item in batch]
         try:
             self._loop.call_soon_threadsafe(_deliver_all, results)

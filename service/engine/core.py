@@ -26,18 +26,18 @@ from model.backbone import Backbone, load_backbone
 from model.bundle import load_bundle
 from model.preprocessing import Preprocessing
 from model.safetensors_io import InvalidFileError
-from service.engine.batcher import Done, DynamicBatcher, settle
-from service.engine import residency
-from service.engine.loader import Loader
 from service.client import Answer
-from service.exceptions import StaleCard
+from service.engine import residency
+from service.engine.batcher import Done, DynamicBatcher, settle
 from service.engine.follower import Follower
-from service.metrics import Metrics
-from service.record import DomainExists, RecordStore, RecordUnavailable, open_record
+from service.engine.loader import Loader
 from service.engine.registry import MB, Entry, Limits, Registry
 from service.engine.runtime import configure_threads, device_report, use_backend
+from service.exceptions import StaleCard
+from service.metrics import Metrics
+from service.record import DomainExists, RecordStore, RecordUnavailable, open_record
 from service.settings import DEMO_DIR, Settings
-from service.views import Card, Deleted, EngineStatus, Residency, Row, Sync
+from service.views import Card, Deleted, DeviceReport, EngineStatus, Residency, Row, Sync
 
 if TYPE_CHECKING:
     from model.engine import InferenceEngine
@@ -110,13 +110,23 @@ class EngineCore:
         # every slot the budget fits, allocated now: a table that grew later would copy itself (and
         # need twice its memory) while serving
         self.engine = InferenceEngine(self.backbone, capacity=fits + headroom, compute_dtype=s.compute_dtype)
-        _log.info("residency: %d domains of %.2f MB fit in %.0f MB (%s)", fits, row_bytes / MB,
-                  self.budget.bytes / MB, self.budget.source)
+        _log.info(
+            "residency: %d domains of %.2f MB fit in %.0f MB (%s)",
+            fits,
+            row_bytes / MB,
+            self.budget.bytes / MB,
+            self.budget.source,
+        )
         self.engine.warm_up(sorted({1, 2, s.max_batch_size}))
         record = open_record(s)
-        limits = Limits(max_resident=s.max_resident, device_bytes=self.budget.bytes,
-                        host_cache_bytes=residency.host_cache_bytes(s, self.device, self.budget, row_bytes),
-                        load_concurrency=s.load_concurrency, load_timeout_s=s.load_timeout_s, pinned=s.pinned_domains)
+        limits = Limits(
+            max_resident=s.max_resident,
+            device_bytes=self.budget.bytes,
+            host_cache_bytes=residency.host_cache_bytes(s, self.device, self.budget, row_bytes),
+            load_concurrency=s.load_concurrency,
+            load_timeout_s=s.load_timeout_s,
+            pinned=s.pinned_domains,
+        )
         self.loader.backbone = self.backbone
         self.registry = Registry(self.engine, record, self.metrics, self.loader, limits)
         if s.demo_adapters:
@@ -135,8 +145,14 @@ class EngineCore:
         registry = self.registry
         t0 = time.perf_counter()
         share = max(s.max_batch_size, int(s.max_queue * s.domain_queue_share))
-        self.batcher = DynamicBatcher(self.engine, s.max_batch_size, s.max_wait_ms, s.max_queue, self.metrics,
-                                      domain_share=min(share, s.max_queue))
+        self.batcher = DynamicBatcher(
+            self.engine,
+            s.max_batch_size,
+            s.max_wait_ms,
+            s.max_queue,
+            self.metrics,
+            domain_share=min(share, s.max_queue),
+        )
         await self.batcher.start()
         try:  # readiness needs the pinned domains only; the most used ones warm in the background
             await registry.refresh_flags()
@@ -188,8 +204,12 @@ class EngineCore:
                 loaded += await registry.warm([name for name, _ in listed if name not in taken][: count - len(used)])
             kept = await registry.warm_host(used[count:])
             gc.freeze()  # the warmed domains' objects: out of the full collections that serving triggers
-            _log.info("warmed %d domains onto the device and %d into host memory in %.1fs", loaded, kept,
-                      time.perf_counter() - t0)
+            _log.info(
+                "warmed %d domains onto the device and %d into host memory in %.1fs",
+                loaded,
+                kept,
+                time.perf_counter() - t0,
+            )
         except RecordUnavailable as exc:
             _log.warning("not warming domains: %s", exc)
         finally:
@@ -199,13 +219,26 @@ class EngineCore:
 
     def _card(self, entry: Entry) -> Card:
         b, registry = entry.card, self.registry
-        return Card(domain=entry.domain, version=entry.version, tier=entry.tier,
-                    pinned=registry.is_pinned(entry.domain), num_classes=b.num_classes, labels=tuple(b.labels),
-                    preprocessing=b.preprocessing, adapter=b.config.adapter, metrics=dict(b.metrics),
-                    params=entry.params, served=entry.served, backbone_fingerprint=b.backbone_fingerprint,
-                    registered_at=entry.registered_at, size_bytes=entry.size_bytes, sha256=entry.sha256,
-                    load_ms=entry.load_ms, golden_self_test=entry.golden_self_test,
-                    record_version=registry.recorded_version(entry.domain) or entry.version)
+        return Card(
+            domain=entry.domain,
+            version=entry.version,
+            tier=entry.tier,
+            pinned=registry.is_pinned(entry.domain),
+            num_classes=b.num_classes,
+            labels=tuple(b.labels),
+            preprocessing=b.preprocessing,
+            adapter=b.config.adapter,
+            metrics=dict(b.metrics),
+            params=entry.params,
+            served=entry.served,
+            backbone_fingerprint=b.backbone_fingerprint,
+            registered_at=entry.registered_at,
+            size_bytes=entry.size_bytes,
+            sha256=entry.sha256,
+            load_ms=entry.load_ms,
+            golden_self_test=entry.golden_self_test,
+            record_version=registry.recorded_version(entry.domain) or entry.version,
+        )
 
     def _sync(self) -> Sync | None:
         """How far behind the record the engine is; also refreshes the sync gauges."""
@@ -217,9 +250,17 @@ class EngineCore:
         behind = registry.behind()
         self.metrics.sync_lag.set(lag if lag is not None else float("inf"))
         self.metrics.sync_behind.set(len(behind))
-        return Sync(record=registry.record.description, connected=s.connected, synced=s.synced_once, lag_s=lag,
-                    last_sync_at=s.last_ok_wall or None, domains_behind=behind[:20], errors=s.errors,
-                    last_error=s.last_error, warming=s.warming)
+        return Sync(
+            record=registry.record.description,
+            connected=s.connected,
+            synced=s.synced_once,
+            lag_s=lag,
+            last_sync_at=s.last_ok_wall or None,
+            domains_behind=behind[:20],
+            errors=s.errors,
+            last_error=s.last_error,
+            warming=s.warming,
+        )
 
     def _residency(self) -> Residency | None:
         """The budget and what it holds; also refreshes the residency gauges."""
@@ -230,9 +271,14 @@ class EngineCore:
         self.metrics.budget_bytes.set(self.budget.bytes)
         self.metrics.domain_bytes.set(row)
         self.metrics.domains_fit.set(fits)
-        return Residency(budget_mb=round(self.budget.bytes / MB, 1), budget_source=self.budget.source,
-                         bytes_per_domain=row, fits=fits, resident=registry.resident("device"),
-                         host_cache_mb=round(registry.limits.host_cache_bytes / MB, 1))
+        return Residency(
+            budget_mb=round(self.budget.bytes / MB, 1),
+            budget_source=self.budget.source,
+            bytes_per_domain=row,
+            fits=fits,
+            resident=registry.resident("device"),
+            host_cache_mb=round(registry.limits.host_cache_bytes / MB, 1),
+        )
 
     # ----- operations -------------------------------------------------------------------------
 
@@ -240,18 +286,31 @@ class EngineCore:
         depth = self.batcher.depth if self.batcher is not None else 0
         self.metrics.queue_depth.set(depth)
         ready = self.started and self.registry is not None and self.registry.status.synced_once
-        return EngineStatus(pid=os.getpid(), started=self.started, ready=ready,
-                            adapters=len(self.registry.entries()) if self.registry else 0,
-                            input_size=self.backbone.config.input_size if self.backbone else 0,
-                            backbone_fingerprint=self.backbone.fingerprint if self.backbone else None,
-                            device=self.device, sync=self._sync(), queue_depth=depth, residency=self._residency())
+        return EngineStatus(
+            pid=os.getpid(),
+            started=self.started,
+            ready=ready,
+            adapters=len(self.registry.entries()) if self.registry else 0,
+            input_size=self.backbone.config.input_size if self.backbone else 0,
+            backbone_fingerprint=self.backbone.fingerprint if self.backbone else None,
+            device=self.device,
+            sync=self._sync(),
+            queue_depth=depth,
+            residency=self._residency(),
+        )
 
     async def card(self, domain: str) -> Card:
         """The domain as it is served (loaded first if it is not cached)."""
         return self._card(await self.registry.describe(domain))
 
-    async def infer(self, domains: list[str], preprocessing: list[Preprocessing], images: np.ndarray,
-                    which: list[int], lane: str | None) -> list[Answer]:
+    async def infer(
+        self,
+        domains: list[str],
+        preprocessing: list[Preprocessing],
+        images: np.ndarray,
+        which: list[int],
+        lane: str | None,
+    ) -> list[Answer]:
         """Classify `images[i]` with `domains[which[i]]`, every image in the batcher's shared batches.
 
         `preprocessing[j]` is how the caller prepared the images of `domains[j]`; when the version now
@@ -260,7 +319,7 @@ class EngineCore:
         if len(domains) == 1:  # no task per domain for the common case
             try:
                 got = [await self.registry.acquire(domains[0])]
-            except Exception as exc:  # noqa: BLE001 - raised below, as for several domains
+            except Exception as exc:
                 got = [exc]
         else:
             got = await asyncio.gather(*(self.registry.acquire(d) for d in domains), return_exceptions=True)
@@ -277,8 +336,16 @@ class EngineCore:
             if request is not None:
                 request.cancel()  # no-op when answered; a timed-out call's leases go back, its queued images are skipped
 
-    def submit(self, domains: list[str], preprocessing: list[Preprocessing], images: np.ndarray, which: list[int],
-               lane: str | None, done: Done, deadline: float) -> bool:
+    def submit(
+        self,
+        domains: list[str],
+        preprocessing: list[Preprocessing],
+        images: np.ndarray,
+        which: list[int],
+        lane: str | None,
+        done: Done,
+        deadline: float,
+    ) -> bool:
         """`infer` without waiting, when every domain is on the device now: queue the images and return
         True (`done` gets the answers or the error on the event loop; a TimeoutError once `deadline`,
         time.monotonic(), has passed with images still queued), or False, having done nothing, when a
@@ -289,16 +356,30 @@ class EngineCore:
         self._submit(domains, entries, preprocessing, images, which, lane, done, deadline)
         return True
 
-    def _submit(self, domains: list[str], entries: list[Entry], preprocessing: list[Preprocessing], images: np.ndarray,
-                which: list[int], lane: str | None, done: Done, deadline: float = math.inf):
+    def _submit(
+        self,
+        domains: list[str],
+        entries: list[Entry],
+        preprocessing: list[Preprocessing],
+        images: np.ndarray,
+        which: list[int],
+        lane: str | None,
+        done: Done,
+        deadline: float = math.inf,
+    ):
         """Holding the leases of `entries`: check the cards, queue the images, and once they are answered (or
         failed) return the leases, count the images and call `done`. Returns the batcher's request (None when
         there was nothing to queue)."""
         registry = self.registry
 
         def finish(result: list[Answer] | BaseException) -> None:
-            counts = ({} if isinstance(result, BaseException) else {0: len(which)} if len(domains) == 1
-                      else collections.Counter(which))
+            counts = (
+                {}
+                if isinstance(result, BaseException)
+                else {0: len(which)}
+                if len(domains) == 1
+                else collections.Counter(which)
+            )
             for j, entry in enumerate(entries):
                 registry.release([entry], images=counts.get(j, 0))
             for j, n in counts.items():
@@ -320,9 +401,16 @@ class EngineCore:
     async def list_page(self, prefix: str, cursor: str | None, count: int) -> list[Row]:
         """A page of the record's domains in name order after `cursor`, with the cards of cached ones."""
         registry = self.registry
-        return [Row(name=name, version=version, card=self._card(entry) if entry is not None else None,
-                    pinned=registry.is_pinned(name), unloaded=registry.is_unloaded(name))
-                for name, version, entry in await registry.list_page(prefix, cursor, count)]
+        return [
+            Row(
+                name=name,
+                version=version,
+                card=self._card(entry) if entry is not None else None,
+                pinned=registry.is_pinned(name),
+                unloaded=registry.is_unloaded(name),
+            )
+            for name, version, entry in await registry.list_page(prefix, cursor, count)
+        ]
 
     async def register(self, data: bytes, replace: bool, domain: str | None, pin: bool | None) -> Card:
         return self._card(await self.registry.register(data, replace=replace, domain=domain, pin=pin))

@@ -15,8 +15,8 @@ import asyncio
 import logging
 import time
 
-from service.record import RecordStore, RecordUnavailable
 from service.engine.registry import Registry
+from service.record import RecordStore, RecordUnavailable
 
 _log = logging.getLogger(__name__)
 BACKOFF_S = (0.1, 1.0)  # first and longest wait between reconnection attempts
@@ -69,7 +69,7 @@ class Follower:
                 backoff = min(backoff * 2, BACKOFF_S[1])
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - keep following; the next round retries
+            except Exception:
                 _log.exception("syncing with the registry of record failed")
                 cursor = None
                 await asyncio.sleep(BACKOFF_S[1])

@@ -51,8 +51,13 @@ def prepare(backbone: Backbone, data: bytes, domain: str | None) -> Prepared:
     start = time.thread_time()
     bundle = load_bundle(data, backbone, domain=domain)
     row = fold_domain(bundle.config, bundle.weights)
-    return Prepared(dataclasses.replace(bundle, weights={}), row, hashlib.sha256(data).hexdigest(), len(data),
-                    time.thread_time() - start)
+    return Prepared(
+        dataclasses.replace(bundle, weights={}),
+        row,
+        hashlib.sha256(data).hexdigest(),
+        len(data),
+        time.thread_time() - start,
+    )
 
 
 _backbone: Backbone | None = None  # a loader process's own backbone, set once by `_init`
@@ -87,8 +92,11 @@ class Loader:
         if self.processes == 0:
             return
         self._pool = concurrent.futures.ProcessPoolExecutor(
-            self.processes, mp_context=multiprocessing.get_context("spawn"), initializer=_init,
-            initargs=(str(self.backbone_path),))
+            self.processes,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init,
+            initargs=(str(self.backbone_path),),
+        )
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(loop.run_in_executor(self._pool, _ready) for _ in range(self.processes)))
         _log.info("%d loader processes started", self.processes)

@@ -25,8 +25,7 @@ from service.engine.core import EngineCore
 from service.exceptions import TRANSPORTED
 from service.metrics import Metrics
 from service.settings import Settings
-from service.transport import (CALL, ENCODER, SHM_DIR, Answers, Arena, Images, Received, Reply, decode_args,
-                               error_of)
+from service.transport import CALL, ENCODER, SHM_DIR, Answers, Arena, Images, Received, Reply, decode_args, error_of
 
 _log = logging.getLogger(__name__)
 ARENAS_KEEP = 256  # front ends' arenas kept mapped (a restarted front end brings a new one)
@@ -121,9 +120,11 @@ class EngineServer:
                 args = decode_args(call.op, call.args)
                 args[2] = self._images(args[2])
                 deadline = time.monotonic() + (call.deadline - time.time())  # the caller's, on this host's clock
-                if self.core.submit(*args, done=functools.partial(self._answered, identity, call.id), deadline=deadline):
+                if self.core.submit(
+                    *args, done=functools.partial(self._answered, identity, call.id), deadline=deadline
+                ):
                     return
-            except Exception as exc:  # noqa: BLE001 - every failure goes back to its caller by name
+            except Exception as exc:
                 self._answered(identity, call.id, exc)
                 return
         task = asyncio.get_running_loop().create_task(self._handle(identity, call, args))
@@ -139,7 +140,7 @@ class EngineServer:
                 self._answered(identity, call.id, await op(*args))
                 return
             reply = Reply(call.id, result=await op(*decode_args(call.op, call.args)))
-        except Exception as exc:  # noqa: BLE001 - every failure goes back to its caller by name
+        except Exception as exc:
             self._answered(identity, call.id, exc, call.op)
             return
         self._send([identity, ENCODER.encode(reply)])
@@ -152,10 +153,15 @@ class EngineServer:
                 _log.error("operation %s failed", op, exc_info=result)
             reply = Reply(call_id, error=error_of(result))
         else:
-            reply = Reply(call_id, result=Answers(classes=[len(a.logits) for a in result],
-                                                  versions=[a.version for a in result],
-                                                  queue_s=[a.queue_s for a in result],
-                                                  compute_s=[a.compute_s for a in result]))
+            reply = Reply(
+                call_id,
+                result=Answers(
+                    classes=[len(a.logits) for a in result],
+                    versions=[a.version for a in result],
+                    queue_s=[a.queue_s for a in result],
+                    compute_s=[a.compute_s for a in result],
+                ),
+            )
             frames = [np.concatenate([a.logits for a in result]).astype(np.float32).tobytes()] if result else []
         self._send([identity, ENCODER.encode(reply), *frames])
 

@@ -36,8 +36,8 @@ import numpy as np
 from model.bundle import AdapterBundle, check_domain_name
 from model.safetensors_io import InvalidFileError
 from model.weights import count_parameters
-from service.engine.loader import Loader, Prepared
 from service.engine.eviction import SegmentedLru
+from service.engine.loader import Loader, Prepared
 from service.exceptions import AdapterUnavailable, DomainUnloaded, NoPreviousVersion, UnknownDomainError
 from service.metrics import Metrics
 from service.record import DomainExists, RecordStore, RecordUnavailable, Version
@@ -46,7 +46,15 @@ if TYPE_CHECKING:  # the framework is imported by the engine core, after it pick
     from model.engine import InferenceEngine, Slot
 
 _log = logging.getLogger(__name__)
-__all__ = ["AdapterUnavailable", "DomainExists", "DomainUnloaded", "NoPreviousVersion", "Registry", "Entry", "UnknownDomainError"]
+__all__ = [
+    "AdapterUnavailable",
+    "DomainExists",
+    "DomainUnloaded",
+    "Entry",
+    "NoPreviousVersion",
+    "Registry",
+    "UnknownDomainError",
+]
 MB = 1024 * 1024
 VERIFIED_KEEP = 20_000  # sha256s of bundles that passed the golden self-test here, remembered
 
@@ -111,8 +119,9 @@ class Limits:
 
 
 class Registry:
-    def __init__(self, engine: InferenceEngine, record: RecordStore, metrics: Metrics, loader: Loader,
-                 limits: Limits = Limits()):
+    def __init__(
+        self, engine: InferenceEngine, record: RecordStore, metrics: Metrics, loader: Loader, limits: Limits = Limits()
+    ):
         self.engine, self.record, self.metrics, self.loader, self.limits = engine, record, metrics, loader, limits
         self._device_hits = metrics.lookups.labels("device", "hit")  # counted per request: looked up once
         self._entries: dict[str, Entry] = {}  # every cached domain
@@ -165,16 +174,20 @@ class Registry:
 
     def behind(self) -> list[str]:
         """Cached domains served at another version than the record's (invalid versions aside)."""
-        return sorted(d for d, e in self._entries.items() if self._recorded.get(d, e.version) != e.version
-                      and (d, self._recorded.get(d)) not in self._invalid)
+        return sorted(
+            d
+            for d, e in self._entries.items()
+            if self._recorded.get(d, e.version) != e.version and (d, self._recorded.get(d)) not in self._invalid
+        )
 
     # ----- requests: lease, load on demand, return ----------------------------------------------
 
     async def acquire(self, domain: str) -> Entry:
         """The domain on the device, leased to the caller until `release`: loaded first if needed."""
         if domain in self._unloaded:
-            raise DomainUnloaded(f"Domain {domain!r} is unloaded: load it again (POST "
-                                 f"/v2/repository/models/{domain}/load) to serve it.")
+            raise DomainUnloaded(
+                f"Domain {domain!r} is unloaded: load it again (POST /v2/repository/models/{domain}/load) to serve it."
+            )
         entry = self._entries.get(domain)
         if entry is not None and entry.slot is not None and not entry.retired:
             self._device_hits.inc()
@@ -189,8 +202,9 @@ class Registry:
             try:
                 entry = await asyncio.wait_for(asyncio.shield(task), self.limits.load_timeout_s)
             except asyncio.TimeoutError:
-                raise AdapterUnavailable(f"Loading {domain!r} took longer than {self.limits.load_timeout_s} s; "
-                                         "retry shortly.") from None
+                raise AdapterUnavailable(
+                    f"Loading {domain!r} took longer than {self.limits.load_timeout_s} s; retry shortly."
+                ) from None
             if entry.slot is not None and not entry.retired:  # else evicted or replaced meanwhile: again
                 return self._lease(entry)
         raise AdapterUnavailable(f"{domain!r} kept being evicted before it could be used; retry.")
@@ -250,8 +264,10 @@ class Registry:
                 loaded = await self._load_newest(domain, versions)
                 if loaded is None:
                     self._recorded.pop(domain, None)
-                    reasons = "; ".join(f"v{v.version}: {self._invalid.get((domain, v.version), 'unreadable')}"
-                                        for v in reversed(versions))
+                    reasons = "; ".join(
+                        f"v{v.version}: {self._invalid.get((domain, v.version), 'unreadable')}"
+                        for v in reversed(versions)
+                    )
                     raise AdapterUnavailable(f"No stored version of {domain!r} passes validation ({reasons}).")
                 return loaded
 
@@ -274,8 +290,9 @@ class Registry:
         self._gauges()
         return entry
 
-    async def _load_newest(self, domain: str, versions: list[Version], keep: Entry | None = None,
-                           to_host: bool = False) -> Entry | None:
+    async def _load_newest(
+        self, domain: str, versions: list[Version], keep: Entry | None = None, to_host: bool = False
+    ) -> Entry | None:
         """Hold the lock. Load the newest valid live version onto the device (unless `keep` is it), or
         with `to_host` into the host tier (through a spare slot: validated and self-tested alike)."""
         self._recorded[domain] = versions[-1].version
@@ -312,8 +329,9 @@ class Registry:
             return entry
         return None
 
-    async def _load(self, data: bytes, domain: str, version: int, created_at: float,
-                    prepared: Prepared | None = None) -> Entry:
+    async def _load(
+        self, data: bytes, domain: str, version: int, created_at: float, prepared: Prepared | None = None
+    ) -> Entry:
         """Validate and fold in the loader (unless `prepared` is given), then write and self-test on the engine.
 
         The golden self-test runs once per distinct bundle (by sha256) in this process: the same
@@ -329,8 +347,16 @@ class Registry:
         seconds = time.perf_counter() - start
         self.metrics.load_seconds.labels("registry").observe(seconds)
         self.metrics.loads.labels("registry", "ok").inc()
-        return Entry(_card(card), version, sha, prepared.size_bytes, created_at, seconds * 1000,
-                     golden_self_test=card.golden_inputs is not None, slot=slot)
+        return Entry(
+            _card(card),
+            version,
+            sha,
+            prepared.size_bytes,
+            created_at,
+            seconds * 1000,
+            golden_self_test=card.golden_inputs is not None,
+            slot=slot,
+        )
 
     async def _write(self, row: np.ndarray, golden: AdapterBundle | None = None) -> Slot:
         """The row in a free slot: written here when that is a copy, else in a thread."""
@@ -379,8 +405,9 @@ class Registry:
                 fallback = fallback or entry
             victim = victim or fallback
             if victim is None:
-                _log.warning("every resident domain is pinned or in use: serving more than the %d that fit",
-                             self.max_resident)
+                _log.warning(
+                    "every resident domain is pinned or in use: serving more than the %d that fit", self.max_resident
+                )
                 return
             self._evict(victim)
 
@@ -572,8 +599,9 @@ class Registry:
 
     # ----- management ------------------------------------------------------------------------
 
-    async def register(self, data: bytes, replace: bool = False, domain: str | None = None,
-                       pin: bool | None = None) -> Entry:
+    async def register(
+        self, data: bytes, replace: bool = False, domain: str | None = None, pin: bool | None = None
+    ) -> Entry:
         """Validate a bundle completely, record it durably, serve it here; raise `InvalidFileError`,
         `DomainExists` or `RecordUnavailable`."""
         if domain is not None:
@@ -583,8 +611,10 @@ class Registry:
         async with self._lock(bundle.domain):
             cached = self._entries.get(bundle.domain)
             if not replace and cached is not None:
-                raise DomainExists(f"Domain {bundle.domain!r} exists (version {cached.version}); "
-                                   "send replace=true to upload a new version.")
+                raise DomainExists(
+                    f"Domain {bundle.domain!r} exists (version {cached.version}); "
+                    "send replace=true to upload a new version."
+                )
             self._make_room()
             entry = await self._load(data, bundle.domain, 0, 0.0, prepared)  # the self-test
             try:
@@ -666,4 +696,3 @@ def check_name(domain: str) -> str:
         return check_domain_name(domain)
     except InvalidFileError:
         raise UnknownDomainError(domain) from None
-

@@ -18,8 +18,8 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
-from service.views import DeviceReport
 from service.settings import Settings
+from service.views import DeviceReport
 
 MB = 1024 * 1024
 GPU_DEFAULT_MB = 4096  # on a GPU whose free memory the framework does not tell, without RA_DEVICE_MEMORY_MB
@@ -39,8 +39,9 @@ class Budget:
         return min(fits, self.cap) if self.cap is not None else fits
 
 
-def available_host_bytes(meminfo: pathlib.Path = pathlib.Path("/proc/meminfo"),
-                         cgroup: pathlib.Path = pathlib.Path("/sys/fs/cgroup")) -> int:
+def available_host_bytes(
+    meminfo: pathlib.Path = pathlib.Path("/proc/meminfo"), cgroup: pathlib.Path = pathlib.Path("/sys/fs/cgroup")
+) -> int:
     """What this process may still use: MemAvailable (free memory plus reclaimable caches), or less when
     its container's memory limit leaves less (/proc/meminfo shows the whole machine inside a container)."""
     available = None
@@ -55,8 +56,10 @@ def available_host_bytes(meminfo: pathlib.Path = pathlib.Path("/proc/meminfo"),
 
 def cgroup_headroom(root: pathlib.Path) -> int | None:
     """The memory limit of this process's cgroup (v2, else v1) minus what it uses now; None without a limit."""
-    for limit_file, usage_file in (("memory.max", "memory.current"),
-                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+    for limit_file, usage_file in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
         try:
             limit, usage = (root / limit_file).read_text().strip(), (root / usage_file).read_text().strip()
         except OSError:
@@ -74,14 +77,18 @@ def budget(settings: Settings, device: DeviceReport | None) -> Budget:
     fraction = settings.device_memory_fraction
     if device is not None and device.gpu:
         if device.free_bytes is None:
-            return Budget(GPU_DEFAULT_MB * MB, f"{GPU_DEFAULT_MB} MB ({device.backend} does not tell the GPU's "
-                          "free memory: set RA_DEVICE_MEMORY_MB)", cap)
+            return Budget(
+                GPU_DEFAULT_MB * MB,
+                f"{GPU_DEFAULT_MB} MB ({device.backend} does not tell the GPU's free memory: set RA_DEVICE_MEMORY_MB)",
+                cap,
+            )
         return Budget(int(device.free_bytes * fraction), f"{fraction:g} of the GPU memory free at start", cap)
     return Budget(int(available_host_bytes() * fraction), f"{fraction:g} of the host memory available at start", cap)
 
 
-def host_cache_bytes(settings: Settings, device: DeviceReport | None, budget: Budget | None = None,
-                     row_bytes: int = 0) -> int:
+def host_cache_bytes(
+    settings: Settings, device: DeviceReport | None, budget: Budget | None = None, row_bytes: int = 0
+) -> int:
     """The host tier's size: `RA_HOST_CACHE_MB`; by default 1 GB with a GPU, and on a CPU host what
     `budget` leaves beyond the device tier's cap of `row_bytes` rows (one memory: no second copy)."""
     if settings.host_cache_mb is not None:

@@ -25,15 +25,18 @@ def use_backend(name: str) -> None:
         import keras
 
         if keras.backend.backend() != name:
-            raise BackendError(f"RA_BACKEND={name} but Keras already runs on {keras.backend.backend()} in this "
-                               "process: a process runs one backend. Start the service in a fresh process.")
+            raise BackendError(
+                f"RA_BACKEND={name} but Keras already runs on {keras.backend.backend()} in this "
+                "process: a process runs one backend. Start the service in a fresh process."
+            )
         return
     os.environ["KERAS_BACKEND"] = name
     try:
-        import keras  # noqa: F401  (imports the framework: fail here, with the fix, if it is not installed)
+        import keras
     except ImportError as exc:
-        raise BackendError(f"RA_BACKEND={name} needs {name} installed ({exc}). Install it, or use "
-                           "RA_BACKEND=tensorflow.") from None
+        raise BackendError(
+            f"RA_BACKEND={name} needs {name} installed ({exc}). Install it, or use RA_BACKEND=tensorflow."
+        ) from None
 
 
 def configure_threads(cores: int | None) -> None:
@@ -56,10 +59,17 @@ def device_report(compute_dtype: str, require_gpu: bool) -> DeviceReport:
 
     backend = backends.current()
     found = backend.devices()
-    report = DeviceReport(backend=backend.version(), devices=found.names, gpu=found.gpu,
-                          compute_dtype=compute_dtype, free_bytes=found.free_bytes)
+    report = DeviceReport(
+        backend=backend.version(),
+        devices=found.names,
+        gpu=found.gpu,
+        compute_dtype=compute_dtype,
+        free_bytes=found.free_bytes,
+    )
     if require_gpu and not found.gpu:
-        raise NoGpuError(f"RA_REQUIRE_GPU is set but {backend.version()} sees no GPU. Run the container with the "
-                         "GPU (docker compose with the NVIDIA container toolkit, `docker run --gpus all`), or unset "
-                         "RA_REQUIRE_GPU to serve on the CPU.")
+        raise NoGpuError(
+            f"RA_REQUIRE_GPU is set but {backend.version()} sees no GPU. Run the container with the "
+            "GPU (docker compose with the NVIDIA container toolkit, `docker run --gpus all`), or unset "
+            "RA_REQUIRE_GPU to serve on the CPU."
+        )
     return report

@@ -23,27 +23,42 @@ import hashlib
 import json
 import logging
 import math
-import os
 import pathlib
 import re
 import secrets
 import time
+from os.path import commonpath
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from service.frontend.errors import ApiError
 from service.exceptions import UnknownDomainError
+from service.frontend.errors import ApiError
 from service.frontend.host_table import HostTable, Layout
 
 _log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
-                          "/v2", "/v2/health/live", "/v2/health/ready"})
+PUBLIC_PATHS = frozenset(
+    {
+        "/",
+        "/healthz",
+        "/readyz",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/redoc",
+        "/openapi.json",
+        "/v2",
+        "/v2/health/live",
+        "/v2/health/ready",
+    }
+)
 PUBLIC_PREFIXES = ("/static/",)
 # paths that name one domain: the scope check answers 404 for a domain outside the key's patterns
-DOMAIN_PATHS = (re.compile(r"^/predict/([^/]+)$"), re.compile(r"^/adapters/([^/]+)(?:/rollback)?$"),
-                re.compile(r"^/v2/models/([^/]+)(?:/.*)?$"))
+DOMAIN_PATHS = (
+    re.compile(r"^/predict/([^/]+)$"),
+    re.compile(r"^/adapters/([^/]+)(?:/rollback)?$"),
+    re.compile(r"^/v2/models/([^/]+)(?:/.*)?$"),
+)
 PATTERN = re.compile(r"^[a-z0-9_\-*?\[\]!]{1,64}$")
 
 
@@ -91,7 +106,7 @@ class Principal:
     def prefix(self) -> str:
         """What every domain this principal may use starts with (narrows listings)."""
         literal = [re.split(r"[*?\[]", p, maxsplit=1)[0] for p in self.patterns]
-        return os.path.commonprefix(literal) if literal else ""
+        return commonpath(literal) if literal else ""
 
 
 ANYONE = Principal("anonymous", admin=False)
@@ -147,8 +162,10 @@ def load_keys(path: pathlib.Path, text: str | None = None) -> dict[str, Principa
         raw = json.loads(read_keys_file(path) if text is None else text)
         parsed = KeysFile.model_validate(raw)
     except json.JSONDecodeError as exc:
-        raise KeysFileError(f"RA_API_KEYS_FILE {path}: not JSON ({exc}). Expected "
-                            '{"keys": [{"name": ..., "key_sha256": ..., "domains": [...], "admin": false}]}.') from exc
+        raise KeysFileError(
+            f"RA_API_KEYS_FILE {path}: not JSON ({exc}). Expected "
+            '{"keys": [{"name": ..., "key_sha256": ..., "domains": [...], "admin": false}]}.'
+        ) from exc
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise KeysFileError(f"RA_API_KEYS_FILE {path}: {problems}.") from exc
@@ -157,11 +174,17 @@ def load_keys(path: pathlib.Path, text: str | None = None) -> dict[str, Principa
     for spec in parsed.keys:
         digest = spec.key_sha256.lower()
         if digest in keys or spec.name in names:
-            raise KeysFileError(f"RA_API_KEYS_FILE {path}: key {spec.name!r} repeats a name or a key_sha256; "
-                                "each key needs its own.")
+            raise KeysFileError(
+                f"RA_API_KEYS_FILE {path}: key {spec.name!r} repeats a name or a key_sha256; each key needs its own."
+            )
         names.add(spec.name)
-        keys[digest] = Principal(spec.name, spec.admin, tuple(spec.domains), spec.rate_per_s,
-                                 spec.burst or (max(1, math.ceil(spec.rate_per_s)) if spec.rate_per_s else None))
+        keys[digest] = Principal(
+            spec.name,
+            spec.admin,
+            tuple(spec.domains),
+            spec.rate_per_s,
+            spec.burst or (max(1, math.ceil(spec.rate_per_s)) if spec.rate_per_s else None),
+        )
     return keys
 
 
@@ -204,8 +227,9 @@ class KeyRing:
         return self.keys.get(hash_key(secret))
 
 
-BUCKETS = Layout(np.dtype([("key", "<u8"), ("stamp", "<f8"), ("tokens", "<f8"), ("rate", "<f8"), ("burst", "<i8")]),
-                 slots=4096)  # 1,000 keys fit with room to spare
+BUCKETS = Layout(
+    np.dtype([("key", "<u8"), ("stamp", "<f8"), ("tokens", "<f8"), ("rate", "<f8"), ("burst", "<i8")]), slots=4096
+)  # 1,000 keys fit with room to spare
 
 
 class RateLimits:
@@ -220,8 +244,9 @@ class RateLimits:
 
     def __init__(self, table: HostTable):
         if table.layout.dtype != BUCKETS.dtype:
-            raise ValueError(f"RateLimits needs a table of access.BUCKETS records. "
-                             f"Received: dtype={table.layout.dtype}")
+            raise ValueError(
+                f"RateLimits needs a table of access.BUCKETS records. Received: dtype={table.layout.dtype}"
+            )
         self.table = table
 
     def take(self, principal: Principal) -> float:
@@ -284,11 +309,20 @@ class Access:
             if not is_management(method, path):
                 return ANYONE
             if self.admin_token is None:
-                raise Denied(ApiError(403, "management_disabled",
-                                      "Adapter management is disabled: start the service with RA_ADMIN_TOKEN set."))
+                raise Denied(
+                    ApiError(
+                        403,
+                        "management_disabled",
+                        "Adapter management is disabled: start the service with RA_ADMIN_TOKEN set.",
+                    )
+                )
             if given is None:
-                raise Denied(_unauthorized("Managing adapters needs the admin token: send 'Authorization: Bearer "
-                                           "<RA_ADMIN_TOKEN>' (on the web page, enter it in the API key field)."))
+                raise Denied(
+                    _unauthorized(
+                        "Managing adapters needs the admin token: send 'Authorization: Bearer "
+                        "<RA_ADMIN_TOKEN>' (on the web page, enter it in the API key field)."
+                    )
+                )
             if not self._is_admin_token(given):
                 raise Denied(_unauthorized("The bearer token is wrong."))
             return ADMIN
@@ -300,12 +334,25 @@ class Access:
             raise Denied(_unauthorized("The API key is not known."))
         wait = self.limits.take(principal)
         if wait > 0:
-            raise Denied(ApiError(429, "rate_limited", f"Key {principal.name!r} is over its rate of "
-                                                       f"{principal.rate_per_s:g} requests/s; retry after the pause.",
-                                  headers={"Retry-After": str(max(1, math.ceil(wait)))}), principal)
+            raise Denied(
+                ApiError(
+                    429,
+                    "rate_limited",
+                    f"Key {principal.name!r} is over its rate of "
+                    f"{principal.rate_per_s:g} requests/s; retry after the pause.",
+                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                ),
+                principal,
+            )
         if (is_management(method, path) or path == "/metrics") and not principal.admin:
-            raise Denied(ApiError(403, "forbidden", f"Key {principal.name!r} may not manage adapters or read "
-                                                    "the metrics; use an admin key."), principal)
+            raise Denied(
+                ApiError(
+                    403,
+                    "forbidden",
+                    f"Key {principal.name!r} may not manage adapters or read the metrics; use an admin key.",
+                ),
+                principal,
+            )
         domain = named_domain(path)
         if domain is not None and not principal.may_use(domain):
             raise Denied(UnknownDomainError(domain), principal)

@@ -24,16 +24,25 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.frontend import audit, oip, rest
-from service.frontend.access import BUCKETS, Access, Denied, KeyRing, KeysFileError, Principal, RateLimits, is_management
 from service.client import EngineClient
-from service.frontend.errors import BodyTooLarge, error_response, install_error_handlers, refusal_response
 from service.exceptions import EngineUnavailable
+from service.frontend import audit, oip, rest
+from service.frontend.access import (
+    BUCKETS,
+    Access,
+    Denied,
+    KeyRing,
+    KeysFileError,
+    Principal,
+    RateLimits,
+    is_management,
+)
+from service.frontend.errors import BodyTooLarge, error_response, install_error_handlers, refusal_response
 from service.frontend.host_table import HostTable, Layout
 from service.frontend.inference import Inference
+from service.frontend.state import ServiceState
 from service.metrics import Metrics
 from service.settings import Settings
-from service.frontend.state import ServiceState
 
 _log = logging.getLogger(__name__)
 STATIC_DIR = pathlib.Path(__file__).resolve().parent / "static"
@@ -52,8 +61,9 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            response = error_response(413, "request_too_large", f"The request body is larger than {self.limit} bytes.",
-                                      path=scope["path"])
+            response = error_response(
+                413, "request_too_large", f"The request body is larger than {self.limit} bytes.", path=scope["path"]
+            )
             return await response(scope, receive, send)
         seen = 0
 
@@ -137,9 +147,13 @@ def document_bearer_auth(app: FastAPI) -> None:
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = build()
-            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {
-                "type": "http", "scheme": "bearer",
-                "description": "An API key from RA_API_KEYS_FILE, or RA_ADMIN_TOKEN (management)"}}
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API key from RA_API_KEYS_FILE, or RA_ADMIN_TOKEN (management)",
+                }
+            }
             schema["security"] = [{}, {"bearer": []}]  # optional without a keys file
             app.openapi_schema = schema
         return app.openapi_schema
@@ -158,8 +172,12 @@ def host_table(directory: str | os.PathLike | None, name: str) -> HostTable:
     return HostTable(HOST_TABLES[name], None if directory is None else pathlib.Path(directory) / name)
 
 
-def create_app(settings: Settings, engine: EngineClient, tables_dir: str | os.PathLike | None = None,
-               metrics: Metrics | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    engine: EngineClient,
+    tables_dir: str | os.PathLike | None = None,
+    metrics: Metrics | None = None,
+) -> FastAPI:
     """A front end over `engine` (`service.boot` hands it the engine core of this process, sharing `metrics`;
     the supervisor hands it the engine process), counting rate limits and OIP statistics in the host tables
     of `tables_dir` (made by `create_host_tables`; shared with the host's other front ends) or, when None,
@@ -174,8 +192,9 @@ def create_app(settings: Settings, engine: EngineClient, tables_dir: str | os.Pa
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.preprocess_pool = concurrent.futures.ThreadPoolExecutor(settings.preprocess_threads,
-                                                                      thread_name_prefix="preprocess")
+        state.preprocess_pool = concurrent.futures.ThreadPoolExecutor(
+            settings.preprocess_threads, thread_name_prefix="preprocess"
+        )
         state.inference = Inference(state.engine, settings, state.preprocess_pool)
         await state.engine.start()
         with contextlib.suppress(EngineUnavailable):  # a restarting engine: the default until the next start
@@ -198,9 +217,12 @@ def create_app(settings: Settings, engine: EngineClient, tables_dir: str | os.Pa
             await state.engine.stop()
             state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="Residual adapters", version="0.1.0", lifespan=lifespan,
-                  description="Many image classifiers served from one ResNet-26 backbone with per-domain "
-                              "residual adapters.")
+    app = FastAPI(
+        title="Residual adapters",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Many image classifiers served from one ResNet-26 backbone with per-domain residual adapters.",
+    )
     app.state.service = state
     install_error_handlers(app)
     app.include_router(rest.health)

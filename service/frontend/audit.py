@@ -10,11 +10,13 @@ import re
 
 _log = logging.getLogger("service.frontend.audit")
 
-ACTIONS = ((re.compile(r"^POST /adapters$"), "register"),
-           (re.compile(r"^DELETE /adapters/(?P<domain>[^/]+)$"), "delete"),
-           (re.compile(r"^POST /adapters/(?P<domain>[^/]+)/rollback$"), "rollback"),
-           (re.compile(r"^POST /v2/repository/index$"), "index"),
-           (re.compile(r"^POST /v2/repository/models/(?P<domain>[^/]+)/(?P<action>load|unload)$"), None))
+ACTIONS = (
+    (re.compile(r"^POST /adapters$"), "register"),
+    (re.compile(r"^DELETE /adapters/(?P<domain>[^/]+)$"), "delete"),
+    (re.compile(r"^POST /adapters/(?P<domain>[^/]+)/rollback$"), "rollback"),
+    (re.compile(r"^POST /v2/repository/index$"), "index"),
+    (re.compile(r"^POST /v2/repository/models/(?P<domain>[^/]+)/(?P<action>load|unload)$"), None),
+)
 
 
 def action_of(method: str, path: str) -> tuple[str, str | None]:
@@ -30,7 +32,13 @@ def action_of(method: str, path: str) -> tuple[str, str | None]:
 def write(key: str, method: str, path: str, status: int, details: dict | None) -> None:
     action, domain = action_of(method, path)
     details = details or {}
-    line = {"key": key, "action": details.get("action", action), "domain": details.get("domain", domain),
-            "version": details.get("version"), "sha256": details.get("sha256"), "status": status,
-            "outcome": "ok" if status < 400 else "refused" if status in (401, 403, 429) else "failed"}
+    line = {
+        "key": key,
+        "action": details.get("action", action),
+        "domain": details.get("domain", domain),
+        "version": details.get("version"),
+        "sha256": details.get("sha256"),
+        "status": status,
+        "outcome": "ok" if status < 400 else "refused" if status in (401, 403, 429) else "failed",
+    }
     _log.info(json.dumps(line, sort_keys=True))

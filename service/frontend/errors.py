@@ -10,9 +10,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.exceptions import (AdapterUnavailable, DomainExists, DomainUnloaded, EngineUnavailable, ImageDecodeError,
-                                InvalidFileError, NoPreviousVersion, Overloaded, QueueShareExceeded, RecordUnavailable,
-                                UnknownDomainError)
+from service.exceptions import (
+    AdapterUnavailable,
+    DomainExists,
+    DomainUnloaded,
+    EngineUnavailable,
+    ImageDecodeError,
+    InvalidFileError,
+    NoPreviousVersion,
+    Overloaded,
+    QueueShareExceeded,
+    RecordUnavailable,
+    UnknownDomainError,
+)
 
 _log = logging.getLogger(__name__)
 IMAGE_STATUS = {"not_image": 415, "too_many_pixels": 413, "corrupt": 400}
@@ -36,8 +46,9 @@ class BodyTooLarge(HTTPException):
 OIP_PREFIX = "/v2"  # Open Inference Protocol routes answer errors as {"error": "<message>"}
 
 
-def error_response(status: int, code: str, detail: object, headers: dict[str, str] | None = None,
-                   path: str = "") -> JSONResponse:
+def error_response(
+    status: int, code: str, detail: object, headers: dict[str, str] | None = None, path: str = ""
+) -> JSONResponse:
     """The JSON error body: `{"error": code, "detail": message}`, or the protocol's `{"error": "code: message"}`
     on the Open Inference Protocol routes."""
     if path == OIP_PREFIX or path.startswith(OIP_PREFIX + "/"):
@@ -58,8 +69,11 @@ def missing_uploads(request: Request, exc: RequestValidationError) -> list[str]:
     """The route's file fields that the request lacks: a body sent raw, or under another field name."""
     dependant = getattr(request.scope.get("route"), "dependant", None)
     uploads = {p.alias for p in getattr(dependant, "body_params", ()) if isinstance(p.field_info, params.File)}
-    return [e["loc"][-1] for e in exc.errors()
-            if e.get("type") == "missing" and len(e.get("loc", ())) == 2 and e["loc"][-1] in uploads]
+    return [
+        e["loc"][-1]
+        for e in exc.errors()
+        if e.get("type") == "missing" and len(e.get("loc", ())) == 2 and e["loc"][-1] in uploads
+    ]
 
 
 RETRY = {"Retry-After": "1"}
@@ -109,11 +123,16 @@ def install_error_handlers(app: FastAPI) -> None:
             example = " ".join(f"-F {name}=@{UPLOAD_EXAMPLES.get(name, 'FILE')}" for name in missing)
             ctype = request.headers.get("content-type", "").split(";")[0].strip()
             if ctype != "multipart/form-data":
-                return error_response(415, "not_multipart", f"Send a multipart/form-data body with the file in the field "
-                                      f"{fields} (curl {example}); this body is {ctype or 'without a Content-Type'}.",
-                                      path=request.url.path)
-            return error_response(422, "missing_file", f"The multipart field {fields} is missing (curl {example}).",
-                                  path=request.url.path)
+                return error_response(
+                    415,
+                    "not_multipart",
+                    f"Send a multipart/form-data body with the file in the field "
+                    f"{fields} (curl {example}); this body is {ctype or 'without a Content-Type'}.",
+                    path=request.url.path,
+                )
+            return error_response(
+                422, "missing_file", f"The multipart field {fields} is missing (curl {example}).", path=request.url.path
+            )
         details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
         return error_response(422, "invalid_request", details, path=request.url.path)
 
@@ -121,8 +140,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:  # list every method of every route on this path, not just the first route's
-            methods = {m for route in app.routes if getattr(route, "methods", None)
-                       and route.path_regex.fullmatch(request.url.path) for m in route.methods}
+            methods = {
+                m
+                for route in app.routes
+                if getattr(route, "methods", None) and route.path_regex.fullmatch(request.url.path)
+                for m in route.methods
+            }
             headers["Allow"] = ", ".join(sorted(methods))
         return error_response(exc.status_code, "http_error", str(exc.detail), headers or None, path=request.url.path)
 

@@ -59,11 +59,14 @@ class Layout:
         wanted = {"key": np.dtype("<u8"), "stamp": np.dtype("<f8")}
         wrong = sorted(name for name, kind in wanted.items() if name not in fields or fields[name][0] != kind)
         if wrong:
-            raise ValueError(f"A host table's records need the fields key (uint64) and stamp (float64); missing or "
-                             f"of another type: {wrong}. Received: dtype={self.dtype}")
+            raise ValueError(
+                f"A host table's records need the fields key (uint64) and stamp (float64); missing or "
+                f"of another type: {wrong}. Received: dtype={self.dtype}"
+            )
         if not 1 <= self.window <= self.slots:
-            raise ValueError(f"A host table needs 1 <= window <= slots. Received: window={self.window}, "
-                             f"slots={self.slots}")
+            raise ValueError(
+                f"A host table needs 1 <= window <= slots. Received: window={self.window}, slots={self.slots}"
+            )
 
     @property
     def fingerprint(self) -> int:
@@ -96,24 +99,28 @@ class HostTable:
             self._rows = np.zeros(layout.slots, layout.dtype)
             return
         try:
-            self._file = open(self.path, "r+b", buffering=0)
+            self._file = open(self.path, "r+b", buffering=0)  # noqa: SIM115  (held for the table's life; `close`)
         except OSError as exc:
-            raise HostTableError(f"Host table {self.path}: cannot open it ({exc.strerror}); the supervisor makes it "
-                                 "in its run directory before starting the front ends.") from exc
+            raise HostTableError(
+                f"Host table {self.path}: cannot open it ({exc.strerror}); the supervisor makes it "
+                "in its run directory before starting the front ends."
+            ) from exc
         try:
             size = os.fstat(self._file.fileno()).st_size
             if size != layout.file_bytes:
                 raise HostTableError(
                     f"Host table {self.path} is {size} bytes, but {layout.slots} slots of {layout.dtype.itemsize}-byte "
                     f"records need {layout.file_bytes}: it was made for another layout or is damaged. Remove it and "
-                    "make it again with HostTable.create (the supervisor does so on each start).")
+                    "make it again with HostTable.create (the supervisor does so on each start)."
+                )
             self._map = mmap.mmap(self._file.fileno(), size)
-            header, expected = self._map[:HEADER.itemsize], layout.header().tobytes()
+            header, expected = self._map[: HEADER.itemsize], layout.header().tobytes()
             if header != expected:
                 raise HostTableError(
                     f"Host table {self.path} was made for another layout (header {np.frombuffer(header, HEADER)[0]}, "
                     f"expected {layout.header()[0]}). Remove it and make it again with HostTable.create (the "
-                    "supervisor does so on each start).")
+                    "supervisor does so on each start)."
+                )
             self._rows = np.ndarray(layout.slots, layout.dtype, buffer=self._map, offset=HEADER_BYTES)
         except BaseException:
             self.close()
@@ -144,7 +151,7 @@ class HostTable:
             self._file.close()
             self._file = None
 
-    def __enter__(self) -> "HostTable":
+    def __enter__(self) -> HostTable:
         return self
 
     def __exit__(self, *exc: object) -> None:

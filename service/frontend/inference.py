@@ -21,8 +21,8 @@ from PIL import Image
 
 from model.preprocessing import ImageDecodeError, Preprocessing, gray_rgb, normalize, open_image, preprocess
 from service.client import Answer, EngineClient
-from service.frontend.errors import ApiError
 from service.exceptions import StaleCard, UnknownDomainError
+from service.frontend.errors import ApiError
 from service.settings import Settings
 from service.views import Card, Residency
 
@@ -133,8 +133,11 @@ class Inference:
         for i, (data, name) in enumerate(zip(files, names)):
             what = repr(name) if name else f"Image {i}"
             if len(data) > s.max_image_bytes:
-                raise ApiError(413, "image_too_large", f"{what} is larger than {s.max_image_bytes} bytes "
-                                                       "(RA_MAX_IMAGE_BYTES); send a smaller image.")
+                raise ApiError(
+                    413,
+                    "image_too_large",
+                    f"{what} is larger than {s.max_image_bytes} bytes (RA_MAX_IMAGE_BYTES); send a smaller image.",
+                )
             if not data:
                 raise ApiError(400, "empty_file", f"{what} is empty.")
 
@@ -155,16 +158,18 @@ class Inference:
                 inputs.append(None)
         large = [i for i, x in enumerate(inputs) if x is None]
         loop = asyncio.get_running_loop()
-        done = await asyncio.gather(*(loop.run_in_executor(self.pool, decode_and_preprocess, files[i], preps, limit)
-                                      for i in large))
+        done = await asyncio.gather(
+            *(loop.run_in_executor(self.pool, decode_and_preprocess, files[i], preps, limit) for i in large)
+        )
         for i, x in zip(large, done):
             inputs[i] = x
         return inputs
 
     # ----- the path -----------------------------------------------------------------------------
 
-    async def classify(self, domains: list[str], lane: str | None, files: list[bytes] | None = None,
-                       pixels: np.ndarray | None = None) -> Classified:
+    async def classify(
+        self, domains: list[str], lane: str | None, files: list[bytes] | None = None, pixels: np.ndarray | None = None
+    ) -> Classified:
         """Classify every image (encoded `files`, or uint8 `pixels` [N, S, S, 3]) with every domain, in one
         submission to the engine."""
         start = time.perf_counter()
@@ -174,13 +179,17 @@ class Inference:
             if files is not None:
                 per_image = await self._decode(files, preps)
                 count = len(per_image)
-                images = (np.stack([x for row in per_image for x in row]) if count
-                          else np.zeros((0, 1, 1, 3), np.float32))
+                images = (
+                    np.stack([x for row in per_image for x in row]) if count else np.zeros((0, 1, 1, 3), np.float32)
+                )
             else:  # image-major as for files: image i with domain j at i * len(domains) + j
                 count = len(pixels)
                 per_domain = [pixels_to_inputs(pixels, p) for p in preps]
-                images = (per_domain[0] if len(per_domain) == 1
-                          else np.stack(per_domain, axis=1).reshape(-1, *pixels.shape[1:]))
+                images = (
+                    per_domain[0]
+                    if len(per_domain) == 1
+                    else np.stack(per_domain, axis=1).reshape(-1, *pixels.shape[1:])
+                )
             prepared = time.perf_counter()
             which = [j for _ in range(count) for j in range(len(domains))]
             try:
@@ -195,7 +204,7 @@ class Inference:
                 self._cards.pop(exc.domain, None)
                 raise
         done = time.perf_counter()
-        grid = [answers[i * len(domains):(i + 1) * len(domains)] for i in range(count)]
+        grid = [answers[i * len(domains) : (i + 1) * len(domains)] for i in range(count)]
         for j, domain in enumerate(domains):
             served = grid[0][j].version if grid else cards[j].version
             if served != cards[j].version:  # another version computed them: answer with its labels

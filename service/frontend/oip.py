@@ -29,10 +29,10 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 
 from service.frontend import schemas
-from service.frontend.rest import PrincipalDep, ReadyDep, StateDep, lane_of
 from service.frontend.errors import ApiError
 from service.frontend.host_table import HostTable, Layout
 from service.frontend.inference import softmax
+from service.frontend.rest import PrincipalDep, ReadyDep, StateDep, lane_of
 from service.frontend.state import ServiceState
 from service.views import Card
 
@@ -50,6 +50,7 @@ def bad(detail: str, status: int = 400, code: str = "bad_request") -> ApiError:
 
 
 # ----- statistics ------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class Duration:
@@ -73,10 +74,19 @@ class ModelStats:
 
 
 DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
-STATS = Layout(np.dtype([("key", "<u8"), ("stamp", "<f8"), ("last_inference", "<i8"), ("inference_count", "<i8"),
-                         ("execution_count", "<i8")]
-                        + [(f"{name}_{part}", "<i8") for name in DURATIONS for part in ("count", "ns")]),
-               slots=32_768)  # STATS_KEEP domains fit (about 0.3 full, so windows of 16 do not overflow)
+STATS = Layout(
+    np.dtype(
+        [
+            ("key", "<u8"),
+            ("stamp", "<f8"),
+            ("last_inference", "<i8"),
+            ("inference_count", "<i8"),
+            ("execution_count", "<i8"),
+        ]
+        + [(f"{name}_{part}", "<i8") for name in DURATIONS for part in ("count", "ns")]
+    ),
+    slots=32_768,
+)  # STATS_KEEP domains fit (about 0.3 full, so windows of 16 do not overflow)
 
 
 class Statistics:
@@ -95,8 +105,16 @@ class Statistics:
             row["stamp"] = time.monotonic()
             _add(row, "fail", seconds)
 
-    def succeeded(self, domain: str, inferences: int, seconds: float, compute_input_s: float, queue_s: float,
-                  compute_infer_s: float, compute_output_s: float) -> None:
+    def succeeded(
+        self,
+        domain: str,
+        inferences: int,
+        seconds: float,
+        compute_input_s: float,
+        queue_s: float,
+        compute_infer_s: float,
+        compute_output_s: float,
+    ) -> None:
         """One successful request of `inferences` images; queue and infer times are per image, on average."""
         last = int(time.time() * 1000)
         with self.table.row(domain) as row:
@@ -114,8 +132,12 @@ class Statistics:
         row = self.table.peek(domain)
         if row is None:
             return ModelStats()
-        return ModelStats(int(row["last_inference"]), int(row["inference_count"]), int(row["execution_count"]),
-                          **{name: Duration(int(row[f"{name}_count"]), int(row[f"{name}_ns"])) for name in DURATIONS})
+        return ModelStats(
+            int(row["last_inference"]),
+            int(row["inference_count"]),
+            int(row["execution_count"]),
+            **{name: Duration(int(row[f"{name}_count"]), int(row[f"{name}_ns"])) for name in DURATIONS},
+        )
 
 
 def _add(row: np.void, name: str, seconds: float) -> None:
@@ -131,6 +153,7 @@ StatsDep = Annotated[Statistics, Depends(get_stats)]
 
 
 # ----- health and metadata -------------------------------------------------------------------
+
 
 @v2.get("", response_model=schemas.OipServer)
 async def server_metadata() -> schemas.OipServer:
@@ -155,8 +178,12 @@ async def _model(state: ServiceState, domain: str, version: str | None) -> Card:
     """The domain as served here, at `version` if one is asked for."""
     card = await state.inference.refresh(domain)
     if version is not None and version != str(card.version):
-        raise bad(f"Model {domain!r} is served at version {card.version} here, not {version!r}; "
-                  "leave the version out to use the current one.", 404, "unknown_version")
+        raise bad(
+            f"Model {domain!r} is served at version {card.version} here, not {version!r}; "
+            "leave the version out to use the current one.",
+            404,
+            "unknown_version",
+        )
     return card
 
 
@@ -164,10 +191,15 @@ def _metadata(card: Card, backend: str) -> schemas.OipModel:
     s = card.preprocessing.crop  # the backbone's input size
     k = card.num_classes
     return schemas.OipModel(
-        name=card.domain, versions=[str(card.version)], platform=f"residual_adapters_{backend}",
-        inputs=[schemas.OipTensorMeta(name="IMAGE", datatype="BYTES", shape=[-1]),
-                schemas.OipTensorMeta(name="PIXELS", datatype="UINT8", shape=[-1, s, s, 3])],
-        outputs=[schemas.OipTensorMeta(name=name, datatype="FP32", shape=[-1, k]) for name in OUTPUTS])
+        name=card.domain,
+        versions=[str(card.version)],
+        platform=f"residual_adapters_{backend}",
+        inputs=[
+            schemas.OipTensorMeta(name="IMAGE", datatype="BYTES", shape=[-1]),
+            schemas.OipTensorMeta(name="PIXELS", datatype="UINT8", shape=[-1, s, s, 3]),
+        ],
+        outputs=[schemas.OipTensorMeta(name=name, datatype="FP32", shape=[-1, k]) for name in OUTPUTS],
+    )
 
 
 @v2.get("/models/{domain}", response_model=schemas.OipModel)
@@ -186,6 +218,7 @@ async def model_ready(domain: str, state: ReadyDep, version: str | None = None) 
 
 
 # ----- inference ---------------------------------------------------------------------------------
+
 
 def _split(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     """(JSON header, binary tail) of a request body."""
@@ -244,8 +277,9 @@ def _input(header: dict, tail: bytes, state: ServiceState, s: int) -> tuple[str,
         return name, files
     if name == "PIXELS":
         if datatype != "UINT8" or shape[1:] != [s, s, 3]:
-            raise bad(f"PIXELS must be UINT8 with shape [N, {s}, {s}, 3] (the backbone's input size); "
-                      f"got {datatype} {shape}.")
+            raise bad(
+                f"PIXELS must be UINT8 with shape [N, {s}, {s}, 3] (the backbone's input size); got {datatype} {shape}."
+            )
         count = int(np.prod(shape))
         if size is not None:
             if size != count:
@@ -307,8 +341,14 @@ def _outputs(header: dict, logits: np.ndarray, card: Card) -> tuple[list[dict], 
     return described, binary
 
 
-async def run_infer(state: ServiceState, stats: Statistics, lane: str | None, domain: str, version: str | None,
-                    read: Callable[[], Awaitable[tuple[dict, bytes]]]) -> tuple[dict, list[bytes]]:
+async def run_infer(
+    state: ServiceState,
+    stats: Statistics,
+    lane: str | None,
+    domain: str,
+    version: str | None,
+    read: Callable[[], Awaitable[tuple[dict, bytes]]],
+) -> tuple[dict, list[bytes]]:
     """The infer call under both transports: `read()` gives the request as the REST form's JSON header and
     binary tail (after the model is known, so an unknown model answers 404 whatever the body); returns
     the response's JSON header and the binary parts of the outputs that asked for binary data."""
@@ -319,17 +359,22 @@ async def run_infer(state: ServiceState, stats: Statistics, lane: str | None, do
     try:
         header, tail = await read()
         kind, data = _input(header, tail, state, card.preprocessing.crop)
-        classified = await (state.inference.classify([domain], lane, files=data) if kind == "IMAGE"
-                            else state.inference.classify([domain], lane, pixels=data))
+        classified = await (
+            state.inference.classify([domain], lane, files=data)
+            if kind == "IMAGE"
+            else state.inference.classify([domain], lane, pixels=data)
+        )
         prepared = start + classified.prepare_s
         computed = time.perf_counter()
         card = classified.cards[0]
         answers = [row[0] for row in classified.answers]
-        logits = (np.stack([a.logits for a in answers]) if answers
-                  else np.zeros((0, card.num_classes), np.float32))
+        logits = np.stack([a.logits for a in answers]) if answers else np.zeros((0, card.num_classes), np.float32)
         described, binary = _outputs(header, logits, card)
-        body = {"model_name": domain, "model_version": str(answers[0].version if answers else card.version),
-                "outputs": described}
+        body = {
+            "model_name": domain,
+            "model_version": str(answers[0].version if answers else card.version),
+            "outputs": described,
+        }
         if "id" in header:
             body["id"] = header["id"]
     except BaseException:
@@ -337,38 +382,60 @@ async def run_infer(state: ServiceState, stats: Statistics, lane: str | None, do
         raise
     done = time.perf_counter()
     n = max(len(answers), 1)
-    stats.succeeded(domain, len(answers), done - start, prepared - start, sum(a.queue_s for a in answers) / n,
-                    sum(a.compute_s for a in answers) / n, done - computed)
+    stats.succeeded(
+        domain,
+        len(answers),
+        done - start,
+        prepared - start,
+        sum(a.queue_s for a in answers) / n,
+        sum(a.compute_s for a in answers) / n,
+        done - computed,
+    )
     return body, binary
 
 
 @v2.post("/models/{domain}/infer", response_model=schemas.OipInferResponse)
 @v2.post("/models/{domain}/versions/{version}/infer", response_model=schemas.OipInferResponse)
-async def infer(domain: str, request: Request, state: ReadyDep, stats: StatsDep, principal: PrincipalDep,
-                version: str | None = None) -> Response:
+async def infer(
+    domain: str, request: Request, state: ReadyDep, stats: StatsDep, principal: PrincipalDep, version: str | None = None
+) -> Response:
     """Classify a batch of images (IMAGE) or pixel arrays (PIXELS) with one domain."""
+
     async def read() -> tuple[dict, bytes]:
         return _split(await request.body(), request.headers.get(HEADER))
 
     body, binary = await run_infer(state, stats, lane_of(principal), domain, version, read)
     text = json.dumps(body).encode()
     if binary:
-        return Response(text + b"".join(binary), media_type="application/octet-stream", headers={HEADER: str(len(text))})
+        return Response(
+            text + b"".join(binary), media_type="application/octet-stream", headers={HEADER: str(len(text))}
+        )
     return Response(text, media_type="application/json")
 
 
 # ----- statistics ------------------------------------------------------------------------------
 
+
 def _stats_json(domain: str, version: str, s: ModelStats) -> dict:
     def d(x: Duration) -> dict:
         return {"count": x.count, "ns": x.ns}
 
-    return {"name": domain, "version": version, "last_inference": s.last_inference,
-            "inference_count": s.inference_count, "execution_count": s.execution_count,
-            "inference_stats": {"success": d(s.success), "fail": d(s.fail), "queue": d(s.queue),
-                                "compute_input": d(s.compute_input), "compute_infer": d(s.compute_infer),
-                                "compute_output": d(s.compute_output)},
-            "batch_stats": []}
+    return {
+        "name": domain,
+        "version": version,
+        "last_inference": s.last_inference,
+        "inference_count": s.inference_count,
+        "execution_count": s.execution_count,
+        "inference_stats": {
+            "success": d(s.success),
+            "fail": d(s.fail),
+            "queue": d(s.queue),
+            "compute_input": d(s.compute_input),
+            "compute_infer": d(s.compute_infer),
+            "compute_output": d(s.compute_output),
+        },
+        "batch_stats": [],
+    }
 
 
 @v2.get("/models/{domain}/stats")
@@ -381,6 +448,7 @@ async def model_stats(domain: str, state: ReadyDep, stats: StatsDep, version: st
 
 # ----- model repository (admin token) -----------------------------------------------------------
 
+
 @v2.post("/repository/index")
 async def repository_index(state: ReadyDep) -> list[dict]:
     """Every registered domain with its state: READY, or UNAVAILABLE when unloaded."""
@@ -388,9 +456,14 @@ async def repository_index(state: ReadyDep) -> list[dict]:
     while True:
         page = await state.engine.list_page("", cursor, 1000)
         for row in page:
-            out.append({"name": row.name, "version": str(row.version),
-                        "state": "UNAVAILABLE" if row.unloaded else "READY",
-                        **({"reason": "unloaded"} if row.unloaded else {})})
+            out.append(
+                {
+                    "name": row.name,
+                    "version": str(row.version),
+                    "state": "UNAVAILABLE" if row.unloaded else "READY",
+                    **({"reason": "unloaded"} if row.unloaded else {}),
+                }
+            )
         if len(page) < 1000:
             return out
         cursor = page[-1].name
@@ -402,7 +475,7 @@ def bundle_parameter(parameters: dict) -> object | None:
     if not files:
         return None
     if len(files) != 1 or not next(iter(files)).endswith(".safetensors"):
-        raise bad(f"Send one bundle as \"file:<name>.safetensors\"; got {sorted(files)}.", 422, "invalid_bundle")
+        raise bad(f'Send one bundle as "file:<name>.safetensors"; got {sorted(files)}.', 422, "invalid_bundle")
     return next(iter(files.values()))
 
 
@@ -452,4 +525,3 @@ def install(app, stats: Statistics) -> None:
     """Mount the protocol's routes and their statistics on `app`."""
     app.state.oip_stats = stats
     app.include_router(v2)
-

@@ -26,20 +26,29 @@ from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
+from service.exceptions import DomainUnloaded
 from service.frontend import audit, oip
 from service.frontend.access import Denied, Principal, is_management
-from service.frontend.rest import lane_of
 from service.frontend.errors import ApiError, as_api_error
-from service.exceptions import DomainUnloaded
+from service.frontend.rest import lane_of
 from service.frontend.state import ServiceState
 
 _log = logging.getLogger(__name__)
 Code = grpc.StatusCode
 # REST's statuses as gRPC codes (409: a domain that exists already, or a state the call cannot act in)
-CODES = {400: Code.INVALID_ARGUMENT, 401: Code.UNAUTHENTICATED, 403: Code.PERMISSION_DENIED, 404: Code.NOT_FOUND,
-         409: Code.FAILED_PRECONDITION, 413: Code.INVALID_ARGUMENT, 415: Code.INVALID_ARGUMENT,
-         422: Code.INVALID_ARGUMENT, 429: Code.RESOURCE_EXHAUSTED, 503: Code.UNAVAILABLE,
-         504: Code.DEADLINE_EXCEEDED}
+CODES = {
+    400: Code.INVALID_ARGUMENT,
+    401: Code.UNAUTHENTICATED,
+    403: Code.PERMISSION_DENIED,
+    404: Code.NOT_FOUND,
+    409: Code.FAILED_PRECONDITION,
+    413: Code.INVALID_ARGUMENT,
+    415: Code.INVALID_ARGUMENT,
+    422: Code.INVALID_ARGUMENT,
+    429: Code.RESOURCE_EXHAUSTED,
+    503: Code.UNAVAILABLE,
+    504: Code.DEADLINE_EXCEEDED,
+}
 INTERNAL = ApiError(500, "internal", "An internal error occurred; it has been logged.")
 
 
@@ -59,7 +68,9 @@ def infer_parts(request: pb.ModelInferRequest) -> tuple[dict, bytes]:
     every output is asked for as binary data (it goes into `raw_output_contents`)."""
     raws = request.raw_input_contents
     if raws and len(raws) != len(request.inputs):
-        raise oip.bad(f"raw_input_contents holds {len(raws)} entries for {len(request.inputs)} inputs; send one per input.")
+        raise oip.bad(
+            f"raw_input_contents holds {len(raws)} entries for {len(request.inputs)} inputs; send one per input."
+        )
     inputs, tail = [], b""
     for i, tensor in enumerate(request.inputs):
         described: dict = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
@@ -74,8 +85,10 @@ def infer_parts(request: pb.ModelInferRequest) -> tuple[dict, bytes]:
             described["parameters"] = {"binary_data_size": len(data)}
             tail = tail or data
         inputs.append(described)
-    outputs = [{"name": o.name, "parameters": {**{k: _parameter(v) for k, v in o.parameters.items()},
-                                               "binary_data": True}} for o in request.outputs]
+    outputs = [
+        {"name": o.name, "parameters": {**{k: _parameter(v) for k, v in o.parameters.items()}, "binary_data": True}}
+        for o in request.outputs
+    ]
     header = {"inputs": inputs, "parameters": {"binary_data_output": True}, **({"outputs": outputs} if outputs else {})}
     if request.id:
         header["id"] = request.id
@@ -83,10 +96,17 @@ def infer_parts(request: pb.ModelInferRequest) -> tuple[dict, bytes]:
 
 
 def infer_response(body: dict, binary: list[bytes]) -> pb.ModelInferResponse:
-    outputs = [pb.ModelInferResponse.InferOutputTensor(name=o["name"], datatype=o["datatype"], shape=o["shape"])
-               for o in body["outputs"]]
-    return pb.ModelInferResponse(model_name=body["model_name"], model_version=body["model_version"],
-                                 id=body.get("id", ""), outputs=outputs, raw_output_contents=binary)
+    outputs = [
+        pb.ModelInferResponse.InferOutputTensor(name=o["name"], datatype=o["datatype"], shape=o["shape"])
+        for o in body["outputs"]
+    ]
+    return pb.ModelInferResponse(
+        model_name=body["model_name"],
+        model_version=body["model_version"],
+        id=body.get("id", ""),
+        outputs=outputs,
+        raw_output_contents=binary,
+    )
 
 
 class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -95,8 +115,14 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, state: ServiceState, stats: oip.Statistics):
         self.state, self.stats = state, stats
 
-    async def _answer(self, context: grpc.aio.ServicerContext, rpc: str, method: str, path: str,
-                      work: Callable[[Principal, dict], Awaitable[object]]) -> object:
+    async def _answer(
+        self,
+        context: grpc.aio.ServicerContext,
+        rpc: str,
+        method: str,
+        path: str,
+        work: Callable[[Principal, dict], Awaitable[object]],
+    ) -> object:
         """Decide access as for `method path`, run `work(principal, audit details)`, and answer its errors
         as status codes; count the call in the metrics (route `grpc:<rpc>`) and audit management calls."""
         start = time.perf_counter()
@@ -105,13 +131,15 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             principal = self.state.access.decide(method, path, authorization)
             if not self.state.started:
-                raise ApiError(503, "not_ready", "The service is still loading the backbone and adapters; retry shortly.")
+                raise ApiError(
+                    503, "not_ready", "The service is still loading the backbone and adapters; retry shortly."
+                )
             answer = await work(principal, details)
             self._record(rpc, method, path, 200, start, principal, details)
             return answer
         except Denied as denied:
             principal, error = denied.principal, as_api_error(denied.reason)
-        except Exception as exc:  # noqa: BLE001 -- every error is answered; unknown ones are logged
+        except Exception as exc:
             error = as_api_error(exc)
             if error is None:
                 _log.exception("unhandled error in gRPC %s", rpc)
@@ -122,8 +150,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             context.set_trailing_metadata((("retry-after", retry),))
         await context.abort(status_code(error), f"{error.code}: {error.detail}")
 
-    def _record(self, rpc: str, method: str, path: str, status: int, start: float, principal: Principal | None,
-                details: dict) -> None:
+    def _record(
+        self, rpc: str, method: str, path: str, status: int, start: float, principal: Principal | None, details: dict
+    ) -> None:
         metrics = self.state.metrics
         metrics.requests.labels(f"grpc:{rpc}", str(status)).inc()
         metrics.latency.labels(f"grpc:{rpc}").observe(time.perf_counter() - start)
@@ -154,6 +183,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
         """Unknown (or not the key's) models are NOT_FOUND as over REST; an unloaded one is not ready."""
+
         async def work(principal: Principal, details: dict) -> pb.ModelReadyResponse:
             try:
                 await oip.model_ready(request.name, self.state, request.version or None)
@@ -177,8 +207,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             async def read() -> tuple[dict, bytes]:
                 return infer_parts(request)
 
-            body, binary = await oip.run_infer(self.state, self.stats, lane_of(principal), request.model_name,
-                                               request.model_version or None, read)
+            body, binary = await oip.run_infer(
+                self.state, self.stats, lane_of(principal), request.model_name, request.model_version or None, read
+            )
             return infer_response(body, binary)
 
         return await self._answer(context, "ModelInfer", "POST", f"/v2/models/{request.model_name}/infer", work)
@@ -197,42 +228,55 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context) -> pb.RepositoryIndexResponse:
         async def work(principal: Principal, details: dict) -> pb.RepositoryIndexResponse:
             models = await oip.repository_index(self.state)
-            return json_format.ParseDict({"models": [m for m in models if not request.ready or m["state"] == "READY"]},
-                                         pb.RepositoryIndexResponse())
+            return json_format.ParseDict(
+                {"models": [m for m in models if not request.ready or m["state"] == "READY"]},
+                pb.RepositoryIndexResponse(),
+            )
 
         return await self._answer(context, "RepositoryIndex", "POST", "/v2/repository/index", work)
 
-    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context) -> pb.RepositoryModelLoadResponse:
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context
+    ) -> pb.RepositoryModelLoadResponse:
         """A bundle comes as the bytes of the `file:<name>.safetensors` parameter; without one, an unloaded
         model is served again."""
+
         async def work(principal: Principal, details: dict) -> pb.RepositoryModelLoadResponse:
-            parameters = {k: v for k, v in request.parameters.items()}
+            parameters = dict(request.parameters.items())
             value = oip.bundle_parameter(parameters)
             if value is not None and value.WhichOneof("parameter_choice") != "bytes_param":
                 raise oip.bad("Send the bundle's bytes as the file parameter's bytes_param.", 422, "invalid_bundle")
             await oip.load_domain(self.state, request.model_name, None if value is None else value.bytes_param, details)
             return pb.RepositoryModelLoadResponse()
 
-        return await self._answer(context, "RepositoryModelLoad", "POST",
-                                  f"/v2/repository/models/{request.model_name}/load", work)
+        return await self._answer(
+            context, "RepositoryModelLoad", "POST", f"/v2/repository/models/{request.model_name}/load", work
+        )
 
-    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
-                                    context) -> pb.RepositoryModelUnloadResponse:
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context
+    ) -> pb.RepositoryModelUnloadResponse:
         async def work(principal: Principal, details: dict) -> pb.RepositoryModelUnloadResponse:
             details["domain"] = request.model_name
             await oip.repository_unload(request.model_name, self.state)
             return pb.RepositoryModelUnloadResponse()
 
-        return await self._answer(context, "RepositoryModelUnload", "POST",
-                                  f"/v2/repository/models/{request.model_name}/unload", work)
+        return await self._answer(
+            context, "RepositoryModelUnload", "POST", f"/v2/repository/models/{request.model_name}/unload", work
+        )
 
 
 async def start_server(state: ServiceState, stats: oip.Statistics, host: str, port: int) -> grpc.aio.Server:
     """The gRPC server on `host:port`, started. Several front ends bind the same port (SO_REUSEPORT, gRPC's
     default on Linux); a message is limited to the REST body's limit."""
     limit = state.settings.max_request_bytes
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
-                                      ("grpc.max_send_message_length", limit), ("grpc.so_reuseport", 1)])
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 1),
+        ]
+    )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state, stats), server)
     if server.add_insecure_port(f"{host}:{port}") == 0:
         raise OSError(f"RA_GRPC_PORT {port}: cannot listen on {host}:{port}; choose a free port.")

@@ -23,8 +23,10 @@ import tempfile
 
 from service.frontend.access import KeysFileError, Principal, load_keys
 
-HEADER = ("# sha256 of an API key -> requests it may make in any rolling second at the proxy.\n"
-          "# Made by `python -m service.frontend.proxy_limits KEYS_FILE`; reload the proxy after changing it.\n")
+HEADER = (
+    "# sha256 of an API key -> requests it may make in any rolling second at the proxy.\n"
+    "# Made by `python -m service.frontend.proxy_limits KEYS_FILE`; reload the proxy after changing it.\n"
+)
 
 
 def per_second(principal: Principal, proxies: int = 1) -> int | None:
@@ -37,8 +39,11 @@ def per_second(principal: Principal, proxies: int = 1) -> int | None:
 def rates_map(keys: dict[str, Principal], proxies: int = 1) -> str:
     """The map file's text for `keys` (sha256 hex → principal) on each of `proxies` proxies, sorted so that
     equal keys give equal files."""
-    lines = [f"# {principal.name}\n{digest} {limit}\n" for digest, principal in sorted(keys.items())
-             if (limit := per_second(principal, proxies)) is not None]  # a map's value runs to the end of its line
+    lines = [
+        f"# {principal.name}\n{digest} {limit}\n"
+        for digest, principal in sorted(keys.items())
+        if (limit := per_second(principal, proxies)) is not None
+    ]  # a map's value runs to the end of its line
     return HEADER + "".join(lines)
 
 

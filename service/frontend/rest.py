@@ -16,13 +16,13 @@ import msgspec
 import numpy as np
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 
+from service.exceptions import UnknownDomainError
 from service.frontend import schemas
 from service.frontend.access import ANYONE, Principal
 from service.frontend.errors import ApiError
-from service.exceptions import UnknownDomainError
 from service.frontend.inference import softmax
-from service.metrics import exposition
 from service.frontend.state import ServiceState
+from service.metrics import exposition
 from service.views import Card, Row
 
 
@@ -52,8 +52,9 @@ def lane_of(principal: Principal) -> str | None:
     return None if principal is ANYONE else principal.name
 
 
-async def visible_page(state: ServiceState, principal: Principal, prefix: str, cursor: str | None,
-                       count: int) -> list[Row]:
+async def visible_page(
+    state: ServiceState, principal: Principal, prefix: str, cursor: str | None, count: int
+) -> list[Row]:
     """Up to `count` rows of the domains the principal may see, in name order after `cursor`; narrowed by
     the literal prefix every one of its patterns starts with."""
     if principal.every_domain:
@@ -82,6 +83,7 @@ adapters = APIRouter(prefix="/adapters", tags=["adapters"])
 
 # ----- health -------------------------------------------------------------------------------
 
+
 @health.get("/healthz", response_model=schemas.Health)
 async def healthz() -> schemas.Health:
     return schemas.Health(status="ok")
@@ -94,15 +96,19 @@ async def readyz(state: StateDep, response: Response) -> schemas.Ready:
     if not ready:
         response.status_code = 503
     sync = status.sync if status is not None else None
-    return schemas.Ready(ready=ready, pid=os.getpid(), workers=state.settings.workers,
-                         engine_pid=status.pid if status is not None else None,
-                         adapters=status.adapters if status is not None else 0,
-                         backbone_fingerprint=status.backbone_fingerprint if status is not None else None,
-                         device=schemas.Device(**dataclasses.asdict(status.device))
-                         if status is not None and status.device else None,
-                         registry=schemas.RegistrySync(**msgspec.structs.asdict(sync)) if sync is not None else None,
-                         residency=schemas.Residency(**msgspec.structs.asdict(status.residency))
-                         if status is not None and status.residency is not None else None)
+    return schemas.Ready(
+        ready=ready,
+        pid=os.getpid(),
+        workers=state.settings.workers,
+        engine_pid=status.pid if status is not None else None,
+        adapters=status.adapters if status is not None else 0,
+        backbone_fingerprint=status.backbone_fingerprint if status is not None else None,
+        device=schemas.Device(**dataclasses.asdict(status.device)) if status is not None and status.device else None,
+        registry=schemas.RegistrySync(**msgspec.structs.asdict(sync)) if sync is not None else None,
+        residency=schemas.Residency(**msgspec.structs.asdict(status.residency))
+        if status is not None and status.residency is not None
+        else None,
+    )
 
 
 @health.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
@@ -113,6 +119,7 @@ async def metrics(state: StateDep) -> Response:
 
 
 # ----- prediction ---------------------------------------------------------------------------
+
 
 async def _read_images(uploads: list[UploadFile], state: ServiceState) -> list[bytes]:
     """Each upload's bytes, read no further than one byte past the limit (the path checks the limits)."""
@@ -127,16 +134,18 @@ def _top_k(logits: np.ndarray, labels: tuple[str, ...], k: int) -> list[schemas.
 
 
 def _timing(classified) -> schemas.Timing:
-    return schemas.Timing(total_ms=classified.total_ms, preprocess_ms=classified.prepare_s * 1000,
-                          inference_ms=classified.infer_s * 1000)
+    return schemas.Timing(
+        total_ms=classified.total_ms, preprocess_ms=classified.prepare_s * 1000, inference_ms=classified.infer_s * 1000
+    )
 
 
 TopK = Annotated[int, Form(ge=1, le=1000, description="how many classes to return")]
 
 
 @predict.post("/{domain}", response_model=schemas.PredictResponse, responses=ERRORS)
-async def predict_domain(domain: str, state: ReadyDep, principal: PrincipalDep,
-                         file: Annotated[list[UploadFile], File()], top_k: TopK = 5) -> schemas.PredictResponse:
+async def predict_domain(
+    domain: str, state: ReadyDep, principal: PrincipalDep, file: Annotated[list[UploadFile], File()], top_k: TopK = 5
+) -> schemas.PredictResponse:
     """Classify one image (or several `file` fields) with one domain's adapter (loaded first if it is not
     resident)."""
     names = [u.filename for u in file]
@@ -144,17 +153,27 @@ async def predict_domain(domain: str, state: ReadyDep, principal: PrincipalDep,
     state.inference.check_files(raw, names)
     classified = await state.inference.classify([domain], lane_of(principal), files=raw)
     (card,) = classified.cards
-    results = [schemas.ImageResult(filename=name, predictions=_top_k(answers[0].logits, card.labels, top_k))
-               for name, answers in zip(names, classified.answers)]
-    return schemas.PredictResponse(domain=domain, version=classified.answers[0][0].version, results=results,
-                                   timing=_timing(classified),
-                                   predictions=results[0].predictions if len(results) == 1 else None)
+    results = [
+        schemas.ImageResult(filename=name, predictions=_top_k(answers[0].logits, card.labels, top_k))
+        for name, answers in zip(names, classified.answers)
+    ]
+    return schemas.PredictResponse(
+        domain=domain,
+        version=classified.answers[0][0].version,
+        results=results,
+        timing=_timing(classified),
+        predictions=results[0].predictions if len(results) == 1 else None,
+    )
 
 
 @predict.post("", response_model=schemas.FanoutResponse, responses=ERRORS)
-async def predict_fanout(state: ReadyDep, principal: PrincipalDep, file: Annotated[UploadFile, File()],
-                         domains: Annotated[str, Form(description="comma-separated domains, or 'all'")] = "all",
-                         top_k: TopK = 5) -> schemas.FanoutResponse:
+async def predict_fanout(
+    state: ReadyDep,
+    principal: PrincipalDep,
+    file: Annotated[UploadFile, File()],
+    domains: Annotated[str, Form(description="comma-separated domains, or 'all'")] = "all",
+    top_k: TopK = 5,
+) -> schemas.FanoutResponse:
     """Classify one image with several domains at once (one batch): the named ones, or every one the key
     may see."""
     limit = state.settings.max_fanout
@@ -168,32 +187,54 @@ async def predict_fanout(state: ReadyDep, principal: PrincipalDep, file: Annotat
     if not names:
         raise ApiError(400, "no_domains", "No domain is registered or named; GET /adapters lists them.")
     if len(names) > limit:
-        raise ApiError(400, "too_many_domains", f"At most {limit} domains per request (RA_MAX_FANOUT); "
-                                                "name the domains you need instead of 'all'.")
+        raise ApiError(
+            400,
+            "too_many_domains",
+            f"At most {limit} domains per request (RA_MAX_FANOUT); name the domains you need instead of 'all'.",
+        )
     raw = await _read_images([file], state)
     state.inference.check_files(raw, [file.filename])
     classified = await state.inference.classify(names, lane_of(principal), files=raw)
-    results = [schemas.DomainResult(domain=card.domain, version=answer.version,
-                                    predictions=_top_k(answer.logits, card.labels, top_k))
-               for card, answer in zip(classified.cards, classified.answers[0])]
+    results = [
+        schemas.DomainResult(
+            domain=card.domain, version=answer.version, predictions=_top_k(answer.logits, card.labels, top_k)
+        )
+        for card, answer in zip(classified.cards, classified.answers[0])
+    ]
     return schemas.FanoutResponse(filename=file.filename, results=results, timing=_timing(classified))
 
 
 # ----- adapters -----------------------------------------------------------------------------
 
+
 def _summary(card: Card) -> dict:
-    return {"domain": card.domain, "version": card.version, "num_classes": card.num_classes,
-            "val_top1": card.val_top1, "params": card.params, "served": card.served, "tier": card.tier,
-            "pinned": card.pinned}
+    return {
+        "domain": card.domain,
+        "version": card.version,
+        "num_classes": card.num_classes,
+        "val_top1": card.val_top1,
+        "params": card.params,
+        "served": card.served,
+        "tier": card.tier,
+        "pinned": card.pinned,
+    }
 
 
 def _info(card: Card) -> schemas.AdapterInfo:
     return schemas.AdapterInfo(
-        **_summary(card), labels=list(card.labels), adapter=card.adapter, metrics=dict(card.metrics),
+        **_summary(card),
+        labels=list(card.labels),
+        adapter=card.adapter,
+        metrics=dict(card.metrics),
         preprocessing=schemas.Preprocessing(**card.preprocessing.to_json()),
-        backbone_fingerprint=card.backbone_fingerprint, registered_at=card.registered_at,
-        size_bytes=card.size_bytes, sha256=card.sha256, load_ms=card.load_ms,
-        golden_self_test=card.golden_self_test, record_version=card.record_version)
+        backbone_fingerprint=card.backbone_fingerprint,
+        registered_at=card.registered_at,
+        size_bytes=card.size_bytes,
+        sha256=card.sha256,
+        load_ms=card.load_ms,
+        golden_self_test=card.golden_self_test,
+        record_version=card.record_version,
+    )
 
 
 @adapters.get("", response_model=schemas.AdapterList, responses=ERRORS)
@@ -208,12 +249,18 @@ async def list_adapters(
     details and tier."""
     rows = await visible_page(state, principal, prefix, cursor, limit + 1)
     page = rows[:limit]
-    items = [schemas.AdapterSummary(**_summary(row.card)) if row.card is not None else
-             schemas.AdapterSummary(domain=row.name, version=row.version, tier="registry", pinned=row.pinned)
-             for row in page]
+    items = [
+        schemas.AdapterSummary(**_summary(row.card))
+        if row.card is not None
+        else schemas.AdapterSummary(domain=row.name, version=row.version, tier="registry", pinned=row.pinned)
+        for row in page
+    ]
     status = await state.engine_status()
-    return schemas.AdapterList(adapters=items, next_cursor=page[-1].name if len(rows) > limit else None,
-                               backbone_fingerprint=status.backbone_fingerprint if status else None)
+    return schemas.AdapterList(
+        adapters=items,
+        next_cursor=page[-1].name if len(rows) > limit else None,
+        backbone_fingerprint=status.backbone_fingerprint if status else None,
+    )
 
 
 @adapters.get("/{domain}", response_model=schemas.AdapterInfo, responses=ERRORS)
@@ -229,8 +276,13 @@ async def register_adapter(
     bundle: Annotated[UploadFile, File(description="the adapter bundle (.safetensors)")],
     replace: Annotated[bool, Form(description="replace an existing domain with a new version")] = False,
     domain: Annotated[str | None, Form(description="serve under this name instead of the bundle's")] = None,
-    pin: Annotated[bool | None, Form(description="pin (true) or unpin (false): a pinned domain is loaded at start "
-                                                  "and never evicted; unset leaves it as it was")] = None,
+    pin: Annotated[
+        bool | None,
+        Form(
+            description="pin (true) or unpin (false): a pinned domain is loaded at start "
+            "and never evicted; unset leaves it as it was"
+        ),
+    ] = None,
 ) -> schemas.AdapterInfo:
     """Register a domain from its bundle: validated completely, recorded durably, then answered.
 

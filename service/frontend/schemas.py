@@ -25,8 +25,9 @@ class Timing(BaseModel):
 class PredictResponse(BaseModel):
     domain: str
     version: int = Field(description="adapter version that computed the result")
-    predictions: list[Prediction] | None = Field(description="top-k of the image when one was sent; null with "
-                                                             "several (see `results`)")
+    predictions: list[Prediction] | None = Field(
+        description="top-k of the image when one was sent; null with several (see `results`)"
+    )
     results: list[ImageResult] = Field(description="top-k of every image, in upload order")
     timing: Timing
 
@@ -54,8 +55,10 @@ class Preprocessing(BaseModel):
 class AdapterSummary(BaseModel):
     domain: str
     version: int
-    tier: str = Field(description="where this process holds it: device (engine slot), host (folded tables in "
-                                  "memory) or registry (not loaded here; details appear once it is)")
+    tier: str = Field(
+        description="where this process holds it: device (engine slot), host (folded tables in "
+        "memory) or registry (not loaded here; details appear once it is)"
+    )
     pinned: bool = Field(False, description="loaded at start and never evicted")
     num_classes: int | None = None
     val_top1: float | None = None
@@ -79,9 +82,11 @@ class AdapterInfo(AdapterSummary):
     size_bytes: int
     sha256: str = Field(description="sha256 of the bundle file")
     load_ms: float
-    record_version: int = Field(description="the current version in the registry of record; `version` is the one "
-                                            "this process serves (they differ while it catches up, or when the "
-                                            "record's current version failed validation here)")
+    record_version: int = Field(
+        description="the current version in the registry of record; `version` is the one "
+        "this process serves (they differ while it catches up, or when the "
+        "record's current version failed validation here)"
+    )
     golden_self_test: bool = Field(description="the bundle carried golden logits and they matched on load")
 
 
@@ -99,8 +104,9 @@ class RegistrySync(BaseModel):
     record: str = Field(description="where the registry of record lives")
     connected: bool = Field(description="the record answered the last call")
     synced: bool = Field(description="a full sync with the record has completed since start")
-    lag_s: float | None = Field(description="seconds since this process was last in contact with the record "
-                                            "(0 while connected; null if never)")
+    lag_s: float | None = Field(
+        description="seconds since this process was last in contact with the record (0 while connected; null if never)"
+    )
     last_sync_at: float | None = Field(description="when the record last answered (Unix time)")
     domains_behind: list[str] = Field(description="domains served at another version than the record's (first 20)")
     errors: int
@@ -113,8 +119,9 @@ class Device(BaseModel):
     devices: list[str] = Field(description="what the engine computes on, e.g. ['GPU:0 NVIDIA H200'] or ['CPU']")
     gpu: bool
     compute_dtype: str
-    free_bytes: int | None = Field(None, description="the GPU's free memory at start, where the framework tells "
-                                                     "(JAX, PyTorch)")
+    free_bytes: int | None = Field(
+        None, description="the GPU's free memory at start, where the framework tells (JAX, PyTorch)"
+    )
 
 
 class Residency(BaseModel):
@@ -130,8 +137,9 @@ class Ready(BaseModel):
     ready: bool
     pid: int = Field(description="the process that answered (one of `workers` front ends on the port)")
     workers: int
-    engine_pid: int | None = Field(description="the engine process (the same as `pid` with one worker); null while "
-                                               "it is not answering")
+    engine_pid: int | None = Field(
+        description="the engine process (the same as `pid` with one worker); null while it is not answering"
+    )
     adapters: int = Field(description="domains cached by this process (device and host tiers)")
     backbone_fingerprint: str | None
     device: Device | None = Field(description="null until the engine has started")
@@ -145,6 +153,7 @@ class Error(BaseModel):
 
 
 # ----- Open Inference Protocol (service.frontend.oip) ------------------------------------------------------
+
 
 class OipError(BaseModel):
     error: str = Field(description="what went wrong and how to fix it")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 
-from service.frontend.access import Access
 from service.client import EngineClient
 from service.exceptions import EngineUnavailable
+from service.frontend.access import Access
 from service.frontend.inference import Inference
 from service.metrics import Metrics
 from service.settings import Settings

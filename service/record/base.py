@@ -16,7 +16,6 @@ import abc
 import dataclasses
 from collections.abc import Collection
 
-
 FLAGS = ("pinned", "unloaded")  # pinned: loaded at start, never evicted; unloaded: kept but not served
 
 
@@ -104,5 +103,5 @@ class RecordStore(abc.ABC):
         files. The default has nothing to sweep: a transactional store leaves no partial writes."""
         return 0
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (a default, not a duty: a store without connections keeps it)
         """Release connections; the default has none."""

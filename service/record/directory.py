@@ -115,7 +115,7 @@ class DirectoryRecord(RecordStore):
                 chosen = names
             else:
                 start = bisect.bisect_right(names, self._sweep_after) if self._sweep_after is not None else 0
-                chosen = names[start:start + limit]
+                chosen = names[start : start + limit]
                 self._sweep_after = chosen[-1] if chosen and start + len(chosen) < len(names) else None
             return sum(self._remove_stale_temporaries(f) for f in [*folders, *(self.root / n for n in chosen)])
 
@@ -152,8 +152,11 @@ class DirectoryRecord(RecordStore):
         with _reachable(self.root):
             mtime = os.stat(self.root).st_mtime_ns
             if mtime != self._names_cache[0]:
-                names = sorted(e.name for e in os.scandir(self.root)
-                               if not e.name.startswith(".") and DOMAIN_NAME.fullmatch(e.name) and e.is_dir())
+                names = sorted(
+                    e.name
+                    for e in os.scandir(self.root)
+                    if not e.name.startswith(".") and DOMAIN_NAME.fullmatch(e.name) and e.is_dir()
+                )
                 self._names_cache = (mtime, names)
             return self._names_cache[1]
 
@@ -210,14 +213,17 @@ class DirectoryRecord(RecordStore):
             while True:
                 stored, dropped = self._numbers(folder)
                 if stored - dropped and not replace:
-                    raise DomainExists(f"Domain {domain!r} exists (version {max(stored - dropped)}); "
-                                       "send replace=true to upload a new version.")
+                    raise DomainExists(
+                        f"Domain {domain!r} exists (version {max(stored - dropped)}); "
+                        "send replace=true to upload a new version."
+                    )
                 number = max(stored | dropped, default=0) + 1
                 if _link_exclusive(data, folder / f"{number:06d}{SUFFIX}"):
                     break
                 if not replace:  # another process claimed this domain's next version first
-                    raise DomainExists(f"Domain {domain!r} was registered concurrently; "
-                                       "send replace=true to upload a new version.")
+                    raise DomainExists(
+                        f"Domain {domain!r} was registered concurrently; send replace=true to upload a new version."
+                    )
             self._announce(domain)
         return Version(domain, number, len(data), time.time())
 

@@ -79,9 +79,16 @@ class PostgresRecord(RecordStore):
     # ----- connections -----------------------------------------------------------------------
 
     def _connect(self, autocommit: bool) -> psycopg.Connection:
-        return psycopg.connect(self.url, autocommit=autocommit, connect_timeout=CONNECT_TIMEOUT_S,
-                               options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
-                               keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3)
+        return psycopg.connect(
+            self.url,
+            autocommit=autocommit,
+            connect_timeout=CONNECT_TIMEOUT_S,
+            options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+            keepalives=1,
+            keepalives_idle=5,
+            keepalives_interval=2,
+            keepalives_count=3,
+        )
 
     @contextlib.contextmanager
     def _session(self):
@@ -105,7 +112,9 @@ class PostgresRecord(RecordStore):
                     self._conn.close()
                 self._conn = None
                 message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-                raise RecordUnavailable(f"The registry database ({self.description}) is unreachable: {message}") from None
+                raise RecordUnavailable(
+                    f"The registry database ({self.description}) is unreachable: {message}"
+                ) from None
 
     def _create_schema(self, conn: psycopg.Connection) -> None:
         with conn.transaction():
@@ -115,8 +124,10 @@ class PostgresRecord(RecordStore):
             if row[0] is None:
                 conn.execute("INSERT INTO ra_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
             elif row[0] > SCHEMA_VERSION:
-                raise RuntimeError(f"The registry database has schema version {row[0]}, newer than this service's "
-                                   f"{SCHEMA_VERSION}: upgrade the service.")
+                raise RuntimeError(
+                    f"The registry database has schema version {row[0]}, newer than this service's "
+                    f"{SCHEMA_VERSION}: upgrade the service."
+                )
 
     def close(self) -> None:
         for conn in (self._conn, self._listener):
@@ -128,8 +139,11 @@ class PostgresRecord(RecordStore):
 
     def heads(self, domains) -> dict[str, int]:
         with self._session() as conn:
-            rows = conn.execute("SELECT domain, max(version) FROM ra_versions WHERE dropped_at IS NULL "
-                                "AND domain = ANY(%s) GROUP BY domain", (list(domains),)).fetchall()
+            rows = conn.execute(
+                "SELECT domain, max(version) FROM ra_versions WHERE dropped_at IS NULL "
+                "AND domain = ANY(%s) GROUP BY domain",
+                (list(domains),),
+            ).fetchall()
         return dict(rows)
 
     def list_domains(self, prefix: str, after: str | None, limit: int) -> list[tuple[str, int]]:
@@ -137,7 +151,9 @@ class PostgresRecord(RecordStore):
         with self._session() as conn:
             rows = conn.execute(
                 "SELECT domain, max(version) FROM ra_versions WHERE dropped_at IS NULL AND domain LIKE %s "
-                "AND domain > %s GROUP BY domain ORDER BY domain LIMIT %s", (pattern, after or "", limit)).fetchall()
+                "AND domain > %s GROUP BY domain ORDER BY domain LIMIT %s",
+                (pattern, after or "", limit),
+            ).fetchall()
         return [(d, v) for d, v in rows]
 
     def live_versions(self, domain: str) -> list[Version]:
@@ -145,14 +161,17 @@ class PostgresRecord(RecordStore):
             rows = conn.execute(
                 "SELECT v.version, b.size, extract(epoch FROM v.created_at) FROM ra_versions v "
                 "JOIN ra_blobs b USING (sha256) WHERE v.domain = %s AND v.dropped_at IS NULL ORDER BY v.version",
-                (domain,)).fetchall()
+                (domain,),
+            ).fetchall()
         return [Version(domain, version, size, float(created)) for version, size, created in rows]
 
     def read(self, domain: str, version: int) -> bytes:
         with self._session() as conn:
-            row = conn.execute("SELECT b.data FROM ra_versions v JOIN ra_blobs b USING (sha256) "
-                               "WHERE v.domain = %s AND v.version = %s AND v.dropped_at IS NULL",
-                               (domain, version)).fetchone()
+            row = conn.execute(
+                "SELECT b.data FROM ra_versions v JOIN ra_blobs b USING (sha256) "
+                "WHERE v.domain = %s AND v.version = %s AND v.dropped_at IS NULL",
+                (domain, version),
+            ).fetchone()
         if row is None:
             raise KeyError(f"{domain} v{version} is not live")
         return bytes(row[0])
@@ -167,16 +186,23 @@ class PostgresRecord(RecordStore):
                     conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"ra:{domain}",))
                     top, live = conn.execute(
                         "SELECT max(version), max(version) FILTER (WHERE dropped_at IS NULL) FROM ra_versions "
-                        "WHERE domain = %s", (domain,)).fetchone()
+                        "WHERE domain = %s",
+                        (domain,),
+                    ).fetchone()
                     if live is not None and not replace:
-                        raise DomainExists(f"Domain {domain!r} exists (version {live}); "
-                                           "send replace=true to upload a new version.")
-                    conn.execute("INSERT INTO ra_blobs (sha256, data, size) VALUES (%s, %s, %s) "
-                                 "ON CONFLICT (sha256) DO NOTHING", (sha, data, len(data)))
+                        raise DomainExists(
+                            f"Domain {domain!r} exists (version {live}); send replace=true to upload a new version."
+                        )
+                    conn.execute(
+                        "INSERT INTO ra_blobs (sha256, data, size) VALUES (%s, %s, %s) ON CONFLICT (sha256) DO NOTHING",
+                        (sha, data, len(data)),
+                    )
                     version = (top or 0) + 1
                     created = conn.execute(
                         "INSERT INTO ra_versions (domain, version, sha256) VALUES (%s, %s, %s) "
-                        "RETURNING extract(epoch FROM created_at)", (domain, version, sha)).fetchone()[0]
+                        "RETURNING extract(epoch FROM created_at)",
+                        (domain, version, sha),
+                    ).fetchone()[0]
                     conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, domain))
                 return Version(domain, version, len(data), float(created))
             except pg_errors.ForeignKeyViolation:  # the same bytes' blob was collected concurrently: again
@@ -185,17 +211,24 @@ class PostgresRecord(RecordStore):
 
     def _drop(self, conn: psycopg.Connection, domain: str, where: str, params: tuple) -> int:
         """Drop the domain's live versions matching `where`; collect blobs nothing live uses any more."""
-        shas = [row[0] for row in conn.execute(
-            "WITH old AS (SELECT version, sha256 FROM ra_versions "
-            f"            WHERE domain = %s AND dropped_at IS NULL {where} FOR UPDATE) "
-            "UPDATE ra_versions v SET dropped_at = now(), sha256 = NULL FROM old "
-            "WHERE v.domain = %s AND v.version = old.version RETURNING old.sha256",
-            (domain, *params, domain)).fetchall()]
+        shas = [
+            row[0]
+            for row in conn.execute(
+                "WITH old AS (SELECT version, sha256 FROM ra_versions "
+                f"            WHERE domain = %s AND dropped_at IS NULL {where} FOR UPDATE) "
+                "UPDATE ra_versions v SET dropped_at = now(), sha256 = NULL FROM old "
+                "WHERE v.domain = %s AND v.version = old.version RETURNING old.sha256",
+                (domain, *params, domain),
+            ).fetchall()
+        ]
         if shas:
             try:
                 with conn.transaction():  # a savepoint: a concurrent registration of the same bytes wins
-                    conn.execute("DELETE FROM ra_blobs b WHERE b.sha256 = ANY(%s) "
-                                 "AND NOT EXISTS (SELECT 1 FROM ra_versions v WHERE v.sha256 = b.sha256)", (shas,))
+                    conn.execute(
+                        "DELETE FROM ra_blobs b WHERE b.sha256 = ANY(%s) "
+                        "AND NOT EXISTS (SELECT 1 FROM ra_versions v WHERE v.sha256 = b.sha256)",
+                        (shas,),
+                    )
             except pg_errors.ForeignKeyViolation:
                 _log.info("kept a blob of %s that a concurrent registration uses", domain)
             conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, domain))
@@ -241,8 +274,9 @@ class PostgresRecord(RecordStore):
     def set_flag(self, domain: str, flag: str, on: bool) -> None:
         with self._session() as conn, conn.transaction():
             if on:
-                conn.execute("INSERT INTO ra_flags (domain, flag) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                             (domain, flag))
+                conn.execute(
+                    "INSERT INTO ra_flags (domain, flag) VALUES (%s, %s) ON CONFLICT DO NOTHING", (domain, flag)
+                )
             else:
                 conn.execute("DELETE FROM ra_flags WHERE domain = %s AND flag = %s", (domain, flag))
             conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, domain))
@@ -250,16 +284,21 @@ class PostgresRecord(RecordStore):
     def add_usage(self, counts: dict[str, int]) -> None:
         if not counts:
             return
-        with self._session() as conn, conn.transaction():
-            with conn.cursor() as cur:
-                cur.executemany("INSERT INTO ra_usage (domain, count) VALUES (%s, %s) ON CONFLICT (domain) "
-                                "DO UPDATE SET count = ra_usage.count + excluded.count", sorted(counts.items()))
+        with self._session() as conn, conn.transaction(), conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO ra_usage (domain, count) VALUES (%s, %s) ON CONFLICT (domain) "
+                "DO UPDATE SET count = ra_usage.count + excluded.count",
+                sorted(counts.items()),
+            )
 
     def top_used(self, n: int) -> list[str]:
         with self._session() as conn:
-            rows = conn.execute("SELECT u.domain FROM ra_usage u WHERE EXISTS (SELECT 1 FROM ra_versions v "
-                                "WHERE v.domain = u.domain AND v.dropped_at IS NULL) ORDER BY u.count DESC, u.domain "
-                                "LIMIT %s", (n,)).fetchall()
+            rows = conn.execute(
+                "SELECT u.domain FROM ra_usage u WHERE EXISTS (SELECT 1 FROM ra_versions v "
+                "WHERE v.domain = u.domain AND v.dropped_at IS NULL) ORDER BY u.count DESC, u.domain "
+                "LIMIT %s",
+                (n,),
+            ).fetchall()
         return [row[0] for row in rows]
 
     # ----- markers ---------------------------------------------------------------------------
