@@ -3,6 +3,8 @@
 
 `Operations` declares them once, with the types both sides of the transport decode by; a route never
 touches the transport, and never the engine core's objects.
+
+Imported by front ends and by the engine core alike (no framework import).
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Under the supervisor every process (front ends and the engine) writes its metric
 prometheus-client's multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`, set before any process starts),
 and /metrics on any front end merges them: counters are summed over every process that ever ran,
 gauges over the live ones (`multiprocess_mode`).
+
+Imported by every process.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Service settings, read from `RA_*` environment variables (pydantic-settings)."""
+"""Service settings, read from `RA_*` environment variables (pydantic-settings).
+
+Read by every process.
+"""
 
 from __future__ import annotations
 

@@ -3,6 +3,8 @@ the transport, so a route never sees the registry's live objects.
 
 A `Card` is what a front end needs to prepare images for a domain and to answer about it; `Row` is
 one line of a listing; `EngineStatus` is what /readyz and /metrics report of the engine.
+
+Shared by front ends and the engine process (no framework import).
 """
 
 from __future__ import annotations

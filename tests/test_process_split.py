@@ -110,8 +110,10 @@ def split(tmp_path_factory):
 
 def test_front_ends_the_supervisor_and_the_loaders_import_no_framework():
     code = (
-        "import shutil, sys, service.frontend.app, service.supervisor, service.transport, service.frontend.inference, "
+        "import importlib, pkgutil, shutil, sys, service.frontend, service.supervisor, service.transport, "
         "service.engine.loader\n"
+        "for m in pkgutil.walk_packages(service.frontend.__path__, 'service.frontend.'):\n"
+        "    importlib.import_module(m.name)\n"
         "supervisor = service.supervisor.Supervisor('127.0.0.1', 0, 2, 'info')\n"
         "shutil.rmtree(supervisor.rundir)\n"
         "print(sorted(m for m in ('tensorflow', 'keras', 'jax', 'torch') if m in sys.modules))"

@@ -15,6 +15,8 @@ domain's alone, which the engine runs on its cheaper folded single-domain path. 
 never followed by another one: the batch after it is formed round-robin again, so a grouped batch
 delays the other images by one batch at most and the tail is never starved. The engine thread never waits for the event
 loop, so under load the next batch holds everything that queued up during the last one.
+
+Runs in the engine process (and in the one process of `--workers 1`).
 """
 
 from __future__ import annotations

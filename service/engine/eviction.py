@@ -7,6 +7,8 @@ a second request in a protected segment (most of the slots); newly loaded domain
 probation, and evictions take probation's least recent first, so one-off requests cycle through
 probation instead of through the hot set. `python -m bench.eviction` replays Zipf traffic through
 both orders and prints their hit rates beside the ideal's.
+
+Runs in the engine process (and in the one process of `--workers 1`).
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ Spare rows beyond it (loads in flight, replaced versions still computing) are ou
 The host tier holds evicted domains' rows. With a GPU it is host memory beside the device's
 (1 GB by default). On a CPU host both tiers are one memory, so a domain is in one or the other, never
 both: the host tier is what the budget leaves beyond the capped device tier (nothing without a cap).
+
+Runs in the engine process (and in the one process of `--workers 1`).
 """
 
 from __future__ import annotations

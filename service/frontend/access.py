@@ -13,6 +13,8 @@ counted once per host (`RateLimits`, in a table every front end shares).
 Everything here runs before the request body is received. Secrets are never stored: the file holds the
 sha256 of each key, and a presented key is hashed first, then looked up by that hash (which the caller
 cannot steer towards a stored one); `RA_ADMIN_TOKEN` is compared in constant time.
+
+Runs in every front-end process (and in the one process of `--workers 1`).
 """
 
 from __future__ import annotations

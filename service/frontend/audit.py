@@ -1,6 +1,9 @@
 """One audit log line per management action (logger `service.frontend.audit`, JSON): who, what, which domain and
 version, the bundle's sha256, and the outcome. The Gatekeeper writes it once the answer is known; the
-routes add what only they learn (the version, the bundle's hash) to `request.state.audit`."""
+routes add what only they learn (the version, the bundle's hash) to `request.state.audit`.
+
+Runs in every front-end process (and in the one process of `--workers 1`).
+"""
 
 from __future__ import annotations
 

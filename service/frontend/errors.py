@@ -1,4 +1,7 @@
-"""Every error the service answers, mapped to HTTP in one place, always as a JSON `Error` body."""
+"""Every error the service answers, mapped to HTTP in one place, always as a JSON `Error` body.
+
+Runs in every front-end process (and in the one process of `--workers 1`).
+"""
 
 from __future__ import annotations
 

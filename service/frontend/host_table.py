@@ -16,6 +16,8 @@ One lock guards the table: a `threading.Lock` in the process and, for a file, a 
 wedges the others (a multiprocessing lock would stay held). Record locks belong to the process, not
 to the file object: open each file once per process. Stamps are `time.monotonic()` (CLOCK_MONOTONIC,
 one clock for every process of the host).
+
+Runs in every front-end process (and in the one process of `--workers 1`). The supervisor makes the tables' files.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ they parse their wire format into encoded files or pixel arrays, and encode what
 A front end keeps the cards of the domains it serves (labels, preprocessing) so that a request
 costs one call to the engine; the engine answers with the version that computed each image, and a
 card of another version is fetched again (a registration elsewhere is followed on the next request).
+
+Runs in every front-end process (and in the one process of `--workers 1`).
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ output answers `score:index:label` strings instead. Tensors travel as JSON or, w
 tensor data extension, after the JSON header (`Inference-Header-Content-Length`).
 Extensions: binary_tensor_data, classification, model_repository (load a bundle as
 `"file:<name>.safetensors"`, unload, load again), statistics.
+
+Runs in every front-end process (and in the one process of `--workers 1`).
 """
 
 from __future__ import annotations

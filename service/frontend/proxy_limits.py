@@ -11,6 +11,9 @@ token buckets still hold each key to its exact rate. Keys without a rate are not
 
 Each proxy counts on its own. With `--proxies N` (N proxy pods behind one Service, which spreads the
 connections over them) each gets ceil(limit / N), so that together they hold a key near its limit.
+
+A command for operators, not a process of the service: it compiles the front end's access rules
+(`service.frontend.access`) for the proxy.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 
 Errors are raised as the model's and service's own exceptions and mapped to HTTP once, in
 `service.frontend.errors`.
+
+Runs in every front-end process (and in the one process of `--workers 1`).
 """
 
 from __future__ import annotations

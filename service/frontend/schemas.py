@@ -1,4 +1,7 @@
-"""Request and response bodies (pydantic v2): what the OpenAPI docs at /docs show."""
+"""Request and response bodies (pydantic v2): what the OpenAPI docs at /docs show.
+
+Runs in every front-end process (and in the one process of `--workers 1`).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""What a front end holds while it runs, built in the lifespan (nothing at import)."""
+"""What a front end holds while it runs, built in the lifespan (nothing at import).
+
+Runs in every front-end process (and in the one process of `--workers 1`).
+"""
 
 from __future__ import annotations
 

@@ -3,6 +3,8 @@
 Every serving process is a cache of it. Two backends behind one interface (`RecordStore`):
 a directory (`RA_STORE_DIR`, the embedded default; also several workers or hosts on a shared
 volume) and PostgreSQL (`RA_REGISTRY_URL`).
+
+Opened by the engine process (its loads and its follower); it imports neither the front end nor the engine.
 """
 
 from __future__ import annotations
