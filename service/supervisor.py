@@ -156,6 +156,15 @@ class Supervisor:
             self.host,
             self.port,
         )
+        from service.transport import reclaim_orphaned_arenas
+
+        count, freed = reclaim_orphaned_arenas()
+        if count:
+            _log.warning(
+                "reclaimed %.1f MB of shared memory: %d arenas in /dev/shm of services that were killed whole",
+                freed / MB,
+                count,
+            )
         try:
             from service.frontend.app import create_host_tables
 

@@ -23,6 +23,7 @@ import math
 import mmap
 import os
 import pathlib
+import re
 import time
 import typing
 from typing import Any
@@ -109,6 +110,27 @@ class Arena:
 
     def unlink(self) -> None:
         (SHM_DIR / self.name).unlink(missing_ok=True)
+
+
+ARENA_OWNER = re.compile(r"ra-(\d+)-")  # arenas are named ra-<supervisor pid>-fe<i>-<generation>
+
+
+def reclaim_orphaned_arenas() -> tuple[int, int]:
+    """Unlink the arenas of supervisors that are gone: a service killed whole (the OOM killer, `kill -9` of
+    its group) never ran its own clean-up, and tmpfs keeps the memory until someone unlinks the file.
+    Returns (arenas, bytes of memory given back). An arena whose supervisor pid runs again is kept."""
+    count = freed = 0
+    for path in SHM_DIR.glob("ra-*"):
+        owner = ARENA_OWNER.match(path.name)
+        if owner is None or _alive(int(owner.group(1))):
+            continue
+        try:
+            held = path.stat().st_blocks * 512  # the pages the arena holds, not its sparse size
+            path.unlink()
+        except FileNotFoundError:  # another starting supervisor took it first
+            continue
+        count, freed = count + 1, freed + held
+    return count, freed
 
 
 def remove_arenas(prefix: str) -> int:

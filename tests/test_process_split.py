@@ -417,3 +417,24 @@ def test_sigterm_finishes_in_flight_requests_and_leaves_nothing_behind(tmp_path_
         time.sleep(0.1)
     assert not [p for p in children if alive(p)], "a child outlived the supervisor"
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"ra-{supervisor}-")]
+
+
+def test_a_service_killed_whole_leaves_arenas_that_the_next_start_reclaims(tmp_path_factory):
+    """kill -9 of every process (the OOM killer's way) runs no clean-up: the arenas stay in /dev/shm until the
+    next supervisor starts, which removes those of supervisors that are gone and says how much it freed."""
+    killed = split_server(tmp_path_factory, "killed-whole-store")
+    supervisor = killed.proc.pid
+    arenas = [pathlib.Path("/dev/shm", n) for n in os.listdir("/dev/shm") if n.startswith(f"ra-{supervisor}-")]
+    assert len(arenas) == 2, arenas
+    killed.stop(signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in processes_of(supervisor)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(path.exists() for path in arenas), "kill -9 should have left the arenas (else this proves nothing)"
+    starting = split_server(tmp_path_factory, "after-kill-store")
+    try:
+        assert not [path for path in arenas if path.exists()]
+        assert "reclaimed" in starting.log_tail() and "2 arenas" in starting.log_tail(), starting.log_tail()
+        assert len([n for n in os.listdir("/dev/shm") if n.startswith(f"ra-{starting.proc.pid}-")]) == 2
+    finally:
+        starting.stop()
