@@ -100,7 +100,7 @@ def test_delete_answers_that_the_domain_is_gone(client, assets):
 
 def test_the_device_is_logged_once_and_reported_by_readyz(assets, tmp_path, caplog):
     with (
-        caplog.at_level(logging.INFO, logger="service.engine.core"),
+        caplog.at_level(logging.INFO, logger="service.engine"),
         running(make_settings(assets, tmp_path)) as client,
     ):
         device = client.get("/readyz").json()["device"]

@@ -37,10 +37,10 @@ from service_helpers import (
     temp_files,
 )
 
-import service.engine.core
+import service.engine.startup
 from model.bundle import load_bundle
 from service.boot import single_process_app
-from service.engine.core import DEMO_MARKER
+from service.engine.startup import DEMO_MARKER
 from service.frontend.inference import INLINE_BYTES
 from service.record.directory import DirectoryRecord
 
@@ -645,7 +645,7 @@ def test_demo_bundles_are_seeded_once(assets, tmp_path, monkeypatch):
     shutil.copy(assets.paths["gamma"], demo / "gamma.safetensors")
     shutil.copy(assets.paths["foreign"], demo / "foreign.safetensors")  # another backbone's: skipped
     shutil.copy(assets.backbone_path, demo / "backbone.safetensors")
-    monkeypatch.setattr(service.engine.core, "DEMO_DIR", demo)
+    monkeypatch.setattr(service.engine.startup, "DEMO_DIR", demo)
     store = tmp_path / "store"
     settings = make_settings(assets, store, demo_adapters=True)
     with running(settings) as client:

@@ -4,8 +4,9 @@ batcher and the follower of the registry of record, and the operations front end
 It runs in the engine process (`service.engine.process`, one per device, fed by every front end) or,
 with one worker, inside the single serving process; front ends reach it only through
 `service.client`, and get plain views (`service.views`) back, never the registry's live objects.
-Start-up: load the backbone, warm the engine, open the record (seeding the demo bundles once), load
-the pinned domains, sync with the record, then follow it; the most used domains warm in the background.
+Start-up (`service.engine.startup`): load the backbone, warm the engine, open the record (seeding the
+demo bundles once); then here: load the pinned domains, sync with the record, then follow it; the most
+used domains warm in the background. `service.engine.reports` builds the views it answers with.
 """
 
 from __future__ import annotations
@@ -22,53 +23,30 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from model.backbone import Backbone, load_backbone
-from model.bundle import load_bundle
+from model.backbone import Backbone
 from model.preprocessing import Preprocessing
-from model.safetensors_io import InvalidFileError
 from service.client import Answer
-from service.engine import residency
+from service.engine import reports, residency
 from service.engine.batcher import Done, DynamicBatcher, settle
 from service.engine.follower import Follower
 from service.engine.loader import Loader
-from service.engine.registry import MB, Entry, Limits, Registry
-from service.engine.runtime import configure_threads, device_report, use_backend
+from service.engine.registry import Entry, Registry
+from service.engine.startup import start_engine
 from service.exceptions import StaleCard
 from service.metrics import Metrics
-from service.record import DomainExists, RecordStore, RecordUnavailable, open_record
-from service.settings import DEMO_DIR, Settings
-from service.views import Card, Deleted, DeviceReport, EngineStatus, Residency, Row, Sync
+from service.record import RecordUnavailable
+from service.settings import Settings
+from service.views import Card, Deleted, DeviceReport, EngineStatus, Row
 
 if TYPE_CHECKING:
     from model.engine import InferenceEngine
 
 _log = logging.getLogger(__name__)
-DEMO_MARKER = "demo-seeded"
 # Allocations between two collections of the youngest generation (Python's default: 700). Every young
 # collection promotes the objects of the requests then in flight, and enough promotions trigger a full
 # collection, which walks every domain's objects in a heap of many GB: 100-190 ms at 17,000 resident
 # domains, most of a second in every ten. Collected rarely, a request's objects are gone by then.
 GC_YOUNG_THRESHOLD = 50_000
-
-
-def seed_demo(record: RecordStore, backbone: Backbone) -> None:
-    """Register the shipped demo bundles in an empty record, once (a deleted demo stays deleted)."""
-    if record.has_marker(DEMO_MARKER):
-        return
-    for path in sorted(DEMO_DIR.glob("*.safetensors")):
-        if path.name == "backbone.safetensors":
-            continue
-        data = path.read_bytes()
-        try:
-            bundle = load_bundle(data, backbone)
-        except InvalidFileError as exc:
-            _log.info("not seeding demo bundle %s: %s", path.name, exc)
-            continue
-        try:
-            record.add(bundle.domain, data, replace=False)
-        except DomainExists:
-            pass
-    record.set_marker(DEMO_MARKER)
 
 
 class EngineCore:
@@ -92,56 +70,14 @@ class EngineCore:
 
     # ----- life -----------------------------------------------------------------------------
 
-    def _startup(self) -> None:
-        """Blocking start-up work: backbone, engine, warm-up, the registry of record."""
-        s = self.settings
-        t0 = time.perf_counter()
-        use_backend(s.backend)  # before the framework is imported (by model.engine)
-        from model.engine import InferenceEngine
-
-        configure_threads(self.cores)
-        self.device = device_report(s.compute_dtype, s.require_gpu)
-        _log.info("%s", self.device.describe())
-        self.backbone = load_backbone(s.backbone)
-        headroom = s.load_concurrency + s.max_batch_size + 8  # loads in flight; replaced slots still computing
-        self.budget = residency.budget(s, self.device)
-        row_bytes = InferenceEngine.row_bytes_for(self.backbone, s.compute_dtype)
-        fits = self.budget.fits(row_bytes)
-        # every slot the budget fits, allocated now: a table that grew later would copy itself (and
-        # need twice its memory) while serving
-        self.engine = InferenceEngine(self.backbone, capacity=fits + headroom, compute_dtype=s.compute_dtype)
-        _log.info(
-            "residency: %d domains of %.2f MB fit in %.0f MB (%s)",
-            fits,
-            row_bytes / MB,
-            self.budget.bytes / MB,
-            self.budget.source,
-        )
-        self.engine.warm_up(sorted({1, 2, s.max_batch_size}))
-        record = open_record(s)
-        limits = Limits(
-            max_resident=s.max_resident,
-            device_bytes=self.budget.bytes,
-            host_cache_bytes=residency.host_cache_bytes(s, self.device, self.budget, row_bytes),
-            load_concurrency=s.load_concurrency,
-            load_timeout_s=s.load_timeout_s,
-            pinned=s.pinned_domains,
-        )
-        self.loader.backbone = self.backbone
-        self.registry = Registry(self.engine, record, self.metrics, self.loader, limits)
-        if s.demo_adapters:
-            try:
-                seed_demo(record, self.backbone)
-            except RecordUnavailable as exc:
-                _log.warning("could not seed the demo bundles now: %s", exc)
-        _log.info("engine warm in %.1fs; registry of record: %s", time.perf_counter() - t0, record.description)
-
     async def start(self) -> None:
         s = self.settings
         self.loader = Loader(None, s.backbone, self.loaders)
         loaders = asyncio.create_task(self.loader.start())  # on this thread (their death signal follows it),
-        await asyncio.to_thread(self._startup)  # beside the framework's start-up
+        started = await asyncio.to_thread(start_engine, s, self.metrics, self.loader, self.cores)  # beside them
         await loaders
+        self.device, self.budget, self.backbone = started.device, started.budget, started.backbone
+        self.engine, self.registry = started.engine, started.registry
         registry = self.registry
         t0 = time.perf_counter()
         share = max(s.max_batch_size, int(s.max_queue * s.domain_queue_share))
@@ -218,67 +154,7 @@ class EngineCore:
     # ----- views ------------------------------------------------------------------------------
 
     def _card(self, entry: Entry) -> Card:
-        b, registry = entry.card, self.registry
-        return Card(
-            domain=entry.domain,
-            version=entry.version,
-            tier=entry.tier,
-            pinned=registry.is_pinned(entry.domain),
-            num_classes=b.num_classes,
-            labels=tuple(b.labels),
-            preprocessing=b.preprocessing,
-            adapter=b.config.adapter,
-            metrics=dict(b.metrics),
-            params=entry.params,
-            served=entry.served,
-            backbone_fingerprint=b.backbone_fingerprint,
-            registered_at=entry.registered_at,
-            size_bytes=entry.size_bytes,
-            sha256=entry.sha256,
-            load_ms=entry.load_ms,
-            golden_self_test=entry.golden_self_test,
-            record_version=registry.recorded_version(entry.domain) or entry.version,
-        )
-
-    def _sync(self) -> Sync | None:
-        """How far behind the record the engine is; also refreshes the sync gauges."""
-        registry = self.registry
-        if registry is None:
-            return None
-        s = registry.status
-        lag = 0.0 if s.connected else (time.monotonic() - s.last_ok if s.last_ok else None)
-        behind = registry.behind()
-        self.metrics.sync_lag.set(lag if lag is not None else float("inf"))
-        self.metrics.sync_behind.set(len(behind))
-        return Sync(
-            record=registry.record.description,
-            connected=s.connected,
-            synced=s.synced_once,
-            lag_s=lag,
-            last_sync_at=s.last_ok_wall or None,
-            domains_behind=behind[:20],
-            errors=s.errors,
-            last_error=s.last_error,
-            warming=s.warming,
-        )
-
-    def _residency(self) -> Residency | None:
-        """The budget and what it holds; also refreshes the residency gauges."""
-        registry = self.registry
-        if registry is None:
-            return None
-        row, fits = self.engine.row_bytes, registry.max_resident
-        self.metrics.budget_bytes.set(self.budget.bytes)
-        self.metrics.domain_bytes.set(row)
-        self.metrics.domains_fit.set(fits)
-        return Residency(
-            budget_mb=round(self.budget.bytes / MB, 1),
-            budget_source=self.budget.source,
-            bytes_per_domain=row,
-            fits=fits,
-            resident=registry.resident("device"),
-            host_cache_mb=round(registry.limits.host_cache_bytes / MB, 1),
-        )
+        return reports.card(entry, self.registry)
 
     # ----- operations -------------------------------------------------------------------------
 
@@ -294,9 +170,11 @@ class EngineCore:
             input_size=self.backbone.config.input_size if self.backbone else 0,
             backbone_fingerprint=self.backbone.fingerprint if self.backbone else None,
             device=self.device,
-            sync=self._sync(),
+            sync=reports.sync(self.registry, self.metrics) if self.registry else None,
             queue_depth=depth,
-            residency=self._residency(),
+            residency=reports.residency(self.registry, self.engine, self.budget, self.metrics)
+            if self.registry
+            else None,
         )
 
     async def card(self, domain: str) -> Card:
