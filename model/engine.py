@@ -277,6 +277,12 @@ class InferenceEngine:
         """`row_bytes` of an engine not made yet (to size its capacity from a memory budget)."""
         return RowLayout.of(backbone.config).length(class_capacity) * backends.DTYPE_BYTES[compute_dtype]
 
+    @property
+    def busy_s(self) -> float | None:
+        """Seconds the device has computed, where the engine can tell: not here (a GPU's own counters
+        can: `nvidia-smi`); `model.simulated.SimulatedDevice` can."""
+        return None
+
     def tracing_count(self) -> int:
         """How many times the forward functions were traced (to prove that loading never retraces)."""
         return self._retired_traces + self._tables.tracing_count()
@@ -424,14 +430,16 @@ class InferenceEngine:
                 slot.refs += 1
             tables = self._tables
         try:
-            indices = [slot.index for slot in held]
-            if len(set(indices)) == 1:
-                logits = tables.single(images, indices[0])
-            else:
-                logits = tables.mixed(images, np.array(indices, np.int32))
+            logits = self._compute(tables, images, [slot.index for slot in held])
         finally:
             self._unref(held)
         return [row[: slot.num_classes] for row, slot in zip(logits, held)]
+
+    def _compute(self, tables: _Tables, images: np.ndarray, indices: list[int]) -> np.ndarray:
+        """The device's part of `predict`: (N, class capacity) float32 logits of `images` under the slots' rows."""
+        if len(set(indices)) == 1:
+            return tables.single(images, indices[0])
+        return tables.mixed(images, np.array(indices, np.int32))
 
     def warm_up(self, batch_sizes: Sequence[int] = (1, 2)) -> None:
         """Compile and run both paths (and the table copy to host) once so that no request pays a compilation."""

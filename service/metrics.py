@@ -69,6 +69,18 @@ class Metrics:
         self.batch_domains = Histogram(
             "ra_batch_domains", "Distinct domains per engine call", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
         )
+        self.device_busy = Counter(
+            "ra_device_busy_seconds",
+            "Seconds the device computed, where the engine can tell (the simulated device; a GPU's own "
+            "counters otherwise)",
+            registry=r,
+        )
+        self.message_images = Histogram(
+            "ra_engine_message_images",
+            "Images per inference message the engine process received",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "ra_queue_depth", "Images waiting for the engine", registry=r, multiprocess_mode="livesum"
         )

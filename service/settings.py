@@ -103,6 +103,12 @@ class Settings(BaseSettings):
         "tensorflow", description="the framework the engine runs on (Keras 3's backends)"
     )
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    simulated_device_img_s: float = Field(
+        0,
+        ge=0,
+        description="benches and tests only: a device that computes nothing at this many images/s "
+        "(`model.simulated`), answering zeros; 0: the real engine",
+    )
     require_gpu: bool = Field(
         False, description="refuse to start without a GPU instead of running on the CPU (set in the GPU compose files)"
     )

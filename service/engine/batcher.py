@@ -127,6 +127,7 @@ class DynamicBatcher:
         self._size = 0  # queued images over all domains
         self._per_slot: collections.Counter[Slot] = collections.Counter()  # queued images by engine slot
         self._last_grouped = False
+        self._busy_s = 0.0  # the device's busy time as last counted
         self._ready = threading.Condition()
         self._waiting: str | None = None  # the engine thread waits: "empty" queue or "filling" a batch
         self._stopping = False
@@ -309,6 +310,10 @@ class DynamicBatcher:
         try:
             logits = self.engine.predict(np.stack([item.image for item in batch]), [item.slot for item in batch])
             self.metrics.batch_size.observe(len(batch))
+            busy = self.engine.busy_s
+            if busy is not None:
+                self.metrics.device_busy.inc(busy - self._busy_s)
+                self._busy_s = busy
             self.metrics.batch_domains.observe(len({item.slot.index for item in batch}))
             done = time.monotonic()
             results = [

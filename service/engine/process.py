@@ -119,6 +119,7 @@ class EngineServer:
             try:
                 args = decode_args(call.op, call.args)
                 args[2] = self._images(args[2])
+                self.core.metrics.message_images.observe(len(args[2]))
                 deadline = time.monotonic() + (call.deadline - time.time())  # the caller's, on this host's clock
                 if self.core.submit(
                     *args, done=functools.partial(self._answered, identity, call.id), deadline=deadline
