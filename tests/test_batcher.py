@@ -37,6 +37,8 @@ def leased(*domains: str) -> list[FakeEntry]:
 class ScriptedEngine:
     """Logits = [image value, domain number]; records every batch; can hold a call until released."""
 
+    busy_s = None  # it cannot tell how long its device was busy
+
     def __init__(self):
         self.batches: list[list[tuple[float, str]]] = []
         self.hold = threading.Event()
@@ -251,10 +253,13 @@ def test_batches_take_waiting_domains_in_turn():
         batcher = await started(engine, max_batch_size=4)
         busy = await occupy(engine, batcher)
         flood = asyncio.create_task(batcher.predict([image(10 + i) for i in range(3)], leased(*["a"] * 3)))
-        light = [asyncio.create_task(batcher.predict([image(v)], leased(d))) for v, d in ((1, "b"), (2, "c"))]
+        await wait_until(lambda: batcher.depth == 3)
+        # b and c queue at once (a batch fills, and is prepared while the device computes, the moment
+        # it is full: two requests could race that moment)
+        light = asyncio.create_task(batcher.predict([image(1), image(2)], leased("b", "c")))
         await wait_until(lambda: batcher.depth == 5)
         engine.hold.set()
-        await asyncio.gather(busy, flood, *light)
+        await asyncio.gather(busy, flood, light)
         await batcher.stop()
         return engine.batches
 
@@ -287,22 +292,23 @@ def test_with_keys_the_lanes_are_tenants_so_many_domains_do_not_buy_more_turns()
         engine = ScriptedEngine()
         batcher = await started(engine, max_batch_size=4, max_queue=64, domain_share=12)
         busy = await occupy(engine, batcher)
-        domains = [chr(ord("d") + i) for i in range(12)]  # one tenant spreads its flood over 12 domains
-        flood = asyncio.create_task(batcher.predict([image(10 + i) for i in range(12)], leased(*domains), "noisy"))
         light = [
             asyncio.create_task(batcher.predict([image(v)], leased(d), lane))
             for v, d, lane in ((1, "b", "calm-1"), (2, "c", "calm-2"))
         ]
-        await wait_until(lambda: batcher.depth == 14)
+        await wait_until(lambda: batcher.depth == 2)
+        domains = [chr(ord("d") + i) for i in range(12)]  # one tenant spreads its flood over 12 domains
+        flood = asyncio.create_task(batcher.predict([image(10 + i) for i in range(12)], leased(*domains), "noisy"))
+        await wait_until(lambda: batcher.depth == 14)  # the next batch is prepared (4 images), 10 still queued
         with pytest.raises(QueueShareExceeded, match="'noisy'"):  # the share is the tenant's, over all its domains
-            await batcher.predict([image(30)], leased("z"), "noisy")
+            await batcher.predict([image(30 + i) for i in range(3)], leased("z", "y", "x"), "noisy")
         engine.hold.set()
         await asyncio.gather(busy, flood, *light)
         await batcher.stop()
         return engine.batches
 
     batches = run(main())
-    assert [d for _, d in batches[1]] == ["d", "b", "c", "e"]
+    assert [d for _, d in batches[1]] == ["b", "c", "d", "e"]
 
 
 def test_a_domain_with_a_whole_batch_queued_gets_a_batch_of_its_own_and_the_tail_the_next_one():

@@ -128,19 +128,28 @@ class DynamicBatcher:
         self._per_slot: collections.Counter[Slot] = collections.Counter()  # queued images by engine slot
         self._last_grouped = False
         self._busy_s = 0.0  # the device's busy time as last counted
-        self._ready = threading.Condition()
-        self._waiting: str | None = None  # the engine thread waits: "empty" queue or "filling" a batch
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._ready = threading.Condition()  # the batching thread waits on it
+        self._handoff = threading.Condition(self._ready._lock)  # the device thread waits on it
+        # what the batching thread waits for: "empty" queue, "filling" a batch, the "device" to finish
+        # its batch, or the handoff "slot" to be taken
+        self._waiting: str | None = None
+        self._next: tuple[list[_Item], np.ndarray, list[Slot]] | None = None  # prepared for the device
+        self._computing = False  # the device thread holds a batch
+        self._stopping = self._formed_all = False
+        self._threads = [
+            threading.Thread(target=self._run, name="engine", daemon=True),
+            threading.Thread(target=self._device, name="device", daemon=True),
+        ]
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
-        """Start the engine thread; `predict` must then be awaited on this same event loop."""
+        """Start the batching and device threads; `predict` must then be awaited on this same event loop."""
         self._loop = asyncio.get_running_loop()
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     async def stop(self) -> None:
-        """Finish the batch in progress, fail what is still queued, and end the engine thread."""
+        """Finish the batches in progress and prepared, fail what is still queued, and end the threads."""
         with self._ready:
             self._stopping = True
             left = [item for queue in self._queues.values() for item in queue]
@@ -148,13 +157,16 @@ class DynamicBatcher:
             self._per_slot.clear()
             self._size = 0
             self._ready.notify()
-        await asyncio.to_thread(self._thread.join)
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join)
         for item in left:
             item.request.deliver(item.index, RuntimeError("The service is shutting down."))
 
     @property
     def depth(self) -> int:
-        return self._size
+        """Images waiting for the device: queued, or in the batch prepared for it."""
+        prepared = self._next
+        return self._size + (len(prepared[0]) if prepared is not None else 0)
 
     async def predict(self, images: list[np.ndarray], entries: list, lane: str | None = None) -> list[Answer]:
         """(logits, adapter version, timings) per image, each computed with its entry's `slot`; raises
@@ -200,9 +212,11 @@ class DynamicBatcher:
                 self._queues.setdefault(item.lane, collections.deque()).append(item)
                 self._per_slot[item.slot] += 1
             self._size += len(items)
-            # Wake the engine thread only when it would not look by itself: a notify per request hands
-            # the interpreter lock over and back for nothing while the thread computes or counts down.
-            if self._waiting == "empty" or (self._waiting == "filling" and self._size >= self.max_batch_size):
+            # Wake the batching thread only when it would not look by itself: a notify per request hands
+            # the interpreter lock over and back for nothing while the thread counts down or the device computes.
+            if self._waiting == "empty" or (
+                self._waiting in ("filling", "device") and self._size >= self.max_batch_size
+            ):
                 self._ready.notify()
         return request
 
@@ -270,23 +284,30 @@ class DynamicBatcher:
         return batch
 
     def _take(self) -> list[_Item] | None:
-        """Block until a batch is due: full, or `max_wait` after its oldest image was queued."""
+        """Block until a batch is due: full; or, with the device free, `max_wait` after its oldest image
+        was queued. While the device computes, a partial batch keeps filling: it could not start sooner."""
         with self._ready:
             while True:
                 self._drop_finished()
                 if self._stopping:
                     return None
-                if self._size:
+                if self._next is not None:  # one batch prepared ahead at most
+                    self._wait("slot", None)
+                elif self._size >= self.max_batch_size:
+                    return self._form_batch()
+                elif not self._size:
+                    self._wait("empty", None)
+                elif self._computing:
+                    self._wait("device", None)
+                else:
                     oldest = min(queue[0].queued_at for queue in self._queues.values())
                     remaining = oldest + self.max_wait - time.monotonic()
-                    if self._size >= self.max_batch_size or remaining <= 0:
+                    if remaining <= 0:
                         return self._form_batch()
                     self._wait("filling", remaining)
-                else:
-                    self._wait("empty", None)
 
     def _wait(self, why: str, timeout: float | None) -> None:
-        """Hold `_ready`. Wait for a notify (see `predict`) or the timeout."""
+        """Hold `_ready`. Wait for a notify (see `submit`, `_device`) or the timeout."""
         self._waiting = why
         try:
             self._ready.wait(timeout)
@@ -294,38 +315,79 @@ class DynamicBatcher:
             self._waiting = None
 
     def _run(self) -> None:
+        """The batching thread: form the next batch and stack its images while the device computes the
+        last one, then hand it over (one batch prepared at most)."""
         while (batch := self._take()) is not None:
-            self.metrics.queue_depth.set(self._size)
+            self.metrics.queue_depth.set(self.depth)
             now = time.monotonic()
             for item in batch:
                 if item.request.given_up(now):
                     self._expire(item.request)
             batch = [item for item in batch if not item.request.given_up(now)]
-            if batch:
-                self._compute(batch)
+            if not batch:
+                continue
+            try:
+                prepared = (batch, np.stack([item.image for item in batch]), [item.slot for item in batch])
+            except Exception as exc:
+                self._post(_deliver_all, [(item, exc) for item in batch])
+                continue
+            with self._ready:  # `_take` returned with no batch prepared: the slot is free
+                self._next = prepared
+                self._handoff.notify()
+        with self._ready:
+            self._formed_all = True
+            self._handoff.notify()
 
-    def _compute(self, batch: list[_Item]) -> None:
+    def _device(self) -> None:
+        """The device thread: run the prepared batches one after another; their answers are made and
+        delivered on the event loop, so the device's next batch waits for neither."""
+        while True:
+            with self._ready:
+                while self._next is None and not self._formed_all:
+                    self._handoff.wait()
+                if self._next is None:
+                    return
+                (batch, images, slots), self._next = self._next, None
+                self._computing = True
+                if self._waiting == "slot":
+                    self._ready.notify()
+            try:
+                self._compute(batch, images, slots)
+            finally:
+                with self._ready:
+                    self._computing = False
+                    if self._waiting == "device":
+                        self._ready.notify()
+
+    def _compute(self, batch: list[_Item], images: np.ndarray, slots: list[Slot]) -> None:
         """Run one batch; every item gets an answer or an error, never silence."""
         start = time.monotonic()
         try:
-            logits = self.engine.predict(np.stack([item.image for item in batch]), [item.slot for item in batch])
-            self.metrics.batch_size.observe(len(batch))
-            busy = self.engine.busy_s
-            if busy is not None:
-                self.metrics.device_busy.inc(busy - self._busy_s)
-                self._busy_s = busy
-            self.metrics.batch_domains.observe(len({item.slot.index for item in batch}))
-            done = time.monotonic()
-            results = [
-                (item, Answer(row, item.version, start - item.queued_at, done - start))
-                for item, row in zip(batch, logits)
-            ]
+            logits = self.engine.predict(images, slots)
         except Exception as exc:
-            results = [(item, exc) for item in batch]
+            self._post(_deliver_all, [(item, exc) for item in batch])
+            return
+        done = time.monotonic()
+        self._post(_answer_all, batch, logits, start, done)
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.batch_domains.observe(len({slot.index for slot in slots}))
+        busy = self.engine.busy_s
+        if busy is not None:
+            self.metrics.device_busy.inc(busy - self._busy_s)
+            self._busy_s = busy
+
+    def _post(self, callback, *args) -> None:
         try:
-            self._loop.call_soon_threadsafe(_deliver_all, results)
+            self._loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:  # the loop has closed: nobody is waiting any more
             pass
+
+
+def _answer_all(batch: list[_Item], logits: list[np.ndarray], start: float, done: float) -> None:
+    """Event loop: each image's answer to its request."""
+    compute = done - start
+    for item, row in zip(batch, logits):
+        item.request.deliver(item.index, Answer(row, item.version, start - item.queued_at, compute))
 
 
 def _deliver_all(answers: list[tuple[_Item, object]]) -> None:
