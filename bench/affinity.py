@@ -1,11 +1,13 @@
 """The fleet as one cache: three replicas behind the shipped HAProxy configuration with domain affinity
 against the same proxy balancing round-robin, and one process with the fleet's slots, under the same
-Zipf(1.0) traffic. Run as `python -m bench.fleet --affinity [--domains 3000] [--slots 200] [--seconds 10]`.
+Zipf(1.0) traffic.
+
+    python -m bench.affinity [--domains 3000] [--slots 200] [--seconds 10]
 
 Each setup starts fresh replicas on one directory registry of `--domains` hard-linked demo bundles
 (`RA_MAX_RESIDENT=--slots`, no host tier, so a device miss is a load from the record), drives the
 traffic (wrk, concurrency 64) for a warm round and a measured round, and reads each replica's load
-counters. Prints (in the JSON object of bench.fleet):
+counters. Prints one JSON object last:
 
 - `hit_rate`: the fleet's device hit rate in the measured round (1 - loads / requests) for
   `affinity`, `round_robin` and `single` (one process with replicas x slots), the ideal of each
@@ -16,7 +18,7 @@ counters. Prints (in the JSON object of bench.fleet):
 - `kill`: a replica killed (SIGKILL) in the middle of Zipf traffic through the affinity proxy: the
   requests that failed (`failed`), against the requests that were in progress on it when it died
   (`in_flight_on_victim`, from HAProxy's statistics socket), and `kill_failed_beyond_inflight`;
-- `noisy_tenant`: fresh replicas with a keys file (bench.tenants' three tenants, each on its own
+- `noisy_tenant`: fresh replicas with a keys file (bench.harness.keys' three tenants, each on its own
   resident domain) behind the proxy with the rates map that service.frontend.proxy_limits makes from that file.
   The fleet's capacity is measured first (wrk saturating one domain with an unlimited key); the
   flooding key then gets a limit of a quarter of it (the map is made and a proxy started with it; the
@@ -28,7 +30,9 @@ counters. Prints (in the JSON object of bench.fleet):
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import os
 import pathlib
 import re
@@ -42,10 +46,11 @@ import time
 
 import httpx
 
-from bench.domains import ideal_hit_rate, seed, zipf_sequence
-from bench.haproxy import running_proxy
-from bench.serve import DEMO, drive, drive_wrk, free_port, test_images, wait_ready
-from bench.tenants import TENANTS, secret, steady, write_keys
+from bench.harness.domains import ideal_hit_rate, seed, zipf_sequence
+from bench.harness.haproxy import running_proxy
+from bench.harness.keys import TENANTS, secret, steady, write_keys
+from bench.harness.load import drive, drive_wrk, test_images
+from bench.harness.servers import DEMO, free_port, wait_ready
 from service.frontend import proxy_limits
 from service.frontend.access import load_keys
 
@@ -272,3 +277,16 @@ def run(domains: int, slots: int, seconds: float) -> dict:
             "cpus": os.cpu_count(),
         },
     }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--domains", type=int, default=3000, help="registered domains")
+    parser.add_argument("--slots", type=int, default=200, help="RA_MAX_RESIDENT per replica")
+    parser.add_argument("--seconds", type=float, default=10.0, help="each round of traffic")
+    args = parser.parse_args(argv)
+    print(json.dumps(run(args.domains, args.slots, args.seconds)))
+
+
+if __name__ == "__main__":
+    main()

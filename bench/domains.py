@@ -58,34 +58,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import httpx
 import numpy as np
 
-from bench.serve import DEMO, TOKEN, drive, free_port, median_round, test_images, wait_ready
-
-
-def seed(store: pathlib.Path, count: int) -> list[str]:
-    """`count` domains `d000000...`, each version 1 a hard link to one of the demo bundles."""
-    sources = sorted(p for p in DEMO.glob("*.safetensors") if p.name != "backbone.safetensors")
-    names = [f"d{i:06d}" for i in range(count)]
-    for i, name in enumerate(names):
-        (store / name).mkdir()
-        os.link(sources[i % len(sources)], store / name / "000001.safetensors")
-    return names
-
-
-def zipf_sequence(names: list[str], length: int, draw: int = 0) -> list[str]:
-    """Requests drawn from Zipf(1.0) over `names` (rank 1 the most popular), in random order. Which
-    name holds which rank is fixed; `draw` picks another sequence of draws from the same popularity."""
-    ranks = np.arange(1, len(names) + 1)
-    p = 1.0 / ranks
-    p /= p.sum()
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(names))  # which name holds which rank
-    rng = rng if draw == 0 else np.random.default_rng(draw)
-    return [names[order[r]] for r in rng.choice(len(names), size=length, p=p)]
-
-
-def rss_mb(pid: int) -> float:
-    text = pathlib.Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) / 1024
+from bench.harness.cpu import children, cmdline, process_cpu_s, rss_mb
+from bench.harness.domains import ideal_hit_rate, seed, zipf_sequence
+from bench.harness.load import drive, median_round, test_images
+from bench.harness.servers import DEMO, TOKEN, free_port, wait_ready
 
 
 def counters(url: str) -> dict[str, float]:
@@ -111,19 +87,11 @@ def hit_rates(loads: list[tuple[dict, dict]], requests: int) -> dict[str, float 
     }
 
 
-def ideal_hit_rate(count: int, fits: int) -> float:
-    """The share of Zipf(1.0) requests over `count` domains that go to the `fits` most requested."""
-    weights = 1.0 / np.arange(1, count + 1)
-    return round(float(weights[:fits].sum() / weights.sum()), 4)
-
-
 def cold_loads(store: pathlib.Path, names: list[str], n: int) -> dict:
     """Put domains on the device from the record, then from host memory (same registry code), one at a
     time: the CPU (all of this process's threads) and wall time of each; then from the record again with
     the preparation in a loader process, as the engine process of `--workers 2` does (domains not loaded
     before, when there are any): the CPU of this process for each, and the loader's mean."""
-    from bench.serve import process_cpu_s
-    from bench.split import children
     from model.backbone import load_backbone
     from model.engine import InferenceEngine
     from service.engine.loader import Loader
@@ -232,14 +200,6 @@ def startup_pairs(domains: int, history: int, rounds: int, workers: int) -> dict
             "cpus": os.cpu_count(),
         },
     }
-
-
-def cmdline(pid: int) -> bytes:
-    """A process's command line ("" once it has gone)."""
-    try:
-        return pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
-    except FileNotFoundError:
-        return b""
 
 
 def process_cpu() -> float:

@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-from bench.common import median, random_backbone, random_bundle, time_call
+from bench.harness.synthetic import median, random_backbone, random_bundle, time_call
 from model.config import ArchConfig, conv_units
 
 

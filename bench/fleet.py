@@ -2,7 +2,6 @@
 database outage costs, and what a second worker process adds.
 
     python -m bench.fleet [--registrations 50] [--seconds 10]
-    python -m bench.fleet --affinity [--domains 3000] [--slots 200] [--seconds 15]   # see bench.affinity
 
 With the demo backbone, starts three replicas (`python -m service` processes on loopback ports)
 on a throwaway PostgreSQL cluster, then three on one shared store directory, and prints one JSON
@@ -42,8 +41,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import httpx
 import numpy as np
 
-from bench.postgres_cluster import Cluster, server_bin
-from bench.serve import DEMO, TOKEN, drive, free_port, test_images, wait_ready
+from bench.harness.load import drive, test_images
+from bench.harness.postgres import Cluster, server_bin
+from bench.harness.servers import DEMO, TOKEN, free_port, wait_ready
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -226,15 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10.0, help="each workers_img_s load run")
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--affinity", action="store_true", help="only the proxy's domain affinity (bench.affinity)")
-    parser.add_argument("--domains", type=int, default=3000, help="with --affinity: registered domains")
-    parser.add_argument("--slots", type=int, default=200, help="with --affinity: RA_MAX_RESIDENT per replica")
     args = parser.parse_args(argv)
-    if args.affinity:
-        from bench.affinity import run
-
-        print(json.dumps({"affinity": run(args.domains, args.slots, args.seconds)}))
-        return
     bin_dir = server_bin()
     if bin_dir is None:
         sys.exit("PostgreSQL's server is not installed (apt-get install postgresql)")

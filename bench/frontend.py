@@ -6,10 +6,11 @@
    (tiny PNGs, multipart `/predict/{domain}`), and reads every thread's CPU time from
    /proc/<pid>/task. `py-spy dump` names the Python threads: `MainThread` is the event loop (HTTP,
    routing, multipart, small images' decoding, the answer), `preprocess` the pool that decodes large
-   images, `engine` the batcher's thread; the native threads that Python does not name are
+   images, `engine` the batching thread, `device` the thread that runs the model; the native threads
+   that Python does not name are
    TensorFlow's (with its `tf_*` ones). Printed: CPU milliseconds per image by group.
-2. The front end alone: the same service with the engine's computation replaced by zeros
-   (`--serve-without-engine`, run as a child process). Its CPU per request and requests/s are what the
+2. The front end alone: the same service on a simulated device too fast to matter, answering zeros
+   (`RA_SIMULATED_DEVICE_IMG_S`). Its CPU per request and requests/s are what the
    event loop and its helpers cost, and the most one process can answer whatever the accelerator.
 3. The floor: the same uvicorn, under the same wrk load, serving a FastAPI app with nothing but the
    same route shape (a multipart upload in, a small JSON out), a route that reads the raw body, and a
@@ -22,67 +23,19 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import os
 import pathlib
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-from typing import Annotated
 
-from fastapi import FastAPI, File, Request, UploadFile
-
-from bench.serve import (
-    DEMO,
-    TOKEN,
-    WRK_SCRIPT,
-    drive_wrk,
-    free_port,
-    process_cpu_s,
-    request_body,
-    run_wrk,
-    test_images,
-    wait_ready,
-    wait_warm,
-)
-
-floor_app = FastAPI()
-
-
-@floor_app.post("/predict/{domain}")
-async def floor_multipart(domain: str, file: Annotated[list[UploadFile], File()]) -> dict:
-    return {"domain": domain, "sizes": [len(await f.read()) for f in file]}
-
-
-@floor_app.post("/body/{domain}")
-async def floor_body(domain: str, request: Request) -> dict:
-    return {"domain": domain, "size": len(await request.body())}
-
-
-async def bare_asgi(scope, receive, send) -> None:
-    if scope["type"] != "http":
-        return
-    while (await receive()).get("more_body"):
-        pass
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
-    await send({"type": "http.response.body", "body": b'{"ok":true}'})
-
-
-def thread_cpu_s(pid: int) -> dict[str, float]:
-    """CPU seconds so far of each live thread of `pid`, by native thread id."""
-    out = {}
-    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
-        try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:  # ended meanwhile
-            continue
-        out[task.name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return out
+from bench.harness.cpu import thread_cpu_s
+from bench.harness.floor import FLOORS, floor_ms_per_request
+from bench.harness.load import drive_wrk, test_images
+from bench.harness.servers import DEMO, REPO, TOKEN, ZERO_ENGINE, demo_bundles, free_port, wait_ready, wait_warm
 
 
 def thread_groups(pid: int) -> dict[str, str]:
@@ -99,9 +52,9 @@ def thread_groups(pid: int) -> dict[str, str]:
 
 
 def service_by_thread(concurrency: int, seconds: float, files: int, engine: bool = True) -> dict:
-    """The service's CPU ms per image by thread group at saturation (`engine=False`: its computation
-    replaced by zeros)."""
-    bundles = sorted(p for p in DEMO.glob("*.safetensors") if p.name != "backbone.safetensors")
+    """The service's CPU ms per image by thread group at saturation (`engine=False`: on the simulated
+    device, answering zeros)."""
+    bundles = demo_bundles()
     images = test_images(16, 48)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -121,11 +74,10 @@ def service_by_thread(concurrency: int, seconds: float, files: int, engine: bool
             "RA_BACKBONE": str(DEMO / "backbone.safetensors"),
             "TF_CPP_MIN_LOG_LEVEL": "2",
         }
-        command = ["-m", "service"] if engine else ["-m", "bench.frontend", "--serve-without-engine"]
         server = subprocess.Popen(
-            [sys.executable, *command, "--port", str(port), "--log-level", "warning"],
-            env=env,
-            cwd=pathlib.Path(__file__).resolve().parents[1],
+            [sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
+            env={**env, **({} if engine else ZERO_ENGINE)},
+            cwd=REPO,
         )
         try:
             wait_ready(url)
@@ -150,72 +102,7 @@ def service_by_thread(concurrency: int, seconds: float, files: int, engine: bool
     }
 
 
-def wrk_multipart(url: str, prefix: str, concurrency: int, seconds: float) -> dict:
-    """wrk posting one tiny PNG as multipart to `url` + `prefix` + a domain name."""
-    body, parts = request_body("multipart", test_images(16, 48), 1, 32)
-    return run_wrk(
-        url,
-        lambda body_file: WRK_SCRIPT % {"body": body_file, **parts, "prefix": prefix, "domains": '"x"'},
-        body,
-        concurrency,
-        seconds,
-    )
-
-
-def floor_ms_per_request(app: str, prefix: str, concurrency: int, seconds: float) -> float:
-    """CPU ms per request of uvicorn serving `app` (module:attribute) under wrk, one tiny PNG per request."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", app, "--port", str(port), "--log-level", "warning", "--no-access-log"],
-        cwd=pathlib.Path(__file__).resolve().parents[1],
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"uvicorn {app} did not listen within 60 s")
-            time.sleep(0.2)
-        url = f"http://127.0.0.1:{port}"
-        wrk_multipart(url, prefix, concurrency, 2.0)  # warm-up
-        cpu = process_cpu_s(server.pid)
-        run = wrk_multipart(url, prefix, concurrency, seconds)
-        if run["non_2xx"] or run["socket_errors"]:
-            raise RuntimeError(f"{app}: {run}")
-        return round((process_cpu_s(server.pid) - cpu) * 1000 / run["requests"], 3)
-    finally:
-        server.terminate()
-        server.wait(30)
-
-
-def answer_zeros() -> None:
-    """Replace the engine's computation by zeros in this process (a benchmark's child process only); the
-    golden self-test, which zeros would fail, passes."""
-    import numpy as np
-
-    from model.engine import InferenceEngine
-
-    def zeros(self, images, slots) -> list:
-        held = [slots] * len(images) if hasattr(slots, "num_classes") else list(slots)
-        return [np.zeros(slot.num_classes, np.float32) for slot in held]
-
-    InferenceEngine.predict = zeros
-    InferenceEngine._verify_golden = lambda self, bundle, slot: None
-
-
-def serve_without_engine(argv: list[str]) -> None:
-    """`python -m service` with every engine call answered by zeros: only the front end computes."""
-    from service.__main__ import main as serve
-
-    answer_zeros()
-    serve(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--serve-without-engine"]:
-        return serve_without_engine(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=8.0)
@@ -224,12 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     service = service_by_thread(args.concurrency, args.seconds, args.files_per_request)
     front_end = service_by_thread(args.concurrency, args.seconds, args.files_per_request, engine=False)
     floor = {
-        name: floor_ms_per_request(app, path, args.concurrency, args.seconds)
-        for name, app, path in (
-            ("fastapi_multipart", "bench.frontend:floor_app", "/predict/"),
-            ("fastapi_raw_body", "bench.frontend:floor_app", "/body/"),
-            ("bare_asgi", "bench.frontend:bare_asgi", "/"),
-        )
+        name: floor_ms_per_request(app, path, args.concurrency, args.seconds) for name, (app, path) in FLOORS.items()
     }
     print(
         json.dumps(

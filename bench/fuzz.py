@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench.serve import TOKEN, free_port, wait_ready
+from bench.harness.servers import TOKEN, free_port, wait_ready
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """The Open Inference Protocol over gRPC against REST v2, side by side in one run: the front-end processes'
 CPU per image for PIXELS (binary, `--files-per-request` images a request).
 
-    python -m bench.serve --protocol grpc [--files-per-request 8] [--seconds 10] [--rounds 3] [--concurrency 16]
+    python -m bench.protocols [--files-per-request 8] [--seconds 10] [--rounds 3] [--concurrency 16]
 
 Starts one `python -m service --workers 2` (two front-end processes serving HTTP and gRPC, one engine
 process; demo backbone, 8 domains) with `RA_GRPC_PORT`, then interleaves `--rounds` rounds of REST v2
@@ -15,6 +15,7 @@ measurements) over its images is the front end's cost; the engine process's is p
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import multiprocessing
@@ -28,8 +29,9 @@ import time
 import httpx
 import numpy as np
 
-from bench.serve import DEMO, TOKEN, drive_wrk, free_port, process_cpu_s, test_images, wait_ready, wait_warm
-from bench.split import children
+from bench.harness.cpu import children, process_cpu_s
+from bench.harness.load import drive_wrk, test_images
+from bench.harness.servers import DEMO, TOKEN, ZERO_ENGINE, demo_bundles, free_port, wait_ready, wait_warm
 
 
 def pixels_of(images: list[bytes], size: int, count: int) -> np.ndarray:
@@ -148,7 +150,7 @@ def run(files: int, seconds: float, rounds: int, concurrency: int, backbone: pat
     from model.backbone import load_backbone
     from service.record.directory import DirectoryRecord
 
-    demo = sorted(p for p in DEMO.glob("*.safetensors") if p.name != "backbone.safetensors")
+    demo = demo_bundles()
     bundles = {f"bench{i}": demo[i % len(demo)].read_bytes() for i in range(8)}
     images = test_images(16, 48)
     size = load_backbone(backbone).config.input_size
@@ -169,12 +171,9 @@ def run(files: int, seconds: float, rounds: int, concurrency: int, backbone: pat
                 "RA_BACKBONE": str(backbone),
                 "RA_GRPC_PORT": str(grpc_port),
                 "TF_CPP_MIN_LOG_LEVEL": "2",
+                **(ZERO_ENGINE if setup == "zero_engine" else {}),
             }
-            command = (
-                ["-m", "bench.split", "--supervise", "2", str(port), "--zero-engine"]
-                if setup == "zero_engine"
-                else ["-m", "service", "--port", str(port), "--workers", "2", "--log-level", "warning"]
-            )
+            command = ["-m", "service", "--port", str(port), "--workers", "2", "--log-level", "warning"]
             results[setup] = measure(
                 command, env, port, grpc_port, list(bundles), images, pixels, size, concurrency, seconds, rounds
             )
@@ -197,5 +196,16 @@ def run(files: int, seconds: float, rounds: int, concurrency: int, backbone: pat
     }
 
 
-def main(args) -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files-per-request", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved REST/gRPC rounds; medians reported")
+    parser.add_argument("--concurrency", type=int, default=16, help="gRPC calls in flight; wrk's connections")
+    parser.add_argument("--backbone", type=pathlib.Path, default=DEMO / "backbone.safetensors")
+    args = parser.parse_args(argv)
     print(json.dumps(run(args.files_per_request, args.seconds, args.rounds, args.concurrency, args.backbone)))
+
+
+if __name__ == "__main__":
+    main()

@@ -17,7 +17,6 @@ import asyncio
 import json
 import multiprocessing
 import os
-import pathlib
 import random
 import subprocess
 import sys
@@ -26,14 +25,9 @@ import time
 
 import numpy as np
 
-from bench.serve import DEMO, TOKEN, free_port, test_images, wait_ready
-
-
-def rss_mb(pid: int) -> float:
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from bench.harness.cpu import rss_mb
+from bench.harness.load import test_images
+from bench.harness.servers import DEMO, TOKEN, free_port, wait_ready
 
 
 async def _load(url: str, domains: list[str], images: list[bytes], concurrency: int, seconds: float) -> list:

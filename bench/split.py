@@ -5,12 +5,12 @@ front ends scale, and the split against the single process, side by side in one 
 
 Each server serves demo domains from a fresh directory store and is loaded by wrk (tiny PNGs,
 multipart `/predict/{domain}`, uniform over 8 domains unless said); CPU is read from /proc per process.
-- Engine computing zeros (`InferenceEngine.predict` answers zeros in the engine process): the front
+- Engine computing zeros (a simulated device too fast to matter, `RA_SIMULATED_DEVICE_IMG_S`): the front
   ends' own cost and ceiling, and the engine process's cost of dispatch and transport per image.
   `engine_dispatch_us_per_img`: engine-process CPU per image; `engine_dispatch_over_frontend`: that
   over the front end's CPU per image (how many front ends one engine process keeps up with is its
   inverse); `frontend_cpu_ms_per_request` over `floor_cpu_ms_per_request` (the bare FastAPI multipart
-  route of `bench.frontend`, same load); `frontend_scaling_2_over_1`: requests/s with 2 front ends
+  route of `bench.harness.floor`, same load); `frontend_scaling_2_over_1`: requests/s with 2 front ends
   over 1.
 - The real engine on this CPU: `workers2_over_single`, img/s of `--workers 2` over the single process,
   uniform over 8 domains, and `workers2_over_single_zipf`, the same under Zipf(1.0) over `--zipf-domains`
@@ -36,55 +36,11 @@ import time
 
 import httpx
 
-from bench.domains import seed
-from bench.frontend import answer_zeros, floor_ms_per_request
-from bench.serve import (
-    DEMO,
-    TOKEN,
-    drive_wrk,
-    free_port,
-    process_cpu_s,
-    test_images,
-    wait_ready,
-    wait_warm,
-    zipf_sequence,
-)
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def zero_engine_main(*args) -> None:
-    """The engine process with its computation replaced by zeros."""
-    from service.engine.process import main
-
-    answer_zeros()
-    main(*args)
-
-
-def supervise(argv: list[str]) -> None:
-    """`--supervise N PORT [--zero-engine]`: a supervisor with N front ends (1 included: still split)."""
-    import logging
-
-    from service.supervisor import Supervisor
-
-    workers, port = int(argv[0]), int(argv[1])
-    logging.basicConfig(level="WARNING")
-    supervisor = Supervisor("127.0.0.1", port, workers, "warning")
-    if "--zero-engine" in argv:
-        supervisor.engine.target = zero_engine_main
-    raise SystemExit(supervisor.run())
-
-
-def children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
-
-
-def rss_mb(pid: int) -> float:
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+from bench.harness.cpu import children, process_cpu_s, rss_mb
+from bench.harness.domains import seed, zipf_weighted
+from bench.harness.floor import FLOORS, floor_ms_per_request
+from bench.harness.load import drive_wrk, test_images
+from bench.harness.servers import DEMO, REPO, TOKEN, ZERO_ENGINE, free_port, wait_ready, wait_warm
 
 
 def batch_mean(url: str) -> tuple[float, float]:
@@ -95,9 +51,10 @@ def batch_mean(url: str) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def server(command: list[str], store: str, port: int):
+def server(command: list[str], store: str, port: int, extra_env: dict[str, str]):
     env = {
         **os.environ,
+        **extra_env,
         "RA_STORE_DIR": store,
         "RA_ADMIN_TOKEN": TOKEN,
         "RA_DEMO_ADAPTERS": "false",
@@ -118,14 +75,21 @@ def server(command: list[str], store: str, port: int):
 
 
 def measure(
-    command: list[str], port: int, concurrency: int, seconds: float, split: bool, domains: int = 8, zipf: bool = False
+    command: list[str],
+    port: int,
+    concurrency: int,
+    seconds: float,
+    split: bool,
+    domains: int = 8,
+    zipf: bool = False,
+    zero: bool = False,
 ) -> dict:
     """Load one server with wrk; its img/s, errors, mean batch size and CPU ms per image by process role."""
     images = test_images(16, 48)
     with tempfile.TemporaryDirectory() as store:
         names = seed(pathlib.Path(store), domains)
-        traffic = zipf_sequence(names, 1.0) if zipf else names
-        with server(command, store, port) as (process, url):
+        traffic = zipf_weighted(names, 1.0) if zipf else names
+        with server(command, store, port, ZERO_ENGINE if zero else {}) as (process, url):
             drive_wrk(url, traffic, images, concurrency, 2.0, 1)  # warm-up
             pids = children(process.pid) if split else [process.pid]
             engine_pid = httpx.get(url + "/readyz", timeout=10).json()["engine_pid"]
@@ -158,8 +122,8 @@ def measure(
 
 def run_split(workers: int, concurrency: int, seconds: float, zero: bool = False, **traffic) -> dict:
     port = free_port()
-    command = ["-m", "bench.split", "--supervise", str(workers), str(port), *(["--zero-engine"] if zero else [])]
-    return measure(command, port, concurrency, seconds, split=True, **traffic)
+    command = ["-m", "bench.harness.supervised", str(workers), str(port)]
+    return measure(command, port, concurrency, seconds, split=True, zero=zero, **traffic)
 
 
 def run_single(concurrency: int, seconds: float, **traffic) -> dict:
@@ -169,9 +133,6 @@ def run_single(concurrency: int, seconds: float, **traffic) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--supervise"]:
-        return supervise(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--concurrency", type=int, default=64)
@@ -180,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     c, s = args.concurrency, args.seconds
     zero1, zero2 = run_split(1, c, s, zero=True), run_split(2, c, s, zero=True)
-    floor = floor_ms_per_request("bench.frontend:floor_app", "/predict/", c, s)
+    floor = floor_ms_per_request(*FLOORS["fastapi_multipart"], c, s)
     single, split2 = run_single(c, s), run_split(2, c, s)
     zipf = {"domains": args.zipf_domains, "zipf": True}
     single_zipf, split2_zipf = (run_single(c, s, **zipf), run_split(2, c, s, **zipf)) if args.zipf_domains else ({}, {})

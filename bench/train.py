@@ -20,7 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import tensorflow as tf
 
-from bench.common import median, time_call
+from bench.harness.synthetic import median, time_call
 from model.bundle import Preprocessing
 from model.config import ArchConfig
 from model.resnet26 import build_resnet26

@@ -21,8 +21,8 @@ from service_helpers import png_bytes
 from service_process import ServiceProcess, free_port
 
 from bench.affinity import served_by
-from bench.domains import seed
-from bench.haproxy import HAPROXY, RATES, REPO, running_proxy
+from bench.harness.domains import seed
+from bench.harness.haproxy import HAPROXY, RATES, REPO, running_proxy
 from service.frontend import proxy_limits
 from service.frontend.access import hash_key
 

@@ -436,7 +436,7 @@ def test_a_subset_may_miss_classes():
 def test_a_large_jpeg_is_decoded_reduced_and_served_exactly_as_evaluated(tmp_path):
     """Training's evaluation input (cached squares, center crop, normalise) equals the service's input for
     the same file, and both come from a draft (reduced-scale) decode close to a full one."""
-    from bench.serve import camera_jpeg
+    from bench.harness.load import camera_jpeg
     from model.bundle import Preprocessing
     from model.preprocessing import open_image, square, to_rgb
     from service.frontend.inference import decode_and_preprocess

@@ -20,7 +20,7 @@ import pytest
 from service_helpers import ADMIN_TOKEN, AUTH, bundle_file, check_scores, png_bytes, reference_logits, stalled_upload
 from service_process import ServiceProcess
 
-from bench.postgres_cluster import Cluster, server_bin
+from bench.harness.postgres import Cluster, server_bin
 
 CONVERGE_S = 10.0  # generous bound for every replica to follow a change (measured: tens of ms)
 

@@ -26,7 +26,8 @@ import sys
 import tempfile
 import time
 
-from bench.serve import drive_wrk, free_port, test_images, wait_ready
+from bench.harness.load import drive_wrk, test_images
+from bench.harness.servers import free_port, wait_ready
 
 DOMAINS = ["fashion", "digits", "catsdogs"]
 

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import tempfile
 
-from bench.serve import free_port
+from bench.harness.servers import free_port
 
 
 def server_bin() -> pathlib.Path | None:

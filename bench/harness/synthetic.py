@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: random but well-conditioned weights, timing, medians."""
+"""Random but well-conditioned weights, timing and medians, for the benches that run the model in process."""
 
 from __future__ import annotations
 
