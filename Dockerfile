@@ -41,9 +41,10 @@ RUN --mount=type=secret,id=ca_bundle,required=false \
 USER 10001
 VOLUME ["/data/store"]
 EXPOSE 8000 8001
-# one engine process and a front end per core (RA_WORKERS=auto). On SIGTERM the supervisor stops the front
-# ends (they stop accepting and let in-flight requests finish), then the engine. Front ends hand images to
-# the engine through /dev/shm: run with --shm-size of a few hundred MB (the compose files do).
+# RA_WORKERS=auto: on a GPU host (or 4+ cores) one engine process and a front end per core but one, else one
+# process. On SIGTERM the supervisor stops the front ends (they stop accepting and let in-flight requests
+# finish), then the engine. Front ends hand images to the engine through /dev/shm: run with --shm-size of a
+# few hundred MB (the compose files do).
 STOPSIGNAL SIGTERM
 # the health check follows RA_PORT, so a container started on another port reports its real state
 HEALTHCHECK --interval=15s --timeout=3s --start-period=90s --retries=3 \

@@ -2,8 +2,11 @@
 variables (`RA_HOST`, `RA_PORT`, `RA_WORKERS` give the defaults of the three options).
 
 One worker serves from one process (HTTP and the engine together). Several run the process split
-(`service.supervisor`): one engine process that owns the device, and N front ends on the port; `auto`
-is one front end per CPU core (at least two).
+(`service.supervisor`): one engine process that owns the device, and N front ends on the port. `auto`,
+the default, fits the host: one process where there is no accelerator and fewer than
+`SPLIT_MIN_CORES` cores (there the split's messages cost more than its parallel front ends give:
+`bench.split`'s `workers2_over_single` is under 1 on 2 cores), else the split with a front end per core
+but one, which the engine process keeps. It logs what it chose and why.
 """
 
 from __future__ import annotations
@@ -16,9 +19,36 @@ import pathlib
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def workers_count(value: str) -> int:
+SPLIT_MIN_CORES = 4
+
+
+def accelerator(dev: pathlib.Path = pathlib.Path("/dev")) -> str | None:
+    """The accelerator this host shows without importing a framework (the supervisor never does), or None."""
+    if os.environ.get("RA_SIMULATED_DEVICE_IMG_S"):
+        return "a simulated device (RA_SIMULATED_DEVICE_IMG_S)"
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1")
+    gpus = sorted(dev.glob("nvidia[0-9]*"))
+    if gpus and not hidden:
+        return f"an NVIDIA GPU ({gpus[0]})"
+    return None
+
+
+def auto_workers(dev: pathlib.Path = pathlib.Path("/dev")) -> tuple[int, str]:
+    """`--workers auto`: (front ends, why); 1 is the single process."""
+    cores = len(os.sched_getaffinity(0))
+    found = accelerator(dev)
+    if found is None and cores < SPLIT_MIN_CORES:
+        return (
+            1,
+            f"one process: {cores} cores and no accelerator (the split pays off from {SPLIT_MIN_CORES} cores or a device)",
+        )
+    count = max(2, min(64, cores - 1))
+    return count, f"{count} front ends and an engine process: {found or 'no accelerator'}, {cores} cores"
+
+
+def workers_count(value: str) -> int | str:
     if value == "auto":
-        return max(2, len(os.sched_getaffinity(0)))
+        return value  # resolved after parsing, so that the choice is logged once
     try:
         count = int(value)
     except ValueError:
@@ -43,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers",
         type=workers_count,
-        default=os.environ.get("RA_WORKERS", "1"),
+        default=os.environ.get("RA_WORKERS", "auto"),
         help="front-end processes on this port, fed by one engine process; 1 serves from a single "
-        "process, 'auto' runs one per core (default RA_WORKERS or 1)",
+        "process; 'auto' fits the host (one process without an accelerator on few cores, else a front end "
+        "per core but one) (default RA_WORKERS or auto)",
     )
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
@@ -56,9 +87,12 @@ def main(argv: list[str] | None = None) -> int:
             load_keys(pathlib.Path(os.environ["RA_API_KEYS_FILE"]))
         except KeysFileError as exc:
             parser.exit(2, f"python -m service: {exc}\n")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.workers == "auto":
+        args.workers, why = auto_workers()
+        logging.getLogger("service").info("--workers auto: %s", why)
     # every process reads its settings from the environment
     os.environ.update(RA_WORKERS=str(args.workers), RA_HOST=args.host, RA_PORT=str(args.port))
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.workers > 1:
         from service.supervisor import Supervisor
 

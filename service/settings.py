@@ -59,9 +59,13 @@ class Settings(BaseSettings):
     )
     backbone: pathlib.Path = Field(DEMO_DIR / "backbone.safetensors", description="the backbone .safetensors")
     demo_adapters: bool = Field(True, description="seed an empty store with the shipped demo bundles (once)")
-    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_batch_size: int | None = Field(
+        None, ge=1, le=1024, description="images per device call; unset: 32 on a CPU, 256 on an accelerator"
+    )
     max_wait_ms: float = Field(2.0, ge=0, le=1000, description="how long a batch waits to fill")
-    max_queue: int = Field(512, ge=1, description="queued images before requests get 503")
+    max_queue: int | None = Field(
+        None, ge=1, description="queued images before requests get 503; unset: 16 batches of max_batch_size"
+    )
     domain_queue_share: float = Field(
         0.5, gt=0, le=1, description="fraction of the queue one domain may hold before its requests get 429"
     )

@@ -80,14 +80,15 @@ class EngineCore:
         self.engine, self.registry = started.engine, started.registry
         registry = self.registry
         t0 = time.perf_counter()
-        share = max(s.max_batch_size, int(s.max_queue * s.domain_queue_share))
+        batching = started.batching
+        share = max(batching.max_batch_size, int(batching.max_queue * s.domain_queue_share))
         self.batcher = DynamicBatcher(
             self.engine,
-            s.max_batch_size,
+            batching.max_batch_size,
             s.max_wait_ms,
-            s.max_queue,
+            batching.max_queue,
             self.metrics,
-            domain_share=min(share, s.max_queue),
+            domain_share=min(share, batching.max_queue),
         )
         await self.batcher.start()
         try:  # readiness needs the pinned domains only; the most used ones warm in the background
