@@ -4,16 +4,18 @@
 
 Drives `service.engine.process` directly through the transport (`service.transport`): feeder
 processes write their images into their shared-memory arenas once, then keep calls in flight over
-ZeroMQ, as front ends do but without HTTP, decoding or preprocessing. The engine runs the simulated
-device (`model.simulated`, `RA_SIMULATED_DEVICE_IMG_S`): a call holds it for `batch / rate` seconds
-without the interpreter lock and answers zeros.
-- `dispatch_us_per_img` at 1, 8 and 64 images per message: the engine process's CPU (all its
-  threads, from /proc) per image answered, with a device too fast to matter (10^9 img/s);
-- `engine_ceiling_img_s`: the images/s answered in that run at 64 images per message;
+ZeroMQ, with `RemoteEngine` as front ends do but without HTTP, decoding or preprocessing; like a
+front end, a feeder sends the calls of one event-loop turn as one message. The engine runs the
+simulated device (`model.simulated`, `RA_SIMULATED_DEVICE_IMG_S`): a call holds it for
+`batch / rate` seconds without the interpreter lock and answers zeros. The engine's batch limits are
+its defaults for an accelerator (`RA_MAX_BATCH_SIZE` 256), as on a GPU host.
+- `dispatch_us_per_img` at 1, 8 and 64 images per call (a request's images): the engine process's
+  CPU (all its threads, from /proc) per image answered, with a device too fast to matter (10^9 img/s);
+- `engine_ceiling_img_s`: the images/s answered in that run at 64 images per call;
 - `device_busy_share` at 50,000 img/s and `device_busy_share_100k` at 100,000, 64 images per
-  message: the simulated device's own busy time (`ra_device_busy_seconds_total`) over the run's
-  wall time;
-- `mean_images_per_message` the engine saw (`ra_engine_message_images`), per run.
+  call: the simulated device's compute time (`ra_device_busy_seconds_total`, `batch / rate` a call)
+  over the run's wall time, which is also its img/s over its rate;
+- `mean_images_per_call` the engine saw (`ra_engine_message_images`), per run: calls coalesced.
 The feeders share this machine's cores with the engine process: on a small machine they take CPU the
 engine would use, so the ceiling is a floor of what an engine process with a core of its own does.
 Prints one JSON object last.
@@ -43,8 +45,9 @@ FAST = 1e9  # img/s of a device too fast to matter: what is measured is the engi
 SETTLE_S = 1.0  # load before the measured window
 
 
-def feeder(endpoint: str, arena: str, domains: list[str], per_message: int, in_flight: int, stop, out) -> None:
-    """One feeder process: `in_flight` calls of `per_message` images each kept in flight until `stop` is set."""
+def feeder(endpoint: str, arena: str, domains: list[str], per_call: int, in_flight: int, stop, out) -> None:
+    """One feeder process: `in_flight` calls of `per_call` images each kept in flight until `stop` is set
+    (the calls made in one event-loop turn share a message)."""
     import asyncio
 
     from service.transport import RemoteEngine
@@ -55,7 +58,7 @@ def feeder(endpoint: str, arena: str, domains: list[str], per_message: int, in_f
         try:
             cards = {d: await engine.card(d) for d in domains}
             size = (await engine.status()).input_size
-            images = np.random.default_rng(0).standard_normal((per_message, size, size, 3)).astype(np.float32)
+            images = np.random.default_rng(0).standard_normal((per_call, size, size, 3)).astype(np.float32)
             answered = errors = 0
 
             async def lane(i: int) -> None:
@@ -65,8 +68,8 @@ def feeder(endpoint: str, arena: str, domains: list[str], per_message: int, in_f
                     d = domains[k % len(domains)]
                     k += 1
                     try:
-                        await engine.infer([d], [cards[d].preprocessing], images, [0] * per_message, None)
-                        answered += per_message
+                        await engine.infer([d], [cards[d].preprocessing], images, [0] * per_call, None)
+                        answered += per_call
                     except Exception:
                         errors += 1
 
@@ -122,10 +125,10 @@ def engine_process(store: str, rundir: str, rate: float):
         process.wait(60)
 
 
-def measure(store: str, rundir: str, domains: list[str], rate: float, per_message: int, args) -> dict:
-    """Feed the engine on a device of `rate` img/s with messages of `per_message` images; what it did."""
+def measure(store: str, rundir: str, domains: list[str], rate: float, per_call: int, args) -> dict:
+    """Feed the engine on a device of `rate` img/s with calls of `per_call` images; what it did."""
     with engine_process(store, rundir, rate) as (process, endpoint, prefix, metrics):
-        in_flight = max(1, args.in_flight_images // per_message // args.feeders)
+        in_flight = max(1, args.in_flight_images // per_call // args.feeders)
         ctx = multiprocessing.get_context("spawn")
         stop = ctx.Event()
         pipes, feeders = [], []
@@ -135,9 +138,9 @@ def measure(store: str, rundir: str, domains: list[str], rate: float, per_messag
                 target=feeder,
                 args=(
                     endpoint,
-                    f"{prefix}feed{i}-{rate:g}-{per_message}",
+                    f"{prefix}feed{i}-{rate:g}-{per_call}",
                     domains,
-                    per_message,
+                    per_call,
                     in_flight,
                     stop,
                     there,
@@ -167,11 +170,11 @@ def measure(store: str, rundir: str, domains: list[str], rate: float, per_messag
     wall = t1 - t0
     return {
         "rate_img_s": rate,
-        "images_per_message": per_message,
+        "images_per_call": per_call,
         "img_s": round(images / wall, 1),
         "engine_cpu_us_per_img": round((cpu1 - cpu0) / max(images, 1) * 1e6, 2),
         "device_busy_share": round((busy1 - busy0) / wall, 4),
-        "mean_images_per_message": round(images / max(msgs1 - msgs0, 1), 2),
+        "mean_images_per_call": round(images / max(msgs1 - msgs0, 1), 2),
         "errors": sum(r[1] for r in results),
     }
 
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
                 "engine_ceiling_img_s": runs[64]["img_s"],
                 "device_busy_share": busy50["device_busy_share"],
                 "device_busy_share_100k": busy100["device_busy_share"],
-                "mean_images_per_message": {str(n): r["mean_images_per_message"] for n, r in runs.items()},
+                "mean_images_per_call": {str(n): r["mean_images_per_call"] for n, r in runs.items()},
                 "runs": [*runs.values(), busy50, busy100],
                 "settings": {**vars(args), "cpus": os.cpu_count()},
             }

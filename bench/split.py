@@ -17,6 +17,9 @@ multipart `/predict/{domain}`, uniform over 8 domains unless said); CPU is read 
   (1,000: more than the 512 resident, so domains load while others are served);
   `batch_size_4_over_1`, the mean batch size with 4 front ends over 1 at the same offered load (wrk's
   connections, below saturation); `frontend_rss_mb` and `engine_rss_mb` with 4 front ends.
+- The default: `auto_over_best`, img/s of `python -m service` as it starts with no options
+  (`RA_WORKERS=auto`: what it chose is under `auto`) over the better of the single process and
+  `--workers 2`, uniform over 8 domains.
 Prints one JSON object last. Needs wrk.
 """
 
@@ -41,6 +44,7 @@ from bench.harness.domains import seed, zipf_weighted
 from bench.harness.floor import FLOORS, floor_ms_per_request
 from bench.harness.load import drive_wrk, test_images
 from bench.harness.servers import DEMO, REPO, TOKEN, ZERO_ENGINE, free_port, wait_ready, wait_warm
+from service.__main__ import auto_workers
 
 
 def batch_mean(url: str) -> tuple[float, float]:
@@ -53,7 +57,7 @@ def batch_mean(url: str) -> tuple[float, float]:
 @contextlib.contextmanager
 def server(command: list[str], store: str, port: int, extra_env: dict[str, str]):
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "RA_WORKERS"},
         **extra_env,
         "RA_STORE_DIR": store,
         "RA_ADMIN_TOKEN": TOKEN,
@@ -128,8 +132,16 @@ def run_split(workers: int, concurrency: int, seconds: float, zero: bool = False
 
 def run_single(concurrency: int, seconds: float, **traffic) -> dict:
     port = free_port()
-    command = ["-m", "service", "--port", str(port), "--log-level", "warning"]
+    command = ["-m", "service", "--port", str(port), "--workers", "1", "--log-level", "warning"]
     return measure(command, port, concurrency, seconds, split=False, **traffic)
+
+
+def run_auto(concurrency: int, seconds: float) -> dict:
+    """`python -m service` with no options: `--workers auto` on this host."""
+    workers, why = auto_workers()
+    port = free_port()
+    command = ["-m", "service", "--port", str(port), "--log-level", "warning"]
+    return {"workers": workers, "why": why, **measure(command, port, concurrency, seconds, split=workers > 1)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     c, s = args.concurrency, args.seconds
     zero1, zero2 = run_split(1, c, s, zero=True), run_split(2, c, s, zero=True)
     floor = floor_ms_per_request(*FLOORS["fastapi_multipart"], c, s)
-    single, split2 = run_single(c, s), run_split(2, c, s)
+    single, split2, auto = run_single(c, s), run_split(2, c, s), run_auto(c, s)
     zipf = {"domains": args.zipf_domains, "zipf": True}
     single_zipf, split2_zipf = (run_single(c, s, **zipf), run_split(2, c, s, **zipf)) if args.zipf_domains else ({}, {})
     calm1, calm4 = run_split(1, args.calm_concurrency, s), run_split(4, args.calm_concurrency, s)
@@ -155,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         "frontend_scaling_2_over_1": round(zero2["img_s"] / zero1["img_s"], 3),
         "workers2_over_single": round(split2["img_s"] / single["img_s"], 3),
         **({"workers2_over_single_zipf": round(split2_zipf["img_s"] / single_zipf["img_s"], 3)} if single_zipf else {}),
+        "auto_over_best": round(auto["img_s"] / max(single["img_s"], split2["img_s"]), 3),
         "batch_size_4_over_1": round(calm4["mean_batch_size"] / calm1["mean_batch_size"], 3),
         "frontend_rss_mb": calm4["frontend_rss_mb"],
         "engine_rss_mb": calm4["engine_rss_mb"],
@@ -172,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
                     "split_2_zipf": split2_zipf,
                     "calm_1": calm1,
                     "calm_4": calm4,
+                    "auto": auto,
                 },
                 "settings": {
                     "concurrency": c,

@@ -4,8 +4,19 @@ Why these: ZeroMQ (pyzmq) gives a ROUTER socket that many front ends' DEALERs co
 message framing, reconnection and asyncio support, and no broker; msgspec decodes msgpack into
 declared types only (never a pickle: nothing a client sent is ever unpickled). Pixels do not travel
 in messages: each front end owns an `Arena`, a file in /dev/shm that it writes preprocessed images
-into; a message names the arena, offset and shape, and the engine reads them in place (one copy,
-into the batch). Logits come back as one raw float32 frame beside the reply.
+into; a call names the arena, offset and shape, and the engine reads them in place (one copy, into
+the batch).
+
+The framing, and why. What costs in a message is per message (a system call, a wake-up of the
+other process, a decode), not per byte, so both sides send what is ready in one event-loop turn as
+one message: no timer, so nothing waits at light load, and under load one message carries the
+calls (or replies) of every request that became ready together.
+- A front end's message is one frame: a msgpack list of `Call`s.
+- The engine's message to a front end is `[msgpack list of Reply, *raw frames]`; each `Reply` says
+  how many raw frames after the header are its own (`frames`), in order. An answered `infer` has
+  two: its logits as one float32 array (each image's classes one after another) and `ANSWER_META`,
+  a numpy record per image (its class count, adapter version and timings). Arrays, not lists of
+  objects: the engine writes them in one pass and the front end reads them in place.
 
 Calls carry a deadline; the engine drops a call whose caller has given up. Sockets are set so that a
 message is never queued for an engine that is not connected (`IMMEDIATE`): while the engine process
@@ -173,15 +184,35 @@ class Reply(msgspec.Struct, frozen=True, array_like=True):
     id: int
     result: Any = None
     error: tuple[str, list] | None = None  # (exception class name, its arguments)
+    frames: int = 0  # raw frames of the message that are this reply's, in order (an answered infer: 2)
 
 
-class Answers(msgspec.Struct, frozen=True, array_like=True):
-    """`infer`'s answers; their logits follow in one raw float32 frame, `classes[i]` values each."""
+ANSWER_META = np.dtype([("classes", "<i4"), ("version", "<i8"), ("queue_s", "<f4"), ("compute_s", "<f4")])
 
-    classes: list[int]
-    versions: list[int]
-    queue_s: list[float]
-    compute_s: list[float]
+
+def answer_frames(answers: list[Answer]) -> list[bytes]:
+    """An `infer`'s answers as its reply's two raw frames: the logits, and `ANSWER_META` per image."""
+    meta = np.empty(len(answers), ANSWER_META)
+    if not answers:
+        return [b"", meta.tobytes()]
+    logits, versions, queue_s, compute_s = zip(*answers)
+    meta["classes"] = [len(row) for row in logits]
+    meta["version"], meta["queue_s"], meta["compute_s"] = versions, queue_s, compute_s
+    return [np.concatenate(logits, dtype=np.float32).tobytes(), meta.tobytes()]
+
+
+def answers_of(frames: list) -> list[Answer]:
+    """The front end's side of `answer_frames` (views of the received frames, no copy)."""
+    flat = np.frombuffer(frames[0], np.float32)
+    meta = np.frombuffer(frames[1], ANSWER_META)
+    ends = np.cumsum(meta["classes"]).tolist()
+    starts = [0, *ends[:-1]]
+    return [
+        Answer(flat[a:b], v, q, c)
+        for a, b, v, q, c in zip(
+            starts, ends, meta["version"].tolist(), meta["queue_s"].tolist(), meta["compute_s"].tolist()
+        )
+    ]
 
 
 def _hints(op: str) -> tuple[list[type], type]:
@@ -194,7 +225,7 @@ ARG_TYPES = {op: _hints(op)[0] for op in OPERATIONS}
 RESULT_TYPES = {op: _hints(op)[1] for op in OPERATIONS}
 ARG_TYPES["infer"][2] = Images  # the pixels travel by reference
 ENCODER = msgspec.msgpack.Encoder()
-CALL, REPLY = msgspec.msgpack.Decoder(Received), msgspec.msgpack.Decoder(Reply)
+CALLS, REPLIES = msgspec.msgpack.Decoder(list[Received]), msgspec.msgpack.Decoder(list[Reply])
 ARGS = {op: msgspec.msgpack.Decoder(tuple[tuple(types)]) for op, types in ARG_TYPES.items()}  # typed in one pass
 
 
@@ -232,6 +263,7 @@ class RemoteEngine:
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
         self._drain_due = False
+        self._outbox: list[tuple[Call, asyncio.Future]] = []  # calls of this event-loop turn, sent as one message
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._engine_pid: int | None = None  # the engine process that answered last; None while down
@@ -279,30 +311,23 @@ class RemoteEngine:
 
     # ----- calls ------------------------------------------------------------------------------
 
-    async def _call(self, op: str, args: list[Any], frames: tuple[bytes, ...] = ()) -> tuple[Any, list]:
-        """Send one call and wait for its reply: (result, raw frames after it)."""
+    async def _call(self, op: str, args: list[Any]) -> tuple[Any, list]:
+        """Send one call (in this event-loop turn's message) and wait for its reply: (result, its raw frames)."""
         if self._sock is None or (self._engine_pid is None and op != "status"):  # only the watcher's probe
             raise EngineUnavailable("The engine process is not answering (starting or restarting); retry shortly.")
         call_id = next(self._ids)
         probing = self._engine_pid is None  # a status call to an engine not known to be up: answer soon
         timeout = PROBE_TIMEOUT_S if probing else self.call_timeout_s
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._pending[call_id] = future
+        if not self._outbox:
+            loop.call_soon(self._flush)
+        self._outbox.append((Call(call_id, op, args, time.time() + timeout), future))
         try:
             try:
-                self._sock.send_multipart(
-                    [ENCODER.encode(Call(call_id, op, args, time.time() + timeout)), *frames], zmq.NOBLOCK
-                )
-                if not self._drain_due:  # a send can take the descriptor's signal of a reply: look again
-                    self._drain_due = True
-                    asyncio.get_running_loop().call_soon(self._drain)
-            except zmq.Again:
-                raise EngineUnavailable(
-                    "The engine process is not answering (starting or restarting); retry shortly."
-                ) from None
-            try:
                 async with asyncio.timeout(timeout):
-                    reply, rest = await future
+                    reply, frames = await future
             except TimeoutError:
                 if probing:  # sent to a connection that died unnoticed, or to an engine still starting
                     raise EngineUnavailable(
@@ -313,7 +338,28 @@ class RemoteEngine:
             self._pending.pop(call_id, None)
         if reply.error is not None:
             raise_error(reply.error)
-        return reply.result, rest
+        return reply.result, frames
+
+    def _flush(self) -> None:
+        """Send the calls made in this event-loop turn as one message."""
+        outbox, self._outbox = self._outbox, []
+        calls = [call for call, future in outbox if not future.done()]  # a caller may have given up already
+        if not calls or self._sock is None:
+            return
+        try:
+            self._sock.send(ENCODER.encode(calls), zmq.NOBLOCK)
+        except zmq.Again:
+            for _, future in outbox:
+                if not future.done():
+                    future.set_exception(
+                        EngineUnavailable(
+                            "The engine process is not answering (starting or restarting); retry shortly."
+                        )
+                    )
+            return
+        if not self._drain_due:  # a send can take the descriptor's signal of a reply: look again
+            self._drain_due = True
+            asyncio.get_running_loop().call_soon(self._drain)
 
     def _caller(self, op: str):
         result_type = RESULT_TYPES[op]
@@ -343,16 +389,10 @@ class RemoteEngine:
         try:
             arena.array(offset, images.shape)[...] = images
             ref = Images(arena.name, offset, tuple(images.shape))
-            result, rest = await self._call("infer", [domains, preprocessing, ref, which, lane])
+            _, frames = await self._call("infer", [domains, preprocessing, ref, which, lane])
         finally:
             arena.free(offset, nbytes)
-        answers = msgspec.convert(result, Answers)
-        flat = np.frombuffer(rest[0], np.float32) if rest else np.zeros(0, np.float32)
-        ends = np.cumsum(answers.classes)
-        return [
-            Answer(flat[end - k : end], v, q, c)
-            for k, end, v, q, c in zip(answers.classes, ends, answers.versions, answers.queue_s, answers.compute_s)
-        ]
+        return answers_of(frames)
 
     # ----- replies and the engine's health -----------------------------------------------------
 
@@ -369,13 +409,16 @@ class RemoteEngine:
             except zmq.Again:
                 break
             try:
-                reply = REPLY.decode(frames[0].buffer)
+                replies = REPLIES.decode(frames[0].buffer)
             except msgspec.DecodeError:
-                _log.error("an engine reply could not be decoded; dropped")
+                _log.error("an engine message could not be decoded; dropped")
                 continue
-            future = self._pending.get(reply.id)
-            if future is not None and not future.done():
-                future.set_result((reply, [f.buffer for f in frames[1:]]))
+            at = 1
+            for reply in replies:
+                own, at = frames[at : at + reply.frames], at + reply.frames
+                future = self._pending.get(reply.id)
+                if future is not None and not future.done():
+                    future.set_result((reply, [f.buffer for f in own]))
 
     def _fail_pending(self, why: str) -> None:
         for future in self._pending.values():

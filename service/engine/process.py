@@ -2,9 +2,10 @@
 
 It runs the engine core (`service.engine.core`) and answers every front end's calls on one ROUTER
 socket. An `infer` whose domains are on the device goes straight into the batcher's one queue, beside
-the images of every other front end, and its reply is sent from the batch's callback: no task, no
+the images of every other front end, and its reply is made in the batch's callback: no task, no
 future per call. Every other call (and an `infer` that must wait for a load) runs as its own task, so
-a load or a registration never holds the others up.
+a load or a registration never holds the others up. The replies made in one event-loop turn go to
+each front end as one message (`service.transport` says why).
 """
 
 from __future__ import annotations
@@ -25,7 +26,18 @@ from service.engine.core import EngineCore
 from service.exceptions import TRANSPORTED
 from service.metrics import Metrics
 from service.settings import Settings
-from service.transport import CALL, ENCODER, SHM_DIR, Answers, Arena, Images, Received, Reply, decode_args, error_of
+from service.transport import (
+    CALLS,
+    ENCODER,
+    SHM_DIR,
+    Arena,
+    Images,
+    Received,
+    Reply,
+    answer_frames,
+    decode_args,
+    error_of,
+)
 
 _log = logging.getLogger(__name__)
 ARENAS_KEEP = 256  # front ends' arenas kept mapped (a restarted front end brings a new one)
@@ -43,6 +55,7 @@ class EngineServer:
         self._sock: zmq.Socket | None = None
         self._tasks: set[asyncio.Task] = set()
         self._drain_due = False
+        self._outbox: dict[bytes, tuple[list[Reply], list]] = {}  # this turn's replies, by front end
 
     def _images(self, ref: Images) -> np.ndarray:
         arena = self._arenas.get(ref.arena)
@@ -88,8 +101,8 @@ class EngineServer:
             del self._arenas[name]
 
     def _drain(self) -> None:
-        """Take every call waiting on the socket. ZeroMQ's descriptor signals changes, not levels, so
-        this runs again after each send too (`_send`)."""
+        """Take every message waiting on the socket. ZeroMQ's descriptor signals changes, not levels, so
+        this runs again after each send too (`_flush`)."""
         self._drain_due = False
         sock = self._sock
         while True:  # until the socket has nothing more (which also re-arms its descriptor)
@@ -97,40 +110,53 @@ class EngineServer:
                 identity, header, *_ = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            self._dispatch(identity.bytes, header.buffer)
+            try:
+                calls = CALLS.decode(header.buffer)
+            except msgspec.DecodeError as exc:
+                _log.error("dropped a message that could not be decoded: %s", exc)
+                continue
+            sender, now, images = identity.bytes, time.time(), 0
+            for call in calls:
+                if call.deadline >= now:  # else its caller no longer waits
+                    images += self._dispatch(sender, call)
+            if images:
+                self.core.metrics.message_images.observe(images)
 
-    def _send(self, frames: list) -> None:
-        self._sock.send_multipart(frames, zmq.NOBLOCK)  # a ROUTER drops rather than blocks
+    def _reply(self, identity: bytes, reply: Reply, frames: list) -> None:
+        """Queue a reply for this event-loop turn's message to its front end."""
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        replies, raw = self._outbox.setdefault(identity, ([], []))
+        replies.append(reply)
+        raw.extend(frames)
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        for identity, (replies, raw) in outbox.items():
+            self._sock.send_multipart([identity, ENCODER.encode(replies), *raw], zmq.NOBLOCK)  # a ROUTER drops
         if not self._drain_due:
             self._drain_due = True
             asyncio.get_running_loop().call_soon(self._drain)
 
-    def _dispatch(self, identity: bytes, header: memoryview) -> None:
-        """Decode a call; queue an `infer` for resident domains at once, run anything else as a task."""
-        try:
-            call = CALL.decode(header)
-        except msgspec.DecodeError as exc:
-            _log.error("dropped a call that could not be decoded: %s", exc)
-            return
-        if call.deadline < time.time():
-            return  # its caller no longer waits
+    def _dispatch(self, identity: bytes, call: Received) -> int:
+        """Queue an `infer` for resident domains at once, run anything else as a task; the images queued."""
         args = None
         if call.op == "infer":
             try:
                 args = decode_args(call.op, call.args)
                 args[2] = self._images(args[2])
-                self.core.metrics.message_images.observe(len(args[2]))
                 deadline = time.monotonic() + (call.deadline - time.time())  # the caller's, on this host's clock
                 if self.core.submit(
                     *args, done=functools.partial(self._answered, identity, call.id), deadline=deadline
                 ):
-                    return
+                    return len(args[2])
             except Exception as exc:
                 self._answered(identity, call.id, exc)
-                return
+                return 0
         task = asyncio.get_running_loop().create_task(self._handle(identity, call, args))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return 0
 
     async def _handle(self, identity: bytes, call: Received, args: list | None) -> None:
         try:
@@ -144,27 +170,16 @@ class EngineServer:
         except Exception as exc:
             self._answered(identity, call.id, exc, call.op)
             return
-        self._send([identity, ENCODER.encode(reply)])
+        self._reply(identity, reply, [])
 
     def _answered(self, identity: bytes, call_id: int, result: list[Answer] | BaseException, op: str = "infer") -> None:
-        """Send an `infer`'s answers (logits in one raw frame after the reply), or any call's failure."""
-        frames: list[bytes] = []
+        """An `infer`'s answers (two raw frames: `transport.answer_frames`), or any call's failure."""
         if isinstance(result, BaseException):
             if not isinstance(result, EXPECTED):
                 _log.error("operation %s failed", op, exc_info=result)
-            reply = Reply(call_id, error=error_of(result))
+            self._reply(identity, Reply(call_id, error=error_of(result)), [])
         else:
-            reply = Reply(
-                call_id,
-                result=Answers(
-                    classes=[len(a.logits) for a in result],
-                    versions=[a.version for a in result],
-                    queue_s=[a.queue_s for a in result],
-                    compute_s=[a.compute_s for a in result],
-                ),
-            )
-            frames = [np.concatenate([a.logits for a in result]).astype(np.float32).tobytes()] if result else []
-        self._send([identity, ENCODER.encode(reply), *frames])
+            self._reply(identity, Reply(call_id, frames=2), answer_frames(result))
 
 
 async def run(settings: Settings, endpoint: str, arena_prefix: str, cores: int | None) -> None:
