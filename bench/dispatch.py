@@ -15,7 +15,7 @@ its defaults for an accelerator (`RA_MAX_BATCH_SIZE` 256), as on a GPU host.
 - `device_busy_share` at 50,000 img/s and `device_busy_share_100k` at 100,000, 64 images per
   call: the simulated device's compute time (`ra_device_busy_seconds_total`, `batch / rate` a call)
   over the run's wall time, which is also its img/s over its rate;
-- `mean_images_per_call` the engine saw (`ra_engine_message_images`), per run: calls coalesced.
+- `mean_images_per_message` the engine saw (`ra_engine_message_images`), per run: calls coalesced.
 The feeders share this machine's cores with the engine process: on a small machine they take CPU the
 engine would use, so the ceiling is a floor of what an engine process with a core of its own does.
 Prints one JSON object last.
@@ -174,7 +174,7 @@ def measure(store: str, rundir: str, domains: list[str], rate: float, per_call: 
         "img_s": round(images / wall, 1),
         "engine_cpu_us_per_img": round((cpu1 - cpu0) / max(images, 1) * 1e6, 2),
         "device_busy_share": round((busy1 - busy0) / wall, 4),
-        "mean_images_per_call": round(images / max(msgs1 - msgs0, 1), 2),
+        "mean_images_per_message": round(images / max(msgs1 - msgs0, 1), 2),
         "errors": sum(r[1] for r in results),
     }
 
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
                 "engine_ceiling_img_s": runs[64]["img_s"],
                 "device_busy_share": busy50["device_busy_share"],
                 "device_busy_share_100k": busy100["device_busy_share"],
-                "mean_images_per_call": {str(n): r["mean_images_per_call"] for n, r in runs.items()},
+                "mean_images_per_message": {str(n): r["mean_images_per_message"] for n, r in runs.items()},
                 "runs": [*runs.values(), busy50, busy100],
                 "settings": {**vars(args), "cpus": os.cpu_count()},
             }
