@@ -19,7 +19,8 @@ multipart `/predict/{domain}`, uniform over 8 domains unless said); CPU is read 
   connections, below saturation); `frontend_rss_mb` and `engine_rss_mb` with 4 front ends.
 - The default: `auto_over_best`, img/s of `python -m service` as it starts with no options
   (`RA_WORKERS=auto`: what it chose is under `auto`) over the better of the single process and
-  `--workers 2`, uniform over 8 domains.
+  `--workers 2`, uniform over 8 domains; the three run in `--rounds` interleaved rounds (the median
+  round of each), as do `workers2_over_single`'s.
 Prints one JSON object last. Needs wrk.
 """
 
@@ -144,17 +145,31 @@ def run_auto(concurrency: int, seconds: float) -> dict:
     return {"workers": workers, "why": why, **measure(command, port, concurrency, seconds, split=workers > 1)}
 
 
+def best_of_rounds(rounds: int, *runs) -> list[dict]:
+    """Each run `rounds` times, interleaved, each round in another order (what runs after what moves the
+    figures); per run, the round with the median img/s (its figures)."""
+    done: list[list[dict]] = [[] for _ in runs]
+    for r in range(rounds):
+        for i in range(len(runs)):
+            k = (i + r) % len(runs)
+            done[k].append(runs[k]())
+    return [sorted(results, key=lambda r: r["img_s"])[len(results) // 2] for results in done]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--calm-concurrency", type=int, default=8, help="wrk connections for the batch-size figure")
     parser.add_argument("--zipf-domains", type=int, default=1000, help="domains of the Zipf runs (0: skip them)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of single, split and auto (medians)")
     args = parser.parse_args(argv)
     c, s = args.concurrency, args.seconds
     zero1, zero2 = run_split(1, c, s, zero=True), run_split(2, c, s, zero=True)
     floor = floor_ms_per_request(*FLOORS["fastapi_multipart"], c, s)
-    single, split2, auto = run_single(c, s), run_split(2, c, s), run_auto(c, s)
+    single, split2, auto = best_of_rounds(
+        args.rounds, lambda: run_single(c, s), lambda: run_split(2, c, s), lambda: run_auto(c, s)
+    )
     zipf = {"domains": args.zipf_domains, "zipf": True}
     single_zipf, split2_zipf = (run_single(c, s, **zipf), run_split(2, c, s, **zipf)) if args.zipf_domains else ({}, {})
     calm1, calm4 = run_split(1, args.calm_concurrency, s), run_split(4, args.calm_concurrency, s)
@@ -192,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
                     "calm_concurrency": args.calm_concurrency,
                     "seconds": s,
                     "zipf_domains": args.zipf_domains,
+                    "rounds": args.rounds,
                     "cpus": os.cpu_count(),
                     "when": time.strftime("%Y-%m-%d"),
                 },
