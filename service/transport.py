@@ -12,11 +12,12 @@ other process, a decode), not per byte, so both sides send what is ready in one 
 one message: no timer, so nothing waits at light load, and under load one message carries the
 calls (or replies) of every request that became ready together.
 - A front end's message is one frame: a msgpack list of `Call`s.
-- The engine's message to a front end is `[msgpack list of Reply, *raw frames]`; each `Reply` says
-  how many raw frames after the header are its own (`frames`), in order. An answered `infer` has
-  two: its logits as one float32 array (each image's classes one after another) and `ANSWER_META`,
-  a numpy record per image (its class count, adapter version and timings). Arrays, not lists of
-  objects: the engine writes them in one pass and the front end reads them in place.
+- The engine's message to a front end is three frames: a msgpack list of `Reply`, then the answers
+  of every `infer` in it as two raw arrays: the logits, float32, each image's classes one after
+  another; and `ANSWER_META`, a numpy record per image (its class count, adapter version and
+  timings). Each `Reply` says how many of the images are its own (`images`), in order. Arrays, not
+  lists of objects, and one pair for the whole message (a frame costs a send of its own): the engine
+  writes them in one pass and the front end reads them in place.
 
 Calls carry a deadline; the engine drops a call whose caller has given up. Sockets are set so that a
 message is never queued for an engine that is not connected (`IMMEDIATE`): while the engine process
@@ -184,14 +185,14 @@ class Reply(msgspec.Struct, frozen=True, array_like=True):
     id: int
     result: Any = None
     error: tuple[str, list] | None = None  # (exception class name, its arguments)
-    frames: int = 0  # raw frames of the message that are this reply's, in order (an answered infer: 2)
+    images: int = 0  # an answered infer's images in the message's arrays, after those of the replies before it
 
 
 ANSWER_META = np.dtype([("classes", "<i4"), ("version", "<i8"), ("queue_s", "<f4"), ("compute_s", "<f4")])
 
 
 def answer_frames(answers: list[Answer]) -> list[bytes]:
-    """An `infer`'s answers as its reply's two raw frames: the logits, and `ANSWER_META` per image."""
+    """Answers as a message's two raw frames: the logits, and `ANSWER_META` per image."""
     meta = np.empty(len(answers), ANSWER_META)
     if not answers:
         return [b"", meta.tobytes()]
@@ -202,7 +203,7 @@ def answer_frames(answers: list[Answer]) -> list[bytes]:
 
 
 def answers_of(frames: list) -> list[Answer]:
-    """The front end's side of `answer_frames` (views of the received frames, no copy)."""
+    """The front end's side of `answer_frames` (the logits are views of the received frame, no copy)."""
     flat = np.frombuffer(frames[0], np.float32)
     meta = np.frombuffer(frames[1], ANSWER_META)
     ends = np.cumsum(meta["classes"]).tolist()
@@ -311,8 +312,8 @@ class RemoteEngine:
 
     # ----- calls ------------------------------------------------------------------------------
 
-    async def _call(self, op: str, args: list[Any]) -> tuple[Any, list]:
-        """Send one call (in this event-loop turn's message) and wait for its reply: (result, its raw frames)."""
+    async def _call(self, op: str, args: list[Any]) -> tuple[Any, list[Answer]]:
+        """Send one call (in this event-loop turn's message) and wait for its reply: (result, its answers)."""
         if self._sock is None or (self._engine_pid is None and op != "status"):  # only the watcher's probe
             raise EngineUnavailable("The engine process is not answering (starting or restarting); retry shortly.")
         call_id = next(self._ids)
@@ -327,7 +328,7 @@ class RemoteEngine:
         try:
             try:
                 async with asyncio.timeout(timeout):
-                    reply, frames = await future
+                    reply, answers = await future
             except TimeoutError:
                 if probing:  # sent to a connection that died unnoticed, or to an engine still starting
                     raise EngineUnavailable(
@@ -338,7 +339,7 @@ class RemoteEngine:
             self._pending.pop(call_id, None)
         if reply.error is not None:
             raise_error(reply.error)
-        return reply.result, frames
+        return reply.result, answers
 
     def _flush(self) -> None:
         """Send the calls made in this event-loop turn as one message."""
@@ -389,10 +390,10 @@ class RemoteEngine:
         try:
             arena.array(offset, images.shape)[...] = images
             ref = Images(arena.name, offset, tuple(images.shape))
-            _, frames = await self._call("infer", [domains, preprocessing, ref, which, lane])
+            _, answers = await self._call("infer", [domains, preprocessing, ref, which, lane])
         finally:
             arena.free(offset, nbytes)
-        return answers_of(frames)
+        return answers
 
     # ----- replies and the engine's health -----------------------------------------------------
 
@@ -413,12 +414,13 @@ class RemoteEngine:
             except msgspec.DecodeError:
                 _log.error("an engine message could not be decoded; dropped")
                 continue
-            at = 1
+            answers = answers_of([frames[1].buffer, frames[2].buffer]) if len(frames) == 3 else []
+            at = 0
             for reply in replies:
-                own, at = frames[at : at + reply.frames], at + reply.frames
+                own, at = answers[at : at + reply.images], at + reply.images
                 future = self._pending.get(reply.id)
                 if future is not None and not future.done():
-                    future.set_result((reply, [f.buffer for f in own]))
+                    future.set_result((reply, own))
 
     def _fail_pending(self, why: str) -> None:
         for future in self._pending.values():

@@ -172,3 +172,23 @@ def test_a_call_alone_is_sent_at_once(run):
     arrived, answers = run(test)
     assert float(answers[0].logits[0]) == 3
     assert arrived < 0.05
+
+
+def test_counts_of_one_turn_reach_their_counters_once_at_its_end():
+    """`Tally`: the engine's per-request counts are added once per event-loop turn (and at once off a loop)."""
+    metrics = Metrics()
+
+    def value(domain: str) -> float:
+        return metrics.registry.get_sample_value("ra_predictions_total", {"domain": domain}) or 0
+
+    async def main():
+        for _ in range(3):
+            metrics.tally.add(metrics.predictions, 2, "alpha")
+        metrics.tally.add(metrics.predictions, 1, "beta")
+        during = value("alpha"), value("beta")
+        await asyncio.sleep(0)
+        return during, (value("alpha"), value("beta"))
+
+    assert asyncio.run(main()) == ((0, 0), (6, 1))
+    metrics.tally.add(metrics.predictions, 4, "alpha")
+    assert value("alpha") == 10

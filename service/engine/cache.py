@@ -89,6 +89,7 @@ class Cache:
     def __init__(self, engine: InferenceEngine, metrics: Metrics, limits: Limits):
         self.engine, self.metrics, self.limits = engine, metrics, limits
         self._device_hits = metrics.lookups.labels("device", "hit")  # counted per request: looked up once
+        self._tally = metrics.tally
         self._entries: dict[str, Entry] = {}  # every cached domain
         self._device = SegmentedLru()  # the device tier's domains, in eviction order
         self._host: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -145,7 +146,7 @@ class Cache:
             if entry is None or entry.slot is None or entry.retired or domain in self.unloaded:
                 return None
             entries.append(entry)
-        self._device_hits.inc(len(entries))
+        self._tally.add(self._device_hits, len(entries))
         return [self.lease(entry) for entry in entries]
 
     def lease(self, entry: Entry) -> Entry:

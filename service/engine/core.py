@@ -262,7 +262,7 @@ class EngineCore:
             for j, entry in enumerate(entries):
                 registry.release([entry], images=counts.get(j, 0))
             for j, n in counts.items():
-                self.metrics.predictions.labels(domains[j]).inc(n)
+                self.metrics.tally.add(self.metrics.predictions, n, domains[j])
             done(result)
 
         try:

@@ -55,7 +55,7 @@ class EngineServer:
         self._sock: zmq.Socket | None = None
         self._tasks: set[asyncio.Task] = set()
         self._drain_due = False
-        self._outbox: dict[bytes, tuple[list[Reply], list]] = {}  # this turn's replies, by front end
+        self._outbox: dict[bytes, tuple[list[Reply], list[Answer]]] = {}  # this turn's replies, by front end
 
     def _images(self, ref: Images) -> np.ndarray:
         arena = self._arenas.get(ref.arena)
@@ -122,18 +122,19 @@ class EngineServer:
             if images:
                 self.core.metrics.message_images.observe(images)
 
-    def _reply(self, identity: bytes, reply: Reply, frames: list) -> None:
-        """Queue a reply for this event-loop turn's message to its front end."""
+    def _reply(self, identity: bytes, reply: Reply, answers: list[Answer] = ()) -> None:
+        """Queue a reply (and an infer's answers) for this event-loop turn's message to its front end."""
         if not self._outbox:
             asyncio.get_running_loop().call_soon(self._flush)
-        replies, raw = self._outbox.setdefault(identity, ([], []))
+        replies, answered = self._outbox.setdefault(identity, ([], []))
         replies.append(reply)
-        raw.extend(frames)
+        answered.extend(answers)
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, {}
-        for identity, (replies, raw) in outbox.items():
-            self._sock.send_multipart([identity, ENCODER.encode(replies), *raw], zmq.NOBLOCK)  # a ROUTER drops
+        for identity, (replies, answers) in outbox.items():
+            frames = [identity, ENCODER.encode(replies), *answer_frames(answers)]
+            self._sock.send_multipart(frames, zmq.NOBLOCK)  # a ROUTER drops what it cannot deliver
         if not self._drain_due:
             self._drain_due = True
             asyncio.get_running_loop().call_soon(self._drain)
@@ -170,16 +171,16 @@ class EngineServer:
         except Exception as exc:
             self._answered(identity, call.id, exc, call.op)
             return
-        self._reply(identity, reply, [])
+        self._reply(identity, reply)
 
     def _answered(self, identity: bytes, call_id: int, result: list[Answer] | BaseException, op: str = "infer") -> None:
-        """An `infer`'s answers (two raw frames: `transport.answer_frames`), or any call's failure."""
+        """An `infer`'s answers (into the message's arrays: `transport.answer_frames`), or any call's failure."""
         if isinstance(result, BaseException):
             if not isinstance(result, EXPECTED):
                 _log.error("operation %s failed", op, exc_info=result)
-            self._reply(identity, Reply(call_id, error=error_of(result)), [])
+            self._reply(identity, Reply(call_id, error=error_of(result)))
         else:
-            self._reply(identity, Reply(call_id, frames=2), answer_frames(result))
+            self._reply(identity, Reply(call_id, images=len(result)), result)
 
 
 async def run(settings: Settings, endpoint: str, arena_prefix: str, cores: int | None) -> None:
