@@ -1,0 +1,281 @@
+"""Training jobs in the store directory, beside the bundles: what survives a worker killed mid-job.
+
+Layout under `<store>/.jobs/` (a dot folder: the registry of record's listing never sees it):
+- `<id>/job.json`: the job (`Job`), written whole by rename: by `submit`, then by whoever holds the
+  claim.
+- `<id>/upload.bin`: the uploaded archive, stored once and checked against its sha256 when read.
+- `<id>/claim`: who runs the job. It is created exclusively, and its mtime is the heartbeat. A claim
+  whose heartbeat is older than `lease_s` is taken over by renaming it away: a rename succeeds for
+  one process only, so two workers never both take over one job.
+- `<id>/checkpoint.bin`: the last epoch's checkpoint (`checkpoint_epoch` in the job).
+- `<id>/events.jsonl`: progress, one JSON object a line, appended by the claim holder.
+- `<id>/cancel`: a cancel asked for while the job runs; the worker stops at its next step.
+- `.<id>.<random>.tmp/`: a submit in progress, renamed to `<id>/` once whole; one older than a
+  minute was left by a crash and is removed.
+A job that ends (succeeded, failed, cancelled) keeps `job.json` and its events. Its upload,
+checkpoint and claim are removed.
+
+Job ids sort by submission time, so the oldest queued job is the first listed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import secrets
+import shutil
+import time
+
+from model.safetensors_io import atomic_write_bytes
+
+JOBS = ".jobs"
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+ENDED = ("succeeded", "failed", "cancelled")
+STALE_STAGING_S = 60.0
+
+
+class JobNotFound(KeyError):
+    """No job with that id (or none the caller may see)."""
+
+
+@dataclasses.dataclass
+class Job:
+    id: str
+    tenant: str
+    domain: str
+    recipe: dict
+    upload_sha256: str
+    upload_bytes: int
+    classes: list[str]
+    images: int
+    state: str = "queued"
+    register: bool = True  # register the bundle as a new version of `domain` on success
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker: str | None = None
+    attempts: int = 0  # claims so far: more than one means a worker died and another took over
+    epochs_done: int = 0
+    checkpoint_epoch: int = 0
+    reason: str | None = None  # why it failed, for the user
+    accuracy: float | None = None  # validation top-1 of the bundle it made
+    version: int | None = None  # the version it registered
+
+    @classmethod
+    def of(cls, text: str) -> Job:
+        return cls(**json.loads(text))
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """A worker's hold on a running job."""
+
+    job_id: str
+    worker: str
+    token: str
+
+
+def new_id() -> str:
+    return f"job-{time.time_ns() // 1_000_000:013d}-{secrets.token_hex(4)}"
+
+
+class DirectoryJobs:
+    """The job list in a store directory (see the module's docstring for the layout and the claims)."""
+
+    def __init__(self, store: pathlib.Path, lease_s: float = 30.0):
+        self.root = pathlib.Path(store) / JOBS
+        self.lease_s = lease_s
+        self.root.mkdir(parents=True, exist_ok=True)
+        for staging in self.root.glob(".job-*.tmp"):  # a submit killed half-way; a live one takes milliseconds
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - staging.stat().st_mtime > STALE_STAGING_S:
+                    shutil.rmtree(staging, ignore_errors=True)
+
+    def _dir(self, job_id: str) -> pathlib.Path:
+        if not job_id.startswith("job-") or "/" in job_id or job_id != os.path.basename(job_id):
+            raise JobNotFound(job_id)
+        return self.root / job_id
+
+    # ----- the API's side -----------------------------------------------------------------------
+
+    def submit(self, job: Job, upload: bytes) -> Job:
+        """Store the upload and the queued job together: the job's folder appears whole or not at all."""
+        job.upload_sha256, job.upload_bytes = hashlib.sha256(upload).hexdigest(), len(upload)
+        job.created_at, job.state = time.time(), "queued"
+        staging = self.root / f".{job.id}.{secrets.token_hex(4)}.tmp"
+        staging.mkdir()
+        try:
+            atomic_write_bytes(staging / "upload.bin", upload)
+            atomic_write_bytes(staging / "job.json", json.dumps(dataclasses.asdict(job)).encode())
+            os.rename(staging, self._dir(job.id))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return job
+
+    def get(self, job_id: str) -> Job:
+        try:
+            return Job.of((self._dir(job_id) / "job.json").read_text())
+        except FileNotFoundError:
+            raise JobNotFound(job_id) from None
+
+    def page(self, tenant: str, after: str | None, count: int) -> list[Job]:
+        """Up to `count` of the tenant's jobs, oldest first, after the id `after`."""
+        out = []
+        for name in sorted(p.name for p in self.root.iterdir() if p.name.startswith("job-")):
+            if after is not None and name <= after:
+                continue
+            with contextlib.suppress(JobNotFound):
+                job = self.get(name)
+                if job.tenant == tenant:
+                    out.append(job)
+                    if len(out) == count:
+                        break
+        return out
+
+    def queued(self, tenant: str) -> int:
+        return sum(1 for job in self._all() if job.tenant == tenant and job.state == "queued")
+
+    def cancel(self, job_id: str) -> Job:
+        """A queued job is cancelled at once; a running one stops at its worker's next step."""
+        job = self.get(job_id)
+        if job.state in ENDED:
+            return job
+        claim = self._take(job_id, "canceller")
+        if claim is not None:  # nobody runs it (queued, or its worker is gone): end it here
+            return self.finish(claim, "cancelled", reason="cancelled by request")
+        (self._dir(job_id) / "cancel").touch()
+        return self.get(job_id)
+
+    def events(self, job_id: str, after: int = 0) -> list[dict]:
+        """The job's events from number `after` on (0: all)."""
+        self.get(job_id)
+        try:
+            lines = (self._dir(job_id) / "events.jsonl").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in lines[after:] if line]
+
+    # ----- the worker's side --------------------------------------------------------------------
+
+    def claim(self, worker: str) -> Claim | None:
+        """The oldest queued job, or a running one whose worker stopped beating; None when there is none."""
+        for job in self._all():
+            if job.state not in ("queued", "running"):
+                continue
+            claim = self._take(job.id, worker)
+            if claim is None:
+                continue
+            job = self.get(job.id)
+            if job.state in ENDED:  # ended between the listing and the claim
+                self._release(claim)
+                continue
+            job.state, job.worker, job.attempts = "running", worker, job.attempts + 1
+            job.started_at = job.started_at or time.time()
+            self._write(job)
+            return claim
+        return None
+
+    def heartbeat(self, claim: Claim) -> bool:
+        """Renew the claim; False when it was taken over (the worker must stop: another runs the job)."""
+        path = self._dir(claim.job_id) / "claim"
+        try:
+            if path.read_text() != claim.token:
+                return False
+            os.utime(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def cancelled(self, claim: Claim) -> bool:
+        return (self._dir(claim.job_id) / "cancel").exists()
+
+    def upload(self, claim: Claim) -> bytes:
+        job = self.get(claim.job_id)
+        data = (self._dir(claim.job_id) / "upload.bin").read_bytes()
+        if hashlib.sha256(data).hexdigest() != job.upload_sha256:
+            raise OSError(f"The upload of {claim.job_id} does not match its checksum; the store is damaged.")
+        return data
+
+    def update(self, claim: Claim, **fields) -> Job:
+        job = self.get(claim.job_id)
+        for name, value in fields.items():
+            setattr(job, name, value)
+        self._write(job)
+        return job
+
+    def event(self, claim: Claim, event: dict) -> None:
+        with open(self._dir(claim.job_id) / "events.jsonl", "a") as f:
+            f.write(json.dumps({"at": time.time(), **event}) + "\n")
+
+    def save_checkpoint(self, claim: Claim, epoch: int, data: bytes) -> None:
+        atomic_write_bytes(self._dir(claim.job_id) / "checkpoint.bin", data)
+        self.update(claim, checkpoint_epoch=epoch)
+
+    def checkpoint(self, claim: Claim) -> tuple[int, bytes] | None:
+        job = self.get(claim.job_id)
+        try:
+            return job.checkpoint_epoch, (self._dir(claim.job_id) / "checkpoint.bin").read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def finish(self, claim: Claim, state: str, **fields) -> Job:
+        """End the job: its state and results written, its upload, checkpoint and claim removed."""
+        if state not in ENDED:
+            raise ValueError(f"a job ends succeeded, failed or cancelled, not {state!r}")
+        job = self.update(claim, state=state, finished_at=time.time(), **fields)
+        folder = self._dir(claim.job_id)
+        for name in ("upload.bin", "checkpoint.bin", "cancel"):
+            (folder / name).unlink(missing_ok=True)
+        self._release(claim)
+        return job
+
+    # ----- claims ---------------------------------------------------------------------------------
+
+    def _take(self, job_id: str, worker: str) -> Claim | None:
+        """Claim the job: exclusively if nobody holds it, by renaming a lapsed claim away if its holder stopped."""
+        path = self._dir(job_id) / "claim"
+        token = f"{worker} {secrets.token_hex(8)}"
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                try:
+                    lapsed = time.time() - path.stat().st_mtime > self.lease_s
+                except FileNotFoundError:
+                    continue  # released meanwhile: try again
+                if not lapsed:
+                    return None
+                stale = path.with_name(f"claim.{secrets.token_hex(4)}.lapsed")
+                try:
+                    os.rename(path, stale)  # one process wins the rename
+                except FileNotFoundError:
+                    return None
+                stale.unlink(missing_ok=True)
+                continue
+            except FileNotFoundError:  # the job's folder is gone
+                return None
+            with os.fdopen(fd, "w") as f:
+                f.write(token)
+            return Claim(job_id, worker, token)
+        return None
+
+    def _release(self, claim: Claim) -> None:
+        path = self._dir(claim.job_id) / "claim"
+        with contextlib.suppress(FileNotFoundError):
+            if path.read_text() == claim.token:
+                path.unlink()
+
+    def _write(self, job: Job) -> None:
+        atomic_write_bytes(self._dir(job.id) / "job.json", json.dumps(dataclasses.asdict(job)).encode())
+
+    def _all(self) -> list[Job]:
+        jobs = []
+        for name in sorted(p.name for p in self.root.iterdir() if p.name.startswith("job-")):
+            with contextlib.suppress(JobNotFound):
+                jobs.append(self.get(name))
+        return jobs
