@@ -1,4 +1,4 @@
-"""`python -m training <command>`: pretrain, adapt, finetune, scratch, evaluate, decathlon-score.
+"""`python -m training <command>`: pretrain, adapt, finetune, scratch, evaluate, decathlon-score, worker.
 
 Examples:
     python -m training adapt --data my-images --domain pets --backbone service/demo/backbone.safetensors \\
@@ -10,6 +10,8 @@ Examples:
     python -m training evaluate --backbone demo/backbone.safetensors --bundle demo/catsdogs.safetensors \\
         --data ../shared/data/catsdogs:test
     python -m training decathlon-score --acc imnet=57.74 --acc aircraft=64.12 ...
+    python -m training worker --store ~/.local/share/residual-adapters/store \
+        --backbone service/demo/backbone.safetensors          # run the training jobs queued in a store
 """
 
 from __future__ import annotations
@@ -119,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="one domain's top-1 accuracy in percent (repeatable)",
     )
     ds.add_argument("--json", action="store_true")
+    wk = sub.add_parser("worker", help="run the training jobs queued in a store, one at a time (training.jobs)")
+    wk.add_argument("--store", required=True, type=pathlib.Path, help="the store directory (RA_STORE_DIR)")
+    wk.add_argument("--backbone", required=True, type=pathlib.Path, help="the backbone the jobs adapt")
+    wk.add_argument("--once", action="store_true", help="stop when no job is queued")
+    wk.add_argument("--nice", type=int, default=10, help="lower this process's priority by N (default 10)")
+    wk.add_argument("--lease-s", type=float, default=30.0, help="a claim's heartbeat lease (default 30)")
     return parser
 
 
@@ -129,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             return _decathlon(args)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "worker":
+            return _worker(args)
         return _train(args)
     except (ValueError, OSError) as exc:  # our errors say what to fix; no traceback for them
         print(f"error: {exc}", file=sys.stderr)
@@ -180,6 +190,18 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"{metrics['domain']}: top-1 {metrics['test_top1']:.4f} on {metrics['images']} images")
         for name, acc in metrics["per_class_top1"].items():
             print(f"  {name:<24} {'-' if acc is None else f'{acc:.4f}'}")
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import logging
+
+    from training.jobs import DirectoryJobs
+    from training.worker import Worker
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s trainer %(name)s: %(message)s")
+    os.nice(args.nice)  # inference before training on a shared CPU
+    Worker(DirectoryJobs(args.store, lease_s=args.lease_s), args.backbone).run(once=args.once)
     return 0
 
 

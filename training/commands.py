@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+from collections.abc import Callable
 from typing import Literal
 
 import keras
@@ -73,8 +74,14 @@ def load_train_val(spec: TrainSpec, side: int) -> tuple[Dataset, Dataset]:
     return train, val
 
 
-def run_training(spec: TrainSpec) -> dict:
-    """Train as `spec.mode` says, write the bundle (and backbone), return the final metrics."""
+def run_training(
+    spec: TrainSpec,
+    datasets: Callable[[int], tuple[Dataset, Dataset]] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> dict:
+    """Train as `spec.mode` says, write the bundle (and backbone), return the final metrics. `datasets`
+    gives (train, val) at a side instead of `spec.data` (a training job's upload); `on_epoch` hears each
+    epoch's record once its checkpoint is written."""
     keras.utils.set_random_seed(spec.seed)
     backbone = load_backbone(spec.backbone) if spec.backbone else None
     if spec.mode in ("adapt", "finetune") and backbone is None:
@@ -83,7 +90,7 @@ def run_training(spec: TrainSpec) -> dict:
     input_size = backbone.config.input_size if backbone else spec.input_size
     preset = PRESETS[spec.preset]
     resize = round(input_size * 9 / 8) if preset["random_crop"] else input_size
-    train, val = load_train_val(spec, resize)
+    train, val = datasets(resize) if datasets else load_train_val(spec, resize)
 
     config = backbone.config if backbone else ArchConfig(spec.width_factor, input_size, spec.adapter)
     config = config.replace(num_classes=train.num_classes)
@@ -114,7 +121,7 @@ def run_training(spec: TrainSpec) -> dict:
     steps = int(np.ceil(len(train.labels) / recipe.batch_size))
     with strategy.scope():
         trainer = Trainer(model, recipe, prep, spec.out / f"{spec.domain}_run", spec.seed, steps, strategy)
-    result = trainer.fit(train, val, resume=spec.resume, progress=spec.progress)
+    result = trainer.fit(train, val, resume=spec.resume, progress=spec.progress, on_epoch=on_epoch)
     set_weights(model, result.best_weights)
 
     full_network = spec.mode != "adapt"

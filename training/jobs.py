@@ -9,11 +9,12 @@ Layout under `<store>/.jobs/` (a dot folder: the registry of record's listing ne
   one process only, so two workers never both take over one job.
 - `<id>/checkpoint.bin`: the last epoch's checkpoint (`checkpoint_epoch` in the job).
 - `<id>/events.jsonl`: progress, one JSON object a line, appended by the claim holder.
+- `<id>/bundle.safetensors`: the bundle a succeeded job made.
 - `<id>/cancel`: a cancel asked for while the job runs; the worker stops at its next step.
 - `.<id>.<random>.tmp/`: a submit in progress, renamed to `<id>/` once whole; one older than a
   minute was left by a crash and is removed.
-A job that ends (succeeded, failed, cancelled) keeps `job.json` and its events. Its upload,
-checkpoint and claim are removed.
+A job that ends (succeeded, failed, cancelled) keeps `job.json`, its events and its bundle. Its
+upload, checkpoint and claim are removed.
 
 Job ids sort by submission time, so the oldest queued job is the first listed.
 """
@@ -222,6 +223,16 @@ class DirectoryJobs:
             return job.checkpoint_epoch, (self._dir(claim.job_id) / "checkpoint.bin").read_bytes()
         except FileNotFoundError:
             return None
+
+    def save_bundle(self, claim: Claim, data: bytes) -> None:
+        atomic_write_bytes(self._dir(claim.job_id) / "bundle.safetensors", data)
+
+    def bundle(self, job_id: str) -> bytes:
+        """The bundle a succeeded job made."""
+        try:
+            return (self._dir(job_id) / "bundle.safetensors").read_bytes()
+        except FileNotFoundError:
+            raise JobNotFound(job_id) from None
 
     def finish(self, claim: Claim, state: str, **fields) -> Job:
         """End the job: its state and results written, its upload, checkpoint and claim removed."""
