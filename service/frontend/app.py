@@ -85,6 +85,7 @@ class Gatekeeper:
 
     def __init__(self, app: ASGIApp, state: ServiceState):
         self.app, self.state = app, state
+        self._latency: dict[str, object] = {}  # each route's histogram child, looked up once
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -115,12 +116,17 @@ class Gatekeeper:
             self._record(scope, status, start, principal)
 
     def _record(self, scope: Scope, status: int, start: float, principal: Principal | None) -> None:
+        """The request's metrics: the counts once per event-loop turn (`Tally`), the latency now."""
         metrics = self.state.metrics
         path = getattr(scope.get("route"), "path", "unmatched")
-        metrics.requests.labels(path, str(status)).inc()
-        metrics.latency.labels(path).observe(time.perf_counter() - start)
+        latency = self._latency.get(path)
+        if latency is None:
+            latency = self._latency[path] = metrics.latency.labels(path)
+        latency.observe(time.perf_counter() - start)
         key = principal.name if principal is not None else "-"
-        metrics.key_requests.labels(key, str(status)).inc()
+        code = str(status)
+        metrics.tally.add(metrics.requests, 1, path, code)
+        metrics.tally.add(metrics.key_requests, 1, key, code)
         if is_management(scope["method"], scope["path"]):
             audit.write(key, scope["method"], scope["path"], status, scope.get("state", {}).get("audit"))
 
@@ -225,8 +231,8 @@ def create_app(
     )
     app.state.service = state
     install_error_handlers(app)
+    app.include_router(rest.predict)  # first: routes are matched in order, and most requests predict
     app.include_router(rest.health)
-    app.include_router(rest.predict)
     app.include_router(rest.adapters)
     oip.install(app, stats)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
