@@ -162,6 +162,28 @@ def test_concurrent_cold_loads_do_not_evict_each_others_domains_before_use(asset
     assert [o for o in outcomes if o is not None] == []
 
 
+def test_a_cold_load_leases_its_domain_to_the_waiting_requests_before_anything_else_runs(assets, tmp_path):
+    """Another load making room in the very next step of the event loop (before the waiting requests
+    wake) must not evict the domain they waited for: the load leases it for them as it lands."""
+    fill(tmp_path, assets, ["a"])
+
+    async def main():
+        registry = make_registry(assets, tmp_path, max_resident=1, host_cache_bytes=0)
+        cache, publish = registry._cache, registry._cache.publish
+
+        def publish_then_another_load_makes_room(entry):
+            publish(entry)
+            asyncio.get_running_loop().call_soon(cache.make_room)
+
+        cache.publish = publish_then_another_load_makes_room
+        entries = await asyncio.gather(*(registry.acquire("a") for _ in range(3)))
+        assert all(e.slot is not None for e in entries) and entries[0].leases == 3
+        registry.release(entries, images=1)
+        assert entries[0].leases == 0
+
+    asyncio.run(main())
+
+
 def test_the_eviction_order_protects_served_keys_within_their_share():
     from service.engine.eviction import SegmentedLru
 

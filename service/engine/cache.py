@@ -56,7 +56,6 @@ class Entry:
     leases: int = 0  # requests holding it (queued or computing)
     retired: bool = False  # replaced or deleted: its slot goes once the last lease is returned
     served: int = 0  # images classified since it was cached here
-    fresh: bool = False  # put on the device and not leased since: the requests that waited for it are due
 
     @property
     def domain(self) -> str:
@@ -151,7 +150,6 @@ class Cache:
 
     def lease(self, entry: Entry) -> Entry:
         entry.leases += 1
-        entry.fresh = False
         self._device.touch(entry.domain)
         return entry
 
@@ -179,14 +177,12 @@ class Cache:
         if old is not None and old is not entry:
             self.retire(old)
         self._entries[entry.domain] = entry
-        entry.fresh = True
         self._device.add(entry.domain)
         self._gauges()
 
     def to_device(self, entry: Entry, slot: Slot) -> None:
         """`entry`, out of the host tier (`take_row`), is on the device again in `slot`."""
         entry.slot = slot
-        entry.fresh = True
         self._device.add(entry.domain)
         self._gauges()
 
@@ -225,21 +221,13 @@ class Cache:
     def make_room(self) -> None:
         """Evict device entries in eviction order (`service.engine.eviction`) until a slot is free under `max_resident`.
 
-        Never one that a request holds or that is pinned, and one just loaded for the requests that
-        waited for it only when nothing else can go (else concurrent cold loads evict each other's
-        domains before their requests get them). Their rows are copied to host memory when the host
-        tier has room (`host_cache_mb`)."""
+        Never one that a request holds (requests waiting for a cold load hold theirs from the moment
+        it is published, `Loads.acquire`) or that is pinned. Their rows are copied to host memory when
+        the host tier has room (`host_cache_mb`)."""
         while len(self._device) >= self.max_resident:
-            victim = fallback = None
-            for domain in self._device:
-                entry = self._entries[domain]
-                if entry.leases or domain in self.pinned:
-                    continue
-                if not entry.fresh:
-                    victim = entry
-                    break
-                fallback = fallback or entry
-            victim = victim or fallback
+            victim = next(
+                (self._entries[d] for d in self._device if not self._entries[d].leases and d not in self.pinned), None
+            )
             if victim is None:
                 _log.warning(
                     "every resident domain is pinned or in use: serving more than the %d that fit", self.max_resident

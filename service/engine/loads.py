@@ -49,6 +49,23 @@ def check_name(domain: str) -> str:
         raise UnknownDomainError(domain) from None
 
 
+@dataclasses.dataclass(eq=False)
+class _Load:
+    """One domain's load in flight: the requests waiting for it, and those it took a lease for."""
+
+    task: asyncio.Task | None = None
+    waiting: set[object] = dataclasses.field(default_factory=set)
+    granted: set[object] = dataclasses.field(default_factory=set)
+
+    def leave(self, waiter: object) -> bool:
+        """`waiter` stops waiting; whether a lease was taken for it."""
+        self.waiting.discard(waiter)
+        if waiter in self.granted:
+            self.granted.discard(waiter)
+            return True
+        return False
+
+
 def _card(bundle: AdapterBundle) -> AdapterBundle:
     return dataclasses.replace(bundle, weights={}, golden_inputs=None, golden_logits=None)
 
@@ -68,7 +85,7 @@ class Loads:
     ):
         self.engine, self.record, self.metrics, self.loader = engine, record, metrics, loader
         self.cache, self._lock, self._call = cache, locks, call
-        self._loads: dict[str, asyncio.Task] = {}
+        self._loads: dict[str, _Load] = {}
         self._load_slots = asyncio.Semaphore(cache.limits.load_concurrency)
         self._invalid: dict[tuple[str, int], str] = {}  # stored versions that failed validation here
         self._verified: collections.OrderedDict[str, None] = collections.OrderedDict()  # sha256s self-tested here
@@ -90,24 +107,44 @@ class Loads:
             return leased[0]
         self.metrics.lookups.labels("device", "miss").inc()
         for _ in range(3):
-            task = self._loads.get(domain)
-            if task is None:
+            load = self._loads.get(domain)
+            if load is None:
                 check_name(domain)
-                task = self._loads[domain] = asyncio.create_task(self._bring(domain))
-                task.add_done_callback(self._load_done)
+                load = self._loads[domain] = _Load()
+                load.task = asyncio.create_task(self._bring_for(domain, load))
+                load.task.add_done_callback(self._load_done)
+            waiter = object()
+            load.waiting.add(waiter)
             try:
-                entry = await asyncio.wait_for(asyncio.shield(task), self.cache.limits.load_timeout_s)
-            except asyncio.TimeoutError:
-                raise AdapterUnavailable(
-                    f"Loading {domain!r} took longer than {self.cache.limits.load_timeout_s} s; retry shortly."
-                ) from None
-            if entry.slot is not None and not entry.retired:  # else evicted or replaced meanwhile: again
+                entry = await asyncio.wait_for(asyncio.shield(load.task), self.cache.limits.load_timeout_s)
+            except BaseException as exc:
+                if load.leave(waiter):  # a lease was taken for this request, which is leaving
+                    self.cache.release([load.task.result()])
+                if isinstance(exc, asyncio.TimeoutError):
+                    raise AdapterUnavailable(
+                        f"Loading {domain!r} took longer than {self.cache.limits.load_timeout_s} s; retry shortly."
+                    ) from None
+                raise
+            if load.leave(waiter):
+                return entry
+            if entry.slot is not None and not entry.retired:  # loaded before this request joined
                 return self.cache.lease(entry)
         raise AdapterUnavailable(f"{domain!r} kept being evicted before it could be used; retry.")
 
+    async def _bring_for(self, domain: str, load: _Load) -> Entry:
+        """`_bring`, then a lease for each request waiting for it, taken before anything else runs:
+        concurrent cold loads of more domains than fit cannot evict a domain before its requests
+        get it."""
+        entry = await self._bring(domain)
+        if entry.slot is not None and not entry.retired:
+            for _ in load.waiting:
+                self.cache.lease(entry)
+            load.granted = set(load.waiting)
+        return entry
+
     def _load_done(self, task: asyncio.Task) -> None:
         for domain, running in list(self._loads.items()):
-            if running is task:
+            if running.task is task:
                 del self._loads[domain]
         if not task.cancelled():
             task.exception()  # retrieved: its waiters (if any are left) got it
