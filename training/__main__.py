@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ds.add_argument("--json", action="store_true")
     wk = sub.add_parser("worker", help="run the training jobs queued in a store, one at a time (training.jobs)")
-    wk.add_argument("--store", required=True, type=pathlib.Path, help="the store directory (RA_STORE_DIR)")
+    wk.add_argument(
+        "--store", required=True, help="the store directory (RA_STORE_DIR), or a postgresql:// URL (RA_REGISTRY_URL)"
+    )
     wk.add_argument("--backbone", required=True, type=pathlib.Path, help="the backbone the jobs adapt")
     wk.add_argument("--once", action="store_true", help="stop when no job is queued")
     wk.add_argument("--nice", type=int, default=10, help="lower this process's priority by N (default 10)")
@@ -197,11 +199,16 @@ def _worker(args: argparse.Namespace) -> int:
     import logging
 
     from training.jobs import DirectoryJobs
+    from training.jobs_postgres import PostgresJobs
     from training.worker import Worker
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s trainer %(name)s: %(message)s")
     os.nice(args.nice)  # inference before training on a shared CPU
-    Worker(DirectoryJobs(args.store, lease_s=args.lease_s), args.backbone).run(once=args.once)
+    if args.store.startswith(("postgresql://", "postgres://")):
+        store = PostgresJobs(args.store, lease_s=args.lease_s)
+    else:
+        store = DirectoryJobs(pathlib.Path(args.store).expanduser(), lease_s=args.lease_s)
+    Worker(store, args.backbone).run(once=args.once)
     return 0
 
 

@@ -1,5 +1,6 @@
-"""The training worker: runs the jobs queued in a store (`training.jobs`), one at a time, in a process of
-its own, so that training never takes an inference process's interpreter.
+"""The training worker: runs the jobs queued in a store (a directory, `training.jobs`, or PostgreSQL,
+`training.jobs_postgres`), one at a time, in a process of its own, so that training never takes an
+inference process's interpreter.
 
 A job adapts the backbone to the job's archive (`training.archive`) with the `adapt` recipe. Its
 recipe fields (`epochs`, `batch_size`, `lr`, `val_share`, `preset`) override the defaults. While it
@@ -21,6 +22,9 @@ import time
 from training.archive import ArchiveError, decode, read_archive
 from training.data import DataError, Dataset
 from training.jobs import Claim, DirectoryJobs, Job
+from training.jobs_postgres import PostgresJobs
+
+Store = DirectoryJobs | PostgresJobs
 
 _log = logging.getLogger(__name__)
 RECIPE_FIELDS = ("epochs", "batch_size", "lr")
@@ -37,7 +41,7 @@ class Lost(Exception):
 class Heartbeat(threading.Thread):
     """Renews a claim until stopped; `held` turns False once the claim is lost."""
 
-    def __init__(self, store: DirectoryJobs, claim: Claim):
+    def __init__(self, store: Store, claim: Claim):
         super().__init__(name="heartbeat", daemon=True)
         self.store, self.claim, self.held = store, claim, True
         self._stop_event = threading.Event()
@@ -56,7 +60,7 @@ class Heartbeat(threading.Thread):
 class Worker:
     """Claims jobs from `store` and trains them on `backbone`, in `scratch` (a temporary folder per job)."""
 
-    def __init__(self, store: DirectoryJobs, backbone: pathlib.Path, name: str | None = None):
+    def __init__(self, store: Store, backbone: pathlib.Path, name: str | None = None):
         self.store, self.backbone = store, pathlib.Path(backbone)
         self.name = name or f"{os.uname().nodename}-{os.getpid()}"
 

@@ -1,0 +1,103 @@
+"""Training jobs in PostgreSQL (`training.jobs_postgres`), on a throwaway cluster: the directory store's
+behaviour, and two worker processes that each job reaches exactly once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bench.harness.postgres import Cluster, server_bin
+from training.jobs import Job, JobNotFound, new_id
+from training.jobs_postgres import PostgresJobs
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    bin_dir = server_bin()
+    if bin_dir is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI is set but PostgreSQL's server is not installed (apt-get install postgresql)")
+        pytest.skip("PostgreSQL's server is not installed (apt-get install postgresql)")
+    cluster = Cluster(bin_dir)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture
+def url(cluster):
+    import psycopg
+
+    database = f"jobs_{new_id().replace('-', '_')}"
+    with psycopg.connect(cluster.url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {database}")
+    return cluster.url.rsplit("/", 1)[0] + f"/{database}"
+
+
+def job(tenant: str = "shop") -> Job:
+    return Job(new_id(), tenant, "shoes", {"epochs": 1}, "", 0, ["a", "b"], 10)
+
+
+def test_submit_list_and_cancel(url):
+    store = PostgresJobs(url)
+    first = store.submit(job(), b"archive")
+    other = store.submit(job(tenant="other"), b"x")
+    assert store.get(first.id).state == "queued" and store.queued("shop") == 1
+    assert [j.id for j in store.page("shop", None, 10)] == [first.id]
+    with pytest.raises(JobNotFound):
+        store.get("job-0-nothere")
+    assert store.cancel(first.id).state == "cancelled" and store.queued("shop") == 0
+    claim = store.claim("w")  # the oldest queued job of any tenant; never the cancelled one
+    assert claim.job_id == other.id and store.get(other.id).state == "running"
+    assert store.cancel(other.id).state == "running" and store.cancelled(claim)
+    assert store.claim("w2") is None
+
+
+def test_a_lapsed_claim_is_taken_over_and_the_old_worker_writes_nothing_more(url):
+    store = PostgresJobs(url, lease_s=0.3)
+    queued = store.submit(job(), b"archive")
+    a = store.claim("a")
+    assert store.upload(a) == b"archive"
+    store.save_checkpoint(a, 1, b"epoch one")
+    assert store.claim("b") is None
+    time.sleep(0.4)
+    b = store.claim("b")
+    assert b.job_id == queued.id and store.checkpoint(b) == (1, b"epoch one")
+    assert not store.heartbeat(a)
+    store.update(a, epochs_done=99)  # the old worker, unaware: ignored
+    assert store.get(queued.id).epochs_done == 0 and store.get(queued.id).attempts == 2
+    store.event(b, {"type": "epoch", "epoch": 2})
+    store.save_bundle(b, b"bundle")
+    done = store.finish(b, "succeeded", accuracy=0.8)
+    assert (done.state, done.accuracy) == ("succeeded", 0.8)
+    assert store.bundle(queued.id) == b"bundle" and [e["epoch"] for e in store.events(queued.id)] == [2]
+    assert store.checkpoint(b) is None and store.claim("c") is None
+
+
+@pytest.mark.slow
+def test_two_worker_processes_run_each_job_exactly_once(url):
+    from test_training_worker import BACKBONE, REPO, submit
+
+    store = PostgresJobs(url)
+    ids = [submit(store, epochs=1).id for _ in range(3)]
+    command = ["-m", "training", "worker", "--store", url, "--backbone", str(BACKBONE), "--once"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, *command], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        for _ in range(2)
+    ]
+    for worker in workers:
+        assert worker.wait(300) == 0
+    for job_id in ids:
+        done = store.get(job_id)
+        assert done.state == "succeeded" and done.attempts == 1, done.reason
+        assert [e["epoch"] for e in store.events(job_id) if e["type"] == "epoch"] == [1]
+    assert len({store.get(i).worker for i in ids}) >= 1
