@@ -6,7 +6,8 @@ One worker serves from one process (HTTP and the engine together). Several run t
 the default, fits the host: one process where there is no accelerator and fewer than
 `SPLIT_MIN_CORES` cores (there the split's messages cost more than its parallel front ends give:
 `bench.split`'s `workers2_over_single` is under 1 on 2 cores), else the split with a front end per core
-but one, which the engine process keeps. It logs what it chose and why.
+but one, which the engine process keeps. It logs what it chose and why. Either way `RA_TRAINERS`
+training workers run beside it (`service.trainers`).
 """
 
 from __future__ import annotations
@@ -93,20 +94,30 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("service").info("--workers auto: %s", why)
     # every process reads its settings from the environment
     os.environ.update(RA_WORKERS=str(args.workers), RA_HOST=args.host, RA_PORT=str(args.port))
+    from service.settings import Settings
+
+    trainers = Settings().trainers
     if args.workers > 1:
         from service.supervisor import Supervisor
 
-        return Supervisor(args.host, args.port, args.workers, args.log_level).run()
+        return Supervisor(args.host, args.port, args.workers, args.log_level, trainers).run()
     import uvicorn
 
-    uvicorn.run(
-        "service.boot:single_process_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        access_log=False,
-    )
+    from service.trainers import Trainers
+
+    pool = Trainers(trainers, args.log_level)
+    pool.start()
+    try:
+        uvicorn.run(
+            "service.boot:single_process_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            access_log=False,
+        )
+    finally:
+        pool.stop()
     return 0
 
 

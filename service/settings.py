@@ -126,6 +126,25 @@ class Settings(BaseSettings):
     )
     max_files: int = Field(32, ge=1, description="images per predict request")
     preprocess_threads: int = Field(4, ge=1)
+    trainers: int = Field(
+        1,
+        ge=0,
+        le=16,
+        description="training worker processes beside the service (python -m training worker); 0: none here "
+        "(another host's workers, or none, run the jobs)",
+    )
+    trainer_nice: int = Field(
+        10, ge=0, le=19, description="how much lower a trainer's CPU priority is than the engine's"
+    )
+    max_training_upload_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024, description="largest archive POST /training/jobs accepts"
+    )
+    max_training_images: int = Field(50_000, ge=2, description="images one training upload may hold")
+    max_training_classes: int = Field(1_000, ge=2, description="classes one training upload may hold")
+    max_queued_jobs: int = Field(4, ge=1, description="queued training jobs per tenant; beyond: 429")
+    training_lease_s: float = Field(
+        30.0, gt=0, description="a training job's claim lapses after this long without a heartbeat"
+    )
 
     @field_validator("admin_token", "registry_url")
     @classmethod
@@ -152,6 +171,11 @@ class Settings(BaseSettings):
     @property
     def pinned_domains(self) -> frozenset[str]:
         return frozenset(d.strip() for d in self.pinned.split(",") if d.strip())
+
+    @property
+    def jobs_location(self) -> str:
+        """Where the training jobs live: beside the registry of record (`training.jobs.open_jobs`)."""
+        return self.registry_url.get_secret_value() if self.registry_url is not None else str(self.store_dir)
 
     @property
     def max_request_bytes(self) -> int:

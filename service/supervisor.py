@@ -7,7 +7,8 @@ restarts a process that dies (front ends keep serving while the engine restarts:
 503 `engine_unavailable` meanwhile), and on SIGTERM or SIGINT stops the front ends first (in-flight
 requests finish), then the engine, then removes what they shared: the engine's socket, the front
 ends' shared-memory arenas, the metrics files and the host tables (rate limits and OIP statistics,
-`service.frontend.host_table`), which it makes in its run directory before any child starts.
+`service.frontend.host_table`), which it makes in its run directory before any child starts. The
+training workers beside them are `service.trainers`'.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 from collections.abc import Callable
 
 from service.metrics import MULTIPROC_DIR
+from service.trainers import Trainers
 
 _log = logging.getLogger("service.supervisor")
 MB = 1024 * 1024
@@ -91,7 +93,7 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, host: str, port: int, workers: int, log_level: str):
+    def __init__(self, host: str, port: int, workers: int, log_level: str, trainers: int = 0):
         self.host, self.port, self.workers, self.log_level = host, port, workers, log_level
         self.prefix = f"ra-{os.getpid()}-"  # of every shared-memory arena this supervisor's front ends make
         self.rundir = tempfile.mkdtemp(prefix="ra-run-")
@@ -101,6 +103,7 @@ class Supervisor:
         self._generation = 0
         self.engine = Child("engine", engine_main, lambda: (self.endpoint, self.prefix, None, log_level))
         self.frontends = [Child(f"front end {i}", frontend_main, self._frontend_args(i)) for i in range(workers)]
+        self.trainers = Trainers(trainers, log_level)
 
     def _frontend_args(self, i: int) -> Callable[[], tuple]:
         def args() -> tuple:
@@ -171,6 +174,7 @@ class Supervisor:
             create_host_tables(self.rundir)
             for child in self.children:
                 self._start(child)
+            self.trainers.start()
             while not self._stopping.wait(0.1):
                 for child in self.children:
                     if child.process is not None and not child.process.is_alive():
@@ -182,7 +186,8 @@ class Supervisor:
         return 0
 
     def _stop(self) -> None:
-        _log.info("stopping: front ends first, then the engine")
+        _log.info("stopping: the trainers and front ends first, then the engine")
+        self.trainers.stop()
         self._terminate([c for c in self.frontends if c.process is not None], STOP_GRACE_S + 5)
         self._terminate([self.engine] if self.engine.process is not None else [], 30)
         from service.transport import remove_arenas

@@ -101,3 +101,21 @@ def test_two_worker_processes_run_each_job_exactly_once(url):
         assert done.state == "succeeded" and done.attempts == 1, done.reason
         assert [e["epoch"] for e in store.events(job_id) if e["type"] == "epoch"] == [1]
     assert len({store.get(i).worker for i in ids}) >= 1
+
+
+def test_a_trained_job_waits_for_one_registrar_and_can_still_be_cancelled(url):
+    store = PostgresJobs(url, lease_s=0.3)
+    first, second = store.submit(job(), b"a"), store.submit(job(), b"b")
+    for expected in (first, second):
+        claim = store.claim("w")
+        assert claim.job_id == expected.id
+        store.save_bundle(claim, b"bundle")
+        assert store.trained(claim, accuracy=0.9).state == "registering"
+    assert store.claim("w") is None and store.counts()["registering"] == 2
+    registrar = store.claim("engine", stage="register")
+    assert registrar.job_id == first.id
+    assert store.claim("engine-2", stage="register").job_id == second.id  # skips the held one
+    assert store.cancel(second.id).state == "registering"  # held: asked, not forced
+    assert store.finish(registrar, "succeeded", version=1).version == 1
+    time.sleep(0.4)  # engine-2 stopped beating: its job is claimed again
+    assert store.claim("engine-3", stage="register").job_id == second.id

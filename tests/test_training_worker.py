@@ -41,11 +41,13 @@ def digits_zip(per_class: int = 20) -> bytes:
     return out.getvalue()
 
 
-def submit(store: DirectoryJobs, epochs: int) -> Job:
+def submit(store: DirectoryJobs, epochs: int, register: bool = False) -> Job:
     upload = digits_zip()
     members = read_archive(upload)
     recipe = {"epochs": epochs, "batch_size": 8, "lr": 0.05, "preset": "digits", "val_share": 0.25}
-    job = Job(new_id(), "lab", "zeros-ones", recipe, "", 0, list(members.classes), len(members.images))
+    job = Job(
+        new_id(), "lab", "zeros-ones", recipe, "", 0, list(members.classes), len(members.images), register=register
+    )
     return store.submit(job, upload)
 
 
@@ -58,6 +60,19 @@ def test_a_job_becomes_a_bundle_with_its_accuracy_and_leaves_no_upload(tmp_path)
     bundle = load_bundle(store.bundle(queued.id), load_backbone(BACKBONE))
     assert bundle.domain == "zeros-ones" and bundle.labels == ("0", "1") and bundle.golden_inputs is not None
     assert [e["epoch"] for e in store.events(queued.id) if e["type"] == "epoch"] == [1, 2]
+    left = sorted(p.name for p in (store.root / queued.id).iterdir())
+    assert left == ["bundle.safetensors", "events.jsonl", "job.json"]
+
+
+def test_a_job_to_register_waits_for_the_service_once_trained(tmp_path):
+    store = DirectoryJobs(tmp_path)
+    queued = submit(store, epochs=1, register=True)
+    done = Worker(store, BACKBONE, "w").run_one()
+    assert done.state == "registering" and done.accuracy is not None and done.finished_at is None
+    assert store.claim("again") is None  # nothing left to train
+    claim = store.claim("service", stage="register")
+    assert claim.job_id == queued.id and store.claim("other", stage="register") is None
+    assert store.finish(claim, "succeeded", version=3).version == 3
     left = sorted(p.name for p in (store.root / queued.id).iterdir())
     assert left == ["bundle.safetensors", "events.jsonl", "job.json"]
 

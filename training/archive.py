@@ -31,6 +31,7 @@ from model.preprocessing import ImageDecodeError, open_image, square, to_rgb
 from training.data import IMAGE_SUFFIXES, SPLITS, Dataset
 
 MB = 1024 * 1024
+CHECK_SIDE = 32  # the side `check_decodes` decodes JPEGs at (a reduced scale)
 GRAY_MODES = ("L", "LA", "I", "I;16", "F", "1")
 
 
@@ -229,8 +230,24 @@ def decode(
             continue
         gray.append(image.mode in GRAY_MODES)
         squares.append(square(to_rgb(image, grayscale), side))
+    _refuse(failures)
+    labels = np.array([i for _, i, _ in chosen], np.int64)
+    return Dataset(np.stack(squares), labels, members.classes, "archive", all(gray))
+
+
+def check_decodes(members: Members, limits: ArchiveLimits = LIMITS) -> None:
+    """Every image of the archive decodes (as serving decodes them), or `undecodable` names those that
+    do not: what a submit checks before it stores anything. JPEGs decode at a reduced scale: cheap."""
+    failures = []
+    for path, _, _, data in members.images:
+        try:
+            open_image(data, limits.max_image_pixels, min_side=CHECK_SIDE)
+        except ImageDecodeError as exc:
+            failures.append(f"{path} ({exc})")
+    _refuse(failures)
+
+
+def _refuse(failures: list[str]) -> None:
     if failures:
         shown = "; ".join(failures[:5]) + (f"; and {len(failures) - 5} more" if len(failures) > 5 else "")
         raise ArchiveError("undecodable", f"{len(failures)} images do not decode: {shown}. Remove or replace them.")
-    labels = np.array([i for _, i, _ in chosen], np.int64)
-    return Dataset(np.stack(squares), labels, members.classes, "archive", all(gray))

@@ -78,10 +78,11 @@ def run_training(
     spec: TrainSpec,
     datasets: Callable[[int], tuple[Dataset, Dataset]] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    on_step: Callable[[dict], None] | None = None,
 ) -> dict:
     """Train as `spec.mode` says, write the bundle (and backbone), return the final metrics. `datasets`
     gives (train, val) at a side instead of `spec.data` (a training job's upload); `on_epoch` hears each
-    epoch's record once its checkpoint is written."""
+    epoch's record once its checkpoint is written, `on_step` each training step's running figures."""
     keras.utils.set_random_seed(spec.seed)
     backbone = load_backbone(spec.backbone) if spec.backbone else None
     if spec.mode in ("adapt", "finetune") and backbone is None:
@@ -121,7 +122,7 @@ def run_training(
     steps = int(np.ceil(len(train.labels) / recipe.batch_size))
     with strategy.scope():
         trainer = Trainer(model, recipe, prep, spec.out / f"{spec.domain}_run", spec.seed, steps, strategy)
-    result = trainer.fit(train, val, resume=spec.resume, progress=spec.progress, on_epoch=on_epoch)
+    result = trainer.fit(train, val, resume=spec.resume, progress=spec.progress, on_epoch=on_epoch, on_step=on_step)
     set_weights(model, result.best_weights)
 
     full_network = spec.mode != "adapt"

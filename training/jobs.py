@@ -16,6 +16,11 @@ Layout under `<store>/.jobs/` (a dot folder: the registry of record's listing ne
 A job that ends (succeeded, failed, cancelled) keeps `job.json`, its events and its bundle. Its
 upload, checkpoint and claim are removed.
 
+A job's states: `queued`, `running` (a worker trains it), `registering` (trained, its bundle in the
+store, waiting for the service to validate and register it: `trained`, then a claim for the
+`register` stage), then one of `ENDED`. A job submitted for its bundle only ends `succeeded` when
+trained.
+
 Job ids sort by submission time, so the oldest queued job is the first listed.
 """
 
@@ -34,8 +39,9 @@ import time
 from model.safetensors_io import atomic_write_bytes
 
 JOBS = ".jobs"
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+STATES = ("queued", "running", "registering", "succeeded", "failed", "cancelled")
 ENDED = ("succeeded", "failed", "cancelled")
+STAGES = {"train": ("queued", "running"), "register": ("registering",)}  # what each stage's claim takes
 STALE_STAGING_S = 60.0
 
 
@@ -90,7 +96,6 @@ class DirectoryJobs:
     def __init__(self, store: pathlib.Path, lease_s: float = 30.0):
         self.root = pathlib.Path(store) / JOBS
         self.lease_s = lease_s
-        self.root.mkdir(parents=True, exist_ok=True)
         for staging in self.root.glob(".job-*.tmp"):  # a submit killed half-way; a live one takes milliseconds
             with contextlib.suppress(FileNotFoundError):
                 if time.time() - staging.stat().st_mtime > STALE_STAGING_S:
@@ -108,7 +113,7 @@ class DirectoryJobs:
         job.upload_sha256, job.upload_bytes = hashlib.sha256(upload).hexdigest(), len(upload)
         job.created_at, job.state = time.time(), "queued"
         staging = self.root / f".{job.id}.{secrets.token_hex(4)}.tmp"
-        staging.mkdir()
+        staging.mkdir(parents=True)  # the first job makes `.jobs/`
         try:
             atomic_write_bytes(staging / "upload.bin", upload)
             atomic_write_bytes(staging / "job.json", json.dumps(dataclasses.asdict(job)).encode())
@@ -127,7 +132,7 @@ class DirectoryJobs:
     def page(self, tenant: str, after: str | None, count: int) -> list[Job]:
         """Up to `count` of the tenant's jobs, oldest first, after the id `after`."""
         out = []
-        for name in sorted(p.name for p in self.root.iterdir() if p.name.startswith("job-")):
+        for name in self._names():
             if after is not None and name <= after:
                 continue
             with contextlib.suppress(JobNotFound):
@@ -140,6 +145,13 @@ class DirectoryJobs:
 
     def queued(self, tenant: str) -> int:
         return sum(1 for job in self._all() if job.tenant == tenant and job.state == "queued")
+
+    def counts(self) -> dict[str, int]:
+        """Jobs by state (the metrics' gauge)."""
+        out = dict.fromkeys(STATES, 0)
+        for job in self._all():
+            out[job.state] += 1
+        return out
 
     def cancel(self, job_id: str) -> Job:
         """A queued job is cancelled at once; a running one stops at its worker's next step."""
@@ -163,21 +175,23 @@ class DirectoryJobs:
 
     # ----- the worker's side --------------------------------------------------------------------
 
-    def claim(self, worker: str) -> Claim | None:
-        """The oldest queued job, or a running one whose worker stopped beating; None when there is none."""
+    def claim(self, worker: str, stage: str = "train") -> Claim | None:
+        """The oldest job of `stage` (`STAGES`) that nobody holds, or whose holder stopped beating; None
+        when there is none. A job claimed to train turns `running`."""
         for job in self._all():
-            if job.state not in ("queued", "running"):
+            if job.state not in STAGES[stage]:
                 continue
             claim = self._take(job.id, worker)
             if claim is None:
                 continue
             job = self.get(job.id)
-            if job.state in ENDED:  # ended between the listing and the claim
+            if job.state not in STAGES[stage]:  # moved on between the listing and the claim
                 self._release(claim)
                 continue
-            job.state, job.worker, job.attempts = "running", worker, job.attempts + 1
-            job.started_at = job.started_at or time.time()
-            self._write(job)
+            if stage == "train":
+                job.state, job.worker, job.attempts = "running", worker, job.attempts + 1
+                job.started_at = job.started_at or time.time()
+                self._write(job)
             return claim
         return None
 
@@ -238,7 +252,15 @@ class DirectoryJobs:
         """End the job: its state and results written, its upload, checkpoint and claim removed."""
         if state not in ENDED:
             raise ValueError(f"a job ends succeeded, failed or cancelled, not {state!r}")
-        job = self.update(claim, state=state, finished_at=time.time(), **fields)
+        return self._hand_on(claim, state, finished_at=time.time(), **fields)
+
+    def trained(self, claim: Claim, **fields) -> Job:
+        """Training is done and the bundle saved: the job waits, `registering`, for the service's claim
+        (`claim(..., stage="register")`); its upload, checkpoint and this claim are removed."""
+        return self._hand_on(claim, "registering", **fields)
+
+    def _hand_on(self, claim: Claim, state: str, **fields) -> Job:
+        job = self.update(claim, state=state, **fields)
         folder = self._dir(claim.job_id)
         for name in ("upload.bin", "checkpoint.bin", "cancel"):
             (folder / name).unlink(missing_ok=True)
@@ -284,9 +306,25 @@ class DirectoryJobs:
     def _write(self, job: Job) -> None:
         atomic_write_bytes(self._dir(job.id) / "job.json", json.dumps(dataclasses.asdict(job)).encode())
 
+    def _names(self) -> list[str]:
+        """Every job's id, oldest first (none before the first submit)."""
+        try:
+            return sorted(p.name for p in self.root.iterdir() if p.name.startswith("job-"))
+        except FileNotFoundError:
+            return []
+
     def _all(self) -> list[Job]:
         jobs = []
-        for name in sorted(p.name for p in self.root.iterdir() if p.name.startswith("job-")):
+        for name in self._names():
             with contextlib.suppress(JobNotFound):
                 jobs.append(self.get(name))
         return jobs
+
+
+def open_jobs(location: str | os.PathLike, lease_s: float = 30.0):
+    """The job list beside the registry of record: a `postgresql://` URL, or the store directory."""
+    if str(location).startswith(("postgresql://", "postgres://")):
+        from training.jobs_postgres import PostgresJobs  # psycopg, only for a fleet's record
+
+        return PostgresJobs(str(location), lease_s=lease_s)
+    return DirectoryJobs(pathlib.Path(location).expanduser(), lease_s=lease_s)

@@ -18,7 +18,7 @@ import time
 
 import psycopg
 
-from training.jobs import ENDED, Claim, Job, JobNotFound
+from training.jobs import ENDED, STAGES, STATES, Claim, Job, JobNotFound
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ra_training_jobs (
@@ -99,15 +99,21 @@ class PostgresJobs:
             job.state, job.finished_at, job.reason = "cancelled", time.time(), "cancelled by request"
             done = conn.execute(
                 "UPDATE ra_training_jobs SET state = 'cancelled', job = %s, upload = NULL, checkpoint = NULL "
-                "WHERE id = %s AND state = 'queued'",
+                "WHERE id = %s AND (state = 'queued' OR (state = 'registering' AND claim_token IS NULL))",
                 (json.dumps(dataclasses.asdict(job)), job_id),
             ).rowcount
             if not done:
                 conn.execute(
-                    "UPDATE ra_training_jobs SET cancel_requested = true WHERE id = %s AND state = 'running'",
+                    "UPDATE ra_training_jobs SET cancel_requested = true WHERE id = %s AND state IN ('running', 'registering')",
                     (job_id,),
                 )
         return self.get(job_id)
+
+    def counts(self) -> dict[str, int]:
+        """Jobs by state (the metrics' gauge)."""
+        with self._connect() as conn:
+            rows = conn.execute("SELECT state, count(*) FROM ra_training_jobs GROUP BY state").fetchall()
+        return {**dict.fromkeys(STATES, 0), **dict(rows)}
 
     def events(self, job_id: str, after: int = 0) -> list[dict]:
         self.get(job_id)
@@ -126,25 +132,26 @@ class PostgresJobs:
 
     # ----- the worker's side --------------------------------------------------------------------
 
-    def claim(self, worker: str) -> Claim | None:
-        """The oldest queued job, or a running one whose worker stopped beating; None when there is none."""
+    def claim(self, worker: str, stage: str = "train") -> Claim | None:
+        """The oldest job of `stage` (`training.jobs.STAGES`) that nobody holds, or whose holder stopped
+        beating; None when there is none. A job claimed to train turns `running`."""
         token = f"{worker} {secrets.token_hex(8)}"
         now = time.time()
         with self._connect() as conn, conn.transaction():
             row = conn.execute(
-                "SELECT id, job, state FROM ra_training_jobs WHERE state = 'queued' "
-                "OR (state = 'running' AND heartbeat_at < %s) ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
-                (now - self.lease_s,),
+                "SELECT id, job, state FROM ra_training_jobs WHERE state = ANY(%s) "
+                "AND (claim_token IS NULL OR heartbeat_at < %s) ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
+                (list(STAGES[stage]), now - self.lease_s),
             ).fetchone()
             if row is None:
                 return None
             job = self._job(row[1:])
-            job.state, job.worker, job.attempts = "running", worker, job.attempts + 1
-            job.started_at = job.started_at or now
+            if stage == "train":
+                job.state, job.worker, job.attempts = "running", worker, job.attempts + 1
+                job.started_at = job.started_at or now
             conn.execute(
-                "UPDATE ra_training_jobs SET state = 'running', job = %s, claim_token = %s, heartbeat_at = %s "
-                "WHERE id = %s",
-                (json.dumps(dataclasses.asdict(job)), token, now, row[0]),
+                "UPDATE ra_training_jobs SET state = %s, job = %s, claim_token = %s, heartbeat_at = %s WHERE id = %s",
+                (job.state, json.dumps(dataclasses.asdict(job)), token, now, row[0]),
             )
         return Claim(row[0], worker, token)
 
@@ -213,15 +220,22 @@ class PostgresJobs:
         """End the job: its state and results written, its upload and checkpoint dropped, the claim released."""
         if state not in ENDED:
             raise ValueError(f"a job ends succeeded, failed or cancelled, not {state!r}")
+        return self._hand_on(claim, state, finished_at=time.time(), **fields)
+
+    def trained(self, claim: Claim, **fields) -> Job:
+        """Training is done and the bundle saved: the job waits, `registering`, for the service's claim."""
+        return self._hand_on(claim, "registering", **fields)
+
+    def _hand_on(self, claim: Claim, state: str, **fields) -> Job:
         job = self.get(claim.job_id)
-        for name, value in {**fields, "state": state, "finished_at": time.time()}.items():
+        for name, value in {**fields, "state": state}.items():
             setattr(job, name, value)
         with self._connect() as conn:
             self._held(
                 conn,
                 claim,
                 "UPDATE ra_training_jobs SET state = %s, job = %s, upload = NULL, checkpoint = NULL, "
-                "claim_token = NULL, cancel_requested = false",
+                "claim_token = NULL, heartbeat_at = NULL, cancel_requested = false",
                 (state, json.dumps(dataclasses.asdict(job))),
             )
         return self.get(claim.job_id)

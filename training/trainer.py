@@ -113,7 +113,10 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
         on_epoch: Callable[[dict], None] | None = None,
+        on_step: Callable[[dict], None] | None = None,
     ) -> TrainResult:
+        """Train from the last checkpoint (`resume`) to the recipe's last epoch. `on_epoch` hears each
+        epoch's record once its checkpoint is written; `on_step` each step's running figures."""
         start_epoch, history, best = 0, [], (-1.0, -1, None)
         if resume:
             start_epoch, history, best = self._restore()
@@ -146,6 +149,18 @@ class Trainer:
                 n = min(self.recipe.batch_size, len(train.labels) - step * self.recipe.batch_size)
                 total_loss, correct, seen = total_loss + float(loss_sum), correct + float(hits), seen + n
                 bar.set_postfix(loss=f"{total_loss / seen:.3f}", top1=f"{correct / seen:.3f}")
+                if on_step:
+                    on_step(
+                        {
+                            "epoch": epoch + 1,
+                            "step": step + 1,
+                            "steps": steps,
+                            "loss": total_loss / seen,
+                            "train_top1": correct / seen,
+                            "seconds": time.perf_counter() - t0,
+                            "images_per_s": seen / max(time.perf_counter() - t0, 1e-9),
+                        }
+                    )
             val_top1 = top1(self.model, val, self.prep)
             record = {
                 "epoch": epoch + 1,
@@ -154,6 +169,7 @@ class Trainer:
                 "val_top1": val_top1,
                 "lr": float(self.schedule(self.optimizer.iterations - 1)),
                 "seconds": time.perf_counter() - t0,
+                "images_per_s": len(train.labels) / max(time.perf_counter() - t0, 1e-9),
             }
             history.append(record)
             if val_top1 > best[0]:

@@ -6,8 +6,9 @@ A job adapts the backbone to the job's archive (`training.archive`) with the `ad
 recipe fields (`epochs`, `batch_size`, `lr`, `val_share`, `preset`) override the defaults. While it
 trains, a thread renews the claim every third of the lease. After each epoch the checkpoint goes into
 the store, with an event. A worker killed mid-job loses the epoch it was in: the next worker that
-claims the job, once the heartbeat has lapsed, resumes from the checkpoint. A succeeded job leaves
-its bundle in the store; registering it as a new version of the domain is the service's part.
+claims the job, once the heartbeat has lapsed, resumes from the checkpoint. A trained job leaves its
+bundle in the store: it ends `succeeded` there when it asked for the bundle only, else it waits,
+`registering`, for the service to validate and register it (`service.engine.registrar`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ Store = DirectoryJobs | PostgresJobs
 
 _log = logging.getLogger(__name__)
 RECIPE_FIELDS = ("epochs", "batch_size", "lr")
+STEP_EVENT_S = 2.0  # at most one step event this often (and each epoch's last step)
+
+
+def _eta(step: dict, epochs: int | None) -> float | None:
+    """Seconds left: this epoch's rest and the epochs after it, at this epoch's pace so far."""
+    if not epochs:
+        return None
+    per_epoch = step["seconds"] * step["steps"] / step["step"]
+    return per_epoch * (epochs - step["epoch"]) + per_epoch - step["seconds"]
 
 
 class Cancelled(Exception):
@@ -83,6 +93,8 @@ class Worker:
         try:
             accuracy, bundle = self._train(claim, beat)
             self.store.save_bundle(claim, bundle)
+            if self.store.get(claim.job_id).register:  # the service validates and registers it
+                return self.store.trained(claim, accuracy=accuracy)
             return self.store.finish(claim, "succeeded", accuracy=accuracy)
         except Cancelled:
             return self.store.finish(claim, "cancelled", reason="cancelled by request")
@@ -130,14 +142,24 @@ class Worker:
                     return train, decode(members, side, split="val")
                 return train.split(spec.val_split, spec.seed)
 
+            epochs = int(job.recipe.get("epochs") or 0) or None  # None: the preset's
+            last_step = [0.0]
+
+            def on_step(record: dict) -> None:
+                now = time.monotonic()
+                if now - last_step[0] >= STEP_EVENT_S or record["step"] == record["steps"]:
+                    last_step[0] = now
+                    self.store.event(claim, {"type": "step", **record, "eta_s": _eta(record, epochs)})
+
             def on_epoch(record: dict) -> None:
                 if not beat.held:
                     raise Lost()
                 self.store.save_checkpoint(claim, record["epoch"], checkpoint.read_bytes())
                 self.store.update(claim, epochs_done=record["epoch"])
-                self.store.event(claim, {"type": "epoch", **record})
+                left = (epochs - record["epoch"]) * record["seconds"] if epochs else None
+                self.store.event(claim, {"type": "epoch", **record, "eta_s": left})
                 if self.store.cancelled(claim):
                     raise Cancelled()
 
-            metrics = run_training(spec, datasets=datasets, on_epoch=on_epoch)
+            metrics = run_training(spec, datasets=datasets, on_epoch=on_epoch, on_step=on_step)
             return metrics["val_top1"], pathlib.Path(metrics["bundle"]).read_bytes()

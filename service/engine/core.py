@@ -6,7 +6,7 @@ with one worker, inside the single serving process; front ends reach it only thr
 `service.client`, and get plain views (`service.views`) back, never the registry's live objects.
 Start-up (`service.engine.startup`): load the backbone, warm the engine, open the record (seeding the
 demo bundles once); then here: load the pinned domains, sync with the record, then follow it; the most
-used domains warm in the background. `service.engine.reports` builds the views it answers with.
+used domains warm in the background, and trained jobs' bundles are registered (`service.engine.registrar`). `service.engine.reports` builds the views it answers with.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from service.engine import reports, residency
 from service.engine.batcher import Done, DynamicBatcher, settle
 from service.engine.follower import Follower
 from service.engine.loader import Loader
+from service.engine.registrar import Registrar
 from service.engine.registry import Entry, Registry
 from service.engine.startup import start_engine
 from service.exceptions import StaleCard
@@ -37,6 +38,7 @@ from service.metrics import Metrics
 from service.record import RecordUnavailable
 from service.settings import Settings
 from service.views import Card, Deleted, DeviceReport, EngineStatus, Row
+from training.jobs import open_jobs
 
 if TYPE_CHECKING:
     from model.engine import InferenceEngine
@@ -101,6 +103,8 @@ class EngineCore:
         self.follower = Follower(registry, registry.record, s.resync_interval_s)
         self.follower.start()
         self._tasks.append(asyncio.create_task(self._warm_most_used(registry.max_resident)))
+        jobs = await asyncio.to_thread(open_jobs, s.jobs_location, s.training_lease_s)
+        self._tasks.append(asyncio.create_task(Registrar(registry, jobs).run()))
         gc.collect()
         gc.freeze()  # the loaded framework's objects live forever: keep them out of full collections
         self._gc_thresholds = gc.get_threshold()

@@ -1,13 +1,14 @@
 """Who may do what: the one place that decides access.
 
 Without a keys file (the embedded default) predicting and listing are open, and management (POST/DELETE
-under /adapters, the Open Inference Protocol's /v2/repository) needs `Authorization: Bearer
-<RA_ADMIN_TOKEN>`; with no token configured management is disabled (403), never open.
+under /adapters, the Open Inference Protocol's /v2/repository) and training (/training/jobs) need
+`Authorization: Bearer <RA_ADMIN_TOKEN>`; with no token configured they are disabled (403), never open.
 
 With `RA_API_KEYS_FILE` every request but health, docs and the page needs a key (401 without one). A key
 sees only the domains its glob patterns match: any other domain answers exactly as an unknown one does
 (404, same body), so keys cannot enumerate each other's domains. Management and /metrics need an admin
-key (or `RA_ADMIN_TOKEN`); a key may carry a request rate limit (token bucket, 429 with Retry-After),
+key (or `RA_ADMIN_TOKEN`), training a key with `"train": true` (or an admin key), for the domains its
+patterns match; a key may carry a request rate limit (token bucket, 429 with Retry-After),
 counted once per host (`RateLimits`, in a table every front end shares).
 
 Everything here runs before the request body is received. Secrets are never stored: the file holds the
@@ -70,6 +71,16 @@ def is_management(method: str, path: str) -> bool:
     return method in ("POST", "DELETE") and (path == "/adapters" or path.startswith("/adapters/"))
 
 
+def is_training(path: str) -> bool:
+    """The training jobs' routes: like management, they write domains (and read tenants' jobs)."""
+    return path == "/training/jobs" or path.startswith("/training/jobs/")
+
+
+def is_audited(method: str, path: str) -> bool:
+    """The calls that change something for everyone: each one gets an audit line."""
+    return is_management(method, path) or (method == "POST" and is_training(path))
+
+
 def is_public(path: str) -> bool:
     return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
 
@@ -91,11 +102,16 @@ class Principal:
     patterns: tuple[str, ...] = ("*",)
     rate_per_s: float | None = None
     burst: int | None = None
+    train: bool = False  # may submit training jobs for its domains (admins may)
     _pattern: re.Pattern = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:  # the globs as one compiled alternation (none: matches nothing)
         regex = "|".join(f"(?:{fnmatch.translate(p)})" for p in self.patterns) or r"(?!)"
         object.__setattr__(self, "_pattern", re.compile(regex))
+
+    @property
+    def may_train(self) -> bool:
+        return self.admin or self.train
 
     @property
     def every_domain(self) -> bool:
@@ -124,6 +140,7 @@ class KeySpec(BaseModel):
     key_sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
     domains: list[str] = Field(default_factory=list)
     admin: bool = False
+    train: bool = False
     rate_per_s: float | None = Field(None, gt=0)
     burst: int | None = Field(None, ge=1)
 
@@ -186,6 +203,7 @@ def load_keys(path: pathlib.Path, text: str | None = None) -> dict[str, Principa
             tuple(spec.domains),
             spec.rate_per_s,
             spec.burst or (max(1, math.ceil(spec.rate_per_s)) if spec.rate_per_s else None),
+            spec.train,
         )
     return keys
 
@@ -308,20 +326,21 @@ class Access:
             return ANYONE
         given = _bearer(authorization)
         if self.keyring is None:
-            if not is_management(method, path):
+            if not (is_management(method, path) or is_training(path)):
                 return ANYONE
+            what = "Training domains" if is_training(path) else "Adapter management"
             if self.admin_token is None:
                 raise Denied(
                     ApiError(
                         403,
                         "management_disabled",
-                        "Adapter management is disabled: start the service with RA_ADMIN_TOKEN set.",
+                        f"{what} is disabled: start the service with RA_ADMIN_TOKEN set.",
                     )
                 )
             if given is None:
                 raise Denied(
                     _unauthorized(
-                        "Managing adapters needs the admin token: send 'Authorization: Bearer "
+                        f"{what} needs the admin token: send 'Authorization: Bearer "
                         "<RA_ADMIN_TOKEN>' (on the web page, enter it in the API key field)."
                     )
                 )
@@ -352,6 +371,16 @@ class Access:
                     403,
                     "forbidden",
                     f"Key {principal.name!r} may not manage adapters or read the metrics; use an admin key.",
+                ),
+                principal,
+            )
+        if is_training(path) and not principal.may_train:
+            raise Denied(
+                ApiError(
+                    403,
+                    "forbidden",
+                    f'Key {principal.name!r} may not train domains; use a key with "train": true in '
+                    "RA_API_KEYS_FILE (or an admin key).",
                 ),
                 principal,
             )

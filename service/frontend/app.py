@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.client import EngineClient
 from service.exceptions import EngineUnavailable
-from service.frontend import audit, oip, rest
+from service.frontend import audit, oip, rest, training
 from service.frontend.access import (
     BUCKETS,
     Access,
@@ -35,7 +35,7 @@ from service.frontend.access import (
     KeysFileError,
     Principal,
     RateLimits,
-    is_management,
+    is_audited,
 )
 from service.frontend.errors import BodyTooLarge, error_response, install_error_handlers, refusal_response
 from service.frontend.host_table import HostTable, Layout
@@ -51,18 +51,20 @@ HOST_TABLES: dict[str, Layout] = {RATE_LIMITS_TABLE: BUCKETS, OIP_STATS_TABLE: o
 
 
 class BodyLimit:
-    """Refuse bodies over `limit` bytes: by Content-Length at once, else while streaming."""
+    """Refuse bodies over `limit` bytes (`paths` name other limits for some paths): by Content-Length at
+    once, else while streaming."""
 
-    def __init__(self, app: ASGIApp, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, paths: dict[str, int] | None = None):
+        self.app, self.default, self.paths = app, limit, paths or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.paths.get(scope["path"], self.default)
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
+        if length is not None and (not length.isdigit() or int(length) > limit):
             response = error_response(
-                413, "request_too_large", f"The request body is larger than {self.limit} bytes.", path=scope["path"]
+                413, "request_too_large", f"The request body is larger than {limit} bytes.", path=scope["path"]
             )
             return await response(scope, receive, send)
         seen = 0
@@ -71,8 +73,8 @@ class BodyLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise BodyTooLarge(self.limit)
+            if seen > limit:
+                raise BodyTooLarge(limit)
             return message
 
         await self.app(scope, limited, send)
@@ -127,7 +129,7 @@ class Gatekeeper:
         code = str(status)
         metrics.tally.add(metrics.requests, 1, path, code)
         metrics.tally.add(metrics.key_requests, 1, key, code)
-        if is_management(scope["method"], scope["path"]):
+        if is_audited(scope["method"], scope["path"]):
             audit.write(key, scope["method"], scope["path"], status, scope.get("state", {}).get("audit"))
 
 
@@ -234,6 +236,7 @@ def create_app(
     app.include_router(rest.predict)  # first: routes are matched in order, and most requests predict
     app.include_router(rest.health)
     app.include_router(rest.adapters)
+    app.include_router(training.training)
     oip.install(app, stats)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -244,5 +247,9 @@ def create_app(
 
     document_bearer_auth(app)
     app.add_middleware(Gatekeeper, state=state)
-    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(
+        BodyLimit,
+        limit=settings.max_request_bytes,
+        paths={"/training/jobs": settings.max_training_upload_bytes + 64 * 1024},  # multipart overhead
+    )
     return app

@@ -26,9 +26,12 @@ from service.exceptions import (
     RecordUnavailable,
     UnknownDomainError,
 )
+from training.archive import ArchiveError
+from training.jobs import JobNotFound
 
 _log = logging.getLogger(__name__)
 IMAGE_STATUS = {"not_image": 415, "too_many_pixels": 413, "corrupt": 400}
+ARCHIVE_STATUS = {"not_archive": 415, "too_large": 413, "zip_bomb": 413}  # else 422: the contents
 
 
 class ApiError(Exception):
@@ -104,6 +107,10 @@ def as_api_error(exc: BaseException) -> ApiError | None:
         return ApiError(IMAGE_STATUS.get(exc.code, 400), exc.code, str(exc))
     if isinstance(exc, InvalidFileError):
         return ApiError(422, f"invalid_bundle:{exc.code}", str(exc))
+    if isinstance(exc, ArchiveError):
+        return ApiError(ARCHIVE_STATUS.get(exc.code, 422), exc.code, str(exc))
+    if isinstance(exc, JobNotFound):
+        return ApiError(404, "unknown_job", f"No training job {exc.args[0]!r}. GET /training/jobs lists yours.")
     for exc_type, (status, code, headers) in KNOWN.items():
         if isinstance(exc, exc_type):
             return ApiError(status, code, str(exc), headers)
@@ -115,7 +122,15 @@ def install_error_handlers(app: FastAPI) -> None:
         error = as_api_error(exc)
         return error_response(error.status, error.code, error.detail, error.headers, path=request.url.path)
 
-    for exc_type in (ApiError, UnknownDomainError, ImageDecodeError, InvalidFileError, *KNOWN):
+    for exc_type in (
+        ApiError,
+        UnknownDomainError,
+        ImageDecodeError,
+        InvalidFileError,
+        ArchiveError,
+        JobNotFound,
+        *KNOWN,
+    ):
         app.add_exception_handler(exc_type, known)
 
     @app.exception_handler(RequestValidationError)

@@ -195,3 +195,45 @@ class OipInferResponse(BaseModel):
     model_version: str
     id: str | None = None
     outputs: list[OipTensor]
+
+
+class TrainingRecipe(BaseModel):
+    epochs: int
+    batch_size: int
+    lr: float = Field(description="peak learning rate (SGD, momentum 0.9, divided by 10 at 2/3 and 5/6 of the epochs)")
+    val_share: float = Field(description="share of the images held out for validation (unless the archive has val/)")
+    preset: str = Field(description="augmentation: natural (flip and crop) or digits (neither)")
+
+
+class TrainingLinks(BaseModel):
+    self: str
+    events: str
+    cancel: str
+    bundle: str = Field(description="the trained bundle, once the job has succeeded")
+    domain: str = Field(description="the served domain, once registered")
+
+
+class TrainingJob(BaseModel):
+    id: str
+    state: str = Field(description="queued, running, registering, succeeded, failed or cancelled")
+    domain: str
+    tenant: str = Field(description="the key that submitted it")
+    serve: bool = Field(description="register the bundle as a new version of the domain on success")
+    recipe: TrainingRecipe
+    classes: list[str]
+    images: int
+    upload_bytes: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    epochs_done: int
+    attempts: int = Field(description="workers that claimed it: more than one means it was resumed")
+    accuracy: float | None = Field(description="validation top-1 of the bundle it made")
+    version: int | None = Field(description="the version it registered")
+    reason: str | None = Field(description="why it failed or was cancelled")
+    links: TrainingLinks
+
+
+class TrainingJobList(BaseModel):
+    jobs: list[TrainingJob]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last")
