@@ -181,3 +181,29 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        # training jobs, as the engine's registrar reads them from the job list (`service.engine.registrar`)
+        self.training_jobs = Gauge(
+            "ra_training_jobs",
+            "Training jobs in the job list, by state",
+            ["state"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.training_queue_wait = Histogram(
+            "ra_training_queue_wait_seconds",
+            "From a training job's submit to its first claim by a worker",
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200),
+            registry=r,
+        )
+        self.training_duration = Histogram(
+            "ra_training_job_seconds",
+            "From a training job's first claim to its end, by how it ended",
+            ["state"],
+            buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400),
+            registry=r,
+        )
+        self.training_images = Counter(
+            "ra_training_images_total",
+            "Images trained on (each epoch counts each image), added when a job ends: rate() is training images/s",
+            registry=r,
+        )

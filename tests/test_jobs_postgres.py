@@ -78,6 +78,8 @@ def test_a_lapsed_claim_is_taken_over_and_the_old_worker_writes_nothing_more(url
     assert (done.state, done.accuracy) == ("succeeded", 0.8)
     assert store.bundle(queued.id) == b"bundle" and [e["epoch"] for e in store.events(queued.id)] == [2]
     assert store.checkpoint(b) is None and store.claim("c") is None
+    assert [j.id for j in store.ended_between(done.finished_at, time.time() + 1)] == [queued.id]
+    assert store.ended_between(0, done.finished_at) == [] and store.counts()["succeeded"] == 1
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 import zipfile
 
 import numpy as np
@@ -219,3 +220,14 @@ def test_a_job_trains_registers_and_serves_and_its_events_stream(service, assets
     assert "event: epoch" not in tail and "event: end" in tail
     left = sorted(p.name for p in (store.root / job["id"]).iterdir())
     assert left == ["bundle.safetensors", "events.jsonl", "job.json"]
+
+    deadline = time.monotonic() + 10  # the registrar reads the job list's figures once it has registered
+    metrics = ""
+    while 'ra_training_jobs{state="succeeded"} 1.0' not in metrics and time.monotonic() < deadline:
+        time.sleep(0.2)
+        metrics = client.get("/metrics", headers=key("ops")).text
+    assert 'ra_training_jobs{state="succeeded"} 1.0' in metrics
+    assert 'ra_training_job_seconds_count{state="succeeded"} 1.0' in metrics
+    assert "ra_training_queue_wait_seconds_count 1.0" in metrics
+    images = next(line for line in metrics.splitlines() if line.startswith("ra_training_images_total"))
+    assert float(images.split()[-1]) == pytest.approx(24 * 0.9 * 3)

@@ -153,6 +153,10 @@ class DirectoryJobs:
             out[job.state] += 1
         return out
 
+    def ended_between(self, since: float, until: float) -> list[Job]:
+        """The jobs that ended in [since, until) (the metrics' histograms)."""
+        return [j for j in self._all() if j.state in ENDED and since <= (j.finished_at or 0.0) < until]
+
     def cancel(self, job_id: str) -> Job:
         """A queued job is cancelled at once; a running one stops at its worker's next step."""
         job = self.get(job_id)

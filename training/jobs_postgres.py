@@ -115,6 +115,16 @@ class PostgresJobs:
             rows = conn.execute("SELECT state, count(*) FROM ra_training_jobs GROUP BY state").fetchall()
         return {**dict.fromkeys(STATES, 0), **dict(rows)}
 
+    def ended_between(self, since: float, until: float) -> list[Job]:
+        """The jobs that ended in [since, until) (the metrics' histograms)."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                "SELECT job, state FROM ra_training_jobs WHERE state = ANY(%s) "
+                "AND (job->>'finished_at')::double precision >= %s AND (job->>'finished_at')::double precision < %s",
+                (list(ENDED), since, until),
+            ).fetchall()
+        return [self._job(row) for row in rows]
+
     def events(self, job_id: str, after: int = 0) -> list[dict]:
         self.get(job_id)
         with self._connect() as conn:

@@ -104,7 +104,7 @@ class EngineCore:
         self.follower.start()
         self._tasks.append(asyncio.create_task(self._warm_most_used(registry.max_resident)))
         jobs = await asyncio.to_thread(open_jobs, s.jobs_location, s.training_lease_s)
-        self._tasks.append(asyncio.create_task(Registrar(registry, jobs).run()))
+        self._tasks.append(asyncio.create_task(Registrar(registry, jobs, self.metrics).run()))
         gc.collect()
         gc.freeze()  # the loaded framework's objects live forever: keep them out of full collections
         self._gc_thresholds = gc.get_threshold()
