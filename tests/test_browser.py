@@ -266,3 +266,48 @@ def test_an_upload_without_the_right_key_names_the_api_key_field(server, browser
     assert error.text.count("API key field") == 1, error.text
     assert browser.find_element(By.ID, "admin-status").text == ""
     browser.execute_script("sessionStorage.clear()")
+
+
+def test_train_a_domain_from_a_folder_watch_it_and_predict_with_it(server, browser, tmp_path):
+    folder = tmp_path / "shapes"
+    rng = np.random.default_rng(0)
+    for label, level in (("dark", 20), ("light", 220)):
+        (folder / label).mkdir(parents=True)
+        for i in range(12):
+            pixels = np.clip(rng.integers(0, 30, (32, 32, 3)) + level, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / label / f"{i}.png")
+    load_page(browser, server)
+    browser.get_log("browser")  # what earlier tests left
+    token = browser.find_element(By.ID, "token")
+    token.clear()
+    token.send_keys(TOKEN)
+    browser.find_element(By.ID, "train-domain").send_keys("shapes")
+    browser.find_element(By.ID, "train-folder").send_keys(str(folder))
+    epochs = browser.find_element(By.ID, "train-epochs")
+    epochs.clear()
+    epochs.send_keys("3")
+    browser.find_element(By.ID, "train").click()
+    wait = WebDriverWait(browser, 180, poll_frequency=0.2)
+    wait.until(lambda d: d.find_element(By.ID, "train-upload").get_attribute("value") == "1")
+    seen = set()
+
+    def chart_moves(d) -> bool:
+        seen.add(d.find_element(By.ID, "train-chart").get_attribute("data-epochs"))
+        return d.find_element(By.ID, "train-try").is_displayed()
+
+    wait.until(chart_moves)
+    assert "3" in seen and len(seen & {"1", "2"}) >= 1, seen  # the chart grew epoch by epoch
+    assert float(browser.find_element(By.ID, "train-progress").get_attribute("value")) == 1.0
+    assert "succeeded" in browser.find_element(By.ID, "train-status").text
+    browser.find_element(By.ID, "train-try").click()
+    assert Select(browser.find_element(By.ID, "domain")).first_selected_option.get_attribute("value") == "shapes"
+    image = tmp_path / "probe.png"
+    Image.fromarray(np.full((32, 32, 3), 230, np.uint8)).save(image)
+    browser.find_element(By.ID, "image").send_keys(str(image))
+    browser.find_element(By.ID, "classify").click()
+    label = WebDriverWait(browser, 30).until(
+        ec.visibility_of_element_located((By.CSS_SELECTOR, "#results .bar .label"))
+    )
+    assert label.text in ("dark", "light")
+    assert "shapes (v1)" in browser.find_element(By.CSS_SELECTOR, "#results h3").text
+    assert console_errors(browser) == []
