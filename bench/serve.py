@@ -17,6 +17,9 @@ asyncio httpx client, which caps the figures at what Python can send), and print
 - `one_domain_batch_share`: the share of the engine calls in the traffic's rounds that ran one domain
   (the folded path), from the service's `ra_batch_domains` histogram;
 - p50/p99 latency at low load (concurrency 1) and at saturation;
+- `p99_with_training_over_without`: p99 at concurrency 8 while the service's training worker
+  (RA_TRAINERS=1, niced) trains a digits job, over p99 in the round just before it (`training`
+  has both, and images/s);
 - `register_to_first_prediction_ms`: POST /adapters of a new domain, then its first prediction,
   while the saturating load runs;
 - `cpu`: the server's CPU time per image at saturation (all its threads) against the bare engine's,
@@ -53,6 +56,9 @@ from bench.harness.cpu import process_cpu_s
 from bench.harness.domains import zipf_weighted
 from bench.harness.load import KINDS, camera_jpeg, drive, drive_wrk, median_round, run_client, test_images
 from bench.harness.servers import DEMO, TOKEN, demo_bundles, free_port, wait_ready, wait_warm
+from bench.harness.training import start_training, stop_training
+
+TRAINING_CONCURRENCY = 8  # below saturation: the latency a user sees, with and without a job training
 
 
 def camera_decode(photo: bytes, bundle_data: bytes, backbone_path: pathlib.Path, repeats: int = 7) -> dict:
@@ -184,6 +190,11 @@ def main(argv: list[str] | None = None) -> None:
             traffic = zipf_weighted(names, args.zipf_exponent) if args.traffic == "zipf" else names
             drive(url, traffic, images, args.concurrency, 2.0, args.files_per_request)  # warm-up
             low = drive(url, traffic, images, 1, args.seconds / 2, args.files_per_request)
+            # p99 while the service's training worker trains a job, beside p99 just before it
+            quiet = drive(url, traffic, images, TRAINING_CONCURRENCY, args.seconds, args.files_per_request)
+            job = start_training(url)
+            training = drive(url, traffic, images, TRAINING_CONCURRENCY, args.seconds, args.files_per_request)
+            stop_training(url, job)
             mixed_rounds, single_rounds, server_cpu, server_wall = [], [], 0.0, 0.0
             batches, one_domain = 0.0, 0.0
             for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits both alike
@@ -264,9 +275,20 @@ def main(argv: list[str] | None = None) -> None:
         },
         "saturation": {"p50_ms": round(mixed["p50_ms"], 2), "p99_ms": round(mixed["p99_ms"], 2)},
         "register_to_first_prediction_ms": round(register_ms, 1),
+        "training": {
+            "concurrency": TRAINING_CONCURRENCY,
+            "p99_without_ms": round(quiet["p99_ms"], 2),
+            "p99_with_ms": round(training["p99_ms"], 2),
+            "img_s_without": round(quiet["img_s"], 1),
+            "img_s_with": round(training["img_s"], 1),
+        },
+        "p99_with_training_over_without": round(training["p99_ms"] / quiet["p99_ms"], 3),
         "frontend_cpu_ms_per_img": {kind: round(ms - engine_cpu_ms, 3) for kind, ms in kind_cpu_ms.items()},
         **camera,
-        "errors": low["errors"] + sum(r["errors"] for r in mixed_rounds + single_rounds),
+        "errors": low["errors"]
+        + quiet["errors"]
+        + training["errors"]
+        + sum(r["errors"] for r in mixed_rounds + single_rounds),
         "settings": {
             "load_generator": "wrk" if shutil.which("wrk") else "httpx",
             "concurrency": args.concurrency,
