@@ -133,6 +133,12 @@ class Settings(BaseSettings):
         description="training worker processes beside the service (python -m training worker); 0: none here "
         "(another host's workers, or none, run the jobs)",
     )
+    trainer_gpu_memory_mb: int = Field(
+        4096,
+        ge=256,
+        description="on a GPU host: the most GPU memory each training worker takes (its TensorFlow is held to "
+        "it); the engine's default residency budget leaves it out",
+    )
     trainer_nice: int = Field(
         10, ge=0, le=19, description="how much lower a trainer's CPU priority is than the engine's"
     )

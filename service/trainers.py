@@ -36,7 +36,8 @@ def trainer_main(parent: int, log_level: str) -> None:
 
     settings = Settings()
     os.nice(settings.trainer_nice)
-    Worker(open_jobs(settings.jobs_location, settings.training_lease_s), settings.backbone).run()
+    jobs = open_jobs(settings.jobs_location, settings.training_lease_s)
+    Worker(jobs, settings.backbone, gpu_memory_mb=settings.trainer_gpu_memory_mb).run()
 
 
 class Trainers:

@@ -228,7 +228,11 @@ def test_the_budget_comes_from_the_setting_or_the_memory_available(tmp_path):
     assert default.source == "0.5 of the host memory available at start" and default.cap is None
     assert residency.budget(Settings(), gpu).bytes == residency.GPU_DEFAULT_MB * 1024 * 1024  # free memory unknown
     probed = DeviceReport("JAX", ("GPU:0",), True, "float32", free_bytes=100 * 1024 * 1024)
-    assert residency.budget(Settings(device_memory_fraction=0.9), probed).bytes == 90 * 1024 * 1024
+    assert residency.budget(Settings(device_memory_fraction=0.9, trainers=0), probed).bytes == 90 * 1024 * 1024
+    shared = residency.budget(Settings(trainers=2, trainer_gpu_memory_mb=256), probed)  # 512 MB for training
+    assert shared.bytes == 0 and "training workers" in shared.source
+    big = DeviceReport("JAX", ("GPU:0",), True, "float32", free_bytes=1000 * 1024 * 1024)
+    assert residency.budget(Settings(trainers=1, trainer_gpu_memory_mb=400), big).bytes == 300 * 1024 * 1024
     assert residency.host_cache_bytes(Settings(), cpu) == 0  # one memory on a CPU host: no second copy
     # with a cap, the rest of the budget holds evicted rows (a domain is in one tier or the other)
     assert residency.host_cache_bytes(Settings(), cpu, given, row_bytes=1024 * 1024) == 5 * 1024 * 1024

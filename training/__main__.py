@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--backbone", required=True, type=pathlib.Path, help="the backbone the jobs adapt")
     wk.add_argument("--once", action="store_true", help="stop when no job is queued")
     wk.add_argument("--nice", type=int, default=10, help="lower this process's priority by N (default 10)")
+    wk.add_argument(
+        "--gpu-memory-mb",
+        type=int,
+        default=None,
+        help="hold TensorFlow to this much memory per GPU (RA_TRAINER_GPU_MEMORY_MB; default: no limit)",
+    )
     wk.add_argument("--lease-s", type=float, default=30.0, help="a claim's heartbeat lease (default 30)")
     return parser
 
@@ -208,7 +214,7 @@ def _worker(args: argparse.Namespace) -> int:
         store = PostgresJobs(args.store, lease_s=args.lease_s)
     else:
         store = DirectoryJobs(pathlib.Path(args.store).expanduser(), lease_s=args.lease_s)
-    Worker(store, args.backbone).run(once=args.once)
+    Worker(store, args.backbone, gpu_memory_mb=args.gpu_memory_mb).run(once=args.once)
     return 0
 
 

@@ -40,6 +40,17 @@ def _eta(step: dict, epochs: int | None) -> float | None:
     return per_epoch * (epochs - step["epoch"]) + per_epoch - step["seconds"]
 
 
+def _limit_gpu_memory(mb: int) -> None:
+    """Hold TensorFlow to `mb` on each GPU, as the engine's budget expects: before it first touches one."""
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.set_logical_device_configuration(gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=mb)])
+        except RuntimeError:  # initialised already (an earlier job in this process): the limit holds
+            pass
+
+
 class Cancelled(Exception):
     """The job was cancelled while it ran."""
 
@@ -70,9 +81,10 @@ class Heartbeat(threading.Thread):
 class Worker:
     """Claims jobs from `store` and trains them on `backbone`, in `scratch` (a temporary folder per job)."""
 
-    def __init__(self, store: Store, backbone: pathlib.Path, name: str | None = None):
+    def __init__(self, store: Store, backbone: pathlib.Path, name: str | None = None, gpu_memory_mb: int | None = None):
         self.store, self.backbone = store, pathlib.Path(backbone)
         self.name = name or f"{os.uname().nodename}-{os.getpid()}"
+        self.gpu_memory_mb = gpu_memory_mb  # the most GPU memory this worker's TensorFlow takes (None: no limit)
 
     def run(self, poll_s: float = 1.0, once: bool = False) -> None:
         """Run jobs until stopped (`once`: until none is queued)."""
@@ -112,6 +124,9 @@ class Worker:
     def _train(self, claim: Claim, beat: Heartbeat) -> tuple[float, bytes]:
         from training.commands import TrainSpec, run_training  # the framework, once there is a job
         from training.trainer import CHECKPOINT_DIR
+
+        if self.gpu_memory_mb is not None:
+            _limit_gpu_memory(self.gpu_memory_mb)
 
         job = self.store.get(claim.job_id)
         members = read_archive(self.store.upload(claim))

@@ -3,7 +3,9 @@
 A resident domain is one row of the engine's tables (`InferenceEngine.row_bytes`: under 1 MB for the
 demo backbone, about 3 MB for the paper's ResNet-26 in float32). The budget is `RA_DEVICE_MEMORY_MB`
 or, by default, `RA_DEVICE_MEMORY_FRACTION` of the memory free when the engine starts: on a GPU the
-device's free memory as the framework reports it (`GPU_DEFAULT_MB` where it cannot tell: TensorFlow);
+device's free memory as the framework reports it, less what the host's training workers declare
+(`RA_TRAINERS` x `RA_TRAINER_GPU_MEMORY_MB`, the most each one's TensorFlow may take), or
+`GPU_DEFAULT_MB` where it cannot tell (TensorFlow);
 on a CPU host the "device" is host memory, so that is MemAvailable, or the container's memory limit
 less its use when that is smaller. `RA_MAX_RESIDENT`, when set, caps the count below what fits.
 Spare rows beyond it (loads in flight, replaced versions still computing) are outside the budget.
@@ -84,7 +86,11 @@ def budget(settings: Settings, device: DeviceReport | None) -> Budget:
                 f"{GPU_DEFAULT_MB} MB ({device.backend} does not tell the GPU's free memory: set RA_DEVICE_MEMORY_MB)",
                 cap,
             )
-        return Budget(int(device.free_bytes * fraction), f"{fraction:g} of the GPU memory free at start", cap)
+        kept = settings.trainers * settings.trainer_gpu_memory_mb * MB  # the training workers' share
+        source = f"{fraction:g} of the GPU memory free at start" + (
+            f" less {settings.trainers} x RA_TRAINER_GPU_MEMORY_MB for the training workers" if kept else ""
+        )
+        return Budget(int(max(0, device.free_bytes - kept) * fraction), source, cap)
     return Budget(int(available_host_bytes() * fraction), f"{fraction:g} of the host memory available at start", cap)
 
 
