@@ -94,9 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("service").info("--workers auto: %s", why)
     # every process reads its settings from the environment
     os.environ.update(RA_WORKERS=str(args.workers), RA_HOST=args.host, RA_PORT=str(args.port))
-    from service.settings import Settings
+    from pydantic import ValidationError
 
-    trainers = Settings().trainers
+    from service.settings import one_setting
+
+    try:
+        trainers = one_setting("trainers")
+    except ValidationError as exc:
+        parser.exit(2, f"python -m service: RA_TRAINERS: {exc.errors()[0]['msg']}\n")
     if args.workers > 1:
         from service.supervisor import Supervisor
 

@@ -5,10 +5,11 @@ Read by every process.
 
 from __future__ import annotations
 
+import os
 import pathlib
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, TypeAdapter, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEMO_DIR = pathlib.Path(__file__).resolve().parent / "demo"
@@ -187,3 +188,13 @@ class Settings(BaseSettings):
     def max_request_bytes(self) -> int:
         """The largest body any endpoint accepts (multipart overhead included)."""
         return max(self.max_bundle_bytes, self.max_image_bytes * self.max_files) + 64 * 1024
+
+
+def one_setting(name: str):
+    """One setting from its `RA_` variable (or its default), validated alone: for the launcher, which
+    starts the processes that read them all (a bad value of another one is theirs to refuse)."""
+    field = Settings.model_fields[name]
+    raw = os.environ.get(f"RA_{name.upper()}")
+    if raw is None:
+        return field.default
+    return TypeAdapter(Annotated[field.annotation, field]).validate_python(raw)

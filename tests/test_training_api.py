@@ -85,7 +85,7 @@ def submit(client, archive: bytes, caller: str = "acme", **fields):
 
 
 def listing(store: DirectoryJobs) -> list[str]:
-    return sorted(p.name for p in store.root.iterdir())
+    return sorted(p.name for p in store.root.iterdir()) if store.root.exists() else []
 
 
 BAD = {  # name -> (archive, fields, caller, status, code)
