@@ -78,7 +78,7 @@ def camera_decode(photo: bytes, bundle_data: bytes, backbone_path: pathlib.Path,
             times.append((time.perf_counter() - start) * 1000)
         return float(np.median(times))
 
-    served = median_ms(lambda: decode_and_preprocess(photo, [bundle], 40_000_000))
+    served = median_ms(lambda: decode_and_preprocess(photo, [bundle.preprocessing], 40_000_000))
     full = median_ms(lambda: preprocess(open_image(photo), bundle.preprocessing))
     return {
         "camera_decode_ms": round(served, 2),

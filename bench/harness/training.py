@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from bench.harness.servers import TOKEN
+from training.jobs import ENDED
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -54,7 +55,14 @@ def start_training(url: str, timeout: float = 180.0) -> str:
     raise TimeoutError(f"the training job {job_id} did not start within {timeout}s")
 
 
-def stop_training(url: str, job_id: str) -> None:
+def stop_training(url: str, job_id: str, timeout: float = 180.0) -> None:
+    """Cancel the job and wait until it has ended (a running job stops at its next epoch), so that the
+    rounds after it run without it."""
     import httpx
 
     httpx.post(f"{url}/training/jobs/{job_id}/cancel", headers=AUTH, timeout=30).raise_for_status()
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"{url}/training/jobs/{job_id}", headers=AUTH, timeout=30).json()["state"] not in ENDED:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the training job {job_id} did not stop within {timeout}s")
+        time.sleep(0.5)
