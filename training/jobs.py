@@ -86,6 +86,13 @@ class Claim:
     token: str
 
 
+def checked_upload(job: Job, data: bytes) -> bytes:
+    """The job's upload as stored, if it still matches the checksum taken at submit (else the store is damaged)."""
+    if hashlib.sha256(data).hexdigest() != job.upload_sha256:
+        raise OSError(f"The upload of {job.id} does not match its checksum; the store is damaged.")
+    return data
+
+
 def new_id() -> str:
     return f"job-{time.time_ns() // 1_000_000:013d}-{secrets.token_hex(4)}"
 
@@ -215,10 +222,7 @@ class DirectoryJobs:
 
     def upload(self, claim: Claim) -> bytes:
         job = self.get(claim.job_id)
-        data = (self._dir(claim.job_id) / "upload.bin").read_bytes()
-        if hashlib.sha256(data).hexdigest() != job.upload_sha256:
-            raise OSError(f"The upload of {claim.job_id} does not match its checksum; the store is damaged.")
-        return data
+        return checked_upload(job, (self._dir(claim.job_id) / "upload.bin").read_bytes())
 
     def update(self, claim: Claim, **fields) -> Job:
         job = self.get(claim.job_id)

@@ -18,7 +18,7 @@ import time
 
 import psycopg
 
-from training.jobs import ENDED, STAGES, STATES, Claim, Job, JobNotFound
+from training.jobs import ENDED, STAGES, STATES, Claim, Job, JobNotFound, checked_upload
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ra_training_jobs (
@@ -185,10 +185,7 @@ class PostgresJobs:
         job = self.get(claim.job_id)
         with self._connect() as conn:
             row = conn.execute("SELECT upload FROM ra_training_jobs WHERE id = %s", (claim.job_id,)).fetchone()
-        data = bytes(row[0]) if row and row[0] is not None else b""
-        if hashlib.sha256(data).hexdigest() != job.upload_sha256:
-            raise OSError(f"The upload of {claim.job_id} does not match its checksum; the store is damaged.")
-        return data
+        return checked_upload(job, bytes(row[0]) if row and row[0] is not None else b"")
 
     def update(self, claim: Claim, **fields) -> Job:
         job = self.get(claim.job_id)
