@@ -20,5 +20,5 @@ def single_process_app(settings: Settings | None = None) -> FastAPI:
     from service.engine.core import EngineCore  # imports the framework: only when this process computes
 
     settings = settings or Settings()
-    metrics = Metrics()
+    metrics = Metrics(settings.metrics_domains)
     return create_app(settings, LocalEngine(EngineCore(settings, metrics)), metrics=metrics)

@@ -62,9 +62,38 @@ class Tally:
             (counter.labels(*labels) if labels else counter).inc(n)
 
 
+class BoundedLabel:
+    """A label whose values come from users (domain names), kept to `limit` series: the first `limit`
+    values seen (the most used ones, where `seed` names them first) keep their own, and every other
+    value is counted as `OTHER`. With 100,000 domains one series each would be 100,000 per metric, where
+    Prometheus's operators are told to keep a metric's series in the hundreds."""
+
+    OTHER = "_other"
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._kept: set[str] = set()
+
+    def seed(self, values) -> None:
+        """Keep series for `values` first (most used first), while the bound has room."""
+        for value in values:
+            if len(self._kept) >= self.limit:
+                return
+            self._kept.add(value)
+
+    def __call__(self, value: str) -> str:
+        if value in self._kept:
+            return value
+        if len(self._kept) < self.limit:
+            self._kept.add(value)
+            return value
+        return self.OTHER
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, domain_series: int = 20) -> None:
         self.tally = Tally()
+        self.domain_label = BoundedLabel(domain_series)  # the `domain` label's values: see BoundedLabel
         self.registry = CollectorRegistry()
         r = self.registry
         # no domain label on request metrics: with 100,000 domains it would be 100,000 series per metric
@@ -90,7 +119,12 @@ class Metrics:
             "Reloads of RA_API_KEYS_FILE refused (the last good keys stay)",
             registry=r,
         )
-        self.predictions = Counter("ra_predictions_total", "Images classified, by domain", ["domain"], registry=r)
+        self.predictions = Counter(
+            "ra_predictions_total",
+            f"Images classified, by domain: the first RA_METRICS_DOMAINS domains, the rest as {BoundedLabel.OTHER}",
+            ["domain"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "ra_batch_size", "Images per engine call", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
         )

@@ -153,6 +153,14 @@ class Settings(BaseSettings):
         30.0, gt=0, description="a training job's claim lapses after this long without a heartbeat"
     )
 
+    metrics_domains: int = Field(
+        20,
+        ge=0,
+        le=1000,
+        description="domains with a series of their own in ra_predictions_total (the most used at start, then "
+        'the first served); the others are counted as domain="_other"',
+    )
+
     @field_validator("admin_token", "registry_url")
     @classmethod
     def _empty_is_unset(cls, value: SecretStr | None) -> SecretStr | None:

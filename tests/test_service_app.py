@@ -42,6 +42,7 @@ from model.bundle import load_bundle
 from service.boot import single_process_app
 from service.engine.startup import DEMO_MARKER
 from service.frontend.inference import INLINE_BYTES
+from service.metrics import Metrics, exposition
 from service.record.directory import DirectoryRecord
 
 
@@ -136,6 +137,43 @@ def test_metrics_count_requests_by_route_and_keep_unknown_domains_out(served):
     count = client.get("/readyz").json()["adapters"]
     assert re.search(rf'^ra_resident_domains\{{tier="device"\}} {count}\.0$', text, re.M)
     assert re.search(r"^ra_batch_size_count [1-9]", text, re.M)
+
+
+@pytest.fixture(scope="module")
+def two_series(assets, tmp_path_factory):
+    """An app that keeps a `domain` series for two domains only (RA_METRICS_DOMAINS=2)."""
+    store = tmp_path_factory.mktemp("two-series-store")
+    for domain in CLASSES:
+        DirectoryRecord(store).add(domain, replace=False, data=assets.data(domain))
+    with running(make_settings(assets, store, metrics_domains=2)) as client:
+        yield client
+
+
+def test_only_the_first_domains_served_get_a_series_of_their_own(two_series):
+    for domain, images in (("alpha", 1), ("beta", 2), ("gamma", 3), ("alpha", 1)):
+        assert predict(two_series, domain, *[png_bytes(i) for i in range(images)]).status_code == 200
+    text = two_series.get("/metrics").text
+    counts = dict(re.findall(r'^ra_predictions_total\{domain="([^"]+)"\} (\S+)$', text, re.M))
+    assert len(counts) == 3 and float(counts["_other"]) == 3  # gamma came third
+    assert set(counts) - {"_other"} <= {"alpha", "beta", "gamma"} and sum(map(float, counts.values())) == 7
+
+
+def test_ten_thousand_domains_make_fewer_than_two_thousand_series():
+    """Every metric the engine and a front end write, with 10,000 domains served: the domain label is
+    the one that grows with them, and it is bounded."""
+    metrics = Metrics()
+    for i in range(10_000):
+        domain = metrics.domain_label(f"d{i}")
+        metrics.predictions.labels(domain).inc()
+        metrics.lookups.labels("device", "miss").inc()
+        metrics.loads.labels("registry", "ok").inc()
+        metrics.requests.labels("/predict/{domain}", "200").inc()
+        metrics.latency.labels("/predict/{domain}").observe(0.01)
+    text = exposition(metrics)[0].decode()
+    series = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert len(series) < 2000
+    assert sum(line.startswith("ra_predictions_total{") for line in series) == 21
+    assert 'ra_predictions_total{domain="_other"} 9980.0' in series
 
 
 # ----- registration and listing ---------------------------------------------------------------

@@ -137,6 +137,7 @@ class EngineCore:
         try:
             host_rows = registry.limits.host_cache_bytes // self.engine.row_bytes
             used = await asyncio.to_thread(registry.record.top_used, count + host_rows)
+            self.metrics.domain_label.seed(used)  # the most used domains keep their own series
             t0 = time.perf_counter()
             loaded = await registry.warm(used[:count], ranked=True)
             if len(used) < count:
@@ -266,7 +267,7 @@ class EngineCore:
             for j, entry in enumerate(entries):
                 registry.release([entry], images=counts.get(j, 0))
             for j, n in counts.items():
-                self.metrics.tally.add(self.metrics.predictions, n, domains[j])
+                self.metrics.tally.add(self.metrics.predictions, n, self.metrics.domain_label(domains[j]))
             done(result)
 
         try:

@@ -184,7 +184,7 @@ class EngineServer:
 
 
 async def run(settings: Settings, endpoint: str, arena_prefix: str, cores: int | None) -> None:
-    core = EngineCore(settings, Metrics(), cores=cores, loaders=settings.loader_processes)
+    core = EngineCore(settings, Metrics(settings.metrics_domains), cores=cores, loaders=settings.loader_processes)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stopping.set)  # from the supervisor, once the front ends are done
