@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             load_keys(pathlib.Path(os.environ["RA_API_KEYS_FILE"]))
         except KeysFileError as exc:
             parser.exit(2, f"python -m service: {exc}\n")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from service.logs import configure
+
+    configure("service", args.log_level)
     if args.workers == "auto":
         args.workers, why = auto_workers()
         logging.getLogger("service").info("--workers auto: %s", why)
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             host=args.host,
             port=args.port,
             log_level=args.log_level,
+            log_config=None,  # uvicorn's lines in this process's format (service.logs)
             access_log=False,
         )
     finally:

@@ -64,6 +64,10 @@ class EngineClient(Operations, typing.Protocol):
 
     async def stop(self) -> None: ...
 
+    @property
+    def connected(self) -> bool:
+        """Whether the engine answers now (False while the engine process is down or restarting)."""
+
 
 class LocalEngine:
     """The engine core in this process: every operation is a direct call."""
@@ -78,3 +82,7 @@ class LocalEngine:
 
     async def stop(self) -> None:
         await self.core.stop()
+
+    @property
+    def connected(self) -> bool:
+        return self.core.started

@@ -107,6 +107,20 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
+        self.errors = Counter(
+            "ra_errors_total",
+            "Error answers by their code (the JSON body's `error`, e.g. engine_unavailable, overloaded)",
+            ["code"],
+            registry=r,
+        )
+        # 1 where any front end misses the engine (livemax; every process's file holds a 0 for it)
+        self.engine_unreachable = Gauge(
+            "ra_engine_unreachable",
+            "1 while a front end cannot reach the engine process (down or restarting), else 0",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.engine_starts = Counter("ra_engine_starts_total", "Engine starts: more than one is a restart", registry=r)
         # per key name (never the secret): 'anonymous' without a keys file, 'admin' for RA_ADMIN_TOKEN
         self.key_requests = Counter(
             "ra_key_requests_total", "HTTP requests by API key name and status", ["key", "status"], registry=r
@@ -145,6 +159,24 @@ class Metrics:
         )
         self.queue_depth = Gauge(
             "ra_queue_depth", "Images waiting for the engine", registry=r, multiprocess_mode="livesum"
+        )
+        self.queue_capacity = Gauge(
+            "ra_queue_capacity",
+            "Images the engine's queue holds (RA_MAX_QUEUE)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.store_free_bytes = Gauge(
+            "ra_store_free_bytes",
+            "Free bytes on the file system of the directory registry of record",
+            registry=r,
+            multiprocess_mode="livemax",  # the engine's (the other processes' files hold 0)
+        )
+        self.store_size_bytes = Gauge(
+            "ra_store_size_bytes",
+            "Size of the file system of the directory registry of record",
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.resident = Gauge(
             "ra_resident_domains",

@@ -153,6 +153,11 @@ class Settings(BaseSettings):
         30.0, gt=0, description="a training job's claim lapses after this long without a heartbeat"
     )
 
+    access_log: bool = Field(
+        False,
+        description="one log line per request (method, path, status, ms, request id, trace id, domain, "
+        "tenant, error code); with RA_LOG_FORMAT=json a JSON object",
+    )
     metrics_domains: int = Field(
         20,
         ge=0,

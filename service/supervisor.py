@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from service.logs import configure
 from service.metrics import MULTIPROC_DIR
 from service.trainers import Trainers
 
@@ -62,7 +63,7 @@ def frontend_main(host: str, port: int, endpoint: str, arena: str, tables_dir: s
     from service.settings import Settings
     from service.transport import RemoteEngine
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s front end %(name)s: %(message)s")
+    configure("front end", log_level)
     settings = Settings()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -73,6 +74,7 @@ def frontend_main(host: str, port: int, endpoint: str, arena: str, tables_dir: s
     config = uvicorn.Config(
         create_app(settings, engine, tables_dir),
         log_level=log_level,
+        log_config=None,  # uvicorn's lines in this process's format (service.logs)
         access_log=False,
         timeout_graceful_shutdown=int(STOP_GRACE_S),
     )

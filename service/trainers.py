@@ -18,6 +18,8 @@ import signal
 import threading
 import time
 
+from service.logs import configure
+
 _log = logging.getLogger("service.trainers")
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a child gets when its parent dies
 RESTART_WAIT_S = (1.0, 30.0)  # first and longest wait before a trainer that keeps dying starts again
@@ -29,7 +31,7 @@ def trainer_main(parent: int, log_level: str) -> None:
     if os.getppid() != parent:
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s trainer %(name)s: %(message)s")
+    configure("trainer", log_level)
     from service.settings import Settings
     from training.jobs import open_jobs
     from training.worker import Worker

@@ -12,6 +12,7 @@ import concurrent.futures
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def rss_mb(pid: int) -> float:
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
-    server = split_server(tmp_path_factory, "split-store")
+    server = split_server(tmp_path_factory, "split-store", {"RA_LOG_FORMAT": "json", "RA_ACCESS_LOG": "true"})
     yield server
     server.stop()
 
@@ -251,6 +252,22 @@ def test_bad_input_gets_the_same_errors_through_every_front_end(split):
         assert response.status_code == status and set(response.json()) == {"error", "detail"}, response.text
 
 
+def test_every_process_logs_json_and_the_access_line_names_the_request(split):
+    answer = fresh(
+        "POST",
+        split.url + "/predict/alpha",
+        headers={"X-Request-ID": "trace-me-1"},
+        files={"file": ("x.png", png_bytes(1))},
+    )
+    assert answer.status_code == 200 and answer.headers["x-request-id"] == "trace-me-1"
+    time.sleep(0.5)
+    records = [json.loads(line) for line in split.log_tail(10**7).splitlines() if line.startswith("{")]
+    assert {"service", "front end", "engine"} <= {r["process"] for r in records}
+    (access,) = [r for r in records if r.get("request_id") == "trace-me-1"]
+    assert access["logger"] == "service.access" and access["status"] == 200 and access["domain"] == "alpha"
+    assert access["route"] == "/predict/{domain}" and access["tenant"] == "anonymous" and access["ms"] > 0
+
+
 def test_oip_statistics_count_the_requests_of_every_front_end(split, tmp_path_factory):
     size = get_assets(tmp_path_factory).backbone.config.input_size
     url = f"{split.url}/v2/models/gamma"
@@ -338,10 +355,12 @@ def test_engine_kill_9_under_load_answers_503_then_recovers(tmp_path_factory):
         time.sleep(1.0)
         os.kill(engine_pid, signal.SIGKILL)
         killed = time.monotonic()
-        saw_not_ready = False
+        saw_not_ready = saw_down = False
         while True:
             ready = fresh("GET", server.url + "/readyz")
             saw_not_ready |= ready.status_code == 503
+            if ready.status_code == 503 and not saw_down:  # what the alert on an engine down reads
+                saw_down = "\nra_engine_unreachable 1.0\n" in fresh("GET", server.url + "/metrics").text
             if ready.status_code == 200 and ready.json()["engine_pid"] not in (None, engine_pid):
                 break
             assert time.monotonic() - killed < 60, "the engine was not ready again within 60 s"
@@ -355,7 +374,13 @@ def test_engine_kill_9_under_load_answers_503_then_recovers(tmp_path_factory):
         assert failed, "the kill never showed"
         assert all(s == (503, "engine_unavailable", "1") for s in failed), sorted(set(failed))
         assert statuses[-1][0] == 200  # traffic resumed
-        assert saw_not_ready
+        assert saw_not_ready and saw_down
+        deadline = time.monotonic() + 10  # every front end reports its engine again within a second or two
+        while "\nra_engine_unreachable 0.0\n" not in (metrics := fresh("GET", server.url + "/metrics").text):
+            assert time.monotonic() < deadline, "ra_engine_unreachable stayed 1 after the engine came back"
+            time.sleep(0.2)
+        assert "\nra_engine_starts_total 2.0\n" in metrics
+        assert re.search(r'^ra_errors_total\{code="engine_unavailable"\} [1-9]', metrics, re.M)
         listed = {a["domain"] for a in fresh("GET", server.url + "/adapters").json()["adapters"]}
         assert listed >= set(DOMAINS)  # nothing recorded was lost
         assert not [p for p in loaders if alive(p)], "a loader outlived its engine process"

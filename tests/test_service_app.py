@@ -176,6 +176,34 @@ def test_ten_thousand_domains_make_fewer_than_two_thousand_series():
     assert 'ra_predictions_total{domain="_other"} 9980.0' in series
 
 
+def test_every_answer_carries_a_request_id_and_every_error_its_code(served):
+    client = served.client
+    made = client.get("/healthz").headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{16}", made) and client.get("/healthz").headers["x-request-id"] != made
+    assert client.get("/healthz", headers={"X-Request-ID": "abc-123"}).headers["x-request-id"] == "abc-123"
+    assert re.fullmatch(
+        r"[0-9a-f]{16}", client.get("/healthz", headers={"X-Request-ID": "x" * 200}).headers["x-request-id"]
+    )
+    missing = predict(client, "no-such-domain", png_bytes(1))
+    assert missing.headers["x-error-code"] == missing.json()["error"] == "unknown_domain"
+    refused = client.post("/adapters", files={"bundle": ("b", b"x")})  # no token: refused before routing
+    assert refused.status_code in (401, 403) and refused.headers["x-error-code"] == refused.json()["error"]
+    assert "x-error-code" not in client.get("/healthz").headers
+    text = client.get("/metrics").text
+    assert re.search(r'^ra_errors_total\{code="unknown_domain"\} [1-9]', text, re.M)
+    assert re.search(rf'^ra_errors_total\{{code="{refused.json()["error"]}"\}} [1-9]', text, re.M)
+
+
+def test_metrics_say_the_engine_is_up_its_starts_queue_and_store_disk(served):
+    time.sleep(1.2)  # the front end reports the engine each second
+    text = served.client.get("/metrics").text
+    assert re.search(r"^ra_engine_unreachable 0\.0$", text, re.M)
+    assert re.search(r"^ra_engine_starts_total 1\.0$", text, re.M)
+    assert re.search(r"^ra_queue_capacity [1-9]", text, re.M)
+    free = float(re.search(r"^ra_store_free_bytes (\S+)$", text, re.M).group(1))
+    assert 0 < free <= float(re.search(r"^ra_store_size_bytes (\S+)$", text, re.M).group(1))
+
+
 # ----- registration and listing ---------------------------------------------------------------
 
 

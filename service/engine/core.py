@@ -18,6 +18,7 @@ import gc
 import logging
 import math
 import os
+import shutil
 import time
 from typing import TYPE_CHECKING
 
@@ -93,6 +94,7 @@ class EngineCore:
             domain_share=min(share, batching.max_queue),
         )
         await self.batcher.start()
+        self.metrics.queue_capacity.set(batching.max_queue)
         try:  # readiness needs the pinned domains only; the most used ones warm in the background
             await registry.refresh_flags()
             pinned = await registry.warm(registry.pinned_domains())
@@ -105,11 +107,24 @@ class EngineCore:
         self._tasks.append(asyncio.create_task(self._warm_most_used(registry.max_resident)))
         jobs = await asyncio.to_thread(open_jobs, s.jobs_location, s.training_lease_s)
         self._tasks.append(asyncio.create_task(Registrar(registry, jobs, self.metrics).run()))
+        store = getattr(registry.record, "root", None)  # the directory record's folder (PostgreSQL: none)
+        if store is not None:
+            self._tasks.append(asyncio.create_task(self._measure_store(store)))
         gc.collect()
         gc.freeze()  # the loaded framework's objects live forever: keep them out of full collections
         self._gc_thresholds = gc.get_threshold()
         gc.set_threshold(GC_YOUNG_THRESHOLD, *self._gc_thresholds[1:])
+        self.metrics.engine_starts.inc()
         self.started = True
+
+    async def _measure_store(self, root, interval_s: float = 30.0) -> None:
+        """The directory record's file system, for the alert on its disk filling (`ra_store_free_bytes`)."""
+        while True:
+            with contextlib.suppress(OSError):
+                usage = await asyncio.to_thread(shutil.disk_usage, root)
+                self.metrics.store_free_bytes.set(usage.free)
+                self.metrics.store_size_bytes.set(usage.total)
+            await asyncio.sleep(interval_s)
 
     async def stop(self) -> None:
         self.started = False

@@ -24,6 +24,7 @@ import zmq
 from service.client import OPERATIONS, Answer
 from service.engine.core import EngineCore
 from service.exceptions import TRANSPORTED
+from service.logs import configure
 from service.metrics import Metrics
 from service.settings import Settings
 from service.transport import (
@@ -199,5 +200,5 @@ async def run(settings: Settings, endpoint: str, arena_prefix: str, cores: int |
 
 def main(endpoint: str, arena_prefix: str, cores: int | None, log_level: str) -> None:
     """The engine process's entry point (started by `service.supervisor`; settings from `RA_*`)."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s engine %(name)s: %(message)s")
+    configure("engine", log_level)
     asyncio.run(run(Settings(), endpoint, arena_prefix, cores))

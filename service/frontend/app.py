@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import pathlib
+import re
 import time
 
 from fastapi import FastAPI
@@ -37,7 +38,13 @@ from service.frontend.access import (
     RateLimits,
     is_audited,
 )
-from service.frontend.errors import BodyTooLarge, error_response, install_error_handlers, refusal_response
+from service.frontend.errors import (
+    ERROR_CODE_HEADER,
+    BodyTooLarge,
+    error_response,
+    install_error_handlers,
+    refusal_response,
+)
 from service.frontend.host_table import HostTable, Layout
 from service.frontend.inference import Inference
 from service.frontend.state import ServiceState
@@ -80,57 +87,101 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+REQUEST_ID_HEADER, ERROR_CODE = b"x-request-id", ERROR_CODE_HEADER.encode()
+REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")  # a caller's id is kept if printable ASCII, at most 128 long
+_access_log = logging.getLogger("service.access")
+
+
+def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
+    """The caller's `X-Request-ID` when it is a usable one, else a new one (16 hex digits)."""
+    given = next((v for k, v in headers if k == REQUEST_ID_HEADER), None)
+    if given is not None and REQUEST_ID.fullmatch(given):
+        return given.decode("ascii")
+    return os.urandom(8).hex()
+
+
 class Gatekeeper:
-    """Decide access (`service.frontend.access`) before the request body is received, and record every request's
-    route, status, latency and key; write the audit line of every management call (pure ASGI: no extra
-    task per request)."""
+    """Decide access (`service.frontend.access`) before the request body is received; give every request
+    its id (`X-Request-ID`, answered back); record its route, status, error code, latency and key, and
+    its access line (`RA_ACCESS_LOG`); write the audit line of every management call (pure ASGI: no
+    extra task per request)."""
 
     def __init__(self, app: ASGIApp, state: ServiceState):
         self.app, self.state = app, state
         self._latency: dict[str, object] = {}  # each route's histogram child, looked up once
+        self._access_log = state.settings.access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
         method, path = scope["method"], scope["path"]
+        request_id = request_id_of(scope["headers"])
+        request_state = scope.setdefault("state", {})
+        request_state["request_id"] = request_id
+        status, error = 500, None
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status, error
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", ()))
+                error = next((v.decode("latin-1") for k, v in headers if k == ERROR_CODE), None)
+                message = {**message, "headers": [*headers, (REQUEST_ID_HEADER, request_id.encode("ascii"))]}
+            await send(message)
+
         authorization = next((v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")
         try:
             principal = self.state.access.decide(method, path, authorization)
         except Denied as denied:
             refusal = refusal_response(denied.reason, path)
-            await refusal(scope, receive, send)
-            self._record(scope, refusal.status_code, start, denied.principal)
+            await refusal(scope, receive, send_and_watch)
+            self._record(scope, status, error, start, denied.principal)
             return
-        request_state = scope.setdefault("state", {})
         request_state["principal"] = principal
-        status = 500
-
-        async def send_and_watch(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
         try:
             await self.app(scope, receive, send_and_watch)
         finally:
-            self._record(scope, status, start, principal)
+            self._record(scope, status, error, start, principal)
 
-    def _record(self, scope: Scope, status: int, start: float, principal: Principal | None) -> None:
+    def _record(self, scope: Scope, status: int, error: str | None, start: float, principal: Principal | None) -> None:
         """The request's metrics: the counts once per event-loop turn (`Tally`), the latency now."""
         metrics = self.state.metrics
         path = getattr(scope.get("route"), "path", "unmatched")
         latency = self._latency.get(path)
         if latency is None:
             latency = self._latency[path] = metrics.latency.labels(path)
-        latency.observe(time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        latency.observe(seconds)
         key = principal.name if principal is not None else "-"
         code = str(status)
         metrics.tally.add(metrics.requests, 1, path, code)
         metrics.tally.add(metrics.key_requests, 1, key, code)
+        if error is not None:
+            metrics.tally.add(metrics.errors, 1, error)
+        state = scope.get("state", {})
+        if self._access_log:
+            _access_log.info(
+                "%s %s %d %.1f ms",
+                scope["method"],
+                scope["path"],
+                status,
+                seconds * 1000,
+                extra={
+                    "request_id": state.get("request_id"),
+                    "trace_id": state.get("trace_id"),
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "route": path,
+                    "status": status,
+                    "error": error,
+                    "ms": round(seconds * 1000, 2),
+                    "domain": scope.get("path_params", {}).get("domain"),
+                    "tenant": key,
+                },
+            )
         if is_audited(scope["method"], scope["path"]):
-            audit.write(key, scope["method"], scope["path"], status, scope.get("state", {}).get("audit"))
+            audit.write(key, scope["method"], scope["path"], status, state.get("audit"))
 
 
 async def follow_keys(state: ServiceState) -> None:
@@ -145,6 +196,13 @@ async def follow_keys(state: ServiceState) -> None:
         except KeysFileError as exc:
             state.metrics.keys_reload_errors.inc()
             _log.error("%s Keeping the %d keys loaded before.", exc, len(keyring.keys))
+
+
+async def report_engine(state: ServiceState, interval_s: float = 1.0) -> None:
+    """`ra_engine_unreachable`: whether this front end misses the engine (the alert on an engine down)."""
+    while True:
+        state.metrics.engine_unreachable.set(0 if state.engine.connected else 1)
+        await asyncio.sleep(interval_s)
 
 
 def document_bearer_auth(app: FastAPI) -> None:
@@ -208,6 +266,7 @@ def create_app(
         with contextlib.suppress(EngineUnavailable):  # a restarting engine: the default until the next start
             state.inference.follow_residency((await state.engine.status()).residency)
         keys = asyncio.create_task(follow_keys(state)) if keyring is not None else None
+        engine_watch = asyncio.create_task(report_engine(state))
         grpc_server = None
         if settings.grpc_port is not None:
             from service.frontend import oip_grpc  # grpcio and the protocol's messages, only when asked for
@@ -220,6 +279,7 @@ def create_app(
             state.started = False
             if grpc_server is not None:
                 await grpc_server.stop(grace=5)
+            engine_watch.cancel()
             if keys is not None:
                 keys.cancel()
             await state.engine.stop()

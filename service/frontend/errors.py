@@ -50,13 +50,16 @@ class BodyTooLarge(HTTPException):
 
 
 OIP_PREFIX = "/v2"  # Open Inference Protocol routes answer errors as {"error": "<message>"}
+ERROR_CODE_HEADER = "x-error-code"  # every error's code, also where the body cannot say it (OIP, HEAD)
 
 
 def error_response(
     status: int, code: str, detail: object, headers: dict[str, str] | None = None, path: str = ""
 ) -> JSONResponse:
     """The JSON error body: `{"error": code, "detail": message}`, or the protocol's `{"error": "code: message"}`
-    on the Open Inference Protocol routes."""
+    on the Open Inference Protocol routes. The code is also the `X-Error-Code` header, which the Gatekeeper
+    counts (`ra_errors_total{code}`) and logs."""
+    headers = {**(headers or {}), ERROR_CODE_HEADER: code}
     if path == OIP_PREFIX or path.startswith(OIP_PREFIX + "/"):
         return JSONResponse({"error": f"{code}: {detail}"}, status_code=status, headers=headers)
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
