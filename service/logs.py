@@ -65,13 +65,16 @@ def log_format() -> str:
 
 
 def configure(process: str, level: str) -> None:
-    """Set the root logger of this process (`process` names it in each line: "engine", "front end", ...)."""
+    """Set the root logger of this process (`process` names it in each line: "engine", "front end", ...),
+    unless it has handlers already (as `logging.basicConfig`: a host such as pytest keeps its own)."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
     handler = logging.StreamHandler()
     if log_format() == "json":
         handler.setFormatter(JsonFormatter(process))
     else:
         prefix = f"{process} " if process else ""
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.addHandler(handler)
     root.setLevel(level.upper())
