@@ -26,7 +26,6 @@ FIELDS = (
     "ms",
     "domain",
     "tenant",
-    "bytes_in",
 )
 
 
