@@ -5,6 +5,7 @@ Linters that are missing skip these checks locally; with CI set they must be the
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -144,7 +145,8 @@ def test_compose_declares_gpu_healthcheck_volume_and_port():
         assert re.search(r"^volumes:\s*\n\s+[\w.-]+:", text, re.M)
         assert "RA_STORE_DIR: /data/store" in text
         return
-    (service,) = compose["services"].values()
+    service = compose["services"]["adapters"]
+    assert [name for name, s in compose["services"].items() if "profiles" not in s] == ["adapters"]  # what `up` starts
     devices = service["deploy"]["resources"]["reservations"]["devices"]
     assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
     assert "/readyz" in " ".join(service["healthcheck"]["test"])
@@ -152,6 +154,21 @@ def test_compose_declares_gpu_healthcheck_volume_and_port():
     store = service["environment"]["RA_STORE_DIR"]
     volumes = [v.split(":") for v in service["volumes"]]
     assert any(target == store and source in compose.get("volumes", {}) for source, target, *_ in volumes)
+
+
+def test_compose_monitoring_profile_mounts_the_shipped_rules_and_dashboard():
+    compose = load_compose()
+    if compose is None:
+        pytest.skip("PyYAML is not installed")
+    monitoring = {name: s for name, s in compose["services"].items() if "monitoring" in s.get("profiles", [])}
+    assert set(monitoring) == {"prometheus", "grafana"}
+    for service in monitoring.values():
+        for volume in service["volumes"]:
+            source = volume.split(":")[0]
+            assert source in compose["volumes"] or (REPO / source).exists(), f"{source} is not in the repository"
+    assert "--config.file=/etc/prometheus/prometheus.yml" in monitoring["prometheus"]["command"]
+    assert (REPO / "deploy/prometheus/prometheus.yml").exists()
+    assert json.loads((REPO / "deploy/grafana/dashboards/residual-adapters.json").read_text())["panels"]
 
 
 def test_compose_env_leaves_management_disabled():
