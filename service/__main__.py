@@ -110,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         return Supervisor(args.host, args.port, args.workers, args.log_level, trainers).run()
     import uvicorn
 
+    from service import tracing
     from service.trainers import Trainers
 
+    tracing.configure("service")  # this process is front end and engine
     pool = Trainers(trainers, args.log_level)
     pool.start()
     try:
@@ -126,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     finally:
         pool.stop()
+        tracing.shutdown()
     return 0
 
 

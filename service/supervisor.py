@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from service import tracing
 from service.logs import configure
 from service.metrics import MULTIPROC_DIR
 from service.trainers import Trainers
@@ -64,6 +65,7 @@ def frontend_main(host: str, port: int, endpoint: str, arena: str, tables_dir: s
     from service.transport import RemoteEngine
 
     configure("front end", log_level)
+    tracing.configure("front end")
     settings = Settings()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -78,7 +80,10 @@ def frontend_main(host: str, port: int, endpoint: str, arena: str, tables_dir: s
         access_log=False,
         timeout_graceful_shutdown=int(STOP_GRACE_S),
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        tracing.shutdown()
 
 
 @dataclasses.dataclass

@@ -45,6 +45,7 @@ import numpy as np
 import zmq
 
 from model.preprocessing import Preprocessing
+from service import tracing
 from service.client import OPERATIONS, Answer, Operations
 from service.exceptions import (
     TRANSPORTED,
@@ -170,6 +171,7 @@ class Call(msgspec.Struct, frozen=True, array_like=True):
     op: str
     args: list[Any]
     deadline: float  # time.time() after which the caller no longer waits
+    trace: str | None = None  # the caller's span as a W3C traceparent (`service.tracing`), None when untraced
 
 
 class Received(msgspec.Struct, frozen=True, array_like=True):
@@ -179,6 +181,7 @@ class Received(msgspec.Struct, frozen=True, array_like=True):
     op: str
     args: msgspec.Raw
     deadline: float
+    trace: str | None = None
 
 
 class Reply(msgspec.Struct, frozen=True, array_like=True):
@@ -324,7 +327,8 @@ class RemoteEngine:
         self._pending[call_id] = future
         if not self._outbox:
             loop.call_soon(self._flush)
-        self._outbox.append((Call(call_id, op, args, time.time() + timeout), future))
+        trace = tracing.to_message() if tracing.enabled else None
+        self._outbox.append((Call(call_id, op, args, time.time() + timeout, trace), future))
         try:
             try:
                 async with asyncio.timeout(timeout):

@@ -6,7 +6,9 @@ and changes nothing."""
 from __future__ import annotations
 
 import json
+import re
 
+import httpx
 import numpy as np
 import pytest
 from numeric import assert_logits_close
@@ -153,7 +155,7 @@ def test_the_repository_loads_a_bundle_unloads_and_loads_again(clients):
     assert g.is_model_ready("shoes", headers=auth(ADMIN))
 
 
-def test_every_refusal_has_its_status_code_and_changes_nothing(clients):
+def test_every_refusal_has_its_status_code_and_changes_nothing(server, clients):
     g, h = clients
     before = index(g)
     image = [images_input(grpcclient, [png_bytes(3)])]
@@ -201,6 +203,9 @@ def test_every_refusal_has_its_status_code_and_changes_nothing(clients):
     rest = refusal(lambda: h.get_model_metadata("digits", headers=auth(CATS)))
     assert rest.message() == hidden.message()  # REST's message, word for word
     assert index(g) == before
+    metrics = httpx.get(server.url + "/metrics", headers=auth(ADMIN), timeout=10).text  # counted by code
+    for code in ("too_many_files", "not_image"):  # only gRPC calls of this module make these
+        assert re.search(rf'^ra_errors_total\{{code="{code}"\}} [1-9]', metrics, re.M), code
 
 
 def test_a_key_over_its_rate_is_told_when_to_retry(server):

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from service import tracing
 from service.client import Answer
 from service.exceptions import Overloaded, QueueShareExceeded
 from service.metrics import Metrics
@@ -61,14 +62,15 @@ class _Request:
     """One caller's images; `done` is called (on the event loop) once every image has an answer, or with
     the first error. A closed request's images still queued are skipped."""
 
-    __slots__ = ("closed", "deadline", "done", "missing", "results")
+    __slots__ = ("closed", "deadline", "done", "missing", "results", "trace")
 
-    def __init__(self, size: int, done: Done, deadline: float):
+    def __init__(self, size: int, done: Done, deadline: float, trace: object | None = None):
         self.done = done
         self.results: list = [None] * size
         self.missing = size
         self.closed = False
         self.deadline = deadline  # time.monotonic() after which its caller no longer waits
+        self.trace = trace  # the caller's tracing context (`service.tracing`), None when untraced
 
     def given_up(self, now: float) -> bool:
         return self.closed or self.deadline < now
@@ -190,7 +192,7 @@ class DynamicBatcher:
         loop. Raises `Overloaded` or `QueueShareExceeded` (nothing queued). The caller holds the entries until
         `done` is called; cancelling the returned request, or its `deadline` (time.monotonic()) passing,
         drops its images that have not started yet (and `done` gets a TimeoutError)."""
-        request = _Request(len(images), done, deadline)
+        request = _Request(len(images), done, deadline, tracing.current() if tracing.enabled else None)
         now = time.monotonic()
         items = [
             _Item(image, lane or entry.domain, entry.slot, entry.version, request, i, now)
@@ -326,8 +328,9 @@ class DynamicBatcher:
             batch = [item for item in batch if not item.request.given_up(now)]
             if not batch:
                 continue
+            formed = time.monotonic()
             try:
-                prepared = (batch, np.stack([item.image for item in batch]), [item.slot for item in batch])
+                prepared = (batch, np.stack([item.image for item in batch]), [item.slot for item in batch], formed)
             except Exception as exc:
                 self._post(_deliver_all, [(item, exc) for item in batch])
                 continue
@@ -347,20 +350,21 @@ class DynamicBatcher:
                     self._handoff.wait()
                 if self._next is None:
                     return
-                (batch, images, slots), self._next = self._next, None
+                (batch, images, slots, formed), self._next = self._next, None
                 self._computing = True
                 if self._waiting == "slot":
                     self._ready.notify()
             try:
-                self._compute(batch, images, slots)
+                self._compute(batch, images, slots, formed)
             finally:
                 with self._ready:
                     self._computing = False
                     if self._waiting == "device":
                         self._ready.notify()
 
-    def _compute(self, batch: list[_Item], images: np.ndarray, slots: list[Slot]) -> None:
-        """Run one batch; every item gets an answer or an error, never silence."""
+    def _compute(self, batch: list[_Item], images: np.ndarray, slots: list[Slot], formed: float) -> None:
+        """Run one batch (formed, its images stacked, at `formed`); every item gets an answer or an error,
+        never silence."""
         start = time.monotonic()
         try:
             logits = self.engine.predict(images, slots)
@@ -369,6 +373,8 @@ class DynamicBatcher:
             return
         done = time.monotonic()
         self._post(_answer_all, batch, logits, start, done)
+        if tracing.enabled:
+            self._post(_trace_batch, batch, slots, formed, start, done)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_domains.observe(len({slot.index for slot in slots}))
         busy = self.engine.busy_s
@@ -393,3 +399,18 @@ def _answer_all(batch: list[_Item], logits: list[np.ndarray], start: float, done
 def _deliver_all(answers: list[tuple[_Item, object]]) -> None:
     for item, result in answers:
         item.request.deliver(item.index, result)
+
+
+def _trace_batch(batch: list[_Item], slots: list[Slot], formed: float, start: float, done: float) -> None:
+    """Event loop: the spans of each traced request in the batch, as children of its caller's span:
+    its queue wait, the batch (with its size and distinct domains) and the batch's device call."""
+    traced = {id(item.request): item for item in batch if item.request.trace is not None}
+    if not traced:
+        return
+    now = time.monotonic()
+    shape = {"ra.batch.size": len(batch), "ra.batch.domains": len({slot.index for slot in slots})}
+    for item in traced.values():
+        parent = item.request.trace
+        tracing.record("queue wait", parent, item.queued_at, formed)
+        span = tracing.record("engine batch", parent, formed, now, shape)
+        tracing.record("device call", tracing.in_context(span), start, done)

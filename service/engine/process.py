@@ -21,6 +21,7 @@ import msgspec
 import numpy as np
 import zmq
 
+from service import tracing
 from service.client import OPERATIONS, Answer
 from service.engine.core import EngineCore
 from service.exceptions import TRANSPORTED
@@ -57,6 +58,8 @@ class EngineServer:
         self._tasks: set[asyncio.Task] = set()
         self._drain_due = False
         self._outbox: dict[bytes, tuple[list[Reply], list[Answer]]] = {}  # this turn's replies, by front end
+        self._spans: dict[tuple[bytes, int], object] = {}  # traced calls' server spans, until replied
+        self._replying: list[tuple[object, object]] = []  # (server span, reply span) of this turn's message
 
     def _images(self, ref: Images) -> np.ndarray:
         arena = self._arenas.get(ref.arena)
@@ -125,6 +128,10 @@ class EngineServer:
 
     def _reply(self, identity: bytes, reply: Reply, answers: list[Answer] = ()) -> None:
         """Queue a reply (and an infer's answers) for this event-loop turn's message to its front end."""
+        if self._spans and (span := self._spans.pop((identity, reply.id), None)) is not None:
+            if reply.error is not None:
+                span.set_status(tracing.ERROR, reply.error[0])
+            self._replying.append((span, tracing.tracer.start_span("reply", context=tracing.in_context(span))))
         if not self._outbox:
             asyncio.get_running_loop().call_soon(self._flush)
         replies, answered = self._outbox.setdefault(identity, ([], []))
@@ -136,12 +143,27 @@ class EngineServer:
         for identity, (replies, answers) in outbox.items():
             frames = [identity, ENCODER.encode(replies), *answer_frames(answers)]
             self._sock.send_multipart(frames, zmq.NOBLOCK)  # a ROUTER drops what it cannot deliver
+        if self._replying:
+            replying, self._replying = self._replying, []
+            for server_span, reply_span in replying:
+                reply_span.end()
+                server_span.end()
         if not self._drain_due:
             self._drain_due = True
             asyncio.get_running_loop().call_soon(self._drain)
 
     def _dispatch(self, identity: bytes, call: Received) -> int:
         """Queue an `infer` for resident domains at once, run anything else as a task; the images queued."""
+        if call.trace is None or not tracing.enabled:
+            return self._queue(identity, call)
+        span = tracing.tracer.start_span(
+            f"engine {call.op}", context=tracing.from_message(call.trace), kind=tracing.SERVER
+        )
+        self._spans[identity, call.id] = span
+        with tracing.use_span(span):  # the batcher and the call's task see it as their parent
+            return self._queue(identity, call)
+
+    def _queue(self, identity: bytes, call: Received) -> int:
         args = None
         if call.op == "infer":
             try:
@@ -201,4 +223,8 @@ async def run(settings: Settings, endpoint: str, arena_prefix: str, cores: int |
 def main(endpoint: str, arena_prefix: str, cores: int | None, log_level: str) -> None:
     """The engine process's entry point (started by `service.supervisor`; settings from `RA_*`)."""
     configure("engine", log_level)
-    asyncio.run(run(Settings(), endpoint, arena_prefix, cores))
+    tracing.configure("engine")
+    try:
+        asyncio.run(run(Settings(), endpoint, arena_prefix, cores))
+    finally:
+        tracing.shutdown()

@@ -25,6 +25,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import tracing
 from service.client import EngineClient
 from service.exceptions import EngineUnavailable
 from service.frontend import audit, oip, rest, training
@@ -119,6 +120,8 @@ class Gatekeeper:
         request_id = request_id_of(scope["headers"])
         request_state = scope.setdefault("state", {})
         request_state["request_id"] = request_id
+        if tracing.enabled:  # FastAPI's own server span (FastAPI(telemetry=...)) is the request's
+            request_state["trace_id"] = tracing.tag_request(request_id)
         status, error = 500, None
 
         async def send_and_watch(message: Message) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from model.preprocessing import ImageDecodeError, Preprocessing, gray_rgb, normalize, open_image, preprocess
+from service import tracing
 from service.client import Answer, EngineClient
 from service.exceptions import StaleCard, UnknownDomainError
 from service.frontend.errors import ApiError
@@ -193,9 +194,14 @@ class Inference:
                     else np.stack(per_domain, axis=1).reshape(-1, *pixels.shape[1:])
                 )
             prepared = time.perf_counter()
+            if tracing.enabled:
+                tracing.record("decode", None, start, prepared, {"ra.images": count}, clock=time.perf_counter)
             which = [j for _ in range(count) for j in range(len(domains))]
             try:
-                answers = await self.engine.infer(domains, preps, images, which, lane)
+                with tracing.span(
+                    "engine call", tracing.CLIENT, **{"ra.images": len(images), "ra.domains": len(domains)}
+                ):
+                    answers = await self.engine.infer(domains, preps, images, which, lane)
                 break
             except StaleCard:
                 if attempt == 2:

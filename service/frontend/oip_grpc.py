@@ -26,6 +26,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
+from service import tracing
 from service.exceptions import DomainUnloaded
 from service.frontend import audit, oip
 from service.frontend.access import Denied, Principal, is_management
@@ -124,7 +125,19 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         work: Callable[[Principal, dict], Awaitable[object]],
     ) -> object:
         """Decide access as for `method path`, run `work(principal, audit details)`, and answer its errors
-        as status codes; count the call in the metrics (route `grpc:<rpc>`) and audit management calls."""
+        as status codes; count the call in the metrics (route `grpc:<rpc>`, errors by code) and audit
+        management calls; in a server span when tracing (the caller's `traceparent` metadata its parent)."""
+        with tracing.server_span(f"grpc {rpc}", context.invocation_metadata):
+            return await self._run(context, rpc, method, path, work)
+
+    async def _run(
+        self,
+        context: grpc.aio.ServicerContext,
+        rpc: str,
+        method: str,
+        path: str,
+        work: Callable[[Principal, dict], Awaitable[object]],
+    ) -> object:
         start = time.perf_counter()
         authorization = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), "")
         principal, details = None, {}
@@ -145,6 +158,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 _log.exception("unhandled error in gRPC %s", rpc)
                 error = INTERNAL
         self._record(rpc, method, path, error.status, start, principal, details)
+        self.state.metrics.errors.labels(error.code).inc()
         retry = (error.headers or {}).get("Retry-After")
         if retry is not None:
             context.set_trailing_metadata((("retry-after", retry),))
