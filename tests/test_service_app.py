@@ -581,7 +581,11 @@ def test_body_over_the_request_limit_is_413(small):
     body = b"x" * (small.settings.max_request_bytes + 1)
     headers = {**AUTH, "content-type": "multipart/form-data; boundary=xyz"}
     assert_error(small.client.post("/adapters", content=body, headers=headers), 413, "request_too_large")
-    assert_error(small.client.post("/predict/alpha", content=body, headers=headers), 413, "request_too_large")
+    refused = small.client.post("/predict/alpha", content=body, headers={**headers, "X-Request-ID": "too-big-1"})
+    assert_error(refused, 413, "request_too_large")
+    assert refused.headers["x-request-id"] == "too-big-1" and refused.headers["x-error-code"] == "request_too_large"
+    text = small.client.get("/metrics").text  # refused from its Content-Length, and still counted
+    assert re.search(r'^ra_errors_total\{code="request_too_large"\} [2-9]', text, re.M)
 
 
 def test_chunked_body_over_the_request_limit_is_413(small):

@@ -309,10 +309,10 @@ def create_app(
         return FileResponse(STATIC_DIR / "index.html")
 
     document_bearer_auth(app)
-    app.add_middleware(Gatekeeper, state=state)
-    app.add_middleware(
+    app.add_middleware(  # inside the Gatekeeper (the last added is outermost): a 413 is counted and logged
         BodyLimit,
         limit=settings.max_request_bytes,
         paths={"/training/jobs": settings.max_training_upload_bytes + 64 * 1024},  # multipart overhead
     )
+    app.add_middleware(Gatekeeper, state=state)
     return app
