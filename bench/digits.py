@@ -23,15 +23,16 @@ DEMO = pathlib.Path(__file__).resolve().parents[1] / "service" / "demo"
 
 
 def main(argv: list[str] | None = None) -> None:
-    from training.__main__ import main as cli
-    from training.demo import digits_npz
-    from training.evaluate import evaluate
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", type=pathlib.Path, default=DEMO / "backbone.safetensors")
     parser.add_argument("--source", type=pathlib.Path, default=DEMO / "fashion.safetensors")
     parser.add_argument("--epochs", type=int, default=30)
     args = parser.parse_args(argv)
+    # imported after the arguments, so that --help answers without loading TensorFlow
+    from training.__main__ import main as cli
+    from training.demo import digits_npz
+    from training.evaluate import evaluate
+
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)

@@ -17,16 +17,6 @@ import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np
-import tensorflow as tf
-
-from bench.harness.synthetic import median, time_call
-from model.bundle import Preprocessing
-from model.config import ArchConfig
-from model.resnet26 import build_resnet26
-from training.recipe import Recipe
-from training.trainer import Trainer, freeze_shared
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -37,6 +27,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0)
     args = parser.parse_args(argv)
+    # imported after the arguments, so that --help answers without loading TensorFlow
+    import numpy as np
+    import tensorflow as tf
+
+    from bench.harness.synthetic import median, time_call
+    from model.bundle import Preprocessing
+    from model.config import ArchConfig
+    from model.resnet26 import build_resnet26
+    from training.recipe import Recipe
+    from training.trainer import Trainer, freeze_shared
 
     config = ArchConfig(args.width, args.input_size, "series", args.classes)
     rng = np.random.default_rng(0)

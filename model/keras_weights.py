@@ -41,6 +41,6 @@ def set_weights(model: keras.Model, weights: Mapping[str, np.ndarray], part: Par
 def to_keras_model(backbone: Backbone, bundle: AdapterBundle) -> keras.Model:
     """The unfolded Keras ResNet-26 for one domain: the reference computation, for checks and training."""
     check_compatible(bundle, backbone)
-    model = build_resnet26(bundle.config, name=f"resnet26_{bundle.domain}")
+    model = build_resnet26(bundle.config, name=f"resnet26_{bundle.domain}", init="zeros")  # weights come next
     set_weights(model, {**backbone.weights, **bundle.weights})
     return model

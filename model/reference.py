@@ -16,14 +16,15 @@ import argparse
 import json
 import pathlib
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
 
 from model.config import ADAPTER_MODES, ArchConfig, conv_units
-from model.keras_weights import set_weights
-from model.resnet26 import build_resnet26
 from model.weights import WeightsMismatchError, check_weights, expected_shapes
+
+if TYPE_CHECKING:  # Keras loads only for a Keras model: converting files needs numpy alone
+    import keras
 
 _BN_FROM_TORCH = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
 
@@ -108,8 +109,11 @@ def from_reference_state_dict(arrays: Mapping[str, np.ndarray], adapter: str) ->
         arrays: the reference state_dict's names (no `param/` prefix) mapped to arrays.
         adapter: "series", "parallel" or "none" (the reference's `bn` mode).
     """
+    from model.keras_weights import set_weights
+    from model.resnet26 import build_resnet26
+
     config, weights = reference_to_canonical(arrays, adapter)
-    model = build_resnet26(config)
+    model = build_resnet26(config, init="zeros")
     set_weights(model, weights)
     return model
 

@@ -49,42 +49,60 @@ def _batch_norm(name: str) -> layers.BatchNormalization:
     return layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name)
 
 
-def _conv3x3(x, unit: ConvUnit):
+def _conv3x3(x, unit: ConvUnit, init: str):
     if unit.stride == 1:
-        return layers.Conv2D(unit.out_channels, 3, padding="same", use_bias=False, name=f"{unit.name}_conv3x3")(x)
+        return layers.Conv2D(
+            unit.out_channels, 3, padding="same", use_bias=False, kernel_initializer=init, name=f"{unit.name}_conv3x3"
+        )(x)
     x = layers.ZeroPadding2D(1, name=f"{unit.name}_pad")(x)
     return layers.Conv2D(
-        unit.out_channels, 3, strides=unit.stride, padding="valid", use_bias=False, name=f"{unit.name}_conv3x3"
+        unit.out_channels,
+        3,
+        strides=unit.stride,
+        padding="valid",
+        use_bias=False,
+        kernel_initializer=init,
+        name=f"{unit.name}_conv3x3",
     )(x)
 
 
-def conv_unit(x, unit: ConvUnit, adapter: str):
+def conv_unit(x, unit: ConvUnit, adapter: str, init: str):
     """The reference's `conv_task`: shared 3x3 convolution, then the domain's adapter and BatchNorm."""
-    z = _conv3x3(x, unit)
+    z = _conv3x3(x, unit, init)
     if adapter == "series":
         a = _batch_norm(f"{unit.name}_adapter_bn")(z)
-        a = layers.Conv2D(unit.out_channels, 1, use_bias=False, name=f"{unit.name}_adapter")(a)
+        a = layers.Conv2D(unit.out_channels, 1, use_bias=False, kernel_initializer=init, name=f"{unit.name}_adapter")(a)
         z = layers.Add(name=f"{unit.name}_adapter_add")([z, a])
     elif adapter == "parallel":
-        a = layers.Conv2D(unit.out_channels, 1, strides=unit.stride, use_bias=False, name=f"{unit.name}_adapter")(x)
+        a = layers.Conv2D(
+            unit.out_channels,
+            1,
+            strides=unit.stride,
+            use_bias=False,
+            kernel_initializer=init,
+            name=f"{unit.name}_adapter",
+        )(x)
         z = layers.Add(name=f"{unit.name}_adapter_add")([z, a])
     return _batch_norm(f"{unit.name}_bn")(z)
 
 
-def basic_block(x, block: Block, adapter: str):
+def basic_block(x, block: Block, adapter: str, init: str):
     """Two conv units with a ReLU between, a residual sum, and a ReLU after it."""
     prefix = block.name
-    y = conv_unit(x, block.conv1, adapter)
+    y = conv_unit(x, block.conv1, adapter, init)
     y = layers.ReLU(name=f"{prefix}_relu1")(y)
-    y = conv_unit(y, block.conv2, adapter)
+    y = conv_unit(y, block.conv2, adapter, init)
     if block.projects:
         x = ZeroChannelShortcut(block.conv1.out_channels, name=f"{prefix}_shortcut")(x)
     y = layers.Add(name=f"{prefix}_add")([y, x])
     return layers.ReLU(name=f"{prefix}_out")(y)
 
 
-def build_resnet26(config: ArchConfig, name: str = "resnet26") -> keras.Model:
+def build_resnet26(config: ArchConfig, name: str = "resnet26", init: str = "glorot_uniform") -> keras.Model:
     """Build the ResNet-26 for one domain: NHWC float32 images in, logits out.
+
+    `init` is the kernels' initializer: "zeros" where weights are assigned next (on JAX a random
+    initializer compiles one program per kernel shape, seconds per model).
 
     Example:
         >>> model = build_resnet26(ArchConfig(width_factor=0.25, adapter="series", num_classes=7))
@@ -93,11 +111,11 @@ def build_resnet26(config: ArchConfig, name: str = "resnet26") -> keras.Model:
     """
     inputs = keras.Input((config.input_size, config.input_size, 3), name="image")
     stem, blocks = topology(config)
-    x = conv_unit(inputs, stem, config.adapter)  # the stem: no ReLU after it
+    x = conv_unit(inputs, stem, config.adapter, init)  # the stem: no ReLU after it
     for block in blocks:
-        x = basic_block(x, block, config.adapter)
+        x = basic_block(x, block, config.adapter, init)
     x = _batch_norm("head_bn")(x)
     x = layers.ReLU(name="head_relu")(x)
     x = layers.GlobalAveragePooling2D(name="head_pool")(x)
-    logits = layers.Dense(config.num_classes, name="classifier")(x)
+    logits = layers.Dense(config.num_classes, kernel_initializer=init, name="classifier")(x)
     return keras.Model(inputs, logits, name=name)

@@ -1,5 +1,6 @@
-"""The container for real: build the image on the local Debian base, run it, restart it, stop it under load,
-and bring up the fleet compose file (PostgreSQL, two replicas, HAProxy).
+"""The container for real: build the image on the local Debian base with TensorFlow installed (as the official
+TensorFlow image has it), run it, restart it, stop it under load, and bring up the fleet compose file
+(PostgreSQL, two replicas, HAProxy).
 
 Needs a running Docker engine and the base image that `.ci/container-base` makes; locally these tests skip
 without them, with CI set they must run. The CA bundle of the host reaches pip as a BuildKit secret.
@@ -24,7 +25,7 @@ import tritonclient.grpc as grpcclient
 from service_process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-BASE_IMAGE = os.environ.get("RA_CONTAINER_BASE", "residual-adapters-base:bookworm")
+BASE_IMAGE = os.environ.get("RA_CONTAINER_BASE", "residual-adapters-base:bookworm-tensorflow")  # .ci/container-base
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 SAMPLE = REPO / "service" / "demo" / "sample-ankle-boot.png"
 BUNDLE = REPO / "service" / "demo" / "digits.safetensors"
