@@ -75,12 +75,14 @@ class Table:
             input_signature=[image, tf.TensorSpec((None,), tf.int32)],
             jit_compile=jit_compile,
             reduce_retracing=True,
+            autograph=False,  # the forward's loops and branches are over its static structure
         )
         self._single = tf.function(
             lambda x, slot: forward(kernels, tf.gather(self.rows, slot), x, True),
             input_signature=[image, tf.TensorSpec((), tf.int32)],
             jit_compile=jit_compile,
             reduce_retracing=True,
+            autograph=False,  # the forward's loops and branches are over its static structure
         )
 
     def mixed(self, images: np.ndarray, slots: np.ndarray) -> np.ndarray:
