@@ -5,9 +5,9 @@ The README's commands (train from an image folder on the demo backbone, register
 with curl) run in a shell, in a folder that has what a user's repository root has for them
 (`service/` and an image folder `my-images/` with one sub-folder per class, plus `photo.jpg`),
 against a real `python -m service` on the demo backbone with `RA_ADMIN_TOKEN` set. The only change
-made to the commands is the server's address (a free port instead of 8000). Before training, the same
-registration command with a bundle made for another backbone must be refused, so a README that
-trained on the wrong backbone would fail here.
+made to the commands is the server's address (a free port instead of 8000). The same registration
+command with a bundle made for another backbone must be refused, so a README that trained on the
+wrong backbone would fail here.
 """
 
 from __future__ import annotations
@@ -97,15 +97,20 @@ def foreign_bundle(path: pathlib.Path) -> None:
     save_bundle(make_bundle(make_backbone(config, seed=7), DOMAIN, len(CLASSES), seed=1), path)
 
 
-def shell(command: str, cwd: pathlib.Path, timeout: float) -> subprocess.CompletedProcess:
-    env = {
+def shell_env() -> dict[str, str]:
+    return {
         **os.environ,
         "PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONPATH": str(REPO),
         "CUDA_VISIBLE_DEVICES": "",
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }
-    return subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def shell(command: str, cwd: pathlib.Path, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "-c", command], cwd=cwd, env=shell_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def json_answer(done: subprocess.CompletedProcess) -> dict:
@@ -138,22 +143,28 @@ def test_image_folder_to_served_domain(tmp_path):
     work.mkdir()
     make_workdir(work)
     store = tmp_path / "store"
+    # training and the server's start-up side by side; the refused registration runs from another
+    # folder that holds the same relative path, so it never races the training's write
+    t0 = time.perf_counter()
+    training = subprocess.Popen(
+        ["bash", "-c", train], cwd=work, env=shell_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     # the demo server as the README starts it (python -m service, demo backbone and bundles), with a token
     server = ServiceProcess({"RA_STORE_DIR": str(store), "RA_ADMIN_TOKEN": TOKEN}, tmp_path / "server.log").start()
     try:
-        foreign_bundle(work / BUNDLE)
+        foreign = tmp_path / "foreign"
+        foreign_bundle(foreign / BUNDLE)
         server.wait_ready(120)
         at = lambda command: command.replace(README_URL, server.url)  # noqa: E731 - the one change made
 
-        refused = json_answer(shell(at(register), work, 60))
+        refused = json_answer(shell(at(register), foreign, 60))
         assert refused["error"] == "invalid_bundle:fingerprint", refused
         assert httpx.get(f"{server.url}/adapters/{DOMAIN}").status_code == 404
 
-        t0 = time.perf_counter()
-        trained = shell(train, work, 600)
+        stdout, stderr = training.communicate(timeout=600)
         train_s = time.perf_counter() - t0
-        assert trained.returncode == 0, f"training failed:\n{trained.stdout[-3000:]}\n{trained.stderr[-3000:]}"
-        last = trained.stdout.strip().splitlines()[-1]
+        assert training.returncode == 0, f"training failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+        last = stdout.strip().splitlines()[-1]
         assert last.startswith(f"wrote {BUNDLE} (domain {DOMAIN}, {len(CLASSES)} classes"), last
         print(f"training took {train_s:.1f}s")
 
@@ -181,4 +192,5 @@ def test_image_folder_to_served_domain(tmp_path):
         listed = httpx.get(f"{server.url}/adapters").json()
         assert DOMAIN in json.dumps(listed)
     finally:
+        training.kill()  # a no-op once it has finished
         server.stop()
