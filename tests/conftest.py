@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+from typing import NoReturn
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -73,6 +74,29 @@ def ref(assets):
     from service_helpers import reference_engine
 
     return reference_engine(assets)
+
+
+def unavailable(message: str) -> NoReturn:
+    """A tool a test needs is missing: a failure in CI (which installs every tool), a skip elsewhere."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set but {message}")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A throwaway PostgreSQL cluster on a free loopback port (`bench.harness.postgres`), one per module."""
+    from bench.harness.postgres import Cluster, server_bin
+
+    bin_dir = server_bin()
+    if bin_dir is None:
+        unavailable("PostgreSQL's server is not installed (apt-get install postgresql)")
+    cluster = Cluster(bin_dir)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.remove()
 
 
 CONTAINER_FACTS = pytest.StashKey[list]()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -17,6 +16,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from conftest import unavailable
 from service_helpers import png_bytes
 from service_process import ServiceProcess, free_port
 
@@ -31,9 +31,7 @@ DOMAINS = 24
 
 def need_haproxy() -> None:
     if not pathlib.Path(HAPROXY).exists():
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but HAProxy is not installed (apt-get install haproxy)")
-        pytest.skip("HAProxy is not installed (apt-get install haproxy)")
+        unavailable("HAProxy is not installed (apt-get install haproxy)")
 
 
 def test_the_shipped_configuration_is_valid(tmp_path):

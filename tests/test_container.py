@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import unavailable
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
@@ -32,12 +33,7 @@ def tool(name: str) -> str | None:
 
 def require(name: str, hint: str) -> str:
     path = tool(name)
-    if path is None:
-        message = f"{name} is not installed ({hint})"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but {message}")
-        pytest.skip(message)
-    return path
+    return path or unavailable(f"{name} is not installed ({hint})")
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import tritonclient.grpc as grpcclient
+from conftest import unavailable
 from service_process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,12 +31,6 @@ CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 SAMPLE = REPO / "service" / "demo" / "sample-ankle-boot.png"
 BUNDLE = REPO / "service" / "demo" / "digits.safetensors"
 TOKEN = "container-test-token"
-
-
-def unavailable(message: str):
-    if os.environ.get("CI"):
-        pytest.fail(f"CI is set but {message}")
-    pytest.skip(message)
 
 
 def docker_cli() -> str:

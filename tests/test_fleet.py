@@ -10,7 +10,6 @@ of an upload leaves nothing behind. The tests in this module run in file order o
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import signal
 import threading
 import time
@@ -20,24 +19,7 @@ import pytest
 from service_helpers import ADMIN_TOKEN, AUTH, bundle_file, check_scores, png_bytes, reference_logits, stalled_upload
 from service_process import ServiceProcess
 
-from bench.harness.postgres import Cluster, server_bin
-
 CONVERGE_S = 10.0  # generous bound for every replica to follow a change (measured: tens of ms)
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    bin_dir = server_bin()
-    if bin_dir is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but PostgreSQL's server is not installed (apt-get install postgresql)")
-        pytest.skip("PostgreSQL's server is not installed (apt-get install postgresql)")
-    cluster = Cluster(bin_dir)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.remove()
 
 
 def replica_env(assets, cluster) -> dict[str, str]:

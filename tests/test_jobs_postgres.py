@@ -1,33 +1,18 @@
 """Training jobs in PostgreSQL (`training.jobs_postgres`), on a throwaway cluster: the directory store's
-behaviour, and two worker processes that each job reaches exactly once."""
+behaviour, and two worker processes, one killed with `kill -9` mid-job, that train each epoch once."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
-from bench.harness.postgres import Cluster, server_bin
 from training.jobs import Job, JobNotFound, new_id
 from training.jobs_postgres import PostgresJobs
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    bin_dir = server_bin()
-    if bin_dir is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but PostgreSQL's server is not installed (apt-get install postgresql)")
-        pytest.skip("PostgreSQL's server is not installed (apt-get install postgresql)")
-    cluster = Cluster(bin_dir)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.remove()
 
 
 @pytest.fixture
@@ -83,26 +68,61 @@ def test_a_lapsed_claim_is_taken_over_and_the_old_worker_writes_nothing_more(url
 
 
 @pytest.mark.slow
-def test_two_worker_processes_run_each_job_exactly_once(url):
+def test_two_workers_one_killed_mid_job_run_each_job_once_and_resume_from_the_checkpoint(url):
+    """Two `python -m training worker` processes on one PostgreSQL record; one is killed with `kill -9`
+    after a checkpoint. The other takes that job over once its lease lapses and resumes after the
+    checkpoint; every epoch of every job is trained once, but the one the killed worker was in."""
     from test_training_worker import BACKBONE, REPO, submit
 
-    store = PostgresJobs(url)
-    ids = [submit(store, epochs=1).id for _ in range(3)]
-    command = ["-m", "training", "worker", "--store", url, "--backbone", str(BACKBONE), "--once"]
+    epochs = 3
+    store = PostgresJobs(url, lease_s=2.0)
+    ids = [submit(store, epochs=epochs).id for _ in range(2)]
+    command = ["-m", "training", "worker", "--store", url, "--backbone", str(BACKBONE), "--lease-s", "2"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    workers = [
-        subprocess.Popen(
-            [sys.executable, *command], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    workers = {
+        worker.pid: worker
+        for worker in (
+            subprocess.Popen(
+                [sys.executable, *command], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            for _ in range(2)
         )
-        for _ in range(2)
-    ]
-    for worker in workers:
-        assert worker.wait(300) == 0
+    }
+    try:
+        deadline = time.monotonic() + 180
+        while not (checkpointed := [store.get(i) for i in ids if store.get(i).checkpoint_epoch >= 1]):
+            assert time.monotonic() < deadline, "no worker checkpointed an epoch"
+            time.sleep(0.02)
+        victim = checkpointed[0]
+        pid = int(victim.worker.rsplit("-", 1)[1])
+        workers[pid].send_signal(signal.SIGKILL)
+        workers.pop(pid).wait(10)
+        killed_at = store.get(victim.id)
+        assert killed_at.state == "running" and killed_at.epochs_done < epochs
+        (survivor,) = workers.values()
+        while any(store.get(i).state != "succeeded" for i in ids):
+            assert survivor.poll() is None and time.monotonic() < deadline, [store.get(i) for i in ids]
+            time.sleep(0.1)
+    finally:
+        for worker in workers.values():
+            worker.kill()
     for job_id in ids:
         done = store.get(job_id)
-        assert done.state == "succeeded" and done.attempts == 1, done.reason
-        assert [e["epoch"] for e in store.events(job_id) if e["type"] == "epoch"] == [1]
-    assert len({store.get(i).worker for i in ids}) >= 1
+        trained = [e["epoch"] for e in store.events(job_id) if e["type"] == "epoch"]
+        if job_id != victim.id:
+            assert done.attempts == 1 and trained == list(range(1, epochs + 1)), (done, trained)
+            continue
+        assert done.attempts == 2 and done.worker == f"{victim.worker.rsplit('-', 1)[0]}-{survivor.pid}"
+        events = store.events(job_id)
+        (resumed,) = [e for e in events if e["type"] == "resumed"]
+        assert resumed["after_epoch"] >= killed_at.checkpoint_epoch
+        after = [e["epoch"] for e in events[events.index(resumed) + 1 :] if e["type"] == "epoch"]
+        assert after == list(range(resumed["after_epoch"] + 1, epochs + 1))  # nothing before it again
+    import psycopg
+
+    with psycopg.connect(url) as conn:  # ended jobs keep no upload or checkpoint
+        left = conn.execute("SELECT count(*) FROM ra_training_jobs WHERE upload IS NOT NULL OR checkpoint IS NOT NULL")
+        assert left.fetchone()[0] == 0
 
 
 def test_a_trained_job_waits_for_one_registrar_and_can_still_be_cancelled(url):

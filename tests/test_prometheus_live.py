@@ -21,6 +21,7 @@ import time
 import httpx
 import pytest
 import yaml
+from conftest import unavailable
 from service_process import ServiceProcess, free_port
 
 from service.frontend.access import hash_key
@@ -36,12 +37,7 @@ pytestmark = pytest.mark.slow
 
 
 def prometheus_binary() -> str:
-    path = shutil.which("prometheus")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but prometheus is not installed (apt-get install prometheus)")
-        pytest.skip("prometheus is not installed (apt-get install prometheus)")
-    return path
+    return shutil.which("prometheus") or unavailable("prometheus is not installed (apt-get install prometheus)")
 
 
 class Prometheus:

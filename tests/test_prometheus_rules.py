@@ -3,7 +3,6 @@ firing and a non-firing case per alert, and each alert with its runbook section 
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 import shutil
@@ -11,18 +10,14 @@ import subprocess
 
 import pytest
 import yaml
+from conftest import unavailable
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus"
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but promtool is not installed (apt-get install prometheus)")
-        pytest.skip("promtool is not installed (apt-get install prometheus)")
-    return path
+    return shutil.which("promtool") or unavailable("promtool is not installed (apt-get install prometheus)")
 
 
 def alerts() -> list[dict]:

@@ -128,41 +128,31 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         as status codes; count the call in the metrics (route `grpc:<rpc>`, errors by code) and audit
         management calls; in a server span when tracing (the caller's `traceparent` metadata its parent)."""
         with tracing.server_span(f"grpc {rpc}", context.invocation_metadata):
-            return await self._run(context, rpc, method, path, work)
-
-    async def _run(
-        self,
-        context: grpc.aio.ServicerContext,
-        rpc: str,
-        method: str,
-        path: str,
-        work: Callable[[Principal, dict], Awaitable[object]],
-    ) -> object:
-        start = time.perf_counter()
-        authorization = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), "")
-        principal, details = None, {}
-        try:
-            principal = self.state.access.decide(method, path, authorization)
-            if not self.state.started:
-                raise ApiError(
-                    503, "not_ready", "The service is still loading the backbone and adapters; retry shortly."
-                )
-            answer = await work(principal, details)
-            self._record(rpc, method, path, 200, start, principal, details)
-            return answer
-        except Denied as denied:
-            principal, error = denied.principal, as_api_error(denied.reason)
-        except Exception as exc:
-            error = as_api_error(exc)
-            if error is None:
-                _log.exception("unhandled error in gRPC %s", rpc)
-                error = INTERNAL
-        self._record(rpc, method, path, error.status, start, principal, details)
-        self.state.metrics.errors.labels(error.code).inc()
-        retry = (error.headers or {}).get("Retry-After")
-        if retry is not None:
-            context.set_trailing_metadata((("retry-after", retry),))
-        await context.abort(status_code(error), f"{error.code}: {error.detail}")
+            start = time.perf_counter()
+            authorization = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), "")
+            principal, details = None, {}
+            try:
+                principal = self.state.access.decide(method, path, authorization)
+                if not self.state.started:
+                    raise ApiError(
+                        503, "not_ready", "The service is still loading the backbone and adapters; retry shortly."
+                    )
+                answer = await work(principal, details)
+                self._record(rpc, method, path, 200, start, principal, details)
+                return answer
+            except Denied as denied:
+                principal, error = denied.principal, as_api_error(denied.reason)
+            except Exception as exc:
+                error = as_api_error(exc)
+                if error is None:
+                    _log.exception("unhandled error in gRPC %s", rpc)
+                    error = INTERNAL
+            self._record(rpc, method, path, error.status, start, principal, details)
+            self.state.metrics.errors.labels(error.code).inc()
+            retry = (error.headers or {}).get("Retry-After")
+            if retry is not None:
+                context.set_trailing_metadata((("retry-after", retry),))
+            await context.abort(status_code(error), f"{error.code}: {error.detail}")
 
     def _record(
         self, rpc: str, method: str, path: str, status: int, start: float, principal: Principal | None, details: dict
